@@ -1,0 +1,108 @@
+"""Command line: `dane-relay run | config check | queue list`.
+
+Exit codes follow sysexits(3): 0 ok, 64 usage, 78 configuration error,
+73 spool cannot be created or is locked, 71 a listen address cannot be bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from relay import __version__
+from relay.config import Config, load_config
+from relay.errors import ConfigError, SpoolError
+
+__all__ = ["main"]
+
+EX_OK, EX_USAGE, EX_OSERR, EX_CANTCREAT, EX_CONFIG = 0, 64, 71, 73, 78
+DEFAULT_CONFIG = Path("config/relay.toml")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dane-relay", description="SMTP relay with DANE (RFC 7672)")
+    p.add_argument("--version", action="version", version=f"dane-relay {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the relay in the foreground")
+    run.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG)
+    cfg = sub.add_parser("config", help="configuration tools")
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
+    check = cfg_sub.add_parser("check", help="validate a configuration file and exit")
+    check.add_argument("file", type=Path)
+    queue = sub.add_parser("queue", help="inspect the queue")
+    queue_sub = queue.add_subparsers(dest="queue_command", required=True)
+    qlist = queue_sub.add_parser("list", help="list queued messages and their state")
+    qlist.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG)
+    return p
+
+
+def _load(path: Path) -> Config:
+    return load_config(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "config":
+            cfg = _load(args.file)
+            print(
+                f"{args.file}: ok (listen={','.join(str(e) for e in cfg.server.listen)}, "
+                f"tls level={cfg.tls.level})"
+            )
+            return EX_OK
+        cfg = _load(args.config)
+    except ConfigError as exc:
+        print(f"dane-relay: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    if args.command == "queue":
+        return _queue_list(cfg)
+    return _run(cfg)
+
+
+def _run(cfg: Config) -> int:
+    from relay.app import serve
+    from relay.logsetup import setup_logging
+
+    setup_logging(cfg.log.level)
+    try:
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is optional
+            asyncio.run(serve(cfg))
+        else:
+            uvloop.run(serve(cfg))
+    except SpoolError as exc:
+        print(f"dane-relay: {exc}", file=sys.stderr)
+        return EX_CANTCREAT
+    except OSError as exc:
+        print(f"dane-relay: cannot listen: {exc}", file=sys.stderr)
+        return EX_OSERR
+    except KeyboardInterrupt:  # pragma: no cover
+        return EX_OK
+    return EX_OK
+
+
+def _queue_list(cfg: Config) -> int:
+    from relay.spool.store import SpoolStore
+
+    try:
+        messages = SpoolStore(cfg.spool.directory).scan()
+    except SpoolError as exc:
+        print(f"dane-relay: {exc}", file=sys.stderr)
+        return EX_CANTCREAT
+    now = time.time()
+    for m in messages:
+        when = "now" if m.next_attempt <= now else f"in {m.next_attempt - now:.0f}s"
+        print(
+            f"{m.queue_id} size={m.size} from=<{m.sender}> attempts={m.attempts} "
+            f"next_attempt={when}"
+        )
+        for r in m.recipients:
+            last = f' last="{r.last_reply}"' if r.last_reply else ""
+            print(f"    <{r.address}> status={r.status.value}{last}")
+    print(f"-- {len(messages)} message(s) in queue")
+    return EX_OK

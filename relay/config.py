@@ -1,0 +1,466 @@
+"""Configuration: one TOML file loaded once into frozen dataclasses.
+
+Contract: `load_config(path)` returns a fully validated `Config` or raises
+`ConfigError` whose message has the form ``FILE: KEY: expected …, got …``.
+Unknown sections and keys, wrong types and out-of-range values are all errors;
+nothing is silently ignored. Every default lives here and nowhere else.
+
+This module does no I/O beyond reading the one file, and reads no system state
+except when `server.hostname` is unset (then the host's FQDN is used; that is
+resolved by the caller through `default_hostname`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+from relay.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "DeliveryConfig",
+    "DnsConfig",
+    "Endpoint",
+    "LogConfig",
+    "MetricsConfig",
+    "RelayConfig",
+    "ServerConfig",
+    "SpoolConfig",
+    "TLS_LEVELS",
+    "TlsConfig",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+    "parse_endpoint",
+]
+
+# Postfix-compatible security level names (DESIGN.md "TLS security levels").
+TLS_LEVELS = ("none", "may", "encrypt", "dane", "dane-only")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A host and port to listen on or connect to."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen: tuple[Endpoint, ...] = (Endpoint("127.0.0.1", 2525),)
+    hostname: str | None = None
+    max_message_size: int = 25 * 1024 * 1024
+    max_recipients: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolConfig:
+    directory: Path = Path("var/spool")
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    resolvers: tuple[Endpoint, ...] = (Endpoint("127.0.0.1", 53),)
+    timeout: float = 10.0
+    # RFC 7672 §2.1 requires a validating resolver whose AD bit can be trusted:
+    # only loopback resolvers are trusted unless the operator says otherwise.
+    allow_remote_resolver: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    level: str = "dane"
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    port: int = 25
+    concurrency: int = 20
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    min_backoff: float = 300.0
+    max_backoff: float = 4000.0
+    max_queue_lifetime: float = 5 * 86400.0
+    scan_interval: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    listen: Endpoint | None = Endpoint("127.0.0.1", 9425)
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path
+    server: ServerConfig = field(default_factory=ServerConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or a string such as "300s", "5m", "5d".
+
+    Raises:
+        ValueError: not a non-negative duration.
+    """
+    if isinstance(value, bool):
+        raise ValueError("a duration")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a non-negative duration")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _UNITS[m.group(2)]
+    raise ValueError('a duration such as 300, "300s", "5m", "4h" or "5d"')
+
+
+def parse_endpoint(value: str, default_port: int) -> Endpoint:
+    """Parse "addr", "addr:port" or "[v6addr]:port"; the address must be an IP literal.
+
+    Raises:
+        ValueError: not an IP address with an optional port.
+    """
+    host, port = value, default_port
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            raise ValueError('an address such as "[::1]:25"')
+        host, rest = value[1:end], value[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError('an address such as "[::1]:25"')
+            port = _port(rest[1:])
+    elif value.count(":") == 1:
+        host, port_text = value.split(":")
+        port = _port(port_text)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError("an IP address, optionally with :port") from None
+    return Endpoint(host, port)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError("a port between 1 and 65535")
+    return int(text)
+
+
+T = TypeVar("T")
+
+
+class _Section:
+    """Reads one TOML table, recording which keys were used, and reports errors."""
+
+    def __init__(self, file: Path, name: str, table: object) -> None:
+        self.file = file
+        self.name = name
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{file}: {name}: expected a table, got {_show(table)}")
+        self.table: Mapping[str, Any] = table
+        self.used: set[str] = set()
+
+    def get(self, key: str, default: T, convert: Callable[[Any], T], expected: str) -> T:
+        self.used.add(key)
+        if key not in self.table:
+            return default
+        raw = self.table[key]
+        try:
+            return convert(raw)
+        except (ValueError, TypeError) as exc:
+            what = str(exc) if str(exc) and isinstance(exc, ValueError) else expected
+            raise ConfigError(
+                f"{self.file}: {self.name}.{key}: expected {what}, got {_show(raw)}"
+            ) from None
+
+    def finish(self) -> None:
+        for key in self.table:
+            if key not in self.used:
+                known = ", ".join(sorted(self.used))
+                raise ConfigError(
+                    f"{self.file}: {self.name}.{key}: expected one of the keys {known}, "
+                    f"got unknown key {key!r}"
+                )
+
+
+def _show(raw: object) -> str:
+    text = repr(raw)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _typed(kind: type[T] | tuple[type, ...], what: str) -> Callable[[Any], T]:
+    def convert(raw: Any) -> T:
+        if isinstance(raw, bool) and kind is not bool:
+            raise ValueError(what)
+        if not isinstance(raw, kind):
+            raise ValueError(what)
+        return cast(T, raw)
+
+    return convert
+
+
+def _int_range(low: int, high: int) -> Callable[[Any], int]:
+    what = f"an integer from {low} to {high}"
+
+    def convert(raw: Any) -> int:
+        if isinstance(raw, bool) or not isinstance(raw, int) or not low <= raw <= high:
+            raise ValueError(what)
+        return raw
+
+    return convert
+
+
+def _positive_float(what: str) -> Callable[[Any], float]:
+    def convert(raw: Any) -> float:
+        seconds = parse_duration(raw)
+        if seconds <= 0:
+            raise ValueError(what)
+        return seconds
+
+    return convert
+
+
+def _list_of(
+    item: Callable[[Any], T], what: str, *, min_items: int = 1
+) -> Callable[[Any], tuple[T, ...]]:
+    def convert(raw: Any) -> tuple[T, ...]:
+        if not isinstance(raw, list) or len(raw) < min_items:
+            raise ValueError(what)
+        out = []
+        for element in raw:
+            if not isinstance(element, str):
+                raise ValueError(what)
+            out.append(item(element))
+        return tuple(out)
+
+    return convert
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
+    what = "one of " + ", ".join(f'"{o}"' for o in options)
+
+    def convert(raw: Any) -> str:
+        if not isinstance(raw, str) or raw.lower() not in options:
+            raise ValueError(what)
+        return raw.lower()
+
+    return convert
+
+
+def _hostname(raw: Any) -> str:
+    if not isinstance(raw, str) or not _HOSTNAME.match(raw):
+        raise ValueError('a host name such as "relay.example.org"')
+    return raw.rstrip(".")
+
+
+def _network(raw: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(raw, strict=False)
+    except ValueError:
+        raise ValueError('a list of networks such as ["127.0.0.0/8", "::1/128"]') from None
+
+
+def _metrics_listen(raw: Any) -> Endpoint | None:
+    if not isinstance(raw, str):
+        raise ValueError('an address such as "127.0.0.1:9425", or "" to disable')
+    if raw == "":
+        return None
+    return parse_endpoint(raw, 9425)
+
+
+def parse_config(data: Mapping[str, Any], file: Path) -> Config:
+    """Validate an already-parsed TOML document.
+
+    Raises:
+        ConfigError: the first problem found, naming file and key.
+    """
+    sections = {"server", "relay", "spool", "dns", "tls", "delivery", "metrics", "log"}
+    for name in data:
+        if name not in sections:
+            raise ConfigError(
+                f"{file}: {name}: expected one of the sections {', '.join(sorted(sections))}, "
+                f"got unknown section {name!r}"
+            )
+
+    def section(name: str) -> _Section:
+        return _Section(file, name, data.get(name, {}))
+
+    d_server, d_delivery, d_dns = ServerConfig(), DeliveryConfig(), DnsConfig()
+
+    s = section("server")
+    server = ServerConfig(
+        listen=s.get(
+            "listen",
+            d_server.listen,
+            _list_of(
+                lambda v: parse_endpoint(v, 25), 'a list of addresses such as ["127.0.0.1:25"]'
+            ),
+            'a list of addresses such as ["127.0.0.1:25"]',
+        ),
+        hostname=s.get("hostname", d_server.hostname, _hostname, "a host name"),
+        max_message_size=s.get(
+            "max_message_size", d_server.max_message_size, _int_range(1024, 2**31), "an integer"
+        ),
+        max_recipients=s.get(
+            "max_recipients", d_server.max_recipients, _int_range(1, 100000), "an integer"
+        ),
+    )
+    s.finish()
+
+    s = section("relay")
+    relay = RelayConfig(
+        networks=s.get(
+            "networks",
+            RelayConfig().networks,
+            _list_of(_network, 'a list of networks such as ["127.0.0.0/8"]', min_items=0),
+            'a list of networks such as ["127.0.0.0/8"]',
+        )
+    )
+    s.finish()
+
+    s = section("spool")
+    spool = SpoolConfig(
+        directory=s.get(
+            "directory",
+            SpoolConfig().directory,
+            lambda v: Path(_typed(str, "a directory path")(v)) if v else _raise("a directory path"),
+            "a directory path",
+        )
+    )
+    s.finish()
+
+    s = section("dns")
+    dns_cfg = DnsConfig(
+        resolvers=s.get(
+            "resolvers",
+            d_dns.resolvers,
+            _list_of(
+                lambda v: parse_endpoint(v, 53),
+                'a list of resolver addresses such as ["127.0.0.1"]',
+            ),
+            "a list of resolver addresses",
+        ),
+        timeout=s.get(
+            "timeout", d_dns.timeout, _positive_float("a positive duration"), "a duration"
+        ),
+        allow_remote_resolver=s.get(
+            "allow_remote_resolver",
+            d_dns.allow_remote_resolver,
+            _typed(bool, "true or false"),
+            "true or false",
+        ),
+    )
+    s.finish()
+    if not dns_cfg.allow_remote_resolver:
+        for ep in dns_cfg.resolvers:
+            # RFC 7672 §2.1 / Postfix dane_init: the AD bit is only meaningful from a
+            # resolver on this host (or one explicitly trusted); refuse otherwise.
+            if not ipaddress.ip_address(ep.host).is_loopback:
+                raise ConfigError(
+                    f"{file}: dns.resolvers: expected loopback resolver addresses (a validating "
+                    f"resolver on this host) or dns.allow_remote_resolver = true, got {ep.host!r}"
+                )
+
+    s = section("tls")
+    tls = TlsConfig(level=s.get("level", TlsConfig().level, _choice(TLS_LEVELS), "a TLS level"))
+    s.finish()
+
+    s = section("delivery")
+    dur = _positive_float("a positive duration")
+    delivery = DeliveryConfig(
+        port=s.get("port", d_delivery.port, _int_range(1, 65535), "a port"),
+        concurrency=s.get("concurrency", d_delivery.concurrency, _int_range(1, 1000), "an integer"),
+        connect_timeout=s.get("connect_timeout", d_delivery.connect_timeout, dur, "a duration"),
+        command_timeout=s.get("command_timeout", d_delivery.command_timeout, dur, "a duration"),
+        min_backoff=s.get("min_backoff", d_delivery.min_backoff, dur, "a duration"),
+        max_backoff=s.get("max_backoff", d_delivery.max_backoff, dur, "a duration"),
+        max_queue_lifetime=s.get(
+            "max_queue_lifetime", d_delivery.max_queue_lifetime, dur, "a duration"
+        ),
+        scan_interval=s.get("scan_interval", d_delivery.scan_interval, dur, "a duration"),
+    )
+    s.finish()
+    if delivery.max_backoff < delivery.min_backoff:
+        raise ConfigError(
+            f"{file}: delivery.max_backoff: expected a duration >= delivery.min_backoff "
+            f"({delivery.min_backoff:g}s), got {delivery.max_backoff:g}s"
+        )
+
+    s = section("metrics")
+    metrics = MetricsConfig(
+        listen=s.get("listen", MetricsConfig().listen, _metrics_listen, "an address")
+    )
+    s.finish()
+
+    s = section("log")
+    log = LogConfig(level=s.get("level", LogConfig().level, _choice(LOG_LEVELS), "a log level"))
+    s.finish()
+
+    return Config(
+        path=file,
+        server=server,
+        relay=relay,
+        spool=spool,
+        dns=dns_cfg,
+        tls=tls,
+        delivery=delivery,
+        metrics=metrics,
+        log=log,
+    )
+
+
+def _raise(what: str) -> Path:
+    raise ValueError(what)
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate the TOML file at `path`.
+
+    Raises:
+        ConfigError: unreadable file, TOML syntax error, or invalid content.
+    """
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: expected valid TOML, got a syntax error: {exc}") from exc
+    return parse_config(data, path)

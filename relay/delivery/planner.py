@@ -1,0 +1,52 @@
+"""MX planning: from an MX answer to the ordered list of hosts to try. Pure.
+
+RFC 5321 §5.1: lowest preference first, equal preferences in random order; no MX
+records means the domain itself is the only host (implicit MX). RFC 7505: a
+single "0 ." record means the domain accepts no mail.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from relay.lookup.results import AnswerKind, DnsAnswer, MxRecord
+
+__all__ = ["MxHost", "Plan", "plan_hosts"]
+
+
+@dataclass(frozen=True, slots=True)
+class MxHost:
+    name: str
+    preference: int
+    implicit: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    hosts: tuple[MxHost, ...]
+    null_mx: bool = False
+    no_domain: bool = False
+
+
+def plan_hosts(domain: str, answer: DnsAnswer[MxRecord], rng: random.Random | None = None) -> Plan:
+    rng = rng or random.Random()
+    if answer.kind is AnswerKind.NXDOMAIN:
+        return Plan((), no_domain=True)
+    if answer.kind is AnswerKind.NODATA or not answer.records:
+        # RFC 5321 §5.1: no MX RRs -> the domain itself is the implicit MX, preference 0.
+        return Plan((MxHost(domain, 0, implicit=True),))
+    # RFC 7505 §3: a null MX ("0 .") means no mail is accepted.
+    if any(r.exchange == "" for r in answer.records):
+        return Plan((), null_mx=True)
+    by_pref: dict[int, list[str]] = {}
+    for r in answer.records:
+        names = by_pref.setdefault(r.preference, [])
+        if r.exchange not in names:
+            names.append(r.exchange)
+    hosts: list[MxHost] = []
+    for pref in sorted(by_pref):
+        names = by_pref[pref]
+        rng.shuffle(names)
+        hosts.extend(MxHost(n, pref) for n in names)
+    return Plan(tuple(hosts))

@@ -1,0 +1,175 @@
+"""The relay's exception tree; every delivery failure knows its SMTP class.
+
+Contract: permanence is the class (`TemporaryFailure` = 4xx, keep queued;
+`PermanentFailure` = 5xx, bounce), scope and fault are attributes. Each
+`DeliveryError` carries an `SmtpReply` that is safe to show to a client or put in a
+DSN. DANE problems are always temporary (RFC 7672 §2.2, §3; Postfix smtp_proto.c).
+No I/O here.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from relay.smtp.reply import SmtpReply
+
+__all__ = [
+    "ConfigError",
+    "ConnectFailed",
+    "DaneNotAvailable",
+    "DaneRequiredNoTls",
+    "DaneVerificationFailed",
+    "DeliveryError",
+    "DnsTempFail",
+    "Fault",
+    "NoSuchDomain",
+    "NullMx",
+    "PeerTimeout",
+    "PermanentFailure",
+    "RelayError",
+    "RemotePermReject",
+    "RemoteTempReject",
+    "Scope",
+    "SpoolError",
+    "TemporaryFailure",
+    "TlsHandshakeFailed",
+    "TlsRequiredNotOffered",
+    "TlsaLookupFailed",
+]
+
+
+class Scope(enum.Enum):
+    """Which part of the delivery the failure applies to (Postfix smtp_trouble.c)."""
+
+    HOST = "host"  # this MX host only: try the next one
+    DOMAIN = "domain"  # every host of the domain
+    MESSAGE = "message"
+    RECIPIENT = "recipient"
+
+
+class Fault(enum.Enum):
+    LOCAL_CONFIG = "local"
+    REMOTE = "remote"
+
+
+class RelayError(Exception):
+    """Root of all relay errors; never raised directly."""
+
+
+class ConfigError(RelayError):
+    """Invalid configuration; the message is `file: key: expected …, got …`."""
+
+
+class SpoolError(RelayError, OSError):
+    """The spool could not durably store or update a record."""
+
+
+class DeliveryError(RelayError):
+    """A delivery attempt ended; `reply` says how, `scope` says for whom."""
+
+    default_reply = SmtpReply(451, "4.3.0", "Delivery failed")
+    default_scope = Scope.HOST
+    reason = "error"  # short token for logs and metric labels
+
+    def __init__(
+        self,
+        text: str | None = None,
+        *,
+        reply: SmtpReply | None = None,
+        scope: Scope | None = None,
+        fault: Fault = Fault.REMOTE,
+    ) -> None:
+        base = reply or self.default_reply
+        if text is not None and reply is None:
+            base = SmtpReply(base.code, base.enhanced, text)
+        self.reply = base
+        self.scope = scope or self.default_scope
+        self.fault = fault
+        super().__init__(str(base))
+
+
+class TemporaryFailure(DeliveryError):
+    default_reply = SmtpReply(451, "4.4.0", "Temporary failure")
+
+
+class DnsTempFail(TemporaryFailure):
+    """SERVFAIL, timeout, bogus or indeterminate answer (RFC 7672 §2.1)."""
+
+    default_reply = SmtpReply(451, "4.4.3", "DNS lookup failed")
+    default_scope = Scope.DOMAIN
+    reason = "dns"
+
+
+class TlsaLookupFailed(TemporaryFailure):
+    """The TLSA lookup failed: DANE status cannot be decided (RFC 7672 §2.2)."""
+
+    default_reply = SmtpReply(451, "4.7.5", "TLSA lookup error")
+    reason = "tlsa_lookup"
+
+
+class DaneRequiredNoTls(TemporaryFailure):
+    """DANE applies but the peer did not offer STARTTLS (RFC 7672 §2.2)."""
+
+    default_reply = SmtpReply(451, "4.7.4", "TLS is required, but was not offered by host")
+    reason = "dane_no_starttls"
+
+
+class TlsRequiredNotOffered(TemporaryFailure):
+    """The level demands TLS (encrypt) and the peer did not offer STARTTLS."""
+
+    default_reply = SmtpReply(451, "4.7.4", "TLS is required, but was not offered by host")
+    reason = "tls_not_offered"
+
+
+class DaneVerificationFailed(TemporaryFailure):
+    """Handshake completed but no usable TLSA record matched (RFC 7672 §3)."""
+
+    default_reply = SmtpReply(451, "4.7.5", "Server certificate not verified")
+    reason = "dane_verification"
+
+
+class DaneNotAvailable(TemporaryFailure):
+    """Level dane-only, but the host has no secure usable TLSA records."""
+
+    default_reply = SmtpReply(451, "4.7.5", "DANE required, but no usable TLSA records")
+    reason = "dane_required"
+
+
+class TlsHandshakeFailed(TemporaryFailure):
+    default_reply = SmtpReply(451, "4.7.5", "Cannot start TLS: handshake failure")
+    reason = "tls_handshake"
+
+
+class ConnectFailed(TemporaryFailure, ConnectionError):
+    default_reply = SmtpReply(451, "4.4.1", "Connection failed")
+    reason = "connect"
+
+
+class PeerTimeout(TemporaryFailure, TimeoutError):
+    default_reply = SmtpReply(451, "4.4.2", "Timed out talking to host")
+    reason = "timeout"
+
+
+class RemoteTempReject(TemporaryFailure):
+    reason = "remote_4xx"
+
+
+class PermanentFailure(DeliveryError):
+    default_reply = SmtpReply(550, "5.0.0", "Permanent failure")
+    default_scope = Scope.DOMAIN
+
+
+class NoSuchDomain(PermanentFailure):
+    default_reply = SmtpReply(550, "5.1.2", "Host or domain name not found")
+    reason = "nxdomain"
+
+
+class NullMx(PermanentFailure):
+    """RFC 7505 §3: a null MX means the domain accepts no mail."""
+
+    default_reply = SmtpReply(556, "5.1.10", "Domain does not accept mail (null MX)")
+    reason = "null_mx"
+
+
+class RemotePermReject(PermanentFailure):
+    reason = "remote_5xx"

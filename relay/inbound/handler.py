@@ -1,0 +1,150 @@
+"""aiosmtpd handler: relay access policy and the durable DATA commit.
+
+Contract:
+- RCPT is refused with 554 5.7.1 unless the client address is in
+  `relay.networks` (Postfix "Relay access denied"); the refusal is logged with the
+  client address and counted.
+- DATA is answered 250 only after `SpoolStore.commit` has fsync'ed the body and
+  the envelope and their directories (the durability point). If that fails the
+  client gets 451 4.3.0 and nothing is queued.
+- Unexpected exceptions become 451 4.3.0, never a 500 with exception text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import ipaddress
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from relay.config import RelayConfig, ServerConfig
+from relay.errors import SpoolError
+from relay.metrics import Metrics
+from relay.spool.records import QueuedMessage
+from relay.spool.store import SpoolStore, new_queue_id
+
+__all__ = ["RelayHandler"]
+
+log = logging.getLogger("relay.smtpd")
+
+
+class RelayHandler:
+    def __init__(
+        self,
+        store: SpoolStore,
+        server_cfg: ServerConfig,
+        relay_cfg: RelayConfig,
+        hostname: str,
+        metrics: Metrics,
+        on_queued: Callable[[QueuedMessage], None],
+    ) -> None:
+        self.store = store
+        self.server_cfg = server_cfg
+        self.relay_cfg = relay_cfg
+        self.hostname = hostname
+        self.metrics = metrics
+        self.on_queued = on_queued
+
+    def _may_relay(self, peer: Any) -> bool:
+        try:
+            addr = ipaddress.ip_address(peer[0] if isinstance(peer, tuple) else str(peer))
+        except (ValueError, IndexError, TypeError):
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.relay_cfg.networks)
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
+        client = _peer_text(session.peer)
+        if not self._may_relay(session.peer):
+            self.metrics.inbound_rejections.labels("relay_denied").inc()
+            log.warning(
+                "reject=RCPT client=%s from=<%s> to=<%s> reply=554 5.7.1 "
+                "reason=relay-denied (client not in relay.networks)",
+                client,
+                envelope.mail_from,
+                address,
+            )
+            return f"554 5.7.1 <{address}>: Relay access denied"
+        local, at, domain = address.rpartition("@")
+        if not at or not local or not domain or "." not in domain.strip("[]"):
+            self.metrics.inbound_rejections.labels("bad_recipient").inc()
+            return (
+                f"504 5.5.2 <{address}>: Recipient address rejected: need fully-qualified address"
+            )
+        if len(envelope.rcpt_tos) >= self.server_cfg.max_recipients:
+            self.metrics.inbound_rejections.labels("too_many_recipients").inc()
+            return "452 4.5.3 Error: too many recipients"
+        if rcpt_options:
+            return "555 5.5.4 RCPT TO parameters not recognized"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        client = _peer_text(session.peer)
+        qid = new_queue_id()
+        content = envelope.original_content or envelope.content or b""
+        if isinstance(content, str):
+            content = content.encode("utf-8", "surrogateescape")
+        body = self._received_header(session, envelope, qid) + content
+        try:
+            msg = await asyncio.to_thread(
+                self.store.commit,
+                sender=envelope.mail_from or "",
+                recipients=list(envelope.rcpt_tos),
+                body=body,
+                client=client,
+                helo=session.host_name or "",
+                queue_id=qid,
+            )
+        except SpoolError as exc:
+            self.metrics.inbound_rejections.labels("spool_error").inc()
+            log.error(
+                "client=%s from=<%s> spool failure, replied 451: %s",
+                client,
+                envelope.mail_from,
+                exc,
+            )
+            return "451 4.3.0 Error: queue file write error"
+        self.metrics.messages_received.inc()
+        self.metrics.bytes_received.inc(len(body))
+        log.info(
+            "queue_id=%s client=%s from=<%s> to=%s size=%d status=queued",
+            qid,
+            client,
+            msg.sender,
+            ",".join(f"<{r}>" for r in envelope.rcpt_tos),
+            len(body),
+        )
+        self.on_queued(msg)
+        return f"250 2.0.0 Ok: queued as {qid}"
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("smtpd internal error: %r", error, exc_info=error)
+        return "451 4.3.0 Internal error, try again later"
+
+    def _received_header(self, session: Any, envelope: Any, qid: str) -> bytes:
+        proto = (
+            "ESMTPS"
+            if getattr(session, "ssl", None)
+            else ("ESMTP" if getattr(session, "extended_smtp", False) else "SMTP")
+        )
+        rcpt = f"\r\n\tfor <{envelope.rcpt_tos[0]}>" if len(envelope.rcpt_tos) == 1 else ""
+        helo = (session.host_name or "unknown").replace("\r", "").replace("\n", "")[:255]
+        date = email.utils.formatdate(time.time(), localtime=False)
+        return (
+            f"Received: from {helo} ([{_peer_text(session.peer)}])\r\n"
+            f"\tby {self.hostname} (dane-relay) with {proto} id {qid}{rcpt};\r\n"
+            f"\t{date}\r\n"
+        ).encode("utf-8", "replace")
+
+
+def _peer_text(peer: Any) -> str:
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer)

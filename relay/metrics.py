@@ -1,0 +1,112 @@
+"""Every metric the relay exports, defined in one place, and the /metrics endpoint.
+
+Each `Metrics` instance owns its own registry, so two relays in one process (tests)
+never share counters. Label values are small closed sets (outcome, reason tokens),
+never addresses or domains, to keep cardinality bounded.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from http.server import ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import MetricsHandler
+
+__all__ = ["Metrics", "MetricsServer"]
+
+_DELAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.messages_received = Counter(
+            "relay_messages_received",
+            "Messages accepted and queued (250 after DATA)",
+            registry=r,
+        )
+        self.bytes_received = Counter(
+            "relay_received_bytes", "Bytes of message data accepted", registry=r
+        )
+        self.inbound_rejections = Counter(
+            "relay_inbound_rejections",
+            "SMTP commands refused by the inbound policy",
+            ["reason"],
+            registry=r,
+        )
+        self.delivery_attempts = Counter(
+            "relay_delivery_attempts",
+            "Per-recipient delivery attempt outcomes",
+            ["result", "reason"],
+            registry=r,
+        )
+        self.dane_verifications = Counter(
+            "relay_dane_verifications",
+            "DANE verification verdicts on STARTTLS sessions (RFC 7672)",
+            ["result", "reason"],
+            registry=r,
+        )
+        self.tls_sessions = Counter(
+            "relay_outbound_tls",
+            "Outbound SMTP sessions by TLS outcome (verified/trusted/encrypted/none)",
+            ["level"],
+            registry=r,
+        )
+        self.dns_lookups = Counter(
+            "relay_dns_lookups",
+            "DNS lookups by record type and result (secure/insecure/fail)",
+            ["rrtype", "result"],
+            registry=r,
+        )
+        self.bounces = Counter(
+            "relay_bounces_generated", "Delivery status notifications queued", registry=r
+        )
+        self.queue_size = Gauge(
+            "relay_queue_messages", "Messages currently in the queue", registry=r
+        )
+        self.queue_deferred = Gauge(
+            "relay_queue_deferred_messages",
+            "Queued messages that have had at least one failed attempt",
+            registry=r,
+        )
+        self.delivery_delay = Histogram(
+            "relay_delivery_delay_seconds",
+            "Time from acceptance to successful delivery, per recipient",
+            buckets=_DELAY_BUCKETS,
+            registry=r,
+        )
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+
+class MetricsServer:
+    """Serves GET /metrics for one registry from a background thread."""
+
+    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
+        handler: Any = MetricsHandler.factory(metrics.registry)
+        server_class = (
+            type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
+            if ":" in host
+            else _Server
+        )
+        self._server = server_class((host, port), handler)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="metrics", daemon=True
+        )
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,100 @@
+"""Delivery status notifications (RFC 3464) for recipients that failed permanently.
+
+Pure: builds the bytes of a multipart/report message from values; the runner
+queues it with the null reverse-path so that it can never cause another bounce
+(RFC 5321 §4.5.5).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = ["FailedRecipient", "build_dsn", "original_headers"]
+
+_MAX_HEADERS = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class FailedRecipient:
+    address: str
+    status: str  # enhanced status code, e.g. "5.1.1"
+    diagnostic: str  # the reply, e.g. "550 5.1.1 user unknown"
+    remote_mta: str = ""  # host name of the MX that said so, or ""
+
+
+def original_headers(body: bytes) -> bytes:
+    """The header section of a message (up to the first empty line), capped in size."""
+    text = body.replace(b"\r\n", b"\n")
+    end = text.find(b"\n\n")
+    headers = text if end < 0 else text[: end + 1]
+    return headers[:_MAX_HEADERS].replace(b"\n", b"\r\n")
+
+
+def build_dsn(
+    *,
+    reporting_mta: str,
+    queue_id: str,
+    sender: str,
+    arrival: float,
+    now: float,
+    failed: Sequence[FailedRecipient],
+    headers: bytes,
+) -> bytes:
+    boundary = f"{queue_id}.{secrets.token_hex(8)}/{reporting_mta}"
+    date = email.utils.formatdate(now, localtime=False)
+    lines = [
+        f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
+        f"To: <{sender}>",
+        "Subject: Undelivered Mail Returned to Sender",
+        f"Date: {date}",
+        f"Message-ID: {email.utils.make_msgid(domain=reporting_mta)}",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
+        "",
+        "This is a MIME-encapsulated delivery status notification.",
+        "",
+        f"--{boundary}",
+        "Content-Type: text/plain; charset=us-ascii",
+        "",
+        f"This is the mail system at host {reporting_mta}.",
+        "",
+        "Your message could not be delivered to one or more recipients.",
+        "It has been returned with the reasons below.",
+        "",
+    ]
+    for f in failed:
+        where = f" (from {f.remote_mta})" if f.remote_mta else ""
+        lines.append(f"<{f.address}>: {f.diagnostic}{where}")
+    lines += [
+        "",
+        f"--{boundary}",
+        "Content-Type: message/delivery-status",
+        "",
+        f"Reporting-MTA: dns; {reporting_mta}",
+        f"X-Queue-ID: {queue_id}",
+        f"Arrival-Date: {email.utils.formatdate(arrival, localtime=False)}",
+    ]
+    for f in failed:
+        lines += [
+            "",
+            f"Final-Recipient: rfc822; {f.address}",
+            "Action: failed",
+            f"Status: {f.status}",
+        ]
+        if f.remote_mta:
+            lines.append(f"Remote-MTA: dns; {f.remote_mta}")
+        lines.append(f"Diagnostic-Code: smtp; {f.diagnostic}")
+    lines += [
+        "",
+        f"--{boundary}",
+        "Content-Type: text/rfc822-headers",
+        "",
+    ]
+    out = "\r\n".join(lines).encode("utf-8", "replace") + b"\r\n" + headers
+    if not out.endswith(b"\r\n"):
+        out += b"\r\n"
+    return out + f"\r\n--{boundary}--\r\n".encode()

@@ -1,0 +1,264 @@
+"""Queue runner: picks due messages, runs the delivery engine, records outcomes.
+
+Contract:
+- Every queued message is in memory (loaded by `load` from recovery, or added by
+  `submit` after inbound commit) and is retried until each recipient is delivered
+  or bounced. Deferred recipients are retried with exponential backoff
+  (relay.spool.schedule); after `max_queue_lifetime` they bounce with 5.4.7.
+- A DSN for bounced recipients is committed to the spool *before* the original's
+  state is updated, so a crash can duplicate a DSN but never lose one. Messages
+  from the null sender never produce a DSN (RFC 5321 §4.5.5).
+- At most `concurrency` messages are in delivery at once.
+- Store I/O (blocking fsyncs) runs in worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Protocol
+
+from relay.config import DeliveryConfig
+from relay.errors import SpoolError
+from relay.metrics import Metrics
+from relay.model import Outcome, RecipientResult
+from relay.smtp.reply import SmtpReply
+from relay.spool.bounce import FailedRecipient, build_dsn, original_headers
+from relay.spool.records import QueuedMessage, RecipientState, RecipientStatus
+from relay.spool.schedule import backoff, expired
+
+__all__ = ["Deliverer", "QueueRunner", "Store"]
+
+log = logging.getLogger("relay.queue")
+
+
+class Store(Protocol):
+    def commit(
+        self,
+        *,
+        sender: str,
+        recipients: list[str],
+        body: bytes,
+        client: str = "",
+        helo: str = "",
+        is_bounce: bool = False,
+        now: float | None = None,
+    ) -> QueuedMessage: ...
+    def update(self, msg: QueuedMessage) -> None: ...
+    def remove(self, qid: str) -> None: ...
+    def read_body(self, qid: str) -> bytes: ...
+
+
+class Deliverer(Protocol):
+    async def deliver(
+        self, queue_id: str, sender: str, recipients: Sequence[str], body: bytes, received: float
+    ) -> list[RecipientResult]: ...
+
+
+class QueueRunner:
+    def __init__(
+        self,
+        store: Store,
+        engine: Deliverer,
+        cfg: DeliveryConfig,
+        metrics: Metrics,
+        hostname: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.engine = engine
+        self.cfg = cfg
+        self.metrics = metrics
+        self.hostname = hostname
+        self.clock = clock
+        self._queue: dict[str, QueuedMessage] = {}
+        self._in_flight: dict[str, asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._slots = asyncio.Semaphore(cfg.concurrency)
+
+    # -- feeding the queue ---------------------------------------------------------
+
+    def load(self, messages: Sequence[QueuedMessage]) -> None:
+        for msg in messages:
+            self._queue[msg.queue_id] = msg
+        self._update_gauges()
+        self._wake.set()
+
+    def submit(self, msg: QueuedMessage) -> None:
+        """A newly committed message: deliver it as soon as a slot is free."""
+        self._queue[msg.queue_id] = msg
+        self._update_gauges()
+        self._wake.set()
+
+    def snapshot(self) -> list[QueuedMessage]:
+        return list(self._queue.values())
+
+    # -- the loop ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while not self._stopping:
+            now = self.clock()
+            next_due = now + self.cfg.scan_interval
+            for msg in sorted(self._queue.values(), key=lambda m: m.next_attempt):
+                if msg.queue_id in self._in_flight:
+                    continue
+                if msg.next_attempt <= now:
+                    task = asyncio.create_task(self._process(msg.queue_id), name=msg.queue_id)
+                    self._in_flight[msg.queue_id] = task
+                    task.add_done_callback(self._done)
+                else:
+                    next_due = min(next_due, msg.next_attempt)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, next_due - now))
+            except TimeoutError:
+                pass
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.pop(task.get_name(), None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("queue_id=%s runner error: %r", task.get_name(), task.exception())
+        self._wake.set()
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop picking messages; let running deliveries finish for `grace` seconds."""
+        self._stopping = True
+        self._wake.set()
+        tasks = list(self._in_flight.values())
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2.0)
+
+    # -- one message ---------------------------------------------------------------------
+
+    async def _process(self, qid: str) -> None:
+        async with self._slots:
+            msg = self._queue.get(qid)
+            if msg is None or self._stopping:
+                return
+            try:
+                body = await asyncio.to_thread(self.store.read_body, qid)
+            except SpoolError as exc:
+                log.error("queue_id=%s cannot read message body: %s", qid, exc)
+                self._queue[qid] = replace(msg, next_attempt=self.clock() + self.cfg.min_backoff)
+                return
+            pending = [r.address for r in msg.pending]
+            results = await self.engine.deliver(qid, msg.sender, pending, body, msg.received)
+            await self._record(msg, results, body)
+
+    async def _record(
+        self, msg: QueuedMessage, results: Sequence[RecipientResult], body: bytes
+    ) -> None:
+        now = self.clock()
+        by_rcpt = {r.recipient: r for r in results}
+        too_old = expired(msg.received, now, self.cfg.max_queue_lifetime)
+        states: list[RecipientState] = []
+        failed: list[FailedRecipient] = []
+        for state in msg.recipients:
+            result = by_rcpt.get(state.address)
+            if state.status is not RecipientStatus.PENDING or result is None:
+                states.append(state)
+                continue
+            reply, status = result.reply, RecipientStatus.PENDING
+            if result.outcome is Outcome.DELIVERED:
+                status = RecipientStatus.DELIVERED
+            elif result.outcome is Outcome.BOUNCED:
+                status = RecipientStatus.BOUNCED
+            elif too_old:
+                # Queue lifetime exceeded: bounce with 5.4.7, keeping the last reason.
+                status = RecipientStatus.BOUNCED
+                reply = SmtpReply(550, "5.4.7", f"delivery time expired, last error: {reply}")
+                log.info(
+                    'queue_id=%s to=<%s> status=expired reply="%s"',
+                    msg.queue_id,
+                    state.address,
+                    reply,
+                )
+            if status is RecipientStatus.BOUNCED:
+                failed.append(
+                    FailedRecipient(
+                        state.address,
+                        reply.enhanced or "5.0.0",
+                        str(reply),
+                        result.relay.partition("[")[0] if result.relay != "none" else "",
+                    )
+                )
+            states.append(
+                replace(
+                    state,
+                    status=status,
+                    attempts=state.attempts + 1,
+                    last_reply=str(reply),
+                    last_relay=result.relay,
+                )
+            )
+        attempts = msg.attempts + 1
+        updated = replace(
+            msg,
+            recipients=tuple(states),
+            attempts=attempts,
+            next_attempt=now + backoff(attempts, self.cfg.min_backoff, self.cfg.max_backoff),
+        )
+        try:
+            if failed:
+                await self._bounce(msg, failed, body, now)
+            if updated.done:
+                await asyncio.to_thread(self.store.remove, msg.queue_id)
+                self._queue.pop(msg.queue_id, None)
+                log.info("queue_id=%s removed", msg.queue_id)
+            else:
+                await asyncio.to_thread(self.store.update, updated)
+                self._queue[msg.queue_id] = updated
+                log.info(
+                    "queue_id=%s deferred pending=%d next_attempt_in=%.0fs",
+                    msg.queue_id,
+                    len(updated.pending),
+                    updated.next_attempt - now,
+                )
+        except SpoolError as exc:
+            # The on-disk state is the old one: the attempt will be repeated later.
+            log.error("queue_id=%s cannot record delivery results: %s", msg.queue_id, exc)
+            self._queue[msg.queue_id] = replace(msg, next_attempt=now + self.cfg.min_backoff)
+        self._update_gauges()
+
+    async def _bounce(
+        self, msg: QueuedMessage, failed: list[FailedRecipient], body: bytes, now: float
+    ) -> None:
+        if msg.is_bounce or not msg.sender:
+            # RFC 5321 §4.5.5: never send a DSN for a message from the null sender.
+            log.info(
+                "queue_id=%s bounce of null-sender message discarded recipients=%s",
+                msg.queue_id,
+                ",".join(f"<{f.address}>" for f in failed),
+            )
+            return
+        dsn = build_dsn(
+            reporting_mta=self.hostname,
+            queue_id=msg.queue_id,
+            sender=msg.sender,
+            arrival=msg.received,
+            now=now,
+            failed=failed,
+            headers=original_headers(body),
+        )
+        notice = await asyncio.to_thread(
+            self.store.commit,
+            sender="",
+            recipients=[msg.sender],
+            body=dsn,
+            is_bounce=True,
+        )
+        self.metrics.bounces.inc()
+        log.info("queue_id=%s sender non-delivery notification: %s", msg.queue_id, notice.queue_id)
+        self.submit(notice)
+
+    def _update_gauges(self) -> None:
+        self.metrics.queue_size.set(len(self._queue))
+        self.metrics.queue_deferred.set(sum(1 for m in self._queue.values() if m.attempts > 0))

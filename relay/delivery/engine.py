@@ -380,7 +380,8 @@ class DeliveryEngine:
             verdict = verify(records, chain, ref_names, datetime.fromtimestamp(self.clock(), UTC))
             self.metrics.dane_verifications.labels(verdict.status.value, verdict.reason).inc()
             matched = f' matched="{verdict.matched}"' if verdict.matched else ""
-            attempt.dane_detail = f"reason={verdict.reason}{matched} depth={verdict.match_depth}"
+            depth = f" depth={verdict.match_depth}" if verdict.match_depth is not None else ""
+            attempt.dane_detail = f"reason={verdict.reason}{matched}{depth}"
             if verdict.status is not DaneStatus.VERIFIED:
                 # RFC 7672 §3: no usable record matched: defer; QUIT before MAIL FROM.
                 attempt.dane = "fail"

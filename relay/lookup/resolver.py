@@ -63,6 +63,9 @@ def _security(response: dns.message.Message | None) -> Security:
 
 
 def _text(name: dns.name.Name) -> str:
+    """Lower-case presentation form without the final dot; the root is ""."""
+    if name == dns.name.root:
+        return ""
     return name.to_text(omit_final_dot=True).lower()
 
 

@@ -150,7 +150,14 @@ class QueueRunner:
                 self._queue[qid] = replace(msg, next_attempt=self.clock() + self.cfg.min_backoff)
                 return
             pending = [r.address for r in msg.pending]
-            results = await self.engine.deliver(qid, msg.sender, pending, body, msg.received)
+            try:
+                results = await self.engine.deliver(qid, msg.sender, pending, body, msg.received)
+            except Exception:
+                # A bug must not turn into a hot retry loop or lose the message: keep it
+                # queued, unchanged on disk, and try again after the minimum backoff.
+                log.exception("queue_id=%s delivery raised; retrying later", qid)
+                self._queue[qid] = replace(msg, next_attempt=self.clock() + self.cfg.min_backoff)
+                return
             await self._record(msg, results, body)
 
     async def _record(

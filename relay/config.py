@@ -13,6 +13,7 @@ resolved by the caller through `default_hostname`).
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -44,7 +45,7 @@ __all__ = [
 TLS_LEVELS = ("none", "may", "encrypt", "dane", "dane-only")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhdw]?)\s*")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _HOSTNAME = re.compile(
     r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
@@ -140,14 +141,17 @@ def parse_duration(value: object) -> float:
     """
     if isinstance(value, bool):
         raise ValueError("a duration")
+    seconds: float | None = None
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("a non-negative duration")
-        return float(value)
-    if isinstance(value, str):
-        m = _DURATION.match(value)
+        seconds = float(value)
+    elif isinstance(value, str):
+        m = _DURATION.fullmatch(value)
         if m:
-            return float(m.group(1)) * _UNITS[m.group(2)]
+            seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    if seconds is not None and math.isfinite(seconds):
+        return seconds
     raise ValueError('a duration such as 300, "300s", "5m", "4h" or "5d"')
 
 
@@ -178,7 +182,8 @@ def parse_endpoint(value: str, default_port: int) -> Endpoint:
 
 
 def _port(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    # ASCII only: str.isdigit() also accepts "²" and "٢٥", which int() rejects or converts.
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
         raise ValueError("a port between 1 and 65535")
     return int(text)
 
@@ -285,7 +290,8 @@ def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
 
 
 def _hostname(raw: Any) -> str:
-    if not isinstance(raw, str) or not _HOSTNAME.match(raw):
+    # fullmatch: "$" would also match before a trailing newline ("name\n").
+    if not isinstance(raw, str) or not _HOSTNAME.fullmatch(raw):
         raise ValueError('a host name such as "relay.example.org"')
     return raw.rstrip(".")
 

@@ -1,0 +1,285 @@
+"""The lab's scenario table: one recipient domain per DANE situation.
+
+Owns: `SCENARIOS`, the declarative list of every recipient domain the lab serves, and
+`build_scenarios()`, which turns it into concrete `Scenario`s (addresses, certificates,
+TLSA records) for one test session.
+
+Why one table: nsd loads every zone at start, so all scenario zones must be known before
+the DNS lab starts. To add a situation, append a `ScenarioSpec` here; its zone, receiver
+address and certificate then exist for the whole session.
+
+Conventions:
+- Every domain is a child of `test.` and gets its own zone, delegated from `test.` with NS
+  glue pointing at the lab's nsd. `signed=False` zones are delegated without DS
+  (insecure); `ds=False` on a signed zone gives an island of security (also insecure).
+- Every host in `hosts` is given the next receiver address 127.R.1.N (N counts from 1
+  across the whole table, in table order), an A record, its own certificate, and the TLSA
+  records at `_25._tcp.<host>` its `tlsa` specs describe.
+- `mx=None` means no MX RRset (implicit MX, RFC 5321 section 5.1); `NULL_MX` is RFC 7505.
+
+Does not: start anything. Building scenarios is pure apart from key generation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Literal
+
+from .certs import CA, Leaf, make_self_signed, tlsa_data
+
+__all__ = [
+    "NULL_MX",
+    "SMTP_PORT",
+    "SCENARIOS",
+    "CertKind",
+    "HostSpec",
+    "MxHost",
+    "Scenario",
+    "ScenarioSpec",
+    "TlsaRecord",
+    "TlsaSpec",
+    "build_scenarios",
+    "receiver_address",
+]
+
+CertKind = Literal["ca", "self-signed"]
+SMTP_PORT = 25  # receivers listen here, and TLSA names always use it (RFC 7672 3.1)
+NULL_MX: tuple[tuple[int, str], ...] = ((0, "."),)
+
+
+@dataclass(frozen=True, slots=True)
+class TlsaSpec:
+    """A TLSA record to publish for a host, computed from that host's certificate.
+
+    `target="leaf"` hashes the host's own certificate; `target="issuer"` hashes the
+    certificate that issued it (for DANE-TA, usage 2). `wrong=True` publishes association
+    data that matches nothing.
+    """
+
+    usage: int
+    selector: int
+    mtype: int
+    target: Literal["leaf", "issuer"] = "leaf"
+    wrong: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HostSpec:
+    """A mail host (absolute name, inside the scenario's domain) with its own receiver."""
+
+    name: str
+    starttls: bool = True
+    cert: CertKind = "ca"
+    tlsa: tuple[TlsaSpec, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ScenarioSpec:
+    domain: str
+    description: str
+    hosts: tuple[HostSpec, ...] = ()
+    mx: tuple[tuple[int, str], ...] | None = None
+    signed: bool = True
+    ds: bool = True
+    # (owner name, rdata type) whose RRSIG is corrupted after signing -> bogus answers.
+    corrupt_rrsigs: tuple[tuple[str, str], ...] = ()
+
+
+DANE_EE_SPKI_SHA256 = TlsaSpec(usage=3, selector=1, mtype=1)
+
+SCENARIOS: list[ScenarioSpec] = [
+    ScenarioSpec(
+        domain="dane-ok.test",
+        description="signed, DS, MX with correct DANE-EE 3 1 1 TLSA, STARTTLS offered",
+        mx=((10, "mx.dane-ok.test"),),
+        hosts=(HostSpec("mx.dane-ok.test", tlsa=(DANE_EE_SPKI_SHA256,)),),
+    ),
+    ScenarioSpec(
+        domain="dane-ee-cert.test",
+        description="signed, DS, MX with correct DANE-EE 3 0 1 (full certificate) TLSA",
+        mx=((10, "mx.dane-ee-cert.test"),),
+        hosts=(HostSpec("mx.dane-ee-cert.test", tlsa=(TlsaSpec(3, 0, 1),)),),
+    ),
+    ScenarioSpec(
+        domain="dane-bad.test",
+        description="signed, DS, 3 1 1 TLSA whose digest matches nothing, STARTTLS offered",
+        mx=((10, "mx.dane-bad.test"),),
+        hosts=(HostSpec("mx.dane-bad.test", tlsa=(TlsaSpec(3, 1, 1, wrong=True),)),),
+    ),
+    ScenarioSpec(
+        domain="dane-nostarttls.test",
+        description="signed, DS, correct 3 1 1 TLSA, but the receiver offers no STARTTLS",
+        mx=((10, "mx.dane-nostarttls.test"),),
+        hosts=(HostSpec("mx.dane-nostarttls.test", starttls=False, tlsa=(DANE_EE_SPKI_SHA256,)),),
+    ),
+    ScenarioSpec(
+        domain="unsigned.test",
+        description="unsigned zone delegated without DS (insecure), self-signed cert, no TLSA",
+        mx=((10, "mx.unsigned.test"),),
+        hosts=(HostSpec("mx.unsigned.test", cert="self-signed"),),
+        signed=False,
+        ds=False,
+    ),
+    ScenarioSpec(
+        domain="crash.test",
+        description="signed, DS, correct 3 1 1; used with a stall receiver to crash the relay",
+        mx=((10, "mx.crash.test"),),
+        hosts=(HostSpec("mx.crash.test", tlsa=(DANE_EE_SPKI_SHA256,)),),
+    ),
+    ScenarioSpec(
+        domain="bogus.test",
+        description="signed, DS, correct 3 1 1 TLSA whose RRSIG is corrupted (SERVFAIL)",
+        mx=((10, "mx.bogus.test"),),
+        hosts=(HostSpec("mx.bogus.test", tlsa=(DANE_EE_SPKI_SHA256,)),),
+        corrupt_rrsigs=(("_25._tcp.mx.bogus.test", "TLSA"),),
+    ),
+    ScenarioSpec(
+        domain="implicit.test",
+        description="signed, DS, no MX; the domain's own A record is the mail host (3 1 1)",
+        mx=None,
+        hosts=(HostSpec("implicit.test", tlsa=(DANE_EE_SPKI_SHA256,)),),
+    ),
+    ScenarioSpec(
+        domain="nullmx.test",
+        description="signed, DS, null MX (MX 0 .): the domain accepts no mail",
+        mx=NULL_MX,
+    ),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class TlsaRecord:
+    usage: int
+    selector: int
+    mtype: int
+    data: bytes
+
+    def to_text(self) -> str:
+        return f"{self.usage} {self.selector} {self.mtype} {self.data.hex()}"
+
+
+@dataclass(frozen=True, slots=True)
+class MxHost:
+    """One mail host as published in DNS and served by one receiver."""
+
+    name: str
+    address: str
+    port: int
+    leaf: Leaf
+    starttls: bool
+    tlsa_name: str
+    tlsa: tuple[TlsaRecord, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    spec: ScenarioSpec
+    hosts: tuple[MxHost, ...]
+
+    @property
+    def domain(self) -> str:
+        return self.spec.domain
+
+    @property
+    def mx(self) -> tuple[tuple[int, str], ...] | None:
+        return self.spec.mx
+
+    @property
+    def mx_hosts(self) -> tuple[str, ...]:
+        """MX target names (empty for implicit MX and null MX)."""
+        return tuple(h for _, h in self.spec.mx or () if h != ".")
+
+    def host(self, name: str | None = None) -> MxHost:
+        """The named host, or the only host when `name` is None."""
+        if name is None:
+            if len(self.hosts) != 1:
+                raise LookupError(f"{self.domain} has {len(self.hosts)} hosts; name one")
+            return self.hosts[0]
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        raise LookupError(f"{self.domain} has no host {name}")
+
+    # Single-host shorthands; they raise LookupError on multi-host scenarios.
+    @property
+    def address(self) -> str:
+        return self.host().address
+
+    @property
+    def leaf(self) -> Leaf:
+        return self.host().leaf
+
+    @property
+    def tlsa(self) -> tuple[TlsaRecord, ...]:
+        return self.host().tlsa
+
+    @property
+    def starttls(self) -> bool:
+        return self.host().starttls
+
+    @property
+    def secure(self) -> bool:
+        """Whether a validating resolver sees this domain's answers as secure (AD)."""
+        return self.spec.signed and self.spec.ds
+
+
+def receiver_address(octet: int, index: int) -> str:
+    """The address of receiver number `index` (1-based) for session octet R."""
+    if not 1 <= index <= 254:
+        raise ValueError(f"receiver index {index} out of range")
+    return f"127.{octet}.1.{index}"
+
+
+def _tlsa_record(spec: TlsaSpec, leaf: Leaf) -> TlsaRecord:
+    if spec.target == "leaf":
+        cert_der = leaf.cert_der
+    else:
+        if len(leaf.chain_der) < 2:
+            raise ValueError("TLSA target 'issuer' needs a CA-issued certificate")
+        cert_der = leaf.chain_der[1]
+    data = tlsa_data(cert_der, spec.selector, spec.mtype)
+    if spec.wrong:
+        data = hashlib.sha512(b"matches nothing" + data).digest()[: len(data)]
+    return TlsaRecord(spec.usage, spec.selector, spec.mtype, data)
+
+
+def _check(spec: ScenarioSpec) -> None:
+    if not spec.domain.endswith(".test") or spec.domain.count(".") != 1:
+        raise ValueError(f"{spec.domain}: scenario domains are direct children of test.")
+    for host in spec.hosts:
+        if host.name != spec.domain and not host.name.endswith("." + spec.domain):
+            raise ValueError(f"{host.name} is outside {spec.domain}")
+    if not spec.signed and spec.ds:
+        raise ValueError(f"{spec.domain}: an unsigned zone cannot have a DS")
+
+
+def build_scenarios(specs: list[ScenarioSpec], *, octet: int, ca: CA) -> dict[str, Scenario]:
+    """Concrete scenarios for session octet R, keyed by domain, in table order.
+
+    Raises:
+        ValueError: on a malformed table (duplicate domain, host outside its domain, ...).
+    """
+    scenarios: dict[str, Scenario] = {}
+    index = 0
+    for spec in specs:
+        _check(spec)
+        if spec.domain in scenarios:
+            raise ValueError(f"duplicate scenario domain {spec.domain}")
+        hosts = []
+        for host in spec.hosts:
+            index += 1
+            leaf = ca.issue([host.name]) if host.cert == "ca" else make_self_signed([host.name])
+            hosts.append(
+                MxHost(
+                    name=host.name,
+                    address=receiver_address(octet, index),
+                    port=SMTP_PORT,
+                    leaf=leaf,
+                    starttls=host.starttls,
+                    tlsa_name=f"_{SMTP_PORT}._tcp.{host.name}",
+                    tlsa=tuple(_tlsa_record(t, leaf) for t in host.tlsa),
+                )
+            )
+        scenarios[spec.domain] = Scenario(spec=spec, hosts=tuple(hosts))
+    return scenarios

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Install what the test lab needs, then lint, type-check and test dane-relay.
+#
+# Runs on a bare Debian 12 machine as root, non-interactively:
+#   1. apt: nsd + unbound (the integration lab's DNS servers) and python3 + venv, only if
+#      missing. Their system services are stopped: the lab runs its own instances on
+#      127.R.0.0/16 and a system daemon bound to 0.0.0.0:53 would get in the way.
+#   2. .venv (created with python3 >= 3.11 if missing), `pip install -e '.[test]'`.
+#   3. ruff, mypy (strict, configured in pyproject.toml), import-linter, pytest.
+# Arguments are passed to pytest, e.g. `scripts/test.sh tests/integration -x`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+apt_packages=(nsd unbound python3 python3-venv)
+missing=()
+for pkg in "${apt_packages[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$pkg")
+    fi
+done
+if ((${#missing[@]})); then
+    echo "test.sh: installing ${missing[*]}" >&2
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
+fi
+# Package installation may have started the system daemons; the lab needs neither.
+service nsd stop >/dev/null 2>&1 || true
+service unbound stop >/dev/null 2>&1 || true
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || {
+        echo "test.sh: python3 >= 3.11 is required, found $(python3 -V 2>&1)" >&2
+        exit 1
+    }
+    python3 -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet -e '.[test]'
+
+.venv/bin/ruff check relay tests
+.venv/bin/mypy
+.venv/bin/lint-imports
+.venv/bin/pytest "$@"

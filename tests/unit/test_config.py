@@ -378,14 +378,10 @@ def test_remote_resolver_needs_allow_remote_resolver(tmp_path: Path, resolver: s
     with pytest.raises(ConfigError) as info:
         load_config(path)
     host = parse_endpoint(resolver, 53).host
-    assert_error(
-        str(info.value), path, "dns.resolvers", "loopback resolver addresses", repr(host)
-    )
+    assert_error(str(info.value), path, "dns.resolvers", "loopback resolver addresses", repr(host))
     assert "dns.allow_remote_resolver = true" in str(info.value)
 
-    allowed = write(
-        tmp_path, f'[dns]\nresolvers = ["{resolver}"]\nallow_remote_resolver = true\n'
-    )
+    allowed = write(tmp_path, f'[dns]\nresolvers = ["{resolver}"]\nallow_remote_resolver = true\n')
     assert load_config(allowed).dns.resolvers == (parse_endpoint(resolver, 53),)
 
 

@@ -30,7 +30,8 @@ _QID = re.compile(r"^[0-9A-F]{10,32}$")
 
 
 def valid_queue_id(qid: str) -> bool:
-    return bool(_QID.match(qid))
+    # fullmatch: with match(), "$" also accepts a trailing newline ("…ABC\n").
+    return bool(_QID.fullmatch(qid))
 
 
 class RecipientStatus(enum.Enum):
@@ -111,7 +112,7 @@ def load(raw: bytes) -> QueuedMessage:
         doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"not a JSON envelope record: {exc}") from exc
-    if not isinstance(doc, dict) or doc.get("version") != FORMAT_VERSION:
+    if not isinstance(doc, dict) or not _is_version(doc.get("version")):
         raise ValueError(
             f"unsupported envelope record version: {doc.get('version')!r}"
             if isinstance(doc, dict)
@@ -144,11 +145,22 @@ def load(raw: bytes) -> QueuedMessage:
             helo=_str(doc["helo"]),
             size=_int(doc["size"]),
             attempts=_int(doc["attempts"]),
-            is_bounce=bool(doc["is_bounce"]),
+            is_bounce=_bool(doc["is_bounce"]),
             extra=extra,
         )
     except (KeyError, TypeError) as exc:
         raise ValueError(f"malformed envelope record: {exc!r}") from exc
+
+
+def _is_version(v: object) -> bool:
+    # Exactly the integer 1: json gives True/1.0 for "true"/"1.0", which compare equal to 1.
+    return type(v) is int and v == FORMAT_VERSION
+
+
+def _bool(v: object) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"expected true or false, got {v!r}")
+    return v
 
 
 def _str(v: object) -> str:

@@ -82,4 +82,8 @@ def claim_address_plan(
         if free:
             return plan, claim
         claim.close()
-    raise RuntimeError(f"no free 127.R.0.0/16 lab network among {attempts} candidates")
+    raise RuntimeError(
+        f"no free 127.R.0.0/16 lab network among {attempts} candidates; is a DNS server "
+        "(a system nsd, unbound or dnsmasq) bound to 0.0.0.0:53? Stop it, or run as root "
+        "if binding port 53 was refused"
+    )

@@ -39,11 +39,13 @@ def plan_hosts(domain: str, answer: DnsAnswer[MxRecord], rng: random.Random | No
     # RFC 7505 §3: a null MX ("0 .") means no mail is accepted.
     if any(r.exchange == "" for r in answer.records):
         return Plan((), null_mx=True)
-    by_pref: dict[int, list[str]] = {}
+    # A host listed more than once is tried once, at its most preferred (lowest) value.
+    best: dict[str, int] = {}
     for r in answer.records:
-        names = by_pref.setdefault(r.preference, [])
-        if r.exchange not in names:
-            names.append(r.exchange)
+        best[r.exchange] = min(r.preference, best.get(r.exchange, r.preference))
+    by_pref: dict[int, list[str]] = {}
+    for name, pref in best.items():
+        by_pref.setdefault(pref, []).append(name)
     hosts: list[MxHost] = []
     for pref in sorted(by_pref):
         names = by_pref[pref]

@@ -42,7 +42,10 @@ def _metric(relay: RelayProcess, name: str, **labels: str) -> float:
 def _queue_list(relay: RelayProcess) -> str:
     out = subprocess.run(
         [sys.executable, "-m", "relay", "queue", "list", "-c", str(relay.config_path)],
-        capture_output=True, text=True, timeout=30, check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     )
     return out.stdout
 
@@ -103,8 +106,9 @@ def test_wrong_digest_defers_and_sends_nothing(
     assert receiver.messages == []
     assert _metric(relay, "relay_dane_verifications_total", result="failed", reason="no-match") == 1
     assert (
-        _metric(relay, "relay_delivery_attempts_total", result="deferred",
-                reason="dane_verification")
+        _metric(
+            relay, "relay_delivery_attempts_total", result="deferred", reason="dane_verification"
+        )
         == 1
     )
     assert _metric(relay, "relay_queue_messages") == 1
@@ -143,8 +147,9 @@ def test_secure_tlsa_without_starttls_defers_and_sends_nothing_in_plaintext(
     assert receiver.mail_commands == []
     assert receiver.messages == []
     assert (
-        _metric(relay, "relay_delivery_attempts_total", result="deferred",
-                reason="dane_no_starttls")
+        _metric(
+            relay, "relay_delivery_attempts_total", result="deferred", reason="dane_no_starttls"
+        )
         == 1
     )
     assert _metric(relay, "relay_queue_messages") == 1
@@ -235,7 +240,9 @@ def test_config_check_names_a_typoed_key_and_exits_non_zero(tmp_path: Path) -> N
     bad.write_text('[server]\nlisten = ["127.0.0.1:2525"]\n\n[tls]\nlevle = "dane"\n')
     out = subprocess.run(
         [sys.executable, "-m", "relay", "config", "check", str(bad)],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert out.returncode == 78
     assert f"{bad}: tls.levle: expected one of the keys level, got unknown key 'levle'" in (

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 __all__ = ["FailedRecipient", "build_dsn", "original_headers"]
 
 _MAX_HEADERS = 64 * 1024
+_MAX_BOUNDARY = 70
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +44,8 @@ def build_dsn(
     failed: Sequence[FailedRecipient],
     headers: bytes,
 ) -> bytes:
-    boundary = f"{queue_id}.{secrets.token_hex(8)}/{reporting_mta}"
+    # RFC 2046 §5.1.1: at most 70 characters; the host name is only a readable suffix.
+    boundary = f"{queue_id}.{secrets.token_hex(8)}/{reporting_mta}"[:_MAX_BOUNDARY]
     date = email.utils.formatdate(now, localtime=False)
     lines = [
         f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",

@@ -1,0 +1,506 @@
+"""DANE authentication of an SMTP server's certificate chain (RFC 7672 §3, RFC 7671 §5).
+
+Owns ``verify``: TLSA RRset (already DNSSEC-validated) + the certificates the server sent
++ reference identifiers + current time -> one ``DaneVerdict`` (status, token, operator text).
+
+Guarantees: a pure function (no I/O, no clock, no global state); peer-supplied bytes never
+raise (bad DER -> ``FAILED``/``bad-certificate``, no certificate -> ``FAILED``/``no-chain``);
+``matched``/``match_depth`` are set exactly when the status is ``VERIFIED``. The leaf must
+always decode; the other certificates only when DANE-TA(2) needs them, so a DANE-EE(3) match
+is not lost to a broken or legacy certificate further up (RFC 7672 §3.1.1).
+
+Theory of operation:
+    1. Drop unusable records, apply digest agility (``select_usable``). None left:
+       ``UNAUTHENTICATED`` (RFC 7672 §3.1.3), without looking at the chain.
+    2. DANE-EE(3) records are matched against the leaf only, with no name or date checks
+       (RFC 7672 §3.1.1). A match wins at depth 0, ahead of any DANE-TA(2) match.
+    3. DANE-TA(2): a breadth-first search from the leaf through the presented certificates
+       (in any order) finds the shallowest anchor: a presented certificate at depth >= 1
+       that a record matches, a Cert(0)/Full(0) certificate from DNS that issued one
+       (RFC 7671 §5.2), or an SPKI(1)/Full(0) bare key that signed one. Every certificate
+       below the anchor must be within its dates, every one above the leaf a CA allowed to
+       sign at its depth, every signature valid and not MD5/SHA-1. Then a leaf DNS-ID (CN
+       only when there is none) must match a reference identifier (RFC 7672 §3.2.3).
+
+Depths follow OpenSSL's convention (see the conformance vectors' README): the anchor's
+position in the verified path, leaf = 0; a DNS certificate sits one above the certificate
+it issued, a bare key at the one it signed. For an ordered chain that is the ``chain`` index.
+
+Does not: check revocation, name constraints or policies, nor the trust anchor's own dates
+(a TA is a name and key, RFC 5280 §6.1.1(d)); use PKIX usages; act on the verdict.
+"""
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from typing import Final
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.padding import PSS, PKCS1v15
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.x509.oid import NameOID
+
+from relay.dane.records import MatchingType, Selector, TlsaRecord, Usage, select_usable
+
+__all__ = ["MAX_CHAIN_LENGTH", "DaneStatus", "DaneVerdict", "verify"]
+
+#: Longest chain DANE-TA(2) examines; longer ones fail with reason ``"chain-too-long"``.
+#: Bounds the signature checks a hostile server can cause (about n*n per verification).
+MAX_CHAIN_LENGTH: Final = 16
+
+_SIGNATURE_ERRORS: Final = (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError)
+_WEAK_HASHES: Final = (hashes.MD5, hashes.SHA1)
+_SHOWN_UNUSABLE: Final = 3
+
+
+class DaneStatus(Enum):
+    """Outcome of DANE authentication (RFC 7672 §2.2, §3)."""
+
+    VERIFIED = "verified"  # a usable record matched and all checks passed
+    FAILED = "failed"  # usable records, but authentication failed: do not deliver
+    UNAUTHENTICATED = "unauthenticated"  # no usable record: TLS mandatory, unauthenticated
+
+
+@dataclass(frozen=True, slots=True)
+class DaneVerdict:
+    """The result of ``verify``.
+
+    ``reason`` is a short stable token for logs and metric labels: ``match``,
+    ``no-usable-records``, ``no-chain``, ``chain-too-long``, ``bad-certificate``,
+    ``no-match``, ``chain-invalid``, ``expired``, ``not-yet-valid``, ``name-mismatch``.
+    ``detail`` is free text for operators. ``matched`` and ``match_depth`` are set exactly
+    when ``status`` is ``VERIFIED``.
+    """
+
+    status: DaneStatus
+    reason: str
+    matched: TlsaRecord | None = None
+    match_depth: int | None = None
+    detail: str = ""
+
+    @property
+    def authenticated(self) -> bool:
+        """True for ``VERIFIED``."""
+        return self.status is DaneStatus.VERIFIED
+
+
+class _BadCertificate(Exception):
+    """Internal: a presented certificate could not be decoded."""
+
+    def __init__(self, depth: int, problem: str) -> None:
+        super().__init__(f"certificate {depth}: {problem}")
+
+
+def _der_header(buf: bytes, pos: int) -> tuple[int, int, int]:
+    """(tag, start of contents, end of element) of the DER element at ``pos``."""
+    if pos + 2 > len(buf):
+        raise ValueError("truncated DER element")
+    tag, first = buf[pos], buf[pos + 1]
+    if first < 0x80:
+        start, size = pos + 2, first
+    else:
+        count = first & 0x7F
+        if count == 0 or count > 4:
+            raise ValueError("unsupported DER length")
+        start = pos + 2 + count
+        size = int.from_bytes(buf[pos + 2 : start], "big")
+    if start + size > len(buf):
+        raise ValueError("truncated DER element")
+    return tag, start, start + size
+
+
+def _spki_der(tbs: bytes) -> bytes:
+    """The SubjectPublicKeyInfo exactly as encoded in a TBSCertificate (RFC 5280 §4.1).
+
+    Re-encoding the parsed key could differ from the certificate's bytes (e.g. compressed
+    EC points), and selector SPKI(1) is defined on the certificate's own DER.
+    """
+    _, cursor, _ = _der_header(tbs, 0)
+    tag, _, after = _der_header(tbs, cursor)
+    if tag == 0xA0:  # [0] EXPLICIT version
+        cursor = after
+    for _ in range(5):  # serialNumber, signature, issuer, validity, subject
+        _, _, cursor = _der_header(tbs, cursor)
+    tag, _, end = _der_header(tbs, cursor)
+    if tag != 0x30:
+        raise ValueError("SubjectPublicKeyInfo is not a SEQUENCE")
+    return tbs[cursor:end]
+
+
+@dataclass(slots=True)
+class _Peer:
+    """One presented certificate with its parsed form and cached association data."""
+
+    depth: int
+    der: bytes
+    cert: x509.Certificate
+    spki: bytes
+    _digests: dict[tuple[int, int], bytes] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, depth: int, der: bytes) -> "_Peer":
+        try:
+            cert = x509.load_der_x509_certificate(der)
+            spki = _spki_der(cert.tbs_certificate_bytes)
+        except ValueError as exc:
+            raise _BadCertificate(depth, str(exc)) from exc
+        return cls(depth, der, cert, spki)
+
+    def association(self, selector: int, mtype: int) -> bytes:
+        """The selected bytes (RFC 6698 §2.1.2) under the matching type (§2.1.3)."""
+        key = (selector, mtype)
+        if key not in self._digests:
+            selected = self.der if selector == Selector.CERT else self.spki
+            if mtype == MatchingType.SHA256:
+                selected = hashlib.sha256(selected).digest()
+            elif mtype == MatchingType.SHA512:
+                selected = hashlib.sha512(selected).digest()
+            self._digests[key] = selected
+        return self._digests[key]
+
+    def matches(self, record: TlsaRecord) -> bool:
+        return self.association(record.selector, record.mtype) == record.data
+
+    def label(self) -> str:
+        try:
+            return f"certificate {self.depth} ({self.cert.subject.rfc4514_string() or '-'})"
+        except ValueError:
+            return f"certificate {self.depth}"
+
+    def extension(self, kind: type[x509.ExtensionType]) -> x509.ExtensionType | None:
+        try:
+            return self.cert.extensions.get_extension_for_class(kind).value
+        except x509.ExtensionNotFound:
+            return None
+        except ValueError as exc:
+            raise _BadCertificate(self.depth, f"malformed extensions: {exc}") from exc
+
+
+def _fail(reason: str, detail: str) -> DaneVerdict:
+    return DaneVerdict(DaneStatus.FAILED, reason, detail=detail)
+
+
+def verify(
+    records: Sequence[TlsaRecord],
+    chain: Sequence[bytes],
+    ref_names: Sequence[str],
+    now: datetime,
+) -> DaneVerdict:
+    """Authenticate a server's certificate chain against its TLSA RRset (RFC 7672 §3).
+
+    Args:
+        records: the TLSA RRset from a secure (DNSSEC-validated) answer; unusable records
+            are allowed and ignored.
+        chain: DER certificates exactly as the server sent them, leaf first.
+        ref_names: reference identifiers for DANE-TA(2) name checks (RFC 7672 §3.2.2): the
+            TLSA base domain, the MX host name and, when the MX RRset is secure, the
+            next-hop domain. A-labels; case and one trailing dot are ignored.
+        now: timezone-aware current time for DANE-TA(2) validity checks.
+
+    Returns:
+        The verdict; never raises for any content of ``records`` or ``chain``.
+
+    Raises:
+        ValueError: ``now`` is naive (has no timezone).
+        TypeError: ``ref_names`` or ``chain`` is a single str/bytes instead of a sequence.
+    """
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise ValueError("verify() needs a timezone-aware 'now'")
+    if isinstance(ref_names, str) or isinstance(chain, bytes | bytearray):
+        raise TypeError("ref_names and chain must be sequences, not a single str/bytes")
+
+    usable = select_usable(records)
+    # RFC 7672 §3.1.3 / §2.2: no usable record -> TLS mandatory but unauthenticated.
+    if not usable:
+        shown = "; ".join(f"{r}: {r.unusable_reason()}" for r in records[:_SHOWN_UNUSABLE])
+        hidden = len(records) - _SHOWN_UNUSABLE
+        more = f" (+{hidden} more)" if hidden > 0 else ""
+        return DaneVerdict(
+            DaneStatus.UNAUTHENTICATED,
+            "no-usable-records",
+            detail=f"no usable TLSA records: {shown or 'empty RRset'}{more}",
+        )
+    # RFC 7672 §3: authentication needs the server's certificate; none means failure.
+    if not chain:
+        return _fail("no-chain", "the server presented no certificate")
+    try:
+        leaf = _Peer.load(0, bytes(chain[0]))
+    # RFC 5280 §4.1: a certificate that is not valid DER cannot be checked; fail closed.
+    except _BadCertificate as exc:
+        return _fail("bad-certificate", str(exc))
+
+    # RFC 7672 §3.1.1: DANE-EE(3) matches the leaf key/cert only; no name or date checks.
+    for record in usable:
+        if record.usage == Usage.DANE_EE and leaf.matches(record):
+            detail = f"{record.mnemonic} {record} matched the leaf certificate"
+            return DaneVerdict(DaneStatus.VERIFIED, "match", record, 0, detail)
+
+    ta_records = [record for record in usable if record.usage == Usage.DANE_TA]
+    # RFC 7672 §3.1: usable records exist but none can authenticate this leaf: failure.
+    if not ta_records:
+        return _fail("no-match", "no DANE-EE(3) record matches the leaf certificate")
+    # Local work bound (RFC 5280 §6.1 sets none): a hostile server cannot cost n**2 checks.
+    if len(chain) > MAX_CHAIN_LENGTH:
+        return _fail("chain-too-long", f"{len(chain)} certificates, limit {MAX_CHAIN_LENGTH}")
+    try:
+        # RFC 7672 §3.1.1: the rest of the chain matters only now, for DANE-TA(2).
+        peers = [leaf, *(_Peer.load(i, bytes(der)) for i, der in enumerate(chain[1:], 1))]
+        return _verify_dane_ta(ta_records, peers, ref_names, now)
+    # RFC 5280 §4.1: an undecodable certificate (or extension) cannot be checked; fail.
+    except _BadCertificate as exc:
+        return _fail("bad-certificate", str(exc))
+
+
+@dataclass(frozen=True, slots=True)
+class _Anchor:
+    """A trust anchor found by the path search and the path below it (leaf first)."""
+
+    record: TlsaRecord
+    depth: int
+    path: tuple[int, ...]
+    where: str
+
+    def describe(self) -> str:
+        return f"{self.record.mnemonic} {self.record} matched the {self.where}"
+
+
+def _weak_signature(cert: x509.Certificate) -> bool:
+    try:
+        algorithm = cert.signature_hash_algorithm
+    except UnsupportedAlgorithm:
+        return True
+    return isinstance(algorithm, _WEAK_HASHES)
+
+
+def _issued_by(child: x509.Certificate, issuer: x509.Certificate) -> bool:
+    # RFC 5280 §6.1.3(a)(1),(4): issuer name chains and the signature verifies.
+    if _weak_signature(child):
+        return False
+    try:
+        child.verify_directly_issued_by(issuer)
+    except _SIGNATURE_ERRORS:
+        return False
+    return True
+
+
+def _signed_by_key(child: x509.Certificate, key: PublicKeyTypes) -> bool:
+    """Whether a bare public key made ``child``'s signature (no issuer name to compare)."""
+    if _weak_signature(child):
+        return False
+    signature, tbs = child.signature, child.tbs_certificate_bytes
+    try:
+        params = child.signature_algorithm_parameters
+        algorithm = child.signature_hash_algorithm
+        if isinstance(key, rsa.RSAPublicKey) and isinstance(params, PKCS1v15 | PSS) and algorithm:
+            key.verify(signature, tbs, params, algorithm)
+        elif isinstance(key, ec.EllipticCurvePublicKey) and isinstance(params, ec.ECDSA):
+            key.verify(signature, tbs, params)
+        elif isinstance(key, Ed25519PublicKey | Ed448PublicKey) and params is None:
+            key.verify(signature, tbs)
+        else:
+            return False
+    except _SIGNATURE_ERRORS:
+        return False
+    return True
+
+
+def _date_problem(peer: _Peer, now: datetime) -> str | None:
+    """``expired``/``not-yet-valid`` if ``now`` is outside the validity (RFC 5280 §4.1.2.5)."""
+    if now < peer.cert.not_valid_before_utc:
+        return "not-yet-valid"
+    if now > peer.cert.not_valid_after_utc:
+        return "expired"
+    return None
+
+
+def _below_anchor_ok(peer: _Peer, path_depth: int, now: datetime | None) -> bool:
+    """Checks for a certificate below the trust anchor; ``now=None`` skips the dates."""
+    # RFC 7672 §3.1.2 / RFC 5280 §6.1.3(a)(2): chain certificates must be valid at ``now``.
+    if now is not None and _date_problem(peer, now) is not None:
+        return False
+    if path_depth == 0:
+        return True
+    constraints = peer.extension(x509.BasicConstraints)
+    # RFC 5280 §6.1.4(k): an intermediate must be a CA (basicConstraints cA=TRUE).
+    if not isinstance(constraints, x509.BasicConstraints) or not constraints.ca:
+        return False
+    # RFC 5280 §6.1.4(l),(m): pathLenConstraint bounds the intermediates below it
+    # (counted conservatively: self-issued ones are not exempted).
+    if constraints.path_length is not None and path_depth - 1 > constraints.path_length:
+        return False
+    usage = peer.extension(x509.KeyUsage)
+    # RFC 5280 §6.1.4(n): if keyUsage is present, keyCertSign must be set.
+    return not isinstance(usage, x509.KeyUsage) or usage.key_cert_sign
+
+
+class _TaSearch:
+    """DANE-TA(2) path search over the presented certificates (RFC 7672 §3.1.2)."""
+
+    def __init__(self, records: Sequence[TlsaRecord], peers: Sequence[_Peer]) -> None:
+        self.records = records
+        self.peers = peers
+        self.dns_certs: list[tuple[TlsaRecord, x509.Certificate]] = []
+        self.dns_keys: list[tuple[TlsaRecord, PublicKeyTypes]] = []
+        for record in records:
+            if record.mtype != MatchingType.FULL:
+                continue
+            try:
+                # RFC 7671 §5.2: a Cert(0)/Full(0) TA may be absent from the server's chain.
+                if record.selector == Selector.CERT:
+                    self.dns_certs.append((record, x509.load_der_x509_certificate(record.data)))
+                # RFC 7671 §5.2: an SPKI(1)/Full(0) TA is a bare key the server cannot send.
+                else:
+                    self.dns_keys.append((record, serialization.load_der_public_key(record.data)))
+            except (ValueError, UnsupportedAlgorithm):
+                continue  # undecodable data can still match presented certificates byte-wise
+        # A certificate sent twice is one node: a repeated leaf must not become its own TA.
+        first_seen: dict[bytes, int] = {}
+        for peer in peers:
+            first_seen.setdefault(peer.der, peer.depth)
+        self.issuers = [i for i in range(1, len(peers)) if first_seen[peers[i].der] == i]
+
+    def _sent(self, key_record: TlsaRecord, index: int) -> bool:
+        """Whether a presented certificate with this record's key issued ``peers[index]``."""
+        peers = self.peers
+        return any(
+            peers[up].spki == key_record.data and _issued_by(peers[index].cert, peers[up].cert)
+            for up in self.issuers
+        )
+
+    def find(self, now: datetime | None) -> _Anchor | None:
+        """Shallowest anchor reachable from the leaf by a valid path; ``now=None``: no dates."""
+        peers, parent = self.peers, {0: -1}
+
+        def path_to(index: int) -> tuple[int, ...]:
+            steps = []
+            while index != -1:
+                steps.append(index)
+                index = parent[index]
+            return tuple(reversed(steps))
+
+        level, depth = [0], 0
+        while level:
+            # RFC 6698 §2.1.1: DANE-TA(2) names an issuer of the leaf, so depth >= 1 (as OpenSSL).
+            for index in level if depth >= 1 else []:
+                for record in self.records:
+                    if peers[index].matches(record):
+                        where = f"presented {peers[index].label()}"
+                        return _Anchor(record, depth, path_to(index)[:-1], where)
+            level = [i for i in level if _below_anchor_ok(peers[i], depth, now)]
+            # RFC 7671 §5.2: a bare TA key anchors the certificate it signed, at that depth
+            # (unless its own certificate was sent: that is the anchor, one level up).
+            for index in level:
+                for record, key in self.dns_keys:
+                    if _signed_by_key(peers[index].cert, key) and not self._sent(record, index):
+                        where = f"public key from DNS that signed {peers[index].label()}"
+                        return _Anchor(record, depth, path_to(index), where)
+            # RFC 7671 §5.2: a TA certificate from DNS sits one above what it issued.
+            for index in level:
+                for record, cert in self.dns_certs:
+                    if record.data != peers[index].der and _issued_by(peers[index].cert, cert):
+                        where = f"certificate from DNS that issued {peers[index].label()}"
+                        return _Anchor(record, depth + 1, path_to(index), where)
+            # RFC 5280 §6.1: extend the path by presented certificates that issued this level.
+            next_level: list[int] = []
+            for index in level:
+                for up in self.issuers:
+                    if up not in parent and _issued_by(peers[index].cert, peers[up].cert):
+                        parent[up] = index
+                        next_level.append(up)
+            level, depth = next_level, depth + 1
+        return None
+
+    def explain_failure(self, now: datetime) -> DaneVerdict:
+        """The failure verdict when ``find(now)`` found no anchor."""
+        relaxed = self.find(None)
+        for index in relaxed.path if relaxed is not None else ():
+            problem = _date_problem(self.peers[index], now)
+            if relaxed is not None and problem is not None:
+                # RFC 7672 §3.1.2: the chain below a DANE-TA(2) anchor must be within its dates.
+                return _fail(
+                    problem,
+                    f"{relaxed.describe()}, but {self.peers[index].label()} is "
+                    f"{problem.replace('-', ' ')} at {now.isoformat()}",
+                )
+        peers = self.peers
+        anchored = (
+            any(peers[i].matches(r) for i in self.issuers for r in self.records)
+            or any(
+                r.data != peer.der and _issued_by(peer.cert, ta)
+                for peer in peers
+                for r, ta in self.dns_certs
+            )
+            or any(_signed_by_key(peer.cert, key) for peer in peers for _, key in self.dns_keys)
+        )
+        if anchored:
+            # RFC 5280 §6.1: an anchor that the leaf cannot reach by a valid path is no match.
+            return _fail(
+                "chain-invalid",
+                "a DANE-TA(2) record matches, but the leaf does not chain to it through valid "
+                "signatures and CA certificates",
+            )
+        return _fail("no-match", "no DANE-EE(3) record matches the leaf, no DANE-TA(2) an issuer")
+
+
+def _verify_dane_ta(
+    records: Sequence[TlsaRecord], peers: Sequence[_Peer], ref_names: Sequence[str], now: datetime
+) -> DaneVerdict:
+    """RFC 7672 §3.1.2 / §3.2: chain to a DANE-TA(2) anchor, dates, then names."""
+    search = _TaSearch(records, peers)
+    anchor = search.find(now)
+    if anchor is None:
+        return search.explain_failure(now)
+    # RFC 7672 §3.2.2: with DANE-TA(2) the leaf must carry a reference identifier.
+    presented = _presented_names(peers[0])
+    for name in presented:
+        for reference in ref_names:
+            if _name_matches(name, reference):
+                detail = f"{anchor.describe()} at depth {anchor.depth}; {name!r} is {reference!r}"
+                return DaneVerdict(
+                    DaneStatus.VERIFIED, "match", anchor.record, anchor.depth, detail
+                )
+    return _fail(
+        "name-mismatch",
+        f"{anchor.describe()} at depth {anchor.depth}, but leaf names "
+        f"{presented or ['(none)']} match none of {list(ref_names)}",
+    )
+
+
+def _presented_names(peer: _Peer) -> list[str]:
+    """DNS-IDs of the leaf, or its CN-IDs when it has no DNS-ID (RFC 6125 §6.4.4)."""
+    san = peer.extension(x509.SubjectAlternativeName)
+    if isinstance(san, x509.SubjectAlternativeName):
+        dns_ids = san.get_values_for_type(x509.DNSName)
+        if dns_ids:
+            return dns_ids
+    try:
+        attributes = peer.cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except ValueError as exc:
+        raise _BadCertificate(peer.depth, f"malformed subject: {exc}") from exc
+    return [value for a in attributes if isinstance(value := a.value, str)]
+
+
+def _name_matches(presented: str, reference: str) -> bool:
+    """RFC 7672 §3.2.3 / RFC 6125 §6.4: exact, case-insensitive, or a left-most wildcard."""
+    pattern, target = (
+        n[:-1].lower() if n.endswith(".") else n.lower() for n in (presented, reference)
+    )
+    if not pattern or not target or "*" in target or not target.isascii():
+        return False
+    if pattern.startswith("*."):
+        suffix = pattern[2:]
+        # RFC 7672 §3.2.3: "*" only as the whole left-most label; refuse "*.tld".
+        if "*" in suffix or "." not in suffix:
+            return False
+        # RFC 6125 §6.4.3: the wildcard matches exactly one label.
+        label, dot, rest = target.partition(".")
+        return bool(label) and bool(dot) and rest == suffix
+    # RFC 7672 §3.2.3: partial-label wildcards ("mx*.example") are not supported.
+    return "*" not in pattern and pattern == target

@@ -1,0 +1,457 @@
+"""relay.dane.match.verify: the RFC 7672 §3 decision matrix on generated certificates.
+
+Every case states the full expected verdict: status, reason token and match depth.
+"""
+
+from collections.abc import Callable, Sequence
+from datetime import datetime
+
+import pytest
+from certfactory import MX_HOST, NEXT_HOP, NOW, Issued, Pki, issue
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from relay.dane import MAX_CHAIN_LENGTH, DaneStatus, DaneVerdict, TlsaRecord, verify
+
+VERIFIED, FAILED, UNAUTH = DaneStatus.VERIFIED, DaneStatus.FAILED, DaneStatus.UNAUTHENTICATED
+REFS = (MX_HOST, NEXT_HOP)
+
+
+def der(*certs: Issued) -> list[bytes]:
+    return [c.der for c in certs]
+
+
+def check(
+    verdict: DaneVerdict,
+    status: DaneStatus,
+    reason: str,
+    depth: int | None = None,
+    matched: TlsaRecord | None = None,
+) -> None:
+    assert (verdict.status, verdict.reason, verdict.match_depth) == (status, reason, depth), (
+        verdict.detail
+    )
+    assert verdict.detail
+    assert verdict.authenticated is (status is VERIFIED)
+    if status is VERIFIED:
+        assert verdict.matched is not None
+        if matched is not None:
+            assert verdict.matched == matched
+    else:
+        assert verdict.matched is None
+
+
+def run(
+    records: Sequence[TlsaRecord],
+    chain: Sequence[bytes],
+    refs: Sequence[str] = REFS,
+    now: datetime = NOW,
+) -> DaneVerdict:
+    return verify(records, chain, refs, now)
+
+
+# --- the matrix: usage {2,3} x selector {0,1} x mtype {0,1,2} x {match, no match} -------
+
+MATRIX = [
+    (usage, selector, mtype, matches)
+    for usage in (2, 3)
+    for selector in (0, 1)
+    for mtype in (0, 1, 2)
+    for matches in (True, False)
+]
+
+
+@pytest.mark.parametrize(("usage", "selector", "mtype", "matches"), MATRIX)
+def test_matrix(pki: Pki, usage: int, selector: int, mtype: int, matches: bool) -> None:
+    # DANE-EE(3) pins the leaf; DANE-TA(2) pins the intermediate. The non-matching
+    # record is built the same way from the unrelated hierarchy.
+    if usage == 3:
+        target = pki.leaf if matches else pki.other_leaf
+    else:
+        target = pki.intermediate if matches else pki.other_intermediate
+    record = target.tlsa(usage, selector, mtype)
+    verdict = run([record], der(pki.leaf, pki.intermediate))
+    if matches:
+        check(verdict, VERIFIED, "match", 0 if usage == 3 else 1, record)
+    else:
+        check(verdict, FAILED, "no-match")
+
+
+def test_dane_ta_root_in_chain_matches_at_depth_2(pki: Pki) -> None:
+    record = pki.root.tlsa(2, 0, 1)
+    check(run([record], der(pki.leaf, pki.intermediate, pki.root)), VERIFIED, "match", 2)
+
+
+def test_lowest_depth_wins(pki: Pki) -> None:
+    root, inter = pki.root.tlsa(2, 1, 1), pki.intermediate.tlsa(2, 1, 1)
+    chain = der(pki.leaf, pki.intermediate, pki.root)
+    check(run([root, inter], chain), VERIFIED, "match", 1, inter)
+
+
+def test_dane_ee_is_preferred_over_dane_ta(pki: Pki) -> None:
+    ta, ee = pki.intermediate.tlsa(2, 1, 1), pki.leaf.tlsa(3, 1, 1)
+    check(run([ta, ee], der(pki.leaf, pki.intermediate)), VERIFIED, "match", 0, ee)
+
+
+# --- DANE-EE(3): no names, no dates (RFC 7672 §3.1.1) ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["expired_leaf", "future_leaf", "self_signed", "no_names", "san_and_cn", "sha1_leaf"],
+)
+def test_dane_ee_ignores_names_dates_and_issuer(pki: Pki, name: str) -> None:
+    leaf: Issued = getattr(pki, name)
+    record = leaf.tlsa(3, 1, 1)
+    check(run([record], [leaf.der], refs=["elsewhere.example"]), VERIFIED, "match", 0)
+
+
+def test_dane_ee_ignores_an_unrelated_chain(pki: Pki) -> None:
+    # Only the leaf matters; the rest of the chain need not chain to anything.
+    record = pki.leaf.tlsa(3, 0, 1)
+    check(run([record], der(pki.leaf, pki.other_root)), VERIFIED, "match", 0)
+
+
+def test_dane_ee_matches_only_the_leaf(pki: Pki) -> None:
+    # A DANE-EE(3) record for the intermediate does not match at depth 1.
+    record = pki.intermediate.tlsa(3, 1, 1)
+    check(run([record], der(pki.leaf, pki.intermediate)), FAILED, "no-match")
+
+
+# --- DANE-TA(2): chain and names (RFC 7672 §3.1.2, §3.2) --------------------------------
+
+
+def test_dane_ta_name_mismatch(pki: Pki) -> None:
+    record = pki.intermediate.tlsa(2, 1, 1)
+    verdict = run([record], der(pki.leaf, pki.intermediate), refs=["mx.example.org"])
+    check(verdict, FAILED, "name-mismatch")
+
+
+@pytest.mark.parametrize(
+    ("refs", "status", "reason"),
+    [
+        ([MX_HOST], VERIFIED, "match"),
+        ([NEXT_HOP, MX_HOST], VERIFIED, "match"),  # any reference identifier may match
+        (["MX.Example.NET."], VERIFIED, "match"),  # case-insensitive, trailing dot ignored
+        (["example.net"], FAILED, "name-mismatch"),
+        (["mx.example.net.evil"], FAILED, "name-mismatch"),
+        (["x" + MX_HOST], FAILED, "name-mismatch"),
+        ([], FAILED, "name-mismatch"),
+    ],
+)
+def test_dane_ta_reference_identifiers(
+    pki: Pki, refs: list[str], status: DaneStatus, reason: str
+) -> None:
+    record = pki.intermediate.tlsa(2, 0, 1)
+    verdict = run([record], der(pki.leaf, pki.intermediate), refs=refs)
+    check(verdict, status, reason, 1 if status is VERIFIED else None)
+
+
+@pytest.mark.parametrize(
+    ("ref", "status", "reason"),
+    [
+        ("mx.example.net", VERIFIED, "match"),
+        ("MAIL.EXAMPLE.NET", VERIFIED, "match"),
+        ("example.net", FAILED, "name-mismatch"),  # the wildcard needs one label
+        ("a.b.example.net", FAILED, "name-mismatch"),  # and matches only one
+        (".example.net", FAILED, "name-mismatch"),  # not an empty label
+        ("mx.example.org", FAILED, "name-mismatch"),
+        ("*.example.net", FAILED, "name-mismatch"),  # a reference is never a pattern
+    ],
+)
+def test_dane_ta_wildcard(pki: Pki, ref: str, status: DaneStatus, reason: str) -> None:
+    record = pki.intermediate.tlsa(2, 1, 2)
+    verdict = run([record], der(pki.wildcard_leaf, pki.intermediate), refs=[ref])
+    check(verdict, status, reason, 1 if status is VERIFIED else None)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "ref", "matches"),
+    [
+        ("*.example.net", "mx.example.net", True),
+        ("*.net", "example.net", False),  # no wildcard over a single label
+        ("mx*.example.net", "mx1.example.net", False),  # partial-label wildcards refused
+        ("*mx.example.net", "amx.example.net", False),
+        ("mx.*.net", "mx.example.net", False),
+        ("*.*.net", "a.b.net", False),
+        ("", "mx.example.net", False),
+    ],
+)
+def test_wildcard_forms(pki: Pki, pattern: str, ref: str, matches: bool) -> None:
+    # The reference matching rules in isolation, through a CN-only leaf.
+    leaf = issue(pattern or None, issuer=pki.intermediate)
+    verdict = run([pki.intermediate.tlsa(2, 1, 1)], der(leaf, pki.intermediate), refs=[ref])
+    if matches:
+        check(verdict, VERIFIED, "match", 1)
+    else:
+        check(verdict, FAILED, "name-mismatch")
+
+
+def test_cn_is_used_only_without_dns_san(pki: Pki) -> None:
+    record = pki.intermediate.tlsa(2, 1, 1)
+    check(run([record], der(pki.cn_only, pki.intermediate)), VERIFIED, "match", 1)
+    # SAN other.example.org present: the CN (MX_HOST) must not be consulted (RFC 6125 §6.4.4).
+    check(run([record], der(pki.san_and_cn, pki.intermediate)), FAILED, "name-mismatch")
+    verdict = run([record], der(pki.san_and_cn, pki.intermediate), refs=["other.example.org"])
+    check(verdict, VERIFIED, "match", 1)
+
+
+def test_leaf_without_san_or_cn_fails_name_check(pki: Pki) -> None:
+    record = pki.intermediate.tlsa(2, 1, 1)
+    check(run([record], der(pki.no_names, pki.intermediate)), FAILED, "name-mismatch")
+
+
+def test_dane_ta_expired_intermediate(pki: Pki) -> None:
+    record = pki.root.tlsa(2, 1, 1)
+    chain = der(pki.under_expired, pki.expired_intermediate, pki.root)
+    check(run([record], chain), FAILED, "expired")
+
+
+def test_dane_ta_expired_intermediate_is_fine_as_the_anchor(pki: Pki) -> None:
+    # The trust anchor is a name and key (RFC 5280 §6.1.1(d)); its own dates do not count.
+    record = pki.expired_intermediate.tlsa(2, 1, 1)
+    chain = der(pki.under_expired, pki.expired_intermediate)
+    check(run([record], chain), VERIFIED, "match", 1)
+
+
+def test_dane_ta_expired_and_future_leaf(pki: Pki) -> None:
+    record = pki.intermediate.tlsa(2, 1, 1)
+    check(run([record], der(pki.expired_leaf, pki.intermediate)), FAILED, "expired")
+    check(run([record], der(pki.future_leaf, pki.intermediate)), FAILED, "not-yet-valid")
+
+
+def test_dane_ta_dates_are_checked_at_now(pki: Pki) -> None:
+    record = pki.intermediate.tlsa(2, 1, 1)
+    chain = der(pki.expired_leaf, pki.intermediate)
+    then = pki.expired_leaf.cert.not_valid_after_utc
+    check(run([record], chain, now=then), VERIFIED, "match", 1)
+
+
+def test_dane_ta_never_matches_the_leaf_position(pki: Pki) -> None:
+    # Stalwart "noleaf": the CA certificate is sent first; its own TA record must not match.
+    record = pki.intermediate.tlsa(2, 1, 1)
+    check(run([record], der(pki.intermediate, pki.root)), FAILED, "no-match")
+    # A self-signed leaf named by a DANE-TA(2) digest is not its own anchor either...
+    self_signed = pki.self_signed.tlsa(2, 0, 1)
+    check(run([self_signed], [pki.self_signed.der]), FAILED, "no-match")
+    # ...not even when it is sent twice, or published in full.
+    check(run([self_signed], der(pki.self_signed, pki.self_signed)), FAILED, "no-match")
+    check(run([pki.self_signed.tlsa(2, 0, 0)], [pki.self_signed.der]), FAILED, "no-match")
+
+
+def test_dane_ta_leaf_not_issued_by_the_anchor(pki: Pki) -> None:
+    record = pki.intermediate.tlsa(2, 1, 1)
+    check(run([record], der(pki.other_leaf, pki.intermediate)), FAILED, "chain-invalid")
+
+
+@pytest.mark.parametrize(
+    ("leaf", "middle"),
+    [
+        ("under_non_ca", "non_ca_intermediate"),  # basicConstraints cA=FALSE
+        ("under_no_bc", "no_bc_intermediate"),  # no basicConstraints at all
+    ],
+)
+def test_dane_ta_intermediate_must_be_a_ca(pki: Pki, leaf: str, middle: str) -> None:
+    record = pki.intermediate.tlsa(2, 1, 1)
+    chain = [getattr(pki, leaf).der, getattr(pki, middle).der, pki.intermediate.der]
+    check(run([record], chain), FAILED, "chain-invalid")
+
+
+def test_dane_ta_path_length_constraint(pki: Pki) -> None:
+    chain = der(pki.under_sub, pki.sub_intermediate, pki.pathlen0_intermediate, pki.root)
+    check(run([pki.root.tlsa(2, 1, 1)], chain), FAILED, "chain-invalid")
+    # With the sub CA itself as anchor the constraint above it is irrelevant.
+    check(run([pki.sub_intermediate.tlsa(2, 1, 1)], chain), VERIFIED, "match", 1)
+
+
+def test_dane_ta_refuses_sha1_signatures(pki: Pki) -> None:
+    chain = der(pki.sha1_leaf, pki.intermediate)
+    check(run([pki.intermediate.tlsa(2, 1, 1)], chain), FAILED, "chain-invalid")
+    check(run([pki.intermediate.tlsa(2, 1, 0)], [pki.sha1_leaf.der]), FAILED, "no-match")
+
+
+def test_dane_ta_chain_without_key_identifiers(pki: Pki) -> None:
+    chain = der(pki.nokid_leaf, pki.nokid_intermediate, pki.nokid_root)
+    check(run([pki.nokid_root.tlsa(2, 0, 2)], chain), VERIFIED, "match", 2)
+
+
+def test_dane_ta_out_of_order_and_extra_certificates(pki: Pki) -> None:
+    record = pki.root.tlsa(2, 1, 1)
+    chain = der(pki.leaf, pki.other_root, pki.root, pki.intermediate)
+    # Depth is the position in the verified path, not in the list as sent.
+    check(run([record], chain), VERIFIED, "match", 2)
+
+
+# --- trust anchors published in DNS (RFC 7671 §5.2) ------------------------------------
+
+
+def test_dns_ta_certificate_not_in_chain(pki: Pki) -> None:
+    check(run([pki.root.tlsa(2, 0, 0)], der(pki.leaf, pki.intermediate)), VERIFIED, "match", 2)
+    check(run([pki.intermediate.tlsa(2, 0, 0)], [pki.leaf.der]), VERIFIED, "match", 1)
+
+
+def test_dns_ta_bare_key(pki: Pki) -> None:
+    check(run([pki.intermediate.tlsa(2, 1, 0)], [pki.leaf.der]), VERIFIED, "match", 0)
+    check(run([pki.root.tlsa(2, 1, 0)], der(pki.leaf, pki.intermediate)), VERIFIED, "match", 1)
+
+
+def test_dns_ta_certificate_that_issued_nothing(pki: Pki) -> None:
+    check(run([pki.other_root.tlsa(2, 0, 0)], der(pki.leaf, pki.intermediate)), FAILED, "no-match")
+    check(run([pki.other_root.tlsa(2, 1, 0)], der(pki.leaf, pki.intermediate)), FAILED, "no-match")
+
+
+def test_dns_ta_digest_only_cannot_complete_the_chain(pki: Pki) -> None:
+    # A digest of the missing intermediate carries no key to verify the leaf with.
+    check(run([pki.intermediate.tlsa(2, 1, 1)], [pki.leaf.der]), FAILED, "no-match")
+
+
+def test_dns_ta_undecodable_full_data_is_ignored(pki: Pki) -> None:
+    junk = [TlsaRecord(2, 0, 0, b"\x30\x03\x02\x01\x00"), TlsaRecord(2, 1, 0, b"junk")]
+    check(run(junk, der(pki.leaf, pki.intermediate)), FAILED, "no-match")
+    check(run([*junk, pki.leaf.tlsa(3, 1, 1)], [pki.leaf.der]), VERIFIED, "match", 0)
+
+
+def test_dns_ta_name_and_date_checks_still_apply(pki: Pki) -> None:
+    check(run([pki.intermediate.tlsa(2, 1, 0)], [pki.expired_leaf.der]), FAILED, "expired")
+    verdict = run([pki.intermediate.tlsa(2, 0, 0)], [pki.leaf.der], refs=["other.example"])
+    check(verdict, FAILED, "name-mismatch")
+
+
+# --- usability, digest agility, mixed RRsets ----------------------------------------------
+
+
+def test_mixed_usable_and_unusable_records_still_match(pki: Pki) -> None:
+    records = [
+        pki.root.tlsa(0, 0, 1),
+        pki.leaf.tlsa(1, 1, 1),
+        TlsaRecord(3, 1, 255, b"\x00"),
+        TlsaRecord(3, 7, 1, bytes(32)),
+        TlsaRecord(3, 1, 1, bytes(31)),
+        pki.leaf.tlsa(3, 1, 1),
+    ]
+    check(run(records, der(pki.leaf, pki.intermediate)), VERIFIED, "match", 0, records[-1])
+
+
+def test_only_unusable_records_are_unauthenticated(pki: Pki) -> None:
+    records = [pki.leaf.tlsa(1, 1, 1), pki.root.tlsa(0, 0, 1), TlsaRecord(255, 1, 1, bytes(32))]
+    check(run(records, der(pki.leaf, pki.intermediate)), UNAUTH, "no-usable-records")
+    # With nothing usable the chain is never examined: empty or garbage makes no difference.
+    check(run(records, []), UNAUTH, "no-usable-records")
+    check(run(records, [b"junk"]), UNAUTH, "no-usable-records")
+    check(run([], der(pki.leaf)), UNAUTH, "no-usable-records")
+
+
+def test_digest_agility_ignores_the_weaker_digest(pki: Pki) -> None:
+    chain = der(pki.leaf, pki.intermediate)
+    good_256, good_512 = pki.leaf.tlsa(3, 1, 1), pki.leaf.tlsa(3, 1, 2)
+    bad_256, bad_512 = pki.other_leaf.tlsa(3, 1, 1), pki.other_leaf.tlsa(3, 1, 2)
+    # SHA2-512 present: the matching SHA2-256 record is ignored (RFC 7671 §9).
+    check(run([good_256, bad_512], chain), FAILED, "no-match")
+    check(run([bad_256, good_512], chain), VERIFIED, "match", 0, good_512)
+    # Only within the same usage and selector: a Cert(0) SHA2-256 record still counts...
+    good_cert_256 = pki.leaf.tlsa(3, 0, 1)
+    check(run([good_cert_256, bad_512], chain), VERIFIED, "match", 0, good_cert_256)
+    # ...and Full(0) is not a digest, so SHA2-512 does not hide it.
+    good_full = pki.leaf.tlsa(3, 1, 0)
+    check(run([good_full, bad_512], chain), VERIFIED, "match", 0, good_full)
+
+
+def test_digest_agility_for_dane_ta(pki: Pki) -> None:
+    chain = der(pki.leaf, pki.intermediate)
+    good_256 = pki.intermediate.tlsa(2, 1, 1)
+    bad_512 = pki.other_intermediate.tlsa(2, 1, 2)
+    check(run([good_256, bad_512], chain), FAILED, "no-match")
+    # DANE-EE and DANE-TA are separate: an EE SHA2-512 does not hide a TA SHA2-256.
+    check(run([good_256, pki.other_leaf.tlsa(3, 1, 2)], chain), VERIFIED, "match", 1)
+
+
+# --- malformed input ------------------------------------------------------------------------
+
+
+def test_empty_chain(pki: Pki) -> None:
+    check(run([pki.leaf.tlsa(3, 1, 1)], []), FAILED, "no-chain")
+
+
+def test_chain_too_long_for_dane_ta(pki: Pki) -> None:
+    chain = [pki.leaf.der] + [pki.other_root.der] * (MAX_CHAIN_LENGTH - 2) + [pki.intermediate.der]
+    check(run([pki.intermediate.tlsa(2, 1, 1)], chain), VERIFIED, "match", 1)
+    too_long = [*chain[:-1], pki.other_root.der, pki.intermediate.der]
+    check(run([pki.intermediate.tlsa(2, 1, 1)], too_long), FAILED, "chain-too-long")
+    # DANE-EE(3) looks at the leaf only, whatever follows it.
+    check(run([pki.leaf.tlsa(3, 1, 1)], too_long), VERIFIED, "match", 0)
+
+
+MANGLES: dict[str, Callable[[bytes], bytes]] = {
+    "empty": lambda d: b"",
+    "junk": lambda d: b"junk",
+    "truncated-1": lambda d: d[:-1],
+    "truncated-half": lambda d: d[: len(d) // 2],
+    "trailing-byte": lambda d: d + b"\x00",
+    "wrong-tag": lambda d: b"\x31" + d[1:],
+}
+
+
+@pytest.mark.parametrize("mangle", MANGLES)
+def test_bad_leaf_fails_without_exception(pki: Pki, mangle: str) -> None:
+    chain = [MANGLES[mangle](pki.leaf.der), pki.intermediate.der]
+    for record in (pki.leaf.tlsa(3, 1, 1), pki.intermediate.tlsa(2, 1, 1)):
+        check(run([record], chain), FAILED, "bad-certificate")
+
+
+@pytest.mark.parametrize("mangle", MANGLES)
+def test_bad_issuer_certificate(pki: Pki, mangle: str) -> None:
+    chain = [pki.leaf.der, MANGLES[mangle](pki.intermediate.der), pki.root.der]
+    # DANE-TA(2) needs the chain: an undecodable certificate in it fails closed...
+    check(run([pki.root.tlsa(2, 1, 1)], chain), FAILED, "bad-certificate")
+    # ...DANE-EE(3) never looks past the leaf (RFC 7672 §3.1.1).
+    check(run([pki.leaf.tlsa(3, 1, 1)], chain), VERIFIED, "match", 0)
+    check(run([pki.other_leaf.tlsa(3, 1, 1)], chain), FAILED, "no-match")
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(st.lists(st.binary(max_size=300), min_size=1, max_size=3))
+def test_random_bytes_never_raise(blobs: list[bytes]) -> None:
+    records = [TlsaRecord(3, 1, 1, bytes(32)), TlsaRecord(2, 0, 0, b"\x30\x00")]
+    verdict = verify(records, blobs, REFS, NOW)
+    assert verdict.status is FAILED
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(data=st.data())
+def test_bit_flipped_chains_never_raise(pki: Pki, data: st.DataObject) -> None:
+    chain = der(pki.leaf, pki.intermediate, pki.root)
+    which = data.draw(st.integers(0, 2))
+    blob = bytearray(chain[which])
+    for _ in range(data.draw(st.integers(1, 4))):
+        blob[data.draw(st.integers(0, len(blob) - 1))] ^= 1 << data.draw(st.integers(0, 7))
+    chain[which] = bytes(blob)
+    records = [pki.root.tlsa(2, 1, 1), pki.intermediate.tlsa(2, 0, 0), pki.leaf.tlsa(3, 0, 1)]
+    verdict = verify(records, chain, REFS, NOW)
+    assert verdict.status in (VERIFIED, FAILED)
+
+
+# --- argument contract ------------------------------------------------------------------------
+
+
+def test_naive_now_is_a_programming_error(pki: Pki) -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        verify([pki.leaf.tlsa(3, 1, 1)], [pki.leaf.der], REFS, NOW.replace(tzinfo=None))
+
+
+def test_single_string_arguments_are_rejected(pki: Pki) -> None:
+    with pytest.raises(TypeError):
+        verify([pki.leaf.tlsa(3, 1, 1)], [pki.leaf.der], MX_HOST, NOW)
+    with pytest.raises(TypeError):
+        verify([pki.leaf.tlsa(3, 1, 1)], pki.leaf.der, REFS, NOW)  # type: ignore[arg-type]
+
+
+def test_verdict_is_a_frozen_value(pki: Pki) -> None:
+    verdict = run([pki.leaf.tlsa(3, 1, 1)], [pki.leaf.der])
+    with pytest.raises(AttributeError):
+        verdict.reason = "x"  # type: ignore[misc]
+    assert verdict == run([pki.leaf.tlsa(3, 1, 1)], [pki.leaf.der])

@@ -2,7 +2,7 @@
 format, digest algorithm agility."""
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.dane import (
@@ -164,6 +164,7 @@ def test_parse_bad(text: str, message: str) -> None:
     assert message in str(info.value)
 
 
+@settings(database=None)
 @given(
     usage=st.integers(0, 255),
     selector=st.integers(0, 255),
@@ -175,6 +176,7 @@ def test_to_text_round_trips(usage: int, selector: int, mtype: int, data: bytes)
     assert parse_tlsa_text(record.to_text()) == record
 
 
+@settings(database=None)
 @given(st.text(max_size=60))
 def test_parse_never_raises_anything_but_value_error(text: str) -> None:
     try:

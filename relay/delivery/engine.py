@@ -32,7 +32,7 @@ from typing import Protocol, TypeVar
 
 from relay.dane.match import DaneStatus, verify
 from relay.dane.policy import TlsaState, TlsRequirement, decide, wants_tlsa
-from relay.dane.records import TlsaRecord
+from relay.dane.records import TlsaRecord, select_usable
 from relay.delivery.planner import MxHost, plan_hosts
 from relay.errors import (
     DaneNotAvailable,
@@ -289,7 +289,8 @@ class DeliveryEngine:
             return TlsaState.INSECURE, ()  # RFC 7672 §2.2: insecure TLSA is ignored
         if answer.kind is not AnswerKind.DATA:
             return TlsaState.SECURE_NONE, ()
-        usable = tuple(r for r in answer.records if r.usable)
+        # RFC 7671 §9 digest agility and RFC 7672 §3.1.3 usability, in one place.
+        usable = select_usable(answer.records)
         if not usable:
             # RFC 7672 §3.1.3: only unusable records: encrypt without authentication.
             log.info(

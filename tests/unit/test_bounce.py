@@ -34,11 +34,15 @@ def dsn(
     )
 
 
+def messages(payload: object) -> list[email.message.Message]:
+    assert isinstance(payload, list)
+    assert all(isinstance(p, email.message.Message) for p in payload)
+    return payload
+
+
 def parts(raw: bytes) -> tuple[email.message.Message, list[email.message.Message]]:
     msg = email.message_from_bytes(raw)
-    payload = msg.get_payload()
-    assert isinstance(payload, list)
-    return msg, payload
+    return msg, messages(msg.get_payload())
 
 
 def test_original_headers_cut_at_the_blank_line() -> None:
@@ -87,9 +91,7 @@ def test_dsn_is_a_multipart_report() -> None:
 
 def test_dsn_delivery_status_fields() -> None:
     _, payload = parts(dsn())
-    status = payload[1].get_payload()
-    assert isinstance(status, list)
-    per_message, per_recipient = status
+    per_message, per_recipient = messages(payload[1].get_payload())
     assert per_message["Reporting-MTA"] == "dns; relay.example.net"
     assert per_message["X-Queue-ID"] == "0123456789ABCDEF01234"
     assert per_message["Arrival-Date"] == email.utils.formatdate(1700000000.0)
@@ -108,9 +110,7 @@ def test_dsn_one_block_per_failed_recipient() -> None:
         ]
     )
     _, payload = parts(raw)
-    status = payload[1].get_payload()
-    assert isinstance(status, list)
-    blocks = status[1:]
+    blocks = messages(payload[1].get_payload())[1:]
     assert [(b["Final-Recipient"], b["Status"], b["Remote-MTA"]) for b in blocks] == [
         ("rfc822; a@y", "5.1.1", "dns; mx.y"),
         ("rfc822; b@z", "5.1.10", None),

@@ -198,7 +198,7 @@ messages = st.builds(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(messages)
 def test_dump_load_round_trip_property(msg: QueuedMessage) -> None:
     raw = dump(msg)

@@ -152,7 +152,7 @@ def parse_duration(value: object) -> float:
             seconds = float(m.group(1)) * _UNITS[m.group(2)]
     if seconds is not None and math.isfinite(seconds):
         return seconds
-    raise ValueError('a duration such as 300, "300s", "5m", "4h" or "5d"')
+    raise ValueError('a duration such as 300, "300s", "5m", "4h", "5d" or "1w"')
 
 
 def parse_endpoint(value: str, default_port: int) -> Endpoint:
@@ -226,6 +226,8 @@ class _Section:
 
 
 def _show(raw: object) -> str:
+    if isinstance(raw, bool):
+        return "true" if raw else "false"  # as written in TOML
     text = repr(raw)
     return text if len(text) <= 60 else text[:57] + "..."
 

@@ -63,6 +63,10 @@ class ConfigError(RelayError):
 class SpoolError(RelayError, OSError):
     """The spool could not durably store or update a record."""
 
+    def __str__(self) -> str:
+        # OSError would prefix "[Errno N]"; the message already says what failed.
+        return str(self.strerror or (self.args[-1] if self.args else ""))
+
 
 class DeliveryError(RelayError):
     """A delivery attempt ended; `reply` says how, `scope` says for whom."""

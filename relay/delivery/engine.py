@@ -97,7 +97,9 @@ class _Attempt:
     recipients: Sequence[str]
     relay: str = "none"
     dnssec: str = "-"
-    tls: str = "none"
+    tls: str = "none"  # verified / trusted / encrypted / none: the metric label
+    tls_detail: str = ""  # "(TLSv1.3 TLS_AES_256_GCM_SHA384)" for the log line
+    tlsa_base: str = ""  # RFC 7672 §2.2.2: the name whose TLSA records apply
     dane: str = "none"
     dane_detail: str = ""
     started: float = field(default_factory=time.monotonic)
@@ -232,8 +234,18 @@ class DeliveryEngine:
 
         state: TlsaState = TlsaState.NOT_LOOKED_UP
         records: tuple[TlsaRecord, ...] = ()
+        attempt.tlsa_base = host.name
         if wants_tlsa(level, addrs.secure):
-            state, records = await self._tlsa_state(host.name)
+            # RFC 7672 §2.2.2: with a secure CNAME chain, TLSA at the expanded name first;
+            # if it has none (secure denial), at the original MX host name.
+            bases = [host.name]
+            if addrs.canonical and addrs.canonical != host.name.lower():
+                bases.insert(0, addrs.canonical)
+            for base in bases:
+                state, records = await self._tlsa_state(base)
+                attempt.tlsa_base = base
+                if state is not TlsaState.SECURE_NONE:
+                    break
         decision = decide(level, state)
         log.debug(
             "queue_id=%s host=%s tlsa=%s level=%s decision=%s why=%r",
@@ -247,7 +259,9 @@ class DeliveryEngine:
         if decision.requirement is None:
             exc3: DeliveryError
             if decision.defer_reason == "tlsa_lookup":
-                exc3 = TlsaLookupFailed(f"TLSA lookup error for {host.name}:25", scope=Scope.HOST)
+                exc3 = TlsaLookupFailed(
+                    f"TLSA lookup error for {attempt.tlsa_base}:25", scope=Scope.HOST
+                )
             else:
                 exc3 = DaneNotAvailable(scope=Scope.HOST)
             attempt.dane = "fail"
@@ -258,7 +272,8 @@ class DeliveryEngine:
         last: DeliveryError | None = None
         for address in addrs.records:
             attempt.relay = f"{host.name}[{address}]:{self.settings.port}"
-            attempt.tls, attempt.dane, attempt.dane_detail = "none", "none", ""
+            attempt.tls, attempt.tls_detail = "none", ""
+            attempt.dane, attempt.dane_detail = "none", ""
             try:
                 return await self._transact(
                     attempt,
@@ -354,9 +369,10 @@ class DeliveryEngine:
         records: Sequence[TlsaRecord],
         mx_secure: bool,
     ) -> Session:
-        # RFC 7672 §8.1: SNI carries the TLSA base domain (the MX host name here).
+        # RFC 7672 §8.1: SNI carries the TLSA base domain.
+        base = attempt.tlsa_base or host.name
         try:
-            chain = await session.starttls(host.name, self.tls_context)
+            chain = await session.starttls(base, self.tls_context)
         except TlsHandshakeFailed:
             if requirement is not TlsRequirement.MAY:
                 if requirement is TlsRequirement.DANE:
@@ -377,7 +393,11 @@ class DeliveryEngine:
             return session
         version, cipher = session.tls_info()
         if requirement is TlsRequirement.DANE:
-            ref_names = [host.name] + ([attempt.domain] if mx_secure else [])
+            # RFC 7672 §3.2.3: reference identifiers are the TLSA base domain, the MX host
+            # name and, when the MX RRset is secure, the next-hop domain.
+            ref_names = list(
+                dict.fromkeys([base, host.name] + ([attempt.domain] if mx_secure else []))
+            )
             verdict = verify(records, chain, ref_names, datetime.fromtimestamp(self.clock(), UTC))
             self.metrics.dane_verifications.labels(verdict.status.value, verdict.reason).inc()
             matched = f' matched="{verdict.matched}"' if verdict.matched else ""
@@ -395,7 +415,7 @@ class DeliveryEngine:
             attempt.tls = "verified" if mx_secure or host.implicit else "trusted"
         else:
             attempt.tls = "encrypted"
-        attempt.tls += f"({version} {cipher})" if version else ""
+        attempt.tls_detail = f"({version} {cipher})" if version else ""
         # RFC 3207 §4.2: forget everything learnt before TLS; EHLO again.
         await self._ehlo(session)
         return session
@@ -481,14 +501,15 @@ class DeliveryEngine:
     def _log_results(
         self, attempt: _Attempt, results: Sequence[RecipientResult], received: float
     ) -> None:
-        groups: dict[tuple[Outcome, SmtpReply], list[str]] = {}
+        groups: dict[tuple[Outcome, SmtpReply, str], list[str]] = {}
         for r in results:
-            groups.setdefault((r.outcome, r.reply), []).append(r.recipient)
+            groups.setdefault((r.outcome, r.reply, r.reason), []).append(r.recipient)
             self.metrics.delivery_attempts.labels(r.outcome.value, r.reason).inc()
             if r.outcome is Outcome.DELIVERED:
                 self.metrics.delivery_delay.observe(max(0.0, self.clock() - received))
-        for (outcome, reply), rcpts in groups.items():
-            self._log_line(attempt, rcpts, _OUTCOME_STATUS[outcome], reply, received)
+        for (outcome, reply, reason), rcpts in groups.items():
+            extra = "" if outcome is Outcome.DELIVERED else f" error={reason}"
+            self._log_line(attempt, rcpts, _OUTCOME_STATUS[outcome], reply, received, extra)
 
     def _log_line(
         self,
@@ -501,13 +522,14 @@ class DeliveryEngine:
     ) -> None:
         detail = f" {attempt.dane_detail}" if attempt.dane_detail else ""
         log.info(
-            "queue_id=%s to=%s relay=%s dnssec=%s tls=%s dane=%s%s delay=%.2f "
+            "queue_id=%s to=%s relay=%s dnssec=%s tls=%s%s dane=%s%s delay=%.2f "
             'attempt_time=%.2f status=%s reply="%s"%s',
             attempt.queue_id,
             ",".join(f"<{r}>" for r in rcpts),
             attempt.relay,
             attempt.dnssec,
             attempt.tls,
+            attempt.tls_detail,
             attempt.dane,
             detail,
             max(0.0, self.clock() - received),

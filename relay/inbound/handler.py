@@ -65,7 +65,7 @@ class RelayHandler:
             self.metrics.inbound_rejections.labels("relay_denied").inc()
             log.warning(
                 "reject=RCPT client=%s from=<%s> to=<%s> reply=554 5.7.1 "
-                "reason=relay-denied (client not in relay.networks)",
+                "reason=relay-denied",
                 client,
                 envelope.mail_from,
                 address,

@@ -261,6 +261,7 @@ class QueueRunner:
             recipients=[msg.sender],
             body=dsn,
             is_bounce=True,
+            now=now,
         )
         self.metrics.bounces.inc()
         log.info("queue_id=%s sender non-delivery notification: %s", msg.queue_id, notice.queue_id)

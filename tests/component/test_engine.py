@@ -362,12 +362,6 @@ async def test_secure_mx_matching_3_1_1_delivers_verified(caplog: pytest.LogCapt
     assert "relay=mx1.secure.example[192.0.2.1]:25 dnssec=secure" in line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: engine.py _starttls appends '(version cipher)' to attempt.tls before "
-    "_transact uses it as the relay_outbound_tls_total label, so the label is "
-    "'verified(TLSv1.3 …)' instead of the closed set verified/trusted/encrypted/none",
-)
 async def test_tls_outcome_metric_label_is_verified() -> None:
     w = world(secure_domain(), {"192.0.2.1": Peer(starttls=[cert_der("mx1.secure.example")])})
     await w.deliver("rcpt@secure.example")
@@ -670,11 +664,6 @@ async def test_implicit_mx_uses_the_domain_as_host_and_tlsa_base() -> None:
     assert w.transport.log[2] == ("192.0.2.7", "STARTTLS", "bare.example")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: engine.py _try_host ignores addrs.canonical; RFC 7672 §2.2.2 (DESIGN.md) "
-    "wants the TLSA base domain to be the CNAME-expanded MX host name first",
-)
 async def test_tlsa_base_domain_follows_a_secure_cname() -> None:
     resolver = FakeResolver()
     resolver.mx_answers["hosted.example"] = answer(

@@ -470,12 +470,6 @@ async def test_concurrency_limit_is_respected(tmp_path: Path) -> None:
 # -- clock consistency -------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: runner.py _bounce calls store.commit without now=, so the DSN is stamped "
-    "with time.time() instead of the runner's clock (received/next_attempt/queue id); "
-    "with an injected clock the DSN is never due",
-)
 async def test_dsn_is_stamped_with_the_runner_clock(tmp_path: Path) -> None:
     script = per_recipient({"bob@example.net": (Outcome.BOUNCED, UNKNOWN)}, DSN_DEFERRED)
     async with running(tmp_path, script) as (runner, store, deliverer, _, _clock):

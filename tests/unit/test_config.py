@@ -308,12 +308,12 @@ def test_section_that_is_not_a_table(tmp_path: Path) -> None:
 BAD_VALUES = [
     # (section, key, TOML value, expected fragment, got fragment)
     ("delivery", "port", '"25"', "an integer from 1 to 65535", "'25'"),
-    ("delivery", "port", "true", "an integer from 1 to 65535", "True"),
+    ("delivery", "port", "true", "an integer from 1 to 65535", "true"),
     ("delivery", "port", "25.0", "an integer from 1 to 65535", "25.0"),
     ("delivery", "port", "0", "an integer from 1 to 65535", "0"),
     ("delivery", "port", "70000", "an integer from 1 to 65535", "70000"),
     ("delivery", "concurrency", "0", "an integer from 1 to 1000", "0"),
-    ("delivery", "concurrency", "false", "an integer from 1 to 1000", "False"),
+    ("delivery", "concurrency", "false", "an integer from 1 to 1000", "false"),
     ("server", "max_recipients", '"1000"', "an integer from 1 to 100000", "'1000'"),
     ("server", "max_message_size", "1023", "an integer from 1024 to", "1023"),
     ("server", "listen", '"127.0.0.1:25"', "a list of addresses", "'127.0.0.1:25'"),
@@ -342,7 +342,7 @@ BAD_VALUES = [
     ("dns", "timeout", '"10x"', "a duration such as", "'10x'"),
     ("dns", "timeout", "0", "a positive duration", "0"),
     ("dns", "timeout", "-1", "a non-negative duration", "-1"),
-    ("dns", "timeout", "true", "a duration", "True"),
+    ("dns", "timeout", "true", "a duration", "true"),
     ("dns", "timeout", "nan", "duration", "nan"),
     ("dns", "timeout", "inf", "duration", "inf"),
     ("tls", "level", '"secure"', '"dane-only"', "'secure'"),

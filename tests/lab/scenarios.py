@@ -83,6 +83,12 @@ class ScenarioSpec:
     ds: bool = True
     # (owner name, rdata type) whose RRSIG is corrupted after signing -> bogus answers.
     corrupt_rrsigs: tuple[tuple[str, str], ...] = ()
+    # (owner name, rdata type, rdata text) added to the zone verbatim before signing, for
+    # records the host specs cannot express (CNAMEs, malformed TLSA data, ...).
+    extra_records: tuple[tuple[str, str, str], ...] = ()
+    # (owner name, rdata type) whose RRSIG is replaced by a valid signature that expired
+    # a day ago -> bogus answers.
+    expired_rrsigs: tuple[tuple[str, str], ...] = ()
 
 
 DANE_EE_SPKI_SHA256 = TlsaSpec(usage=3, selector=1, mtype=1)
@@ -282,3 +288,124 @@ def build_scenarios(specs: list[ScenarioSpec], *, octet: int, ca: CA) -> dict[st
             )
         scenarios[spec.domain] = Scenario(spec=spec, hosts=tuple(hosts))
     return scenarios
+
+
+# Scenarios for the hostile tests (tests/integration/test_hostile_*.py). Appended, so the
+# receiver addresses of the scenarios above do not move.
+# A 3 1 1 TLSA whose SHA-256 "digest" is 20 bytes long: unusable (RFC 7672 §3.1.3), in the
+# RFC 3597 generic form because dnspython refuses the presentation form.
+_BAD_LENGTH_3_1_1 = "\\# 23 030101" + "ab" * 20
+SCENARIOS += [
+    ScenarioSpec(
+        domain="cname-ok.test",
+        description="signed; the MX host is a CNAME; the correct 3 1 1 TLSA exists only at "
+        "the CNAME target (RFC 7672 §2.2.3: TLSA at the expanded name first)",
+        mx=((10, "mx.cname-ok.test"),),
+        hosts=(HostSpec("real.cname-ok.test", tlsa=(DANE_EE_SPKI_SHA256,)),),
+        extra_records=(("mx.cname-ok.test", "CNAME", "real.cname-ok.test."),),
+    ),
+    ScenarioSpec(
+        domain="cname-nostarttls.test",
+        description="as cname-ok.test, but the CNAME target offers no STARTTLS",
+        mx=((10, "mx.cname-nostarttls.test"),),
+        hosts=(
+            HostSpec("real.cname-nostarttls.test", starttls=False, tlsa=(DANE_EE_SPKI_SHA256,)),
+        ),
+        extra_records=(("mx.cname-nostarttls.test", "CNAME", "real.cname-nostarttls.test."),),
+    ),
+    ScenarioSpec(
+        domain="cname-bad.test",
+        description="as cname-ok.test, but the TLSA at the CNAME target matches nothing",
+        mx=((10, "mx.cname-bad.test"),),
+        hosts=(HostSpec("real.cname-bad.test", tlsa=(TlsaSpec(3, 1, 1, wrong=True),)),),
+        extra_records=(("mx.cname-bad.test", "CNAME", "real.cname-bad.test."),),
+    ),
+    ScenarioSpec(
+        domain="pkix-notls.test",
+        description="signed, DS, only PKIX-TA/PKIX-EE TLSA (unusable: TLS mandatory), no STARTTLS",
+        mx=((10, "mx.pkix-notls.test"),),
+        hosts=(
+            HostSpec(
+                "mx.pkix-notls.test",
+                starttls=False,
+                tlsa=(TlsaSpec(1, 1, 1), TlsaSpec(0, 0, 1, target="issuer")),
+            ),
+        ),
+    ),
+    ScenarioSpec(
+        domain="pkix-tls.test",
+        description="signed, DS, only a PKIX-EE 1 1 1 TLSA (unusable), STARTTLS offered",
+        mx=((10, "mx.pkix-tls.test"),),
+        hosts=(HostSpec("mx.pkix-tls.test", tlsa=(TlsaSpec(1, 1, 1),)),),
+    ),
+    ScenarioSpec(
+        domain="badlen.test",
+        description="signed, DS, only a 3 1 1 TLSA with a 20-byte digest (unusable), no STARTTLS",
+        mx=((10, "mx.badlen.test"),),
+        hosts=(HostSpec("mx.badlen.test", starttls=False),),
+        extra_records=(("_25._tcp.mx.badlen.test", "TLSA", _BAD_LENGTH_3_1_1),),
+    ),
+    ScenarioSpec(
+        domain="badlen-mixed.test",
+        description="signed, DS, a correct 3 1 1 TLSA next to a 3 1 1 with a 20-byte digest",
+        mx=((10, "mx.badlen-mixed.test"),),
+        hosts=(HostSpec("mx.badlen-mixed.test", tlsa=(DANE_EE_SPKI_SHA256,)),),
+        extra_records=(("_25._tcp.mx.badlen-mixed.test", "TLSA", _BAD_LENGTH_3_1_1),),
+    ),
+    ScenarioSpec(
+        domain="cname-loop.test",
+        description="signed, DS, the MX host name is a CNAME loop (a -> b -> a)",
+        mx=((10, "loop1.cname-loop.test"),),
+        extra_records=(
+            ("loop1.cname-loop.test", "CNAME", "loop2.cname-loop.test."),
+            ("loop2.cname-loop.test", "CNAME", "loop1.cname-loop.test."),
+        ),
+    ),
+    ScenarioSpec(
+        domain="mx-noaddr.test",
+        description="signed, DS, the only MX host has no address records (NXDOMAIN)",
+        mx=((10, "ghost.mx-noaddr.test"),),
+    ),
+    ScenarioSpec(
+        domain="island.test",
+        description="signed zone without DS (island of security: insecure); TLSA that matches "
+        "nothing, which must be ignored",
+        mx=((10, "mx.island.test"),),
+        hosts=(HostSpec("mx.island.test", tlsa=(TlsaSpec(3, 1, 1, wrong=True),)),),
+        ds=False,
+    ),
+    ScenarioSpec(
+        domain="bogus-mx.test",
+        description="signed, DS, the MX RRset's RRSIG is corrupted (SERVFAIL)",
+        mx=((10, "mx.bogus-mx.test"),),
+        hosts=(HostSpec("mx.bogus-mx.test", tlsa=(DANE_EE_SPKI_SHA256,)),),
+        corrupt_rrsigs=(("bogus-mx.test", "MX"),),
+    ),
+    ScenarioSpec(
+        domain="expired-a.test",
+        description="signed, DS, the MX host's A RRset is signed with an expired RRSIG (bogus)",
+        mx=((10, "mx.expired-a.test"),),
+        hosts=(HostSpec("mx.expired-a.test", tlsa=(DANE_EE_SPKI_SHA256,)),),
+        expired_rrsigs=(("mx.expired-a.test", "A"),),
+    ),
+    ScenarioSpec(
+        domain="unsigned-target.test",
+        description="signed, DS, MX pointing at mx.unsigned.test in the unsigned zone",
+        mx=((10, "mx.unsigned.test"),),
+    ),
+    ScenarioSpec(
+        domain="hostile.test",
+        description="signed, DS, correct 3 1 1; the tests run scripted SMTP peers on its host",
+        mx=((10, "mx.hostile.test"),),
+        hosts=(HostSpec("mx.hostile.test", tlsa=(DANE_EE_SPKI_SHA256,)),),
+    ),
+    ScenarioSpec(
+        domain="hostile2.test",
+        description="signed, DS, two MX hosts with correct 3 1 1, for scripted peers",
+        mx=((10, "mx1.hostile2.test"), (20, "mx2.hostile2.test")),
+        hosts=(
+            HostSpec("mx1.hostile2.test", tlsa=(DANE_EE_SPKI_SHA256,)),
+            HostSpec("mx2.hostile2.test", tlsa=(DANE_EE_SPKI_SHA256,)),
+        ),
+    ),
+]

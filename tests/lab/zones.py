@@ -28,6 +28,7 @@ import dns.rdata
 import dns.rdataclass
 import dns.rdataset
 import dns.rdatatype
+import dns.rrset
 import dns.zone
 from cryptography.hazmat.primitives.asymmetric import ec
 from dns.dnssectypes import Algorithm
@@ -73,9 +74,19 @@ class _ZoneBuilder:
         self.auth_addr = auth_addr
 
     def add(self, owner: str, rdtype: str, text: str) -> None:
-        rdata = dns.rdata.from_text(
-            dns.rdataclass.IN, rdtype, text, origin=dns.name.root, relativize=False
-        )
+        rdata: dns.rdata.Rdata
+        if text.startswith("\\# "):
+            # RFC 3597 generic form, kept as raw bytes even where dnspython would refuse
+            # the data for this type (e.g. a TLSA digest of the wrong length).
+            _, length, *hexes = text.split()
+            wire = bytes.fromhex("".join(hexes))
+            if len(wire) != int(length):
+                raise ValueError(f"generic rdata length {length} != {len(wire)} bytes")
+            rdata = dns.rdata.GenericRdata(dns.rdataclass.IN, dns.rdatatype.from_text(rdtype), wire)
+        else:
+            rdata = dns.rdata.from_text(
+                dns.rdataclass.IN, rdtype, text, origin=dns.name.root, relativize=False
+            )
         self._txn.add(dns.name.from_text(owner), TTL, rdata)
 
     def delegate(self, child: LabZone, ns_host: str) -> None:
@@ -91,6 +102,7 @@ class _ZoneBuilder:
         ds: bool,
         now: dt.datetime,
         corrupt: tuple[tuple[str, str], ...] = (),
+        expired: tuple[tuple[str, str], ...] = (),
     ) -> LabZone:
         self._txn.commit()
         if not signed:
@@ -107,6 +119,8 @@ class _ZoneBuilder:
         )
         for owner, rdtype in corrupt:
             _corrupt_rrsig(self.zone, owner, rdtype)
+        for owner, rdtype in expired:
+            _expire_rrsig(self.zone, self.origin, owner, rdtype, key, dnskey, now)
         ds_rdata = dns.dnssec.make_ds(self.origin, dnskey, "SHA256") if ds else None
         return LabZone(str(self.origin), self.zone, dnskey, ds_rdata)
 
@@ -127,6 +141,38 @@ def _corrupt_rrsig(zone: dns.zone.Zone, owner: str, rdtype: str) -> None:
         txn.replace(name, broken)
 
 
+def _expire_rrsig(
+    zone: dns.zone.Zone,
+    origin: dns.name.Name,
+    owner: str,
+    rdtype: str,
+    key: ec.EllipticCurvePrivateKey,
+    dnskey: DNSKEY,
+    now: dt.datetime,
+) -> None:
+    """Replace the RRSIG over (owner, rdtype) by a correct signature that has expired."""
+    name = dns.name.from_text(owner)
+    covered = dns.rdatatype.from_text(rdtype)
+    with zone.writer() as txn:
+        rdataset = txn.get(name, covered)
+        if not rdataset:
+            raise ValueError(f"no {owner} {rdtype} RRset to sign with an expired RRSIG")
+        rrset = dns.rrset.from_rdata_list(name, rdataset.ttl, list(rdataset))
+        sig = dns.dnssec.sign(
+            rrset,
+            key,
+            origin,
+            dnskey,
+            inception=now - dt.timedelta(days=10),
+            expiration=now - dt.timedelta(days=1),
+        )
+        expired = dns.rdataset.Rdataset(
+            dns.rdataclass.IN, dns.rdatatype.RRSIG, covers=covered, ttl=rdataset.ttl
+        )
+        expired.add(sig)
+        txn.replace(name, expired)
+
+
 def _child_zone(scenario: Scenario, auth_addr: str, now: dt.datetime) -> LabZone:
     spec = scenario.spec
     origin = f"{spec.domain}."
@@ -138,8 +184,11 @@ def _child_zone(scenario: Scenario, auth_addr: str, now: dt.datetime) -> LabZone
         b.add(f"{host.name}.", "A", host.address)
         for rec in host.tlsa:
             b.add(f"{host.tlsa_name}.", "TLSA", rec.to_text())
+    for owner, rdtype, text in spec.extra_records:
+        b.add(f"{owner.rstrip('.')}.", rdtype, text)
     corrupt = tuple((f"{o.rstrip('.')}.", t) for o, t in spec.corrupt_rrsigs)
-    return b.finish(signed=spec.signed, ds=spec.ds, now=now, corrupt=corrupt)
+    expired = tuple((f"{o.rstrip('.')}.", t) for o, t in spec.expired_rrsigs)
+    return b.finish(signed=spec.signed, ds=spec.ds, now=now, corrupt=corrupt, expired=expired)
 
 
 def build_zones(

@@ -149,7 +149,9 @@ class _Peer:
         try:
             cert = x509.load_der_x509_certificate(der)
             spki = _spki_der(cert.tbs_certificate_bytes)
-        except ValueError as exc:
+        # InvalidVersion is not a ValueError: a hostile peer can send version 4+ (seen
+        # by the bit-flip fuzz test); it is a bad certificate like any other.
+        except (ValueError, x509.InvalidVersion) as exc:
             raise _BadCertificate(depth, str(exc)) from exc
         return cls(depth, der, cert, spki)
 
@@ -358,7 +360,7 @@ class _TaSearch:
                 # RFC 7671 §5.2: an SPKI(1)/Full(0) TA is a bare key the server cannot send.
                 else:
                     self.dns_keys.append((record, serialization.load_der_public_key(record.data)))
-            except (ValueError, UnsupportedAlgorithm):
+            except (ValueError, UnsupportedAlgorithm, x509.InvalidVersion):
                 continue  # undecodable data can still match presented certificates byte-wise
         # A certificate sent twice is one node: a repeated leaf must not become its own TA.
         first_seen: dict[bytes, int] = {}

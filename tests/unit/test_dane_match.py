@@ -388,6 +388,9 @@ MANGLES: dict[str, Callable[[bytes], bytes]] = {
     "truncated-half": lambda d: d[: len(d) // 2],
     "trailing-byte": lambda d: d + b"\x00",
     "wrong-tag": lambda d: b"\x31" + d[1:],
+    # X.509 version field 2 (v3) -> 3 (no such version): cryptography raises
+    # InvalidVersion, which is not a ValueError (found by the bit-flip fuzz test).
+    "invalid-version": lambda d: d.replace(b"\xa0\x03\x02\x01\x02", b"\xa0\x03\x02\x01\x03", 1),
 }
 
 

@@ -352,6 +352,12 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
     )
     s.finish()
 
+    if len(set(server.listen)) != len(server.listen):
+        dup = next(ep for ep in server.listen if server.listen.count(ep) > 1)
+        raise ConfigError(
+            f"{file}: server.listen: expected distinct addresses, got {str(dup)!r} twice"
+        )
+
     s = section("relay")
     relay = RelayConfig(
         networks=s.get(
@@ -437,6 +443,12 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
     )
     s.finish()
 
+    if metrics.listen is not None and metrics.listen in server.listen:
+        raise ConfigError(
+            f"{file}: metrics.listen: expected an address other than the SMTP listeners, "
+            f"got {str(metrics.listen)!r} (also in server.listen)"
+        )
+
     s = section("log")
     log = LogConfig(level=s.get("level", LogConfig().level, _choice(LOG_LEVELS), "a log level"))
     s.finish()
@@ -469,6 +481,10 @@ def load_config(path: Path) -> Config:
             data = tomllib.load(fh)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: expected a UTF-8 TOML file, got undecodable bytes: {exc}"
+        ) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: expected valid TOML, got a syntax error: {exc}") from exc
     return parse_config(data, path)

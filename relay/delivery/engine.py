@@ -95,6 +95,7 @@ class _Attempt:
     queue_id: str
     domain: str
     recipients: Sequence[str]
+    smtputf8: bool = False  # RFC 6531: the message needs (or asked for) SMTPUTF8
     relay: str = "none"
     dnssec: str = "-"
     tls: str = "none"  # verified / trusted / encrypted / none: the metric label
@@ -138,17 +139,37 @@ class DeliveryEngine:
         self.clock = clock
 
     async def deliver(
-        self, queue_id: str, sender: str, recipients: Sequence[str], body: bytes, received: float
+        self,
+        queue_id: str,
+        sender: str,
+        recipients: Sequence[str],
+        body: bytes,
+        received: float,
+        smtputf8: bool = False,
     ) -> list[RecipientResult]:
-        """Try every recipient once; returns one result per recipient, in order."""
+        """Try every recipient once; returns one result per recipient, in order.
+
+        Never raises for one domain's trouble: an unexpected error while delivering to a
+        domain defers that domain's recipients only, so the results of the others are kept.
+        """
         by_domain: dict[str, list[str]] = {}
         for rcpt in recipients:
             by_domain.setdefault(domain_of(rcpt), []).append(rcpt)
         results: dict[str, RecipientResult] = {}
         for domain, rcpts in by_domain.items():
-            for result in await self._deliver_domain(
-                queue_id, sender, domain, rcpts, body, received
-            ):
+            try:
+                domain_results = await self._deliver_domain(
+                    queue_id, sender, domain, rcpts, body, received, smtputf8
+                )
+            except Exception:
+                log.exception("queue_id=%s domain=%s internal error; deferring", queue_id, domain)
+                reply = SmtpReply(451, "4.3.0", "Internal error while delivering, will retry")
+                domain_results = [
+                    RecipientResult(r, Outcome.DEFERRED, reply, "none", "internal") for r in rcpts
+                ]
+                for _ in rcpts:
+                    self.metrics.delivery_attempts.labels("deferred", "internal").inc()
+            for result in domain_results:
                 results[result.recipient] = result
         return [results[r] for r in recipients]
 
@@ -162,8 +183,9 @@ class DeliveryEngine:
         rcpts: list[str],
         body: bytes,
         received: float,
+        smtputf8: bool = False,
     ) -> list[RecipientResult]:
-        attempt = _Attempt(queue_id, domain, rcpts)
+        attempt = _Attempt(queue_id, domain, rcpts, smtputf8=smtputf8)
         try:
             mx = await self._lookup("MX", self.resolver.mx(domain))
         except DnsTempFail as exc:
@@ -223,7 +245,7 @@ class DeliveryEngine:
             self._log_failure(attempt, exc, received)
             raise DnsTempFail(exc.reply.text, scope=Scope.HOST) from exc
         if not addrs.records:
-            exc2 = TemporaryFailure(f"Host or domain name not found: {host.name}", scope=Scope.HOST)
+            exc2 = DnsTempFail(f"Host or domain name not found: {host.name}", scope=Scope.HOST)
             self._log_failure(attempt, exc2, received)
             raise exc2
         attempt.dnssec = (
@@ -429,6 +451,16 @@ class DeliveryEngine:
         received: float,
     ) -> list[RecipientResult]:
         options = []
+        if attempt.smtputf8:
+            if session.supports("smtputf8"):
+                options.append("SMTPUTF8")
+            elif not (sender.isascii() and all(r.isascii() for r in attempt.recipients)):
+                # RFC 6531 §3.2: a UTF-8 envelope cannot go to a server without SMTPUTF8.
+                await session.quit()
+                reply = SmtpReply(550, "5.6.7", "SMTPUTF8 is required, but was not offered by host")
+                return self._results(
+                    attempt, Outcome.BOUNCED, reply, received, reason="smtputf8_not_offered"
+                )
         if session.supports("size"):
             options.append(f"SIZE={len(body)}")
         if session.supports("8bitmime") and any(b > 127 for b in body):

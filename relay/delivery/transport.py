@@ -137,16 +137,23 @@ class OutboundSession:
             return "", ""
         return str(cipher[1]), str(cipher[0])
 
-    async def command(self, verb: bytes, arg: bytes) -> SmtpReply:
+    async def command(self, verb: bytes, arg: str) -> SmtpReply:
+        """Send one command; an argument that cannot go on the wire (not UTF-8, control
+        characters) is answered locally with 553 5.1.3 and never sent."""
+        try:
+            raw = arg.encode("utf-8")
+            if any(b < 32 or b == 127 for b in raw):
+                raise ValueError("control character")
+        except (UnicodeEncodeError, ValueError):
+            return SmtpReply(553, "5.1.3", "address contains characters that cannot be sent")
         with _smtp_errors(f"after {verb.decode()}"):
-            return _reply(await self._smtp.execute_command(verb, arg))
+            return _reply(await self._smtp.execute_command(verb, raw))
 
     async def mail(self, sender: str, options: list[str]) -> SmtpReply:
-        arg = f"FROM:<{sender}>" + "".join(f" {o}" for o in options)
-        return await self.command(b"MAIL", arg.encode("utf-8"))
+        return await self.command(b"MAIL", f"FROM:<{sender}>" + "".join(f" {o}" for o in options))
 
     async def rcpt(self, recipient: str) -> SmtpReply:
-        return await self.command(b"RCPT", f"TO:<{recipient}>".encode())
+        return await self.command(b"RCPT", f"TO:<{recipient}>")
 
     async def data(self, body: bytes) -> SmtpReply:
         with _smtp_errors("after DATA"):

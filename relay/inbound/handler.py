@@ -57,6 +57,24 @@ class RelayHandler:
             addr = addr.ipv4_mapped
         return any(addr in net for net in self.relay_cfg.networks)
 
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
+    ) -> str:
+        # aiosmtpd hands the null reverse-path over as the text "<>" (RFC 5321 §4.5.5).
+        sender = "" if address in ("", "<>") else address
+        if _bad_address(sender) or (sender and "@" not in sender):
+            self.metrics.inbound_rejections.labels("bad_sender").inc()
+            log.warning(
+                "reject=MAIL client=%s from=<%s> reply=501 5.1.7 reason=bad-sender-syntax",
+                _peer_text(session.peer),
+                sender.encode("utf-8", "backslashreplace").decode("ascii", "replace"),
+            )
+            return "501 5.1.7 Bad sender address syntax"
+        # Keep aiosmtpd's "<>" (its RCPT state check needs a true value); _sender() maps it.
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
+
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
     ) -> str:
@@ -64,13 +82,15 @@ class RelayHandler:
         if not self._may_relay(session.peer):
             self.metrics.inbound_rejections.labels("relay_denied").inc()
             log.warning(
-                "reject=RCPT client=%s from=<%s> to=<%s> reply=554 5.7.1 "
-                "reason=relay-denied",
+                "reject=RCPT client=%s from=<%s> to=<%s> reply=554 5.7.1 reason=relay-denied",
                 client,
-                envelope.mail_from,
+                _sender(envelope),
                 address,
             )
             return f"554 5.7.1 <{address}>: Relay access denied"
+        if _bad_address(address):
+            self.metrics.inbound_rejections.labels("bad_recipient").inc()
+            return "501 5.1.3 Bad recipient address syntax"
         local, at, domain = address.rpartition("@")
         if not at or not local or not domain or "." not in domain.strip("[]"):
             self.metrics.inbound_rejections.labels("bad_recipient").inc()
@@ -95,19 +115,20 @@ class RelayHandler:
         try:
             msg = await asyncio.to_thread(
                 self.store.commit,
-                sender=envelope.mail_from or "",
+                sender=_sender(envelope),
                 recipients=list(envelope.rcpt_tos),
                 body=body,
                 client=client,
                 helo=session.host_name or "",
                 queue_id=qid,
+                smtputf8=_needs_smtputf8(envelope),
             )
         except SpoolError as exc:
             self.metrics.inbound_rejections.labels("spool_error").inc()
             log.error(
                 "client=%s from=<%s> spool failure, replied 451: %s",
                 client,
-                envelope.mail_from,
+                _sender(envelope),
                 exc,
             )
             return "451 4.3.0 Error: queue file write error"
@@ -142,6 +163,25 @@ class RelayHandler:
             f"\tby {self.hostname} (dane-relay) with {proto} id {qid}{rcpt};\r\n"
             f"\t{date}\r\n"
         ).encode("utf-8", "replace")
+
+
+def _sender(envelope: Any) -> str:
+    """The reverse-path; aiosmtpd keeps the null path as the text "<>" (RFC 5321 §4.5.5)."""
+    mail_from = str(envelope.mail_from or "")
+    return "" if mail_from == "<>" else mail_from
+
+
+def _bad_address(address: str) -> bool:
+    """Control characters, or bytes that were not UTF-8 (surrogate-escaped by aiosmtpd),
+    can never be put on the wire again: refuse them at the door, not at delivery."""
+    return any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in address)
+
+
+def _needs_smtputf8(envelope: Any) -> bool:
+    """RFC 6531 §3.4: the client asked for SMTPUTF8, or the envelope is not ASCII."""
+    options = [str(o).upper() for o in envelope.mail_options]
+    addresses = [_sender(envelope), *envelope.rcpt_tos]
+    return "SMTPUTF8" in options or not all(a.isascii() for a in addresses)
 
 
 def _peer_text(peer: Any) -> str:

@@ -54,7 +54,13 @@ class Store(Protocol):
 
 class Deliverer(Protocol):
     async def deliver(
-        self, queue_id: str, sender: str, recipients: Sequence[str], body: bytes, received: float
+        self,
+        queue_id: str,
+        sender: str,
+        recipients: Sequence[str],
+        body: bytes,
+        received: float,
+        smtputf8: bool = False,
     ) -> list[RecipientResult]: ...
 
 
@@ -151,7 +157,14 @@ class QueueRunner:
                 return
             pending = [r.address for r in msg.pending]
             try:
-                results = await self.engine.deliver(qid, msg.sender, pending, body, msg.received)
+                results = await self.engine.deliver(
+                    qid,
+                    msg.sender,
+                    pending,
+                    body,
+                    msg.received,
+                    smtputf8=bool(msg.extra.get("smtputf8")),
+                )
             except Exception:
                 # A bug must not turn into a hot retry loop or lose the message: keep it
                 # queued, unchanged on disk, and try again after the minimum backoff.

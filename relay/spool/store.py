@@ -106,8 +106,10 @@ class SpoolStore:
             for path in sorted(self.env.iterdir()):
                 qid = path.name
                 try:
+                    if not path.is_file() or path.is_symlink():
+                        raise ValueError("not a regular file")
                     msg = load(path.read_bytes())
-                    if msg.queue_id != qid or not (self.data / qid).exists():
+                    if msg.queue_id != qid or not (self.data / qid).is_file():
                         raise ValueError("envelope without its data file or with a wrong id")
                 except ValueError as exc:
                     log.error(
@@ -123,7 +125,14 @@ class SpoolStore:
                 envelope_ids.add(qid)
                 messages.append(msg)
             for path in self.data.iterdir():
-                if path.name not in envelope_ids:
+                if not path.is_file() or path.is_symlink():
+                    log.error(
+                        "spool=corrupt entry=%s reason='not a regular file' moved to %s",
+                        path,
+                        self.corrupt,
+                    )
+                    os.replace(path, self.corrupt / f"{path.name}.data")
+                elif path.name not in envelope_ids:
                     # Body written but never committed: no 250 was sent for it.
                     log.info("spool=orphan queue_id=%s removed (never acknowledged)", path.name)
                     path.unlink(missing_ok=True)
@@ -144,6 +153,7 @@ class SpoolStore:
         is_bounce: bool = False,
         now: float | None = None,
         queue_id: str | None = None,
+        smtputf8: bool = False,
     ) -> QueuedMessage:
         """Store a new message durably; returns its record once it is safe to say 250.
 
@@ -162,6 +172,7 @@ class SpoolStore:
             helo=helo,
             size=len(body),
             is_bounce=is_bounce,
+            extra={"smtputf8": True} if smtputf8 else {},
         )
         with _spool_errors(f"cannot store message {qid}"):
             body_tmp = self._write_tmp(f"{qid}.data", body)

@@ -106,12 +106,20 @@ class FakeDeliverer:
     def __init__(self, script: Script) -> None:
         self.script = script
         self.calls: list[tuple[str, str, list[str], bytes, float]] = []
+        self.smtputf8: list[bool] = []
         self.called = asyncio.Event()
 
     async def deliver(
-        self, queue_id: str, sender: str, recipients: Sequence[str], body: bytes, received: float
+        self,
+        queue_id: str,
+        sender: str,
+        recipients: Sequence[str],
+        body: bytes,
+        received: float,
+        smtputf8: bool = False,
     ) -> list[RecipientResult]:
         self.calls.append((queue_id, sender, list(recipients), body, received))
+        self.smtputf8.append(smtputf8)
         self.called.set()
         return self.script(queue_id, sender, recipients)
 
@@ -177,6 +185,24 @@ def dsn_parts(raw: bytes) -> list[email.message.Message]:
 
 
 # -- outcomes ------------------------------------------------------------------------------------
+
+
+async def test_smtputf8_flag_of_the_record_reaches_the_engine(tmp_path: Path) -> None:
+    async with running(tmp_path, every(Outcome.DELIVERED, SENT, "sent")) as (
+        runner,
+        store,
+        deliverer,
+        _metrics,
+        _,
+    ):
+        plain = commit(store, "bob@example.net")
+        utf8 = commit(store, "bob@example.net", sender="ålice@example.org", smtputf8=True)
+        assert store.envelope(utf8.queue_id).extra == {"smtputf8": True}
+        runner.submit(plain)
+        await store.until(lambda: ("remove", plain.queue_id) in store.ops)
+        runner.submit(utf8)
+        await store.until(lambda: ("remove", utf8.queue_id) in store.ops)
+        assert deliverer.smtputf8 == [False, True]
 
 
 async def test_delivered_message_is_removed(tmp_path: Path) -> None:
@@ -435,7 +461,13 @@ async def test_concurrency_limit_is_respected(tmp_path: Path) -> None:
 
     class BlockingDeliverer:
         async def deliver(
-            self, queue_id: str, sender: str, rcpts: Sequence[str], body: bytes, received: float
+            self,
+            queue_id: str,
+            sender: str,
+            rcpts: Sequence[str],
+            body: bytes,
+            received: float,
+            smtputf8: bool = False,
         ) -> list[RecipientResult]:
             state["current"] += 1
             state["max"] = max(state["max"], state["current"])

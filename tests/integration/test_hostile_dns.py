@@ -183,11 +183,6 @@ def test_mx_host_without_address_is_deferred(
     assert metric(relay, "relay_queue_messages") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (cosmetic): an MX host with no address records is counted and logged with "
-    "the catch-all reason 'error' and 4.4.0 instead of the DNS reason 'dns' / 4.4.3",
-)
 def test_mx_host_without_address_is_counted_as_a_dns_failure(
     dns_lab: DnsLab, receivers: ReceiverPool, relay_factory: RelayFactory
 ) -> None:

@@ -194,12 +194,6 @@ def test_pipelined_commands_with_garbage_keep_one_reply_each(
     assert msg.rcpt_tos == ("bob@dane-ok.test",)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: MAIL FROM:<> is stored as the 3-character sender '<>' (aiosmtpd's "
-    "addr_spec), relayed as MAIL FROM:<<>>, refused 553 by the MX and bounced: every "
-    "DSN/MDN the relay accepts is lost",
-)
 def test_null_sender_is_relayed_as_the_null_reverse_path(
     dns_lab: DnsLab, receivers: ReceiverPool, relay_factory: RelayFactory
 ) -> None:
@@ -213,11 +207,6 @@ def test_null_sender_is_relayed_as_the_null_reverse_path(
     assert msg.mail_from == ""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a message from <> that bounces produces a DSN (addressed to '<>'), "
-    "violating RFC 5321 §4.5.5; relay_bounces_generated_total goes to 1",
-)
 def test_null_sender_message_is_never_bounced(
     dns_lab: DnsLab, receivers: ReceiverPool, relay_factory: RelayFactory
 ) -> None:
@@ -269,11 +258,6 @@ def test_client_that_disconnects_mid_data_leaves_nothing_queued(
 # --- addresses the relay cannot relay ------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: RCPT with invalid UTF-8 is accepted (250); every delivery attempt then "
-    "raises UnicodeEncodeError ('delivery raised; retrying later') for ever",
-)
 def test_recipient_with_invalid_utf8_is_refused_at_rcpt(
     dns_lab: DnsLab, receivers: ReceiverPool, relay_factory: RelayFactory
 ) -> None:
@@ -285,11 +269,6 @@ def test_recipient_with_invalid_utf8_is_refused_at_rcpt(
     assert reply.code in (501, 553), reply
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: RCPT with a control character in a quoted local part is accepted (250); "
-    "aiosmtplib then refuses the RCPT command (ValueError) on every attempt, for ever",
-)
 def test_recipient_with_control_character_is_refused_at_rcpt(
     dns_lab: DnsLab, receivers: ReceiverPool, relay_factory: RelayFactory
 ) -> None:
@@ -301,11 +280,6 @@ def test_recipient_with_control_character_is_refused_at_rcpt(
     assert reply.code in (501, 553), reply
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a sender with invalid UTF-8 is accepted (250) and then crashes every "
-    "delivery attempt at MAIL FROM, for ever",
-)
 def test_sender_with_invalid_utf8_is_refused_at_mail(
     dns_lab: DnsLab, receivers: ReceiverPool, relay_factory: RelayFactory
 ) -> None:
@@ -335,13 +309,6 @@ def _plant(spool: Path, sender: str, recipients: list[str], body: bytes) -> str:
     return qid
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an exception while delivering one domain discards the results of the "
-    "domains already delivered in that attempt (runner keeps the old state), so they are "
-    "delivered again on every retry: endless duplicates, and the bad recipient never "
-    "bounces (max_queue_lifetime is never applied)",
-)
 def test_undeliverable_address_does_not_cause_duplicates_of_other_recipients(
     dns_lab: DnsLab, receivers: ReceiverPool, relay_factory: RelayFactory, tmp_path: Path
 ) -> None:

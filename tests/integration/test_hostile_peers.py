@@ -296,11 +296,6 @@ def test_failing_first_mx_falls_through_to_the_second(
 # --- SMTPUTF8 -------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the inbound MAIL parameters (SMTPUTF8) are dropped: a UTF-8 envelope is "
-    "relayed without the SMTPUTF8 parameter (RFC 6531 §3.4)",
-)
 def test_smtputf8_envelope_is_relayed_with_the_smtputf8_parameter(
     peers: PeerFactory, relay_factory: RelayFactory
 ) -> None:
@@ -320,11 +315,6 @@ def test_smtputf8_envelope_is_relayed_with_the_smtputf8_parameter(
     assert "SMTPUTF8" in mail.split()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a UTF-8 envelope is sent to a server that does not offer SMTPUTF8 instead "
-    "of being bounced with 5.6.7 (RFC 6531 §3.2)",
-)
 def test_smtputf8_envelope_is_not_sent_to_a_server_without_smtputf8(
     peers: PeerFactory, relay_factory: RelayFactory
 ) -> None:

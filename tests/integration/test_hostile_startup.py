@@ -107,12 +107,6 @@ def test_corrupt_envelopes_are_moved_aside_and_good_ones_delivered(
     assert spool_entries(relay, "data") == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a directory inside spool/env makes recovery raise IsADirectoryError; the "
-    "relay refuses to start (exit 73 'recovery: Is a directory') instead of moving the "
-    "entry to corrupt/ and delivering the queued mail",
-)
 def test_directory_inside_env_does_not_stop_the_relay(
     dns_lab: DnsLab, receivers: ReceiverPool, relay_factory: RelayFactory, tmp_path: Path
 ) -> None:

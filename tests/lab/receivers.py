@@ -71,7 +71,8 @@ class _Recorder:
         content = envelope.original_content or b""
         peer = session.peer if isinstance(session.peer, tuple) else None
         msg = ReceivedMessage(
-            mail_from=envelope.mail_from or "",
+            # aiosmtpd keeps the null reverse-path as the text "<>"; record it as "".
+            mail_from="" if envelope.mail_from == "<>" else (envelope.mail_from or ""),
             rcpt_tos=tuple(envelope.rcpt_tos),
             content=content,
             tls=session.ssl is not None,

@@ -20,11 +20,6 @@ def _check(tmp_path: Path, content: bytes, capsys: pytest.CaptureFixture[str]) -
     return status, capsys.readouterr().err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a configuration file that is not UTF-8 crashes with a UnicodeDecodeError "
-    "traceback and exit status 1 instead of a config error (78)",
-)
 def test_config_file_that_is_not_utf8_is_a_config_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -33,11 +28,6 @@ def test_config_file_that_is_not_utf8_is_a_config_error(
     assert str(tmp_path / "relay.toml") in err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (cosmetic): duplicate server.listen addresses pass `config check`; `run` then "
-    "fails with exit 71 'address already in use', blaming the system instead of the file",
-)
 def test_duplicate_listen_addresses_are_a_config_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -48,11 +38,6 @@ def test_duplicate_listen_addresses_are_a_config_error(
     assert "server.listen" in err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (cosmetic): metrics.listen equal to a server.listen address passes "
-    "`config check`; `run` then fails with exit 71 'address already in use'",
-)
 def test_metrics_on_the_smtp_address_is_a_config_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

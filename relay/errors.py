@@ -35,6 +35,7 @@ __all__ = [
     "TlsHandshakeFailed",
     "TlsRequiredNotOffered",
     "TlsaLookupFailed",
+    "TlsaMalformed",
 ]
 
 
@@ -130,6 +131,13 @@ class DaneVerificationFailed(TemporaryFailure):
 
     default_reply = SmtpReply(451, "4.7.5", "Server certificate not verified")
     reason = "dane_verification"
+
+
+class TlsaMalformed(TemporaryFailure):
+    """Secure TLSA records whose data is malformed, with no usable record beside them."""
+
+    default_reply = SmtpReply(451, "4.7.5", "TLSA records malformed")
+    reason = "tlsa_malformed"
 
 
 class DaneNotAvailable(TemporaryFailure):

@@ -25,6 +25,7 @@ class TlsaState(enum.Enum):
     INSECURE = "insecure"  # TLSA RRset not validated
     SECURE_NONE = "secure_none"  # validated NODATA/NXDOMAIN
     SECURE_UNUSABLE = "secure_unusable"  # validated, but no usable record
+    SECURE_MALFORMED = "secure_malformed"  # validated, none usable, some DANE records malformed
     SECURE_USABLE = "secure_usable"  # validated, at least one usable record
 
 
@@ -57,6 +58,9 @@ _DANE_ROWS: dict[TlsaState, Decision] = {
     _S.SECURE_NONE: _use(_R.MAY, "no TLSA records (RFC 7672 §2.2)"),
     # RFC 7672 §3.1.3 / §2.2: secure but unusable TLSA: TLS required, not authenticated.
     _S.SECURE_UNUSABLE: _use(_R.ENCRYPT, "TLSA records all unusable (RFC 7672 §3.1.3)"),
+    # Project rule (DESIGN "bad DNS data"): malformed DANE records with nothing usable
+    # beside them are a publishing error: defer rather than fall back to encrypt-only.
+    _S.SECURE_MALFORMED: _defer("tlsa_malformed", "TLSA records malformed (RFC 7671 §4.1)"),
     # RFC 7672 §2.2: secure usable TLSA: authenticated TLS is mandatory.
     _S.SECURE_USABLE: _use(_R.DANE, "secure usable TLSA (RFC 7672 §2.2)"),
 }

@@ -143,6 +143,20 @@ class TlsaRecord:
         return None
 
     @property
+    def malformed(self) -> bool:
+        """A DANE usage/selector/matching type we know, with data that cannot be right
+        (empty Full(0) data, or a digest of the wrong length): bad DNS data, not a
+        record type we merely do not use (RFC 7671 §4.1, RFC 7672 §2.2)."""
+        if self.usage not in (Usage.DANE_TA, Usage.DANE_EE):
+            return False
+        if self.selector not in (Selector.CERT, Selector.SPKI):
+            return False
+        if self.mtype == MatchingType.FULL:
+            return not self.data
+        expected = DIGEST_LENGTHS.get(self.mtype)
+        return expected is not None and len(self.data) != expected
+
+    @property
     def usable(self) -> bool:
         """True when ``unusable_reason()`` is ``None``."""
         return self.unusable_reason() is None

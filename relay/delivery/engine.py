@@ -48,6 +48,7 @@ from relay.errors import (
     Scope,
     TemporaryFailure,
     TlsaLookupFailed,
+    TlsaMalformed,
     TlsHandshakeFailed,
     TlsRequiredNotOffered,
 )
@@ -280,7 +281,11 @@ class DeliveryEngine:
         )
         if decision.requirement is None:
             exc3: DeliveryError
-            if decision.defer_reason == "tlsa_lookup":
+            if decision.defer_reason == "tlsa_malformed":
+                exc3 = TlsaMalformed(
+                    f"TLSA records malformed for {attempt.tlsa_base}:25", scope=Scope.HOST
+                )
+            elif decision.defer_reason == "tlsa_lookup":
                 exc3 = TlsaLookupFailed(
                     f"TLSA lookup error for {attempt.tlsa_base}:25", scope=Scope.HOST
                 )
@@ -328,6 +333,18 @@ class DeliveryEngine:
             return TlsaState.SECURE_NONE, ()
         # RFC 7671 §9 digest agility and RFC 7672 §3.1.3 usability, in one place.
         usable = select_usable(answer.records)
+        malformed = [r for r in answer.records if r.malformed]
+        if malformed:
+            # Bad DNS data is logged and counted wherever it appears (DESIGN.md).
+            self.metrics.dns_lookups.labels("TLSA", "malformed").inc()
+            log.warning(
+                "host=%s dane=malformed-tlsa records=%s usable_left=%d",
+                host,
+                ",".join(str(r) for r in malformed),
+                len(usable),
+            )
+            if not usable:
+                return TlsaState.SECURE_MALFORMED, answer.records
         if not usable:
             # RFC 7672 §3.1.3: only unusable records: encrypt without authentication.
             log.info(

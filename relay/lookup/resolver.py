@@ -37,6 +37,13 @@ __all__ = ["DnsResolver"]
 
 log = logging.getLogger("relay.lookup")
 
+# dnspython >= 2.7 refuses a whole response when one TLSA digest has the wrong length,
+# which would hide a good record beside it and turn bad data into a timeout. The relay
+# decides TLSA usability itself (relay.dane.records, RFC 7671 §4.1, RFC 7672 §2.2), so
+# TLSA rdata is parsed without that length check.
+if isinstance(getattr(TLSA, "_cert_length_by_mtype", None), dict):
+    TLSA._cert_length_by_mtype = {}
+
 
 @contextmanager
 def _dns_errors(qname: str, rdtype: str) -> Iterator[None]:

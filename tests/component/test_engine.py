@@ -548,7 +548,6 @@ async def test_no_usable_tlsa_falls_back_to_may(security: Security) -> None:
 UNUSABLE = [
     TlsaRecord(1, 1, 1, b"\x01" * 32),  # PKIX-EE: unusable for SMTP (RFC 7672 §3.1.3)
     TlsaRecord(0, 0, 1, b"\x02" * 32),  # PKIX-TA
-    TlsaRecord(3, 1, 1, b"\x03" * 31),  # digest of the wrong length
     TlsaRecord(3, 1, 255, b"\x04" * 32),  # PrivMatch
 ]
 
@@ -567,6 +566,19 @@ async def test_secure_unusable_tlsa_encrypts_without_verification(
     assert w.sample("relay_dane_verifications_total", result="failed", reason="no-match") is None
     assert w.sample("relay_dane_verifications_total", result="verified", reason="match") is None
     assert any(" tls=encrypted(" in rec.getMessage() for rec in caplog.records)
+
+
+async def test_malformed_tlsa_alone_defers_without_connecting() -> None:
+    # A DANE-EE record whose digest has the wrong length is bad DNS data, not a record
+    # type we merely do not use: with nothing usable beside it, defer (never encrypt-only).
+    malformed = [TlsaRecord(3, 1, 1, b"\x03" * 31), *UNUSABLE]
+    w = world(secure_domain(tlsa=malformed), {"192.0.2.1": Peer()})
+    (r,) = await w.deliver("rcpt@secure.example")
+    assert r.outcome is Outcome.DEFERRED
+    assert (r.reply.code, r.reply.enhanced) == (451, "4.7.5")
+    assert r.reason == "tlsa_malformed"
+    assert w.transport.verbs() == []
+    assert w.sample("relay_dns_lookups_total", rrtype="TLSA", result="malformed") == 1
 
 
 async def test_secure_unusable_tlsa_without_starttls_defers() -> None:

@@ -137,12 +137,6 @@ def test_wrong_length_tlsa_only_defers_and_sends_nothing(
     assert receiver.messages == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: dnspython refuses a TLSA RRset containing one wrong-length digest, so the "
-    "whole lookup fails (after the full DNS timeout) and a correct usable record beside it "
-    "is never used: deferred for ever instead of delivered with DANE (RFC 7671 §9)",
-)
 def test_wrong_length_tlsa_next_to_a_good_one_is_ignored_and_mail_is_delivered(
     dns_lab: DnsLab, receivers: ReceiverPool, relay_factory: RelayFactory
 ) -> None:

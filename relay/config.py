@@ -69,6 +69,8 @@ class ServerConfig:
     hostname: str | None = None
     max_message_size: int = 25 * 1024 * 1024
     max_recipients: int = 1000
+    # RFC 5321 §4.5.3.2.7: a server should wait at least 5 minutes for the next command.
+    timeout: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,6 +350,9 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
         ),
         max_recipients=s.get(
             "max_recipients", d_server.max_recipients, _int_range(1, 100000), "an integer"
+        ),
+        timeout=s.get(
+            "timeout", d_server.timeout, _positive_float("a positive duration"), "a duration"
         ),
     )
     s.finish()

@@ -28,7 +28,7 @@ async def start_listeners(
             data_size_limit=cfg.max_message_size,
             enable_SMTPUTF8=True,
             decode_data=False,
-            timeout=300,
+            timeout=cfg.timeout,
         )
 
     servers = []

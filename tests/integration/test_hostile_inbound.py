@@ -343,3 +343,25 @@ def test_undeliverable_address_does_not_cause_duplicates_of_other_recipients(
     # latest when max_queue_lifetime expired) instead of being retried for ever.
     assert outcome == "removed"
     assert len(receiver.messages) == 1
+
+
+def test_client_that_stalls_in_data_is_cut_off_after_server_timeout(
+    dns_lab: DnsLab, receivers: ReceiverPool, relay_factory: RelayFactory
+) -> None:
+    (receiver,) = receivers.start("dane-ok.test")
+    relay = start_relay(relay_factory, {"server": {"timeout": '"1s"'}})
+    with _open(relay) as c:
+        assert c.cmd("EHLO client.test").code == 250
+        assert c.cmd(f"MAIL FROM:<{SENDER}>").code == 250
+        assert c.cmd("RCPT TO:<bob@dane-ok.test>").code == 250
+        assert c.cmd("DATA").code == 354
+        c.send(b"Subject: stalled\r\n\r\nand then nothing more")
+        # The relay closes the idle connection after server.timeout; no 250 ever comes.
+        received = c.pending_bytes()
+        while chunk := c.sock.recv(4096):
+            received += chunk
+    assert b"250" not in received
+    assert spool_entries(relay, "env") == []
+    assert spool_entries(relay, "data") == []
+    assert metric(relay, "relay_messages_received_total") == 0
+    assert receiver.messages == []

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from lab import DnsLab, ReceiverPool, RelayProcess, send_mail
+from lab.hostile import start_relay
 
 pytestmark = pytest.mark.lab
 
@@ -248,3 +249,40 @@ def test_config_check_names_a_typoed_key_and_exits_non_zero(tmp_path: Path) -> N
     assert f"{bad}: tls.levle: expected one of the keys level, got unknown key 'levle'" in (
         out.stderr
     )
+
+
+def test_deferred_message_is_retried_with_backoff_and_delivered(
+    dns_lab: DnsLab, receivers: ReceiverPool, relay_factory: RelayFactory
+) -> None:
+    # No receiver yet: the MX refuses the connection, the message is deferred.
+    relay = start_relay(relay_factory, {"delivery": {"min_backoff": '"1s"', "max_backoff": '"2s"'}})
+    qid = _submit(relay, "kate@dane-ok.test")
+    first = relay.wait_log(rf"queue_id={qid} .*status=deferred.*", timeout=20).group(0)
+    assert "error=connect" in first
+    relay.wait_log(rf"queue_id={qid} deferred pending=1 next_attempt_in=1s")
+    (receiver,) = receivers.start("dane-ok.test")
+    (msg,) = receiver.wait_for(1, timeout=20)
+    assert msg.rcpt_tos == ("kate@dane-ok.test",)
+    line = relay.wait_log(rf"queue_id={qid} .*status=sent.*", timeout=20).group(0)
+    assert "tls=verified" in line
+    relay.wait_log(rf"queue_id={qid} removed")
+    assert _metric(relay, "relay_delivery_attempts_total", result="deferred", reason="connect") >= 1
+    assert _metric(relay, "relay_delivery_attempts_total", result="delivered", reason="sent") == 1
+    assert _metric(relay, "relay_queue_messages") == 0
+
+
+def test_resolver_down_is_a_temporary_failure(
+    dns_lab: DnsLab, receivers: ReceiverPool, relay_factory: RelayFactory
+) -> None:
+    (receiver,) = receivers.start("dane-ok.test")
+    # A loopback address of the lab's range where no resolver listens.
+    dead = dns_lab.resolver_addr.rsplit(".", 1)[0] + ".99"
+    relay = start_relay(relay_factory, {"dns": {"timeout": '"2s"'}}, resolvers=[dead])
+    qid = _submit(relay, "liam@dane-ok.test")
+    line = relay.wait_log(rf"queue_id={qid} .*status=deferred.*", timeout=30).group(0)
+    assert 'reply="451 4.4.3 DNS lookup of dane-ok.test/MX' in line
+    assert "error=dns" in line
+    relay.wait_log(rf"queue_id={qid} deferred pending=1")
+    assert receiver.mail_commands == []
+    assert _metric(relay, "relay_dns_lookups_total", rrtype="MX", result="fail") == 1
+    assert _metric(relay, "relay_queue_messages") == 1

@@ -26,13 +26,14 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol, TypeVar
 
 from relay.dane.match import DaneStatus, verify
 from relay.dane.policy import TlsaState, TlsRequirement, decide, wants_tlsa
 from relay.dane.records import TlsaRecord, select_usable
+from relay.delivery.attempt import Attempt, AttemptRecorder, as_temporary, outcome_of
 from relay.delivery.planner import MxHost, plan_hosts
 from relay.errors import (
     DaneNotAvailable,
@@ -89,39 +90,6 @@ class EngineSettings:
     tlsa_port: int = 25  # RFC 7672 §2.2.3: TLSA qname always uses the SMTP port 25
 
 
-@dataclass(slots=True)
-class _Attempt:
-    """What one attempt learnt, for the single log line it produces."""
-
-    queue_id: str
-    domain: str
-    recipients: Sequence[str]
-    smtputf8: bool = False  # RFC 6531: the message needs (or asked for) SMTPUTF8
-    relay: str = "none"
-    dnssec: str = "-"
-    tls: str = "none"  # verified / trusted / encrypted / none: the metric label
-    tls_detail: str = ""  # "(TLSv1.3 TLS_AES_256_GCM_SHA384)" for the log line
-    tlsa_base: str = ""  # RFC 7672 §2.2.2: the name whose TLSA records apply
-    dane: str = "none"
-    dane_detail: str = ""
-    started: float = field(default_factory=time.monotonic)
-
-
-_OUTCOME_STATUS = {
-    Outcome.DELIVERED: "sent",
-    Outcome.DEFERRED: "deferred",
-    Outcome.BOUNCED: "bounced",
-}
-
-
-def _outcome_of(reply: SmtpReply) -> Outcome:
-    if reply.is_positive:
-        return Outcome.DELIVERED
-    if reply.is_permanent:
-        return Outcome.BOUNCED
-    return Outcome.DEFERRED
-
-
 class DeliveryEngine:
     def __init__(
         self,
@@ -138,6 +106,7 @@ class DeliveryEngine:
         self.settings = settings
         self.metrics = metrics
         self.clock = clock
+        self.record = AttemptRecorder(metrics, clock)
 
     async def deliver(
         self,
@@ -186,19 +155,19 @@ class DeliveryEngine:
         received: float,
         smtputf8: bool = False,
     ) -> list[RecipientResult]:
-        attempt = _Attempt(queue_id, domain, rcpts, smtputf8=smtputf8)
+        attempt = Attempt(queue_id, domain, rcpts, smtputf8=smtputf8)
         try:
             mx = await self._lookup("MX", self.resolver.mx(domain))
         except DnsTempFail as exc:
             # RFC 7672 §2.1: a failed MX lookup is a temporary failure, never "no MX".
-            return self._fail_all(attempt, exc, received)
+            return self.record.fail_all(attempt, exc, received)
         attempt.dnssec = mx.security.value
         plan = plan_hosts(domain, mx)
         if plan.no_domain:
-            return self._fail_all(attempt, NoSuchDomain(scope=Scope.DOMAIN), received)
+            return self.record.fail_all(attempt, NoSuchDomain(scope=Scope.DOMAIN), received)
         if plan.null_mx:
             # RFC 7505 §3: null MX: bounce at once.
-            return self._fail_all(attempt, NullMx(scope=Scope.DOMAIN), received)
+            return self.record.fail_all(attempt, NullMx(scope=Scope.DOMAIN), received)
 
         last: DeliveryError | None = None
         for host in plan.hosts:
@@ -206,15 +175,15 @@ class DeliveryEngine:
                 return await self._try_host(attempt, host, mx.secure, sender, body, received)
             except (TemporaryFailure, PermanentFailure) as exc:
                 if exc.scope is not Scope.HOST:
-                    return self._fail_all(attempt, exc, received)
+                    return self.record.fail_all(attempt, exc, received)
                 last = exc
         if last is None:
             last = TemporaryFailure("No MX host could be tried", scope=Scope.DOMAIN)
         # Every host failed: defer (a host-scoped failure is never a reason to bounce).
-        return self._results(
+        return self.record.results(
             attempt,
             Outcome.DEFERRED,
-            _as_temporary(last),
+            as_temporary(last),
             received,
             reason=last.reason,
             log_it=False,
@@ -231,7 +200,7 @@ class DeliveryEngine:
 
     async def _try_host(
         self,
-        attempt: _Attempt,
+        attempt: Attempt,
         host: MxHost,
         mx_secure: bool,
         sender: str,
@@ -243,11 +212,11 @@ class DeliveryEngine:
         try:
             addrs = await self._lookup("A/AAAA", self.resolver.addresses(host.name))
         except DnsTempFail as exc:
-            self._log_failure(attempt, exc, received)
+            self.record.log_failure(attempt, exc, received)
             raise DnsTempFail(exc.reply.text, scope=Scope.HOST) from exc
         if not addrs.records:
             exc2 = DnsTempFail(f"Host or domain name not found: {host.name}", scope=Scope.HOST)
-            self._log_failure(attempt, exc2, received)
+            self.record.log_failure(attempt, exc2, received)
             raise exc2
         attempt.dnssec = (
             "secure"
@@ -293,7 +262,7 @@ class DeliveryEngine:
                 exc3 = DaneNotAvailable(scope=Scope.HOST)
             attempt.dane = "fail"
             attempt.dane_detail = f"reason={decision.defer_reason}"
-            self._log_failure(attempt, exc3, received)
+            self.record.log_failure(attempt, exc3, received)
             raise exc3
 
         last: DeliveryError | None = None
@@ -314,7 +283,7 @@ class DeliveryEngine:
                     received,
                 )
             except (TemporaryFailure, PermanentFailure) as exc:
-                self._log_failure(attempt, exc, received)
+                self.record.log_failure(attempt, exc, received)
                 if exc.scope is not Scope.HOST:
                     raise
                 last = exc
@@ -359,7 +328,7 @@ class DeliveryEngine:
 
     async def _transact(
         self,
-        attempt: _Attempt,
+        attempt: Attempt,
         host: MxHost,
         address: str,
         requirement: TlsRequirement,
@@ -401,7 +370,7 @@ class DeliveryEngine:
     async def _starttls(
         self,
         session: Session,
-        attempt: _Attempt,
+        attempt: Attempt,
         host: MxHost,
         address: str,
         requirement: TlsRequirement,
@@ -462,7 +431,7 @@ class DeliveryEngine:
     async def _mail_transaction(
         self,
         session: Session,
-        attempt: _Attempt,
+        attempt: Attempt,
         sender: str,
         body: bytes,
         received: float,
@@ -475,7 +444,7 @@ class DeliveryEngine:
                 # RFC 6531 §3.2: a UTF-8 envelope cannot go to a server without SMTPUTF8.
                 await session.quit()
                 reply = SmtpReply(550, "5.6.7", "SMTPUTF8 is required, but was not offered by host")
-                return self._results(
+                return self.record.results(
                     attempt, Outcome.BOUNCED, reply, received, reason="smtputf8_not_offered"
                 )
         if session.supports("size"):
@@ -485,7 +454,9 @@ class DeliveryEngine:
         mail = await session.mail(sender, options)
         if not mail.is_positive:
             await session.quit()
-            return self._results(attempt, _outcome_of(mail), mail, received, reason="mail_from")
+            return self.record.results(
+                attempt, outcome_of(mail), mail, received, reason="mail_from"
+            )
         replies: dict[str, SmtpReply] = {}
         accepted: list[str] = []
         for rcpt in attempt.recipients:
@@ -501,97 +472,10 @@ class DeliveryEngine:
         out: list[RecipientResult] = []
         for rcpt in attempt.recipients:
             reply = replies[rcpt]
-            outcome = _outcome_of(reply)
+            outcome = outcome_of(reply)
             reason = {"delivered": "sent", "bounced": "remote_5xx", "deferred": "remote_4xx"}[
                 outcome.value
             ]
             out.append(RecipientResult(rcpt, outcome, reply, attempt.relay, reason))
-        self._log_results(attempt, out, received)
+        self.record.log_results(attempt, out, received)
         return out
-
-    # -- results and the log line ----------------------------------------------------
-
-    def _fail_all(
-        self, attempt: _Attempt, exc: DeliveryError, received: float
-    ) -> list[RecipientResult]:
-        outcome = Outcome.BOUNCED if isinstance(exc, PermanentFailure) else Outcome.DEFERRED
-        return self._results(attempt, outcome, exc.reply, received, reason=exc.reason)
-
-    def _results(
-        self,
-        attempt: _Attempt,
-        outcome: Outcome,
-        reply: SmtpReply,
-        received: float,
-        *,
-        reason: str,
-        log_it: bool = True,
-    ) -> list[RecipientResult]:
-        out = [
-            RecipientResult(r, outcome, reply, attempt.relay, reason) for r in attempt.recipients
-        ]
-        if log_it:
-            self._log_results(attempt, out, received)
-        else:
-            for _ in out:
-                self.metrics.delivery_attempts.labels(outcome.value, reason).inc()
-        return out
-
-    def _log_failure(self, attempt: _Attempt, exc: DeliveryError, received: float) -> None:
-        status = (
-            "bounced"
-            if isinstance(exc, PermanentFailure) and exc.scope is not Scope.HOST
-            else "deferred"
-        )
-        self._log_line(
-            attempt, attempt.recipients, status, exc.reply, received, extra=f" error={exc.reason}"
-        )
-
-    def _log_results(
-        self, attempt: _Attempt, results: Sequence[RecipientResult], received: float
-    ) -> None:
-        groups: dict[tuple[Outcome, SmtpReply, str], list[str]] = {}
-        for r in results:
-            groups.setdefault((r.outcome, r.reply, r.reason), []).append(r.recipient)
-            self.metrics.delivery_attempts.labels(r.outcome.value, r.reason).inc()
-            if r.outcome is Outcome.DELIVERED:
-                self.metrics.delivery_delay.observe(max(0.0, self.clock() - received))
-        for (outcome, reply, reason), rcpts in groups.items():
-            extra = "" if outcome is Outcome.DELIVERED else f" error={reason}"
-            self._log_line(attempt, rcpts, _OUTCOME_STATUS[outcome], reply, received, extra)
-
-    def _log_line(
-        self,
-        attempt: _Attempt,
-        rcpts: Sequence[str],
-        status: str,
-        reply: SmtpReply,
-        received: float,
-        extra: str = "",
-    ) -> None:
-        detail = f" {attempt.dane_detail}" if attempt.dane_detail else ""
-        log.info(
-            "queue_id=%s to=%s relay=%s dnssec=%s tls=%s%s dane=%s%s delay=%.2f "
-            'attempt_time=%.2f status=%s reply="%s"%s',
-            attempt.queue_id,
-            ",".join(f"<{r}>" for r in rcpts),
-            attempt.relay,
-            attempt.dnssec,
-            attempt.tls,
-            attempt.tls_detail,
-            attempt.dane,
-            detail,
-            max(0.0, self.clock() - received),
-            time.monotonic() - attempt.started,
-            status,
-            str(reply).replace('"', "'"),
-            extra,
-        )
-
-
-def _as_temporary(exc: DeliveryError) -> SmtpReply:
-    reply = exc.reply
-    if reply.is_permanent:
-        # A host that refused service (554 greeting) with other hosts also failing.
-        return SmtpReply(451, "4.4.0", f"all MX hosts failed, last: {reply}")
-    return reply

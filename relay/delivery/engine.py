@@ -61,6 +61,13 @@ from relay.smtp.reply import SmtpReply
 __all__ = ["DeliveryEngine", "EngineSettings", "Session", "Transport"]
 
 log = logging.getLogger("relay.delivery")
+
+# dane.policy deferral reasons -> the failure each one raises (all 4.7.5, host scope).
+_POLICY_DEFERRALS: dict[str, type[TemporaryFailure]] = {
+    "tlsa_lookup": TlsaLookupFailed,
+    "tlsa_malformed": TlsaMalformed,
+    "dane_required": DaneNotAvailable,
+}
 _T = TypeVar("_T")
 
 
@@ -133,12 +140,14 @@ class DeliveryEngine:
                 )
             except Exception:
                 log.exception("queue_id=%s domain=%s internal error; deferring", queue_id, domain)
-                reply = SmtpReply(451, "4.3.0", "Internal error while delivering, will retry")
-                domain_results = [
-                    RecipientResult(r, Outcome.DEFERRED, reply, "none", "internal") for r in rcpts
-                ]
-                for _ in rcpts:
-                    self.metrics.delivery_attempts.labels("deferred", "internal").inc()
+                domain_results = self.record.results(
+                    Attempt(queue_id, domain, rcpts),
+                    Outcome.DEFERRED,
+                    SmtpReply(451, "4.3.0", "Internal error while delivering, will retry"),
+                    received,
+                    reason="internal",
+                    log_it=False,
+                )
             for result in domain_results:
                 results[result.recipient] = result
         return [results[r] for r in recipients]
@@ -249,17 +258,8 @@ class DeliveryEngine:
             decision.why,
         )
         if decision.requirement is None:
-            exc3: DeliveryError
-            if decision.defer_reason == "tlsa_malformed":
-                exc3 = TlsaMalformed(
-                    f"TLSA records malformed for {attempt.tlsa_base}:25", scope=Scope.HOST
-                )
-            elif decision.defer_reason == "tlsa_lookup":
-                exc3 = TlsaLookupFailed(
-                    f"TLSA lookup error for {attempt.tlsa_base}:25", scope=Scope.HOST
-                )
-            else:
-                exc3 = DaneNotAvailable(scope=Scope.HOST)
+            cls = _POLICY_DEFERRALS[decision.defer_reason]
+            exc3 = cls(f"{cls.default_reply.text} for {attempt.tlsa_base}:25", scope=Scope.HOST)
             attempt.dane = "fail"
             attempt.dane_detail = f"reason={decision.defer_reason}"
             self.record.log_failure(attempt, exc3, received)
@@ -378,7 +378,7 @@ class DeliveryEngine:
         mx_secure: bool,
     ) -> Session:
         # RFC 7672 §8.1: SNI carries the TLSA base domain.
-        base = attempt.tlsa_base or host.name
+        base = attempt.tlsa_base
         try:
             chain = await session.starttls(base, self.tls_context)
         except TlsHandshakeFailed:

@@ -31,6 +31,7 @@ from relay.errors import (
     TemporaryFailure,
     TlsHandshakeFailed,
 )
+from relay.smtp.address import wire_safe
 from relay.smtp.reply import SmtpReply
 
 __all__ = ["OutboundSession", "SmtpTransport", "peer_chain"]
@@ -140,14 +141,10 @@ class OutboundSession:
     async def command(self, verb: bytes, arg: str) -> SmtpReply:
         """Send one command; an argument that cannot go on the wire (not UTF-8, control
         characters) is answered locally with 553 5.1.3 and never sent."""
-        try:
-            raw = arg.encode("utf-8")
-            if any(b < 32 or b == 127 for b in raw):
-                raise ValueError("control character")
-        except (UnicodeEncodeError, ValueError):
+        if not wire_safe(arg):
             return SmtpReply(553, "5.1.3", "address contains characters that cannot be sent")
         with _smtp_errors(f"after {verb.decode()}"):
-            return _reply(await self._smtp.execute_command(verb, raw))
+            return _reply(await self._smtp.execute_command(verb, arg.encode("utf-8")))
 
     async def mail(self, sender: str, options: list[str]) -> SmtpReply:
         return await self.command(b"MAIL", f"FROM:<{sender}>" + "".join(f" {o}" for o in options))

@@ -23,6 +23,7 @@ from typing import Any
 from relay.config import RelayConfig, ServerConfig
 from relay.errors import SpoolError
 from relay.metrics import Metrics
+from relay.smtp.address import wire_safe
 from relay.spool.records import QueuedMessage
 from relay.spool.store import SpoolStore, new_queue_id
 
@@ -62,7 +63,8 @@ class RelayHandler:
     ) -> str:
         # aiosmtpd hands the null reverse-path over as the text "<>" (RFC 5321 §4.5.5).
         sender = "" if address in ("", "<>") else address
-        if _bad_address(sender) or (sender and "@" not in sender):
+        # An address that could never be put on the wire again is refused at the door.
+        if not wire_safe(sender) or (sender and "@" not in sender):
             self.metrics.inbound_rejections.labels("bad_sender").inc()
             log.warning(
                 "reject=MAIL client=%s from=<%s> reply=501 5.1.7 reason=bad-sender-syntax",
@@ -88,7 +90,7 @@ class RelayHandler:
                 address,
             )
             return f"554 5.7.1 <{address}>: Relay access denied"
-        if _bad_address(address):
+        if not wire_safe(address):
             self.metrics.inbound_rejections.labels("bad_recipient").inc()
             return "501 5.1.3 Bad recipient address syntax"
         local, at, domain = address.rpartition("@")
@@ -169,12 +171,6 @@ def _sender(envelope: Any) -> str:
     """The reverse-path; aiosmtpd keeps the null path as the text "<>" (RFC 5321 §4.5.5)."""
     mail_from = str(envelope.mail_from or "")
     return "" if mail_from == "<>" else mail_from
-
-
-def _bad_address(address: str) -> bool:
-    """Control characters, or bytes that were not UTF-8 (surrogate-escaped by aiosmtpd),
-    can never be put on the wire again: refuse them at the door, not at delivery."""
-    return any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in address)
 
 
 def _needs_smtputf8(envelope: Any) -> bool:

@@ -153,7 +153,7 @@ class QueueRunner:
                 body = await asyncio.to_thread(self.store.read_body, qid)
             except SpoolError as exc:
                 log.error("queue_id=%s cannot read message body: %s", qid, exc)
-                self._queue[qid] = replace(msg, next_attempt=self.clock() + self.cfg.min_backoff)
+                self._retry_later(msg, self.clock())
                 return
             pending = [r.address for r in msg.pending]
             try:
@@ -169,7 +169,7 @@ class QueueRunner:
                 # A bug must not turn into a hot retry loop or lose the message: keep it
                 # queued, unchanged on disk, and try again after the minimum backoff.
                 log.exception("queue_id=%s delivery raised; retrying later", qid)
-                self._queue[qid] = replace(msg, next_attempt=self.clock() + self.cfg.min_backoff)
+                self._retry_later(msg, self.clock())
                 return
             await self._record(msg, results, body)
 
@@ -245,7 +245,7 @@ class QueueRunner:
         except SpoolError as exc:
             # The on-disk state is the old one: the attempt will be repeated later.
             log.error("queue_id=%s cannot record delivery results: %s", msg.queue_id, exc)
-            self._queue[msg.queue_id] = replace(msg, next_attempt=now + self.cfg.min_backoff)
+            self._retry_later(msg, now)
         self._update_gauges()
 
     async def _bounce(
@@ -279,6 +279,10 @@ class QueueRunner:
         self.metrics.bounces.inc()
         log.info("queue_id=%s sender non-delivery notification: %s", msg.queue_id, notice.queue_id)
         self.submit(notice)
+
+    def _retry_later(self, msg: QueuedMessage, now: float) -> None:
+        """Keep the in-memory record (the disk still holds it) and retry after min_backoff."""
+        self._queue[msg.queue_id] = replace(msg, next_attempt=now + self.cfg.min_backoff)
 
     def _update_gauges(self) -> None:
         self.metrics.queue_size.set(len(self._queue))

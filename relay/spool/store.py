@@ -45,6 +45,11 @@ def new_queue_id(now: float | None = None) -> str:
     return f"{micros:013X}{secrets.randbits(32):08X}"
 
 
+def _regular_file(path: Path) -> bool:
+    """A plain file, not a directory, FIFO or symlink planted in the spool."""
+    return path.is_file() and not path.is_symlink()
+
+
 @contextmanager
 def _spool_errors(what: str) -> Iterator[None]:
     try:
@@ -106,7 +111,7 @@ class SpoolStore:
             for path in sorted(self.env.iterdir()):
                 qid = path.name
                 try:
-                    if not path.is_file() or path.is_symlink():
+                    if not _regular_file(path):
                         raise ValueError("not a regular file")
                     msg = load(path.read_bytes())
                     if msg.queue_id != qid or not (self.data / qid).is_file():
@@ -125,7 +130,7 @@ class SpoolStore:
                 envelope_ids.add(qid)
                 messages.append(msg)
             for path in self.data.iterdir():
-                if not path.is_file() or path.is_symlink():
+                if not _regular_file(path):
                     log.error(
                         "spool=corrupt entry=%s reason='not a regular file' moved to %s",
                         path,

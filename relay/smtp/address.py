@@ -1,0 +1,12 @@
+"""Address and command-argument checks shared by the inbound and outbound sides. Pure."""
+
+from __future__ import annotations
+
+__all__ = ["wire_safe"]
+
+
+def wire_safe(text: str) -> bool:
+    """True if `text` can be sent in an SMTP command: no control characters (RFC 5321
+    §4.1.2 allows none in a path) and no lone surrogates, which is how bytes that were
+    not UTF-8 arrive from a surrogate-escaping decoder and which cannot be encoded again."""
+    return not any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in text)

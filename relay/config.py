@@ -33,6 +33,8 @@ __all__ = [
     "RelayConfig",
     "ServerConfig",
     "SpoolConfig",
+    "INSECURE_MX_POLICIES",
+    "PROBE_TYPES",
     "TLS_LEVELS",
     "TlsConfig",
     "load_config",
@@ -43,6 +45,11 @@ __all__ = [
 
 # Postfix-compatible security level names (DESIGN.md "TLS security levels").
 TLS_LEVELS = ("none", "may", "encrypt", "dane", "dane-only")
+# What level "dane" means for a host with secure TLSA reached through an insecure MX RRset
+# (RFC 7672 §2.2.1; Postfix smtp_tls_dane_insecure_mx_policy).
+INSECURE_MX_POLICIES = ("dane", "encrypt", "may")
+# Record types the resolver validation probe may ask for.
+PROBE_TYPES = ("DNSKEY", "SOA", "NS", "DS", "A", "AAAA", "MX", "TXT", "TLSA")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 _DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhdw]?)\s*")
@@ -93,11 +100,22 @@ class DnsConfig:
     # RFC 7672 §2.1 requires a validating resolver whose AD bit can be trusted:
     # only loopback resolvers are trusted unless the operator says otherwise.
     allow_remote_resolver: bool = False
+    # Answer cache: entries (0 disables it) and the bounds put on the TTLs it honours.
+    cache_size: int = 10000
+    cache_min_ttl: float = 0.0
+    cache_max_ttl: float = 3600.0
+    cache_negative_ttl: float = 300.0  # upper bound for NXDOMAIN/NODATA (RFC 2308 §5)
+    # The resolver must prove that it validates: this name/type must come back secure.
+    validation_probe_name: str = "."
+    validation_probe_type: str = "DNSKEY"
+    validation_interval: float = 300.0
+    require_validating_resolver: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class TlsConfig:
     level: str = "dane"
+    insecure_mx_policy: str = "dane"
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +274,16 @@ def _int_range(low: int, high: int) -> Callable[[Any], int]:
     return convert
 
 
+def _duration(raw: Any) -> float:
+    return parse_duration(raw)
+
+
+def _probe_name(raw: Any) -> str:
+    if not isinstance(raw, str) or not (raw == "." or _HOSTNAME.fullmatch(raw)):
+        raise ValueError('a DNS name such as "." or "example.org"')
+    return raw if raw == "." else raw.rstrip(".").lower()
+
+
 def _positive_float(what: str) -> Callable[[Any], float]:
     def convert(raw: Any) -> float:
         seconds = parse_duration(raw)
@@ -289,6 +317,17 @@ def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
         if not isinstance(raw, str) or raw.lower() not in options:
             raise ValueError(what)
         return raw.lower()
+
+    return convert
+
+
+def _choice_upper(options: tuple[str, ...]) -> Callable[[Any], str]:
+    what = "one of " + ", ".join(f'"{o}"' for o in options)
+
+    def convert(raw: Any) -> str:
+        if not isinstance(raw, str) or raw.upper() not in options:
+            raise ValueError(what)
+        return raw.upper()
 
     return convert
 
@@ -405,8 +444,42 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
             _typed(bool, "true or false"),
             "true or false",
         ),
+        cache_size=s.get(
+            "cache_size", d_dns.cache_size, _int_range(0, 10_000_000), "an integer"
+        ),
+        cache_min_ttl=s.get("cache_min_ttl", d_dns.cache_min_ttl, _duration, "a duration"),
+        cache_max_ttl=s.get("cache_max_ttl", d_dns.cache_max_ttl, _duration, "a duration"),
+        cache_negative_ttl=s.get(
+            "cache_negative_ttl", d_dns.cache_negative_ttl, _duration, "a duration"
+        ),
+        validation_probe_name=s.get(
+            "validation_probe_name", d_dns.validation_probe_name, _probe_name, "a DNS name"
+        ),
+        validation_probe_type=s.get(
+            "validation_probe_type",
+            d_dns.validation_probe_type,
+            _choice_upper(PROBE_TYPES),
+            "a record type",
+        ),
+        validation_interval=s.get(
+            "validation_interval",
+            d_dns.validation_interval,
+            _positive_float("a positive duration"),
+            "a duration",
+        ),
+        require_validating_resolver=s.get(
+            "require_validating_resolver",
+            d_dns.require_validating_resolver,
+            _typed(bool, "true or false"),
+            "true or false",
+        ),
     )
     s.finish()
+    if dns_cfg.cache_max_ttl < dns_cfg.cache_min_ttl:
+        raise ConfigError(
+            f"{file}: dns.cache_max_ttl: expected a duration >= dns.cache_min_ttl "
+            f"({dns_cfg.cache_min_ttl:g}s), got {dns_cfg.cache_max_ttl:g}s"
+        )
     if not dns_cfg.allow_remote_resolver:
         for ep in dns_cfg.resolvers:
             # RFC 7672 §2.1 / Postfix dane_init: the AD bit is only meaningful from a
@@ -418,7 +491,15 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
                 )
 
     s = section("tls")
-    tls = TlsConfig(level=s.get("level", TlsConfig().level, _choice(TLS_LEVELS), "a TLS level"))
+    tls = TlsConfig(
+        level=s.get("level", TlsConfig().level, _choice(TLS_LEVELS), "a TLS level"),
+        insecure_mx_policy=s.get(
+            "insecure_mx_policy",
+            TlsConfig().insecure_mx_policy,
+            _choice(INSECURE_MX_POLICIES),
+            "a policy",
+        ),
+    )
     s.finish()
 
     s = section("delivery")

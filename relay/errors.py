@@ -98,11 +98,27 @@ class TemporaryFailure(DeliveryError):
 
 
 class DnsTempFail(TemporaryFailure):
-    """SERVFAIL, timeout, bogus or indeterminate answer (RFC 7672 §2.1)."""
+    """SERVFAIL, timeout, bogus or indeterminate answer (RFC 7672 §2.1).
+
+    `kind` is a closed token for logs and metric labels: "servfail", "bogus", "timeout",
+    "refused", "truncated", "network", "cname-loop", "malformed" or "error".
+    """
 
     default_reply = SmtpReply(451, "4.4.3", "DNS lookup failed")
     default_scope = Scope.DOMAIN
     reason = "dns"
+
+    def __init__(
+        self,
+        text: str | None = None,
+        *,
+        kind: str = "error",
+        reply: SmtpReply | None = None,
+        scope: Scope | None = None,
+        fault: Fault = Fault.REMOTE,
+    ) -> None:
+        super().__init__(text, reply=reply, scope=scope, fault=fault)
+        self.kind = kind
 
 
 class TlsaLookupFailed(TemporaryFailure):

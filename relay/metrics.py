@@ -57,8 +57,32 @@ class Metrics:
         )
         self.dns_lookups = Counter(
             "relay_dns_lookups",
-            "DNS lookups by record type and result (secure/insecure/fail)",
+            "Upstream DNS queries by record type and result (secure, insecure, servfail, "
+            "bogus, timeout, refused, truncated, network, cname-loop, malformed, error)",
             ["rrtype", "result"],
+            registry=r,
+        )
+        self.dns_lookup_seconds = Histogram(
+            "relay_dns_lookup_seconds",
+            "Time taken by upstream DNS queries",
+            ["rrtype"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.dns_cache_requests = Counter(
+            "relay_dns_cache_requests",
+            "DNS cache consultations by result (hit, miss, coalesced)",
+            ["result"],
+            registry=r,
+        )
+        self.tlsa_malformed = Counter(
+            "relay_tlsa_malformed_records",
+            "Secure TLSA records whose data is malformed (made unusable, RFC 7671 §4.1)",
+            registry=r,
+        )
+        self.resolver_validating = Gauge(
+            "relay_resolver_validating",
+            "1 when the resolver returned the validation probe as DNSSEC-secure, else 0",
             registry=r,
         )
         self.bounces = Counter(
@@ -78,6 +102,15 @@ class Metrics:
             buckets=_DELAY_BUCKETS,
             registry=r,
         )
+
+
+    # relay.lookup.results.LookupObserver
+    def dns_lookup(self, rrtype: str, result: str, seconds: float) -> None:
+        self.dns_lookups.labels(rrtype, result).inc()
+        self.dns_lookup_seconds.labels(rrtype).observe(seconds)
+
+    def dns_cache(self, result: str) -> None:
+        self.dns_cache_requests.labels(result).inc()
 
 
 class _Server(ThreadingHTTPServer):

@@ -18,8 +18,11 @@ from relay.dane.records import TlsaRecord
 __all__ = [
     "AnswerKind",
     "DnsAnswer",
+    "LookupObserver",
     "MxRecord",
+    "ProbeResult",
     "Resolver",
+    "ResolverStatus",
     "Security",
 ]
 
@@ -51,10 +54,46 @@ class DnsAnswer(Generic[T]):
     security: Security
     records: tuple[T, ...] = ()
     canonical: str = ""  # the owner name after CNAME expansion ("" if none)
+    ttl: float = 0.0  # seconds the answer may be cached (RFC 2308 §5 for NODATA/NXDOMAIN)
+    # addresses() only: record types whose lookup failed while another one answered
+    # (e.g. ("AAAA",) when AAAA timed out and A gave addresses).
+    failed: tuple[str, ...] = ()
 
     @property
     def secure(self) -> bool:
         return self.security is Security.SECURE
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """Outcome of the resolver validation probe (does the resolver set AD on a signed name?)."""
+
+    ok: bool
+    detail: str  # what was asked and what came back, for the log line
+
+
+class ResolverStatus:
+    """Shared, mutable view of whether the resolver is known to validate.
+
+    Written by the periodic validation probe (relay.app), read by the delivery engine: when
+    `validating` is False every answer is treated as insecure, so level dane becomes
+    opportunistic TLS and dane-only defers (RFC 7672 §2.1; Postfix with a non-validating
+    resolver).
+    """
+
+    def __init__(self, validating: bool = True, detail: str = "") -> None:
+        self.validating = validating
+        self.detail = detail
+
+
+class LookupObserver(Protocol):
+    """Where the resolver reports what it did (relay.metrics.Metrics implements this)."""
+
+    def dns_lookup(self, rrtype: str, result: str, seconds: float) -> None:
+        """One upstream query: result is "secure", "insecure" or a DnsTempFail kind."""
+
+    def dns_cache(self, result: str) -> None:
+        """One cache consultation: "hit", "miss" or "coalesced"."""
 
 
 class Resolver(Protocol):

@@ -120,6 +120,12 @@ def test_default_values_are_the_documented_ones() -> None:
     assert cfg.dns.timeout == 10.0
     assert cfg.dns.allow_remote_resolver is False
     assert cfg.tls.level == "dane"
+    assert cfg.tls.insecure_mx_policy == "dane"
+    assert (cfg.dns.cache_size, cfg.dns.cache_min_ttl, cfg.dns.cache_max_ttl) == (10000, 0, 3600)
+    assert cfg.dns.cache_negative_ttl == 300
+    assert (cfg.dns.validation_probe_name, cfg.dns.validation_probe_type) == (".", "DNSKEY")
+    assert cfg.dns.validation_interval == 300
+    assert cfg.dns.require_validating_resolver is False
     assert (cfg.delivery.port, cfg.delivery.concurrency) == (25, 20)
     assert (cfg.delivery.connect_timeout, cfg.delivery.command_timeout) == (30.0, 300.0)
     assert (cfg.delivery.min_backoff, cfg.delivery.max_backoff) == (300.0, 4000.0)
@@ -345,6 +351,15 @@ BAD_VALUES = [
     ("dns", "timeout", "true", "a duration", "true"),
     ("dns", "timeout", "nan", "duration", "nan"),
     ("dns", "timeout", "inf", "duration", "inf"),
+    ("dns", "cache_size", "-1", "an integer from 0 to 10000000", "-1"),
+    ("dns", "cache_size", '"big"', "an integer from 0 to 10000000", "'big'"),
+    ("dns", "cache_max_ttl", '"1x"', "a duration such as", "'1x'"),
+    ("dns", "cache_negative_ttl", "-5", "a non-negative duration", "-5"),
+    ("dns", "validation_probe_name", '"bad name!"', "a DNS name", "'bad name!'"),
+    ("dns", "validation_probe_type", '"CAA"', '"DNSKEY"', "'CAA'"),
+    ("dns", "validation_interval", "0", "a positive duration", "0"),
+    ("dns", "require_validating_resolver", '"yes"', "true or false", "'yes'"),
+    ("tls", "insecure_mx_policy", '"verify"', '"encrypt"', "'verify'"),
     ("tls", "level", '"secure"', '"dane-only"', "'secure'"),
     ("tls", "level", '"verify"', '"dane"', "'verify'"),
     ("tls", "level", "1", '"none"', "1"),
@@ -470,3 +485,21 @@ def test_cli_config_check_typo(tmp_path: Path, capsys: pytest.CaptureFixture[str
 def test_cli_config_check_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "check", str(tmp_path / "nope.toml")]) == 78
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_cache_max_ttl_below_min_ttl_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, '[dns]\ncache_min_ttl = "10m"\ncache_max_ttl = "1m"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert_error(str(info.value), path, "dns.cache_max_ttl", ">= dns.cache_min_ttl (600s)", "60s")
+
+
+def test_probe_settings_are_normalised(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[dns]\nvalidation_probe_name = "Example.ORG."\nvalidation_probe_type = "soa"\n'
+        '[tls]\ninsecure_mx_policy = "Encrypt"\n',
+    )
+    cfg = load_config(path)
+    assert (cfg.dns.validation_probe_name, cfg.dns.validation_probe_type) == ("example.org", "SOA")
+    assert cfg.tls.insecure_mx_policy == "encrypt"

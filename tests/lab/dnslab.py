@@ -71,6 +71,25 @@ class DnsLab:
         q = dns.message.make_query(qname, rdtype, want_dnssec=True)
         return dns.query.udp(q, self.resolver_addr, port=53, timeout=timeout)
 
+    def start_resolver(self, spare: int, *, validating: bool) -> ManagedProcess:
+        """Start another unbound on `plan.spare(spare)`:53, resolving the lab's tree.
+
+        `validating=False` gives a resolver that never sets AD (iterator only, no trust
+        anchor). The caller stops it (`ManagedProcess.stop`, in a fixture's finally); like
+        every lab daemon it dies with the pytest process anyway (procs: pdeathsig).
+
+        Raises:
+            LabStartError: if it does not come up as asked.
+        """
+        kind = "validating" if validating else "plain"
+        return start_unbound(
+            self.workdir,
+            self.plan,
+            self.root_ds if validating else None,
+            address=self.plan.spare(spare),
+            name=f"unbound-{kind}-{spare}",
+        )
+
 
 @contextlib.contextmanager
 def start_dns_lab(workdir: Path, specs: list[ScenarioSpec] | None = None) -> Iterator[DnsLab]:

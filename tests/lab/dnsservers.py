@@ -8,8 +8,11 @@ Guarantees:
 - nsd serves every `LabZone` on `plan.auth`:53 with a single server process, no
   database, no remote control and no privilege dropping or chroot.
 - unbound listens on `plan.resolver`:53, resolves only through root hints naming nsd,
-  validates with the lab root's DS as its only trust anchor, and is ready (it answered a
-  validated `. SOA` query with AD) when `start_unbound` returns.
+  validates with the lab root's DS as its only trust anchor, adds RFC 8914 Extended DNS
+  Errors to its SERVFAILs (`ede: yes`), and is ready (it answered a validated `. SOA`
+  query with AD) when `start_unbound` returns. `start_unbound(..., root_ds=None,
+  address=..., name=...)` starts a second, non-validating one (iterator only, never AD)
+  for the tests of the relay's resolver trust.
 - Failure to start raises `LabStartError` with the daemon's own log tail.
 
 Quirks handled here (both daemons' Debian defaults assume a system install):
@@ -137,15 +140,36 @@ def start_nsd(workdir: Path, plan: AddressPlan, zones: Sequence[LabZone]) -> Man
     return proc
 
 
-def write_unbound_conf(workdir: Path, plan: AddressPlan, root_ds: DS) -> Path:
+def write_unbound_conf(
+    workdir: Path,
+    plan: AddressPlan,
+    root_ds: DS | None,
+    *,
+    address: str | None = None,
+    name: str = "unbound",
+) -> Path:
+    """unbound.conf for `name`, listening on `address` (default: the lab resolver).
+
+    With `root_ds` the resolver validates with that DS as its only trust anchor; with
+    None it only iterates (`module-config: "iterator"`): it answers everything and never
+    sets AD, like a resolver someone forgot to make validating.
+    """
     hints = workdir / "root.hints"
     hints.write_text(f". 3600000 IN NS ns.test.\nns.test. 3600000 IN A {plan.auth}\n")
-    anchor = workdir / "root.ds"
-    anchor.write_text(f". IN DS {root_ds.to_text()}\n")
-    conf = workdir / "unbound.conf"
+    if root_ds is not None:
+        anchor = workdir / f"{name}.root.ds"
+        anchor.write_text(f". IN DS {root_ds.to_text()}\n")
+        validation = (
+            f"    trust-anchor-file: {_q(anchor)}\n"
+            '    module-config: "validator iterator"\n'
+            "    harden-dnssec-stripped: yes\n"
+        )
+    else:
+        validation = '    module-config: "iterator"\n'
+    conf = workdir / f"{name}.conf"
     conf.write_text(
         "server:\n"
-        f"    interface: {plan.resolver}\n"
+        f"    interface: {address or plan.resolver}\n"
         "    port: 53\n"
         "    do-ip4: yes\n"
         "    do-ip6: no\n"
@@ -155,19 +179,19 @@ def write_unbound_conf(workdir: Path, plan: AddressPlan, root_ds: DS) -> Path:
         '    username: ""\n'
         '    chroot: ""\n'
         f"    directory: {_q(workdir)}\n"
-        f"    pidfile: {_q(workdir / 'unbound.pid')}\n"
+        f"    pidfile: {_q(workdir / f'{name}.pid')}\n"
         "    use-syslog: no\n"
-        f"    logfile: {_q(workdir / 'unbound.log')}\n"
+        f"    logfile: {_q(workdir / f'{name}.log')}\n"
         "    verbosity: 1\n"
         "    log-servfail: yes\n"
         "    val-log-level: 2\n"
+        # RFC 8914 Extended DNS Errors on SERVFAIL: the relay tells bogus from other failures.
+        "    ede: yes\n"
         "    access-control: 127.0.0.0/8 allow\n"
         "    do-not-query-localhost: no\n"
         f"    root-hints: {_q(hints)}\n"
-        f"    trust-anchor-file: {_q(anchor)}\n"
-        '    module-config: "validator iterator"\n'
+        f"{validation}"
         "    qname-minimisation: no\n"
-        "    harden-dnssec-stripped: yes\n"
         # unbound serves "test." (RFC 6761) as a built-in NXDOMAIN local zone.
         '    local-zone: "test." nodefault\n'
         "    trust-anchor-signaling: no\n"
@@ -177,24 +201,34 @@ def write_unbound_conf(workdir: Path, plan: AddressPlan, root_ds: DS) -> Path:
     return conf
 
 
-def start_unbound(workdir: Path, plan: AddressPlan, root_ds: DS) -> ManagedProcess:
-    """Start unbound and wait until it answers `. SOA` validated (AD set).
+def start_unbound(
+    workdir: Path,
+    plan: AddressPlan,
+    root_ds: DS | None,
+    *,
+    address: str | None = None,
+    name: str = "unbound",
+) -> ManagedProcess:
+    """Start unbound on `address` (default: the lab resolver) and wait until it answers.
+
+    With `root_ds` it must answer `. SOA` validated (AD set); with None (an iterating,
+    non-validating resolver, see `write_unbound_conf`) it must answer without AD.
 
     Raises:
-        LabStartError: if unbound exits, does not answer in time, or cannot validate the
-            lab root with the configured trust anchor.
+        LabStartError: if unbound exits, does not answer in time, or does not validate
+            (or, when it must not, does validate) the lab root.
     """
-    conf = write_unbound_conf(workdir, plan, root_ds)
-    proc = ManagedProcess(
-        "unbound", ["unbound", "-d", "-c", str(conf)], workdir / "unbound.console"
-    )
+    addr = address or plan.resolver
+    conf = write_unbound_conf(workdir, plan, root_ds, address=addr, name=name)
+    daemon_log = workdir / f"{name}.log"
+    proc = ManagedProcess(name, ["unbound", "-d", "-c", str(conf)], workdir / f"{name}.console")
     proc.start()
     try:
-        answer = _probe(proc, workdir / "unbound.log", plan.resolver, ".", "SOA")
-        if answer.rcode() != dns.rcode.NOERROR or not answer.flags & dns.flags.AD:
-            raise _failure(
-                proc, workdir / "unbound.log", f"root SOA not validated (no AD):\n{answer}"
-            )
+        answer = _probe(proc, daemon_log, addr, ".", "SOA")
+        validated = bool(answer.flags & dns.flags.AD)
+        if answer.rcode() != dns.rcode.NOERROR or validated != (root_ds is not None):
+            want = "validated (AD)" if root_ds is not None else "answered without AD"
+            raise _failure(proc, daemon_log, f"root SOA not {want}:\n{answer}")
     except BaseException:
         proc.stop()
         raise

@@ -5,6 +5,7 @@ Owns: the choice of the session octet R and `AddressPlan`. All lab addresses liv
 
     127.R.0.1:53    nsd, authoritative for ".", "test." and every scenario zone
     127.R.0.2:53    unbound, validating, trust anchor = the lab root's DS
+    127.R.0.3-9     spare DNS servers a test starts itself (`AddressPlan.spare(n)`)
     127.R.0.10      the relay under test (SMTP listener, metrics)
     127.R.1.N:25    scenario receiver N (see scenarios.receiver_address)
 
@@ -41,6 +42,12 @@ class AddressPlan:
     @property
     def relay(self) -> str:
         return f"127.{self.octet}.0.10"
+
+    def spare(self, n: int) -> str:
+        """Spare service address n (3..9), e.g. for a second, non-validating resolver."""
+        if not 3 <= n <= 9:
+            raise ValueError(f"spare address {n} out of range 3..9")
+        return f"127.{self.octet}.0.{n}"
 
     @property
     def claim(self) -> str:

@@ -409,3 +409,39 @@ SCENARIOS += [
         ),
     ),
 ]
+
+# Scenarios for the DNSSEC lookup acceptance tests (tests/integration/test_dnssec_lookups.py,
+# test_lookup_cli.py). Appended, so the receiver addresses above do not move.
+SCENARIOS += [
+    ScenarioSpec(
+        domain="cname-unsigned.test",
+        description="unsigned zone (no DS) holding the CNAME target of cname-insecure.test; "
+        "it publishes a 3 1 1 TLSA that matches nothing, which must be ignored",
+        hosts=(HostSpec("real.cname-unsigned.test", tlsa=(TlsaSpec(3, 1, 1, wrong=True),)),),
+        signed=False,
+        ds=False,
+    ),
+    ScenarioSpec(
+        domain="cname-insecure.test",
+        description="signed, DS, secure MX whose host is a secure CNAME into the unsigned "
+        "zone cname-unsigned.test: the address chain is insecure, so no DANE "
+        "(RFC 7672 §2.2.2)",
+        mx=((10, "mx.cname-insecure.test"),),
+        extra_records=(("mx.cname-insecure.test", "CNAME", "real.cname-unsigned.test."),),
+    ),
+    ScenarioSpec(
+        domain="expired.test",
+        description="signed, DS, correct 3 1 1, but the RRSIG over the zone's DNSKEY RRset "
+        "has expired: every answer from the zone is bogus",
+        mx=((10, "mx.expired.test"),),
+        hosts=(HostSpec("mx.expired.test", tlsa=(DANE_EE_SPKI_SHA256,)),),
+        expired_rrsigs=(("expired.test", "DNSKEY"),),
+    ),
+    ScenarioSpec(
+        domain="nullmx-addr.test",
+        description="signed, DS, null MX, yet the domain has an address and a receiver of "
+        "its own: the relay must not fall back to it (RFC 7505 §3)",
+        mx=NULL_MX,
+        hosts=(HostSpec("nullmx-addr.test", tlsa=(DANE_EE_SPKI_SHA256,)),),
+    ),
+]

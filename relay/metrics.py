@@ -1,4 +1,5 @@
-"""Every metric the relay exports, defined in one place, and the /metrics endpoint.
+"""Every metric the relay exports, defined in one place, and the HTTP endpoint serving
+them with liveness (/healthz) and readiness (/readyz).
 
 Each `Metrics` instance owns its own registry, so two relays in one process (tests)
 never share counters. Label values are small closed sets (outcome, reason tokens),
@@ -9,13 +10,17 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Callable, Sequence
 from http.server import ThreadingHTTPServer
-from typing import Any
+from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import MetricsHandler
 
-__all__ = ["Metrics", "MetricsServer"]
+__all__ = ["Metrics", "MetricsServer", "Readiness"]
+
+# What keeps the relay from being ready: one short phrase per problem, none when ready.
+Readiness = Callable[[], Sequence[str]]
 
 _DELAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400)
 
@@ -117,11 +122,57 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
 
-class MetricsServer:
-    """Serves GET /metrics for one registry from a background thread."""
+def _always_ready() -> Sequence[str]:
+    return ()
 
-    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
-        handler: Any = MetricsHandler.factory(metrics.registry)
+
+def _handler_class(metrics: Metrics, readiness: Readiness) -> type[MetricsHandler]:
+    base: type[MetricsHandler] = MetricsHandler.factory(metrics.registry)
+
+    class Handler(base):  # type: ignore[valid-type,misc]
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            path = urlsplit(self.path).path
+            if path == "/healthz":
+                self._plain(200, "ok")
+            elif path == "/readyz":
+                problems = readiness()
+                if problems:
+                    self._plain(503, "degraded: " + "; ".join(problems))
+                else:
+                    self._plain(200, "ok")
+            else:
+                super().do_GET()
+
+        def _plain(self, status: int, text: str) -> None:
+            body = (text + "\n").encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Handler
+
+
+class MetricsServer:
+    """Serves one registry and the health endpoints from a background thread.
+
+    - `GET /metrics` (and any other path): the Prometheus text exposition.
+    - `GET /healthz`: liveness, always `200 ok` while the process serves HTTP.
+    - `GET /readyz`: `200 ok` when `readiness()` returns no problems, else
+      `503 degraded: <problem>; <problem>`. `readiness` is called on the HTTP thread, so it
+      must only read state (e.g. `ResolverStatus.validating`), never block.
+    """
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        host: str,
+        port: int,
+        readiness: Readiness = _always_ready,
+    ) -> None:
+        handler = _handler_class(metrics, readiness)
         server_class = (
             type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
             if ":" in host

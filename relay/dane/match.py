@@ -5,9 +5,12 @@ Owns ``verify``: TLSA RRset (already DNSSEC-validated) + the certificates the se
 
 Guarantees: a pure function (no I/O, no clock, no global state); peer-supplied bytes never
 raise (bad DER -> ``FAILED``/``bad-certificate``, no certificate -> ``FAILED``/``no-chain``);
-``matched``/``match_depth`` are set exactly when the status is ``VERIFIED``. The leaf must
-always decode; the other certificates only when DANE-TA(2) needs them, so a DANE-EE(3) match
-is not lost to a broken or legacy certificate further up (RFC 7672 §3.1.1).
+``matched``/``match_depth`` are set exactly when the status is ``VERIFIED``. DANE-EE(3)
+needs only the leaf's bytes: its outer DER structure is walked by hand to find the SPKI, so a
+leaf that ``cryptography`` refuses (a non-minimal or non-positive serial number, a bad version)
+still matches a DANE-EE(3) digest (RFC 7672 §3.1.1). DANE-TA(2) needs every certificate decoded
+by ``cryptography``; any that is not, or whose serial number is not positive (RFC 5280
+§4.1.2.2), makes the chain unverifiable: ``FAILED``/``bad-certificate``.
 
 Theory of operation:
     1. Drop unusable records, apply digest agility (``select_usable``). None left:
@@ -45,6 +48,7 @@ from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PublicKey
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.padding import PSS, PKCS1v15
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import NameOID
 
 from relay.dane.records import MatchingType, Selector, TlsaRecord, Usage, select_usable
@@ -116,44 +120,81 @@ def _der_header(buf: bytes, pos: int) -> tuple[int, int, int]:
     return tag, start, start + size
 
 
-def _spki_der(tbs: bytes) -> bytes:
-    """The SubjectPublicKeyInfo exactly as encoded in a TBSCertificate (RFC 5280 §4.1).
+def _certificate_parts(der: bytes) -> tuple[bytes, bytes]:
+    """(serialNumber contents, SubjectPublicKeyInfo) of a DER Certificate (RFC 5280 §4.1).
 
-    Re-encoding the parsed key could differ from the certificate's bytes (e.g. compressed
-    EC points), and selector SPKI(1) is defined on the certificate's own DER.
+    Walks the DER by hand, without ``cryptography``: the outer SEQUENCE must be the whole
+    input and hold TBSCertificate, signatureAlgorithm and a BIT STRING signature; the TBS
+    fields up to the SPKI must have their ASN.1 tags. The SPKI is returned exactly as
+    encoded: re-encoding a parsed key could differ (e.g. compressed EC points), and
+    selector SPKI(1) is defined on the certificate's own DER.
+
+    Raises:
+        ValueError: the bytes are not a certificate's outer structure.
     """
-    _, cursor, _ = _der_header(tbs, 0)
-    tag, _, after = _der_header(tbs, cursor)
+    tag, tbs_at, end = _der_header(der, 0)
+    if tag != 0x30 or end != len(der):
+        raise ValueError("not a single DER SEQUENCE")
+    tag, cursor, tbs_end = _der_header(der, tbs_at)
+    if tag != 0x30:
+        raise ValueError("TBSCertificate is not a SEQUENCE")
+    tag, _, algorithm_end = _der_header(der, tbs_end)
+    signature_tag, _, signature_end = _der_header(der, algorithm_end)
+    if tag != 0x30 or signature_tag != 0x03 or signature_end != end:
+        raise ValueError("not SEQUENCE { tbsCertificate, signatureAlgorithm, BIT STRING }")
+    tag, _, after = _der_header(der, cursor)
     if tag == 0xA0:  # [0] EXPLICIT version
         cursor = after
-    for _ in range(5):  # serialNumber, signature, issuer, validity, subject
-        _, _, cursor = _der_header(tbs, cursor)
-    tag, _, end = _der_header(tbs, cursor)
-    if tag != 0x30:
+    tag, serial_at, cursor = _der_header(der, cursor)
+    if tag != 0x02:
+        raise ValueError("serialNumber is not an INTEGER")
+    serial = der[serial_at:cursor]
+    for _ in range(4):  # signature, issuer, validity, subject: all SEQUENCEs
+        tag, _, cursor = _der_header(der, cursor)
+        if tag != 0x30:
+            raise ValueError("TBSCertificate fields are out of order")
+    tag, _, spki_end = _der_header(der, cursor)
+    if tag != 0x30 or spki_end > tbs_end:
         raise ValueError("SubjectPublicKeyInfo is not a SEQUENCE")
-    return tbs[cursor:end]
+    return serial, der[cursor:spki_end]
+
+
+def _decode_certificate(der: bytes, serial: bytes) -> x509.Certificate:
+    """``cryptography``'s view of a certificate, for DANE-TA(2) path checks.
+
+    Raises:
+        ValueError: undecodable, or the serial number is zero or negative.
+    """
+    # RFC 5280 §4.1.2.2: serial numbers are positive. cryptography 4x-50 only warns (and
+    # says a later release will refuse); refuse here so the verdict does not depend on the
+    # installed version, and so ``-W error`` cannot turn the warning into an exception.
+    if not serial or serial[0] & 0x80 or not any(serial):
+        raise ValueError("serial number is not a positive integer (RFC 5280 §4.1.2.2)")
+    try:
+        return x509.load_der_x509_certificate(der)
+    # InvalidVersion is not a ValueError: a hostile peer can send version 4+ (seen by the
+    # bit-flip fuzz test). A deprecation warning only arrives here when raised as an error.
+    except (x509.InvalidVersion, CryptographyDeprecationWarning) as exc:
+        raise ValueError(str(exc)) from exc
 
 
 @dataclass(slots=True)
-class _Peer:
-    """One presented certificate with its parsed form and cached association data."""
+class _Encoded:
+    """A presented certificate as bytes: enough for DANE-EE(3), which decodes nothing."""
 
     depth: int
     der: bytes
-    cert: x509.Certificate
     spki: bytes
+    serial: bytes
     _digests: dict[tuple[int, int], bytes] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, depth: int, der: bytes) -> "_Peer":
+    def load(cls, depth: int, der: bytes) -> "_Encoded":
         try:
-            cert = x509.load_der_x509_certificate(der)
-            spki = _spki_der(cert.tbs_certificate_bytes)
-        # InvalidVersion is not a ValueError: a hostile peer can send version 4+ (seen
-        # by the bit-flip fuzz test); it is a bad certificate like any other.
-        except (ValueError, x509.InvalidVersion) as exc:
+            serial, spki = _certificate_parts(der)
+        except ValueError as exc:
             raise _BadCertificate(depth, str(exc)) from exc
-        return cls(depth, der, cert, spki)
+        return cls(depth, der, spki, serial)
 
     def association(self, selector: int, mtype: int) -> bytes:
         """The selected bytes (RFC 6698 §2.1.2) under the matching type (§2.1.3)."""
@@ -169,6 +210,36 @@ class _Peer:
 
     def matches(self, record: TlsaRecord) -> bool:
         return self.association(record.selector, record.mtype) == record.data
+
+
+@dataclass(slots=True)
+class _Peer:
+    """A presented certificate decoded by ``cryptography``, for DANE-TA(2)."""
+
+    encoded: _Encoded
+    cert: x509.Certificate
+
+    @classmethod
+    def decode(cls, encoded: _Encoded) -> "_Peer":
+        try:
+            return cls(encoded, _decode_certificate(encoded.der, encoded.serial))
+        except ValueError as exc:
+            raise _BadCertificate(encoded.depth, f"unusable for DANE-TA(2): {exc}") from exc
+
+    @property
+    def depth(self) -> int:
+        return self.encoded.depth
+
+    @property
+    def der(self) -> bytes:
+        return self.encoded.der
+
+    @property
+    def spki(self) -> bytes:
+        return self.encoded.spki
+
+    def matches(self, record: TlsaRecord) -> bool:
+        return self.encoded.matches(record)
 
     def label(self) -> str:
         try:
@@ -233,8 +304,8 @@ def verify(
     if not chain:
         return _fail("no-chain", "the server presented no certificate")
     try:
-        leaf = _Peer.load(0, bytes(chain[0]))
-    # RFC 5280 §4.1: a certificate that is not valid DER cannot be checked; fail closed.
+        leaf = _Encoded.load(0, bytes(chain[0]))
+    # RFC 5280 §4.1: bytes that are not even a certificate's structure cannot match; fail.
     except _BadCertificate as exc:
         return _fail("bad-certificate", str(exc))
 
@@ -252,8 +323,9 @@ def verify(
     if len(chain) > MAX_CHAIN_LENGTH:
         return _fail("chain-too-long", f"{len(chain)} certificates, limit {MAX_CHAIN_LENGTH}")
     try:
-        # RFC 7672 §3.1.1: the rest of the chain matters only now, for DANE-TA(2).
-        peers = [leaf, *(_Peer.load(i, bytes(der)) for i, der in enumerate(chain[1:], 1))]
+        # RFC 7672 §3.1.1: decoding (and the rest of the chain) matters only for DANE-TA(2).
+        encoded = [leaf, *(_Encoded.load(i, bytes(der)) for i, der in enumerate(chain[1:], 1))]
+        peers = [_Peer.decode(certificate) for certificate in encoded]
         return _verify_dane_ta(ta_records, peers, ref_names, now)
     # RFC 5280 §4.1: an undecodable certificate (or extension) cannot be checked; fail.
     except _BadCertificate as exc:
@@ -356,7 +428,8 @@ class _TaSearch:
             try:
                 # RFC 7671 §5.2: a Cert(0)/Full(0) TA may be absent from the server's chain.
                 if record.selector == Selector.CERT:
-                    self.dns_certs.append((record, x509.load_der_x509_certificate(record.data)))
+                    serial, _ = _certificate_parts(record.data)
+                    self.dns_certs.append((record, _decode_certificate(record.data, serial)))
                 # RFC 7671 §5.2: an SPKI(1)/Full(0) TA is a bare key the server cannot send.
                 else:
                     self.dns_keys.append((record, serialization.load_der_public_key(record.data)))

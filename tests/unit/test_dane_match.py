@@ -3,11 +3,15 @@
 Every case states the full expected verdict: status, reason token and match depth.
 """
 
-from collections.abc import Callable, Sequence
+import hashlib
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 
 import pytest
-from certfactory import MX_HOST, NEXT_HOP, NOW, Issued, Pki, issue
+from certfactory import MX_HOST, NEXT_HOP, NOW, Issued, Pki, _der, _elements, issue
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -392,13 +396,107 @@ MANGLES: dict[str, Callable[[bytes], bytes]] = {
     # InvalidVersion, which is not a ValueError (found by the bit-flip fuzz test).
     "invalid-version": lambda d: d.replace(b"\xa0\x03\x02\x01\x02", b"\xa0\x03\x02\x01\x03", 1),
 }
+#: Mangles that keep the outer DER structure (and the SPKI) intact: cryptography refuses
+#: the certificate, but a DANE-EE(3) digest needs no decoding (issue 4 item 6).
+STRUCTURE_INTACT = {"invalid-version"}
 
 
 @pytest.mark.parametrize("mangle", MANGLES)
 def test_bad_leaf_fails_without_exception(pki: Pki, mangle: str) -> None:
     chain = [MANGLES[mangle](pki.leaf.der), pki.intermediate.der]
-    for record in (pki.leaf.tlsa(3, 1, 1), pki.intermediate.tlsa(2, 1, 1)):
-        check(run([record], chain), FAILED, "bad-certificate")
+    check(run([pki.intermediate.tlsa(2, 1, 1)], chain), FAILED, "bad-certificate")
+    if mangle in STRUCTURE_INTACT:
+        check(run([pki.leaf.tlsa(3, 1, 1)], chain), VERIFIED, "match", 0)
+    else:
+        check(run([pki.leaf.tlsa(3, 1, 1)], chain), FAILED, "bad-certificate")
+
+
+# --- certificates cryptography refuses or warns about (issue 4 item 6) -----------------------
+
+#: serialNumber encodings. cryptography 50 loads non-positive serials with a
+#: CryptographyDeprecationWarning ("will cause an exception in a future release") and
+#: refuses a non-minimal INTEGER with ValueError; both were checked before writing these.
+SERIALS = {
+    "negative": b"\xff\x01",  # -255
+    "zero": b"\x00",
+    "non-minimal": b"\x00\x01",  # 1 with a redundant leading zero: not DER
+}
+
+
+def with_serial(cert: Issued, issuer: Issued, serial: bytes) -> bytes:
+    """``cert``'s DER with its serialNumber contents replaced, validly re-signed by
+    ``issuer`` (cryptography's builder refuses such serials, so the TBS is edited)."""
+    fields = _elements(cert.cert.tbs_certificate_bytes)
+    fields[1] = _der(0x02, serial)  # [0] version, serialNumber, ...
+    tbs = _der(0x30, b"".join(fields))
+    algorithm = _elements(cert.der)[1]
+    signature = issuer.key.sign(tbs, ec.ECDSA(hashes.SHA256()))
+    return _der(0x30, tbs + algorithm + _der(0x03, b"\x00" + signature))
+
+
+@pytest.fixture
+def warnings_are_errors() -> Iterator[None]:
+    """No warning may escape ``verify``; under ``-W error`` one would be an exception."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
+
+
+@pytest.mark.usefixtures("warnings_are_errors")
+@pytest.mark.parametrize("serial", SERIALS)
+def test_refused_leaf_still_matches_dane_ee(pki: Pki, serial: str) -> None:
+    leaf = with_serial(pki.leaf, pki.intermediate, SERIALS[serial])
+    chain = [leaf, pki.intermediate.der]
+    # The key is the original leaf's; Cert(0) records are computed over the edited DER.
+    for record in (
+        pki.leaf.tlsa(3, 1, 1),
+        pki.leaf.tlsa(3, 1, 0),
+        TlsaRecord(3, 0, 1, hashlib.sha256(leaf).digest()),
+        TlsaRecord(3, 0, 2, hashlib.sha512(leaf).digest()),
+        TlsaRecord(3, 0, 0, leaf),
+    ):
+        check(run([record], chain), VERIFIED, "match", 0, record)
+    check(run([pki.other_leaf.tlsa(3, 1, 1)], chain), FAILED, "no-match")
+
+
+@pytest.mark.usefixtures("warnings_are_errors")
+@pytest.mark.parametrize("serial", SERIALS)
+def test_refused_leaf_is_unverifiable_for_dane_ta(pki: Pki, serial: str) -> None:
+    leaf = with_serial(pki.leaf, pki.intermediate, SERIALS[serial])
+    verdict = run([pki.intermediate.tlsa(2, 1, 1)], [leaf, pki.intermediate.der])
+    check(verdict, FAILED, "bad-certificate")
+    assert "certificate 0" in verdict.detail and "DANE-TA(2)" in verdict.detail
+    # A DANE-EE(3) record beside the DANE-TA(2) one still wins.
+    records = [pki.intermediate.tlsa(2, 1, 1), pki.leaf.tlsa(3, 1, 1)]
+    check(run(records, [leaf, pki.intermediate.der]), VERIFIED, "match", 0, records[1])
+
+
+@pytest.mark.usefixtures("warnings_are_errors")
+@pytest.mark.parametrize("serial", SERIALS)
+def test_refused_intermediate(pki: Pki, serial: str) -> None:
+    middle = with_serial(pki.intermediate, pki.root, SERIALS[serial])
+    chain = [pki.leaf.der, middle, pki.root.der]
+    check(run([pki.root.tlsa(2, 1, 1)], chain), FAILED, "bad-certificate")
+    # Even as the anchor itself: DANE-TA(2) needs it decoded to check the leaf's signature.
+    check(run([pki.intermediate.tlsa(2, 1, 1)], chain), FAILED, "bad-certificate")
+    check(run([pki.leaf.tlsa(3, 0, 1)], chain), VERIFIED, "match", 0)
+
+
+@pytest.mark.usefixtures("warnings_are_errors")
+def test_refused_trust_anchor_certificate_from_dns_is_ignored(pki: Pki) -> None:
+    root = with_serial(pki.root, pki.root, SERIALS["negative"])
+    chain = der(pki.leaf, pki.intermediate)
+    check(run([TlsaRecord(2, 0, 0, root)], chain), FAILED, "no-match")
+    # The same key published bare (SPKI(1) Full(0)) has no serial number to refuse.
+    check(run([pki.root.tlsa(2, 1, 0)], chain), VERIFIED, "match", 1)
+
+
+@pytest.mark.usefixtures("warnings_are_errors")
+def test_positive_serials_of_any_length_still_decode(pki: Pki) -> None:
+    # Only the sign is judged: a 21-octet serial (over RFC 5280's 20) is cryptography's
+    # call, and it accepts it, so DANE-TA(2) still works.
+    leaf = with_serial(pki.leaf, pki.intermediate, b"\x01" * 21)
+    check(run([pki.intermediate.tlsa(2, 1, 1)], [leaf, pki.intermediate.der]), VERIFIED, "match", 1)
 
 
 @pytest.mark.parametrize("mangle", MANGLES)

@@ -3,15 +3,19 @@
 Every case states the full expected verdict: status, reason token and match depth.
 """
 
+import functools
 import hashlib
+import ipaddress
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import pytest
-from certfactory import MX_HOST, NEXT_HOP, NOW, Issued, Pki, _der, _elements, issue
-from cryptography.hazmat.primitives import hashes
+from certfactory import MX_HOST, NEXT_HOP, NOW, Issued, Pki, _der, _elements, build_pki, issue
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -97,6 +101,74 @@ def test_dane_ee_is_preferred_over_dane_ta(pki: Pki) -> None:
     check(run([ta, ee], der(pki.leaf, pki.intermediate)), VERIFIED, "match", 0, ee)
 
 
+# Trust anchor = the root, sent by the server or not. Sent, every selector and matching
+# type matches it at depth 2. Not sent, only a record that carries the TA itself can
+# complete the chain (RFC 7671 §5.2): Cert(0) Full(0) one above the intermediate it issued
+# (depth 2), SPKI(1) Full(0) at the intermediate it signed (depth 1); a digest cannot.
+TA_SENT_OR_NOT = [
+    (selector, mtype, sent, depth)
+    for selector in (0, 1)
+    for mtype in (0, 1, 2)
+    for sent, depth in (
+        (True, 2),
+        (False, {(0, 0): 2, (1, 0): 1}.get((selector, mtype))),
+    )
+]
+
+
+@pytest.mark.parametrize(("selector", "mtype", "sent", "depth"), TA_SENT_OR_NOT)
+def test_matrix_trust_anchor_sent_or_not(
+    pki: Pki, selector: int, mtype: int, sent: bool, depth: int | None
+) -> None:
+    record = pki.root.tlsa(2, selector, mtype)
+    chain = der(pki.leaf, pki.intermediate, *([pki.root] if sent else []))
+    if depth is None:
+        check(run([record], chain), FAILED, "no-match")
+    else:
+        check(run([record], chain), VERIFIED, "match", depth, record)
+
+
+# PKIX-TA(0), PKIX-EE(1) and unknown usages are unusable for SMTP (RFC 7672 §3.1.3) even
+# when their data matches: alone they leave the connection unauthenticated...
+UNUSABLE_MATRIX = [
+    (usage, selector, mtype)
+    for usage in (0, 1, 4, 255)
+    for selector in (0, 1)
+    for mtype in (0, 1, 2)
+]
+
+
+@pytest.mark.parametrize(("usage", "selector", "mtype"), UNUSABLE_MATRIX)
+def test_matrix_unusable_usages_never_match(
+    pki: Pki, usage: int, selector: int, mtype: int
+) -> None:
+    target = pki.leaf if usage in (1, 3) else pki.intermediate
+    unusable = target.tlsa(usage, selector, mtype)
+    chain = der(pki.leaf, pki.intermediate, pki.root)
+    check(run([unusable], chain), UNAUTH, "no-usable-records")
+    # ...and beside a usable record that does not match, they do not rescue it.
+    check(run([unusable, pki.other_leaf.tlsa(3, 1, 1)], chain), FAILED, "no-match")
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        TlsaRecord(3, 2, 1, bytes(32)),  # unknown selector
+        TlsaRecord(3, 1, 3, bytes(32)),  # unknown matching type
+        TlsaRecord(3, 1, 255, bytes(32)),  # PrivMatch
+        TlsaRecord(3, 1, 1, bytes(33)),  # digest of the wrong length
+        TlsaRecord(2, 1, 2, bytes(32)),
+        TlsaRecord(3, 0, 0, b""),  # Full(0) with no data
+    ],
+    ids=str,
+)
+def test_unusable_record_beside_a_matching_one(pki: Pki, record: TlsaRecord) -> None:
+    good = pki.leaf.tlsa(3, 1, 1)
+    check(run([record], der(pki.leaf)), UNAUTH, "no-usable-records")
+    check(run([record, good], der(pki.leaf)), VERIFIED, "match", 0, good)
+    check(run([good, record], der(pki.leaf)), VERIFIED, "match", 0, good)
+
+
 # --- DANE-EE(3): no names, no dates (RFC 7672 §3.1.1) ------------------------------------
 
 
@@ -114,6 +186,11 @@ def test_dane_ee_ignores_an_unrelated_chain(pki: Pki) -> None:
     # Only the leaf matters; the rest of the chain need not chain to anything.
     record = pki.leaf.tlsa(3, 0, 1)
     check(run([record], der(pki.leaf, pki.other_root)), VERIFIED, "match", 0)
+
+
+def test_dane_ee_ignores_an_expired_intermediate(pki: Pki) -> None:
+    chain = der(pki.under_expired, pki.expired_intermediate, pki.root)
+    check(run([pki.under_expired.tlsa(3, 1, 1)], chain), VERIFIED, "match", 0)
 
 
 def test_dane_ee_matches_only_the_leaf(pki: Pki) -> None:
@@ -200,6 +277,80 @@ def test_cn_is_used_only_without_dns_san(pki: Pki) -> None:
     check(verdict, VERIFIED, "match", 1)
 
 
+TLSA_BASE = "mx.hosting.example"  # an MX host name's secure CNAME target (RFC 7672 §2.2.2)
+
+
+@functools.cache
+def named_leaves() -> dict[str, bytes]:
+    """Leaves under ``pki.intermediate`` naming each kind of reference identifier."""
+    intermediate = build_pki().intermediate
+    return {
+        "next-hop": issue(NEXT_HOP, issuer=intermediate, sans=[NEXT_HOP]).der,
+        "tlsa-base": issue(None, issuer=intermediate, sans=[TLSA_BASE]).der,
+        "mx-host": issue(None, issuer=intermediate, sans=[MX_HOST]).der,
+        "second-san": issue(None, issuer=intermediate, sans=["a.example", MX_HOST]).der,
+    }
+
+
+@pytest.mark.parametrize(
+    ("leaf", "refs", "status"),
+    [
+        # RFC 7672 §3.2.2: the next-hop domain counts only when the caller passes it (a
+        # secure MX RRset); a leaf naming only the next hop fails against the MX name.
+        ("next-hop", [TLSA_BASE, MX_HOST, NEXT_HOP], VERIFIED),
+        ("next-hop", [TLSA_BASE, MX_HOST], FAILED),
+        # The TLSA base domain (after CNAME expansion) is a reference identifier too.
+        ("tlsa-base", [TLSA_BASE, MX_HOST], VERIFIED),
+        ("tlsa-base", [MX_HOST, NEXT_HOP], FAILED),
+        ("mx-host", [TLSA_BASE, MX_HOST], VERIFIED),
+        ("mx-host", [TLSA_BASE, NEXT_HOP], FAILED),
+        # Any DNS-ID may match, not only the first.
+        ("second-san", [MX_HOST], VERIFIED),
+    ],
+)
+def test_dane_ta_each_reference_identifier(
+    pki: Pki, leaf: str, refs: list[str], status: DaneStatus
+) -> None:
+    chain = [named_leaves()[leaf], pki.intermediate.der]
+    verdict = run([pki.intermediate.tlsa(2, 1, 1)], chain, refs=refs)
+    if status is VERIFIED:
+        check(verdict, VERIFIED, "match", 1)
+    else:
+        check(verdict, FAILED, "name-mismatch")
+
+
+def leaf_with_san(pki: Pki, names: list[x509.GeneralName], cn: str | None) -> bytes:
+    """A leaf under ``pki.intermediate`` with any SAN entries (``issue`` makes DNS only)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn else [])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(pki.intermediate.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(NOW + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .sign(pki.intermediate.key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def test_cn_is_used_when_the_san_has_no_dns_name(pki: Pki) -> None:
+    # RFC 6125 §6.4.4: CN-ID only without DNS-IDs; IP and e-mail SAN entries are not DNS-IDs.
+    others: list[x509.GeneralName] = [
+        x509.IPAddress(ipaddress.ip_address("192.0.2.25")),
+        x509.RFC822Name("postmaster@" + MX_HOST),
+    ]
+    record = pki.intermediate.tlsa(2, 1, 1)
+    chain = [leaf_with_san(pki, others, MX_HOST), pki.intermediate.der]
+    check(run([record], chain), VERIFIED, "match", 1)
+    # A DNS-ID beside them hides the CN again.
+    chain = [leaf_with_san(pki, [*others, x509.DNSName("x.example")], MX_HOST), chain[1]]
+    check(run([record], chain), FAILED, "name-mismatch")
+
+
 def test_leaf_without_san_or_cn_fails_name_check(pki: Pki) -> None:
     record = pki.intermediate.tlsa(2, 1, 1)
     check(run([record], der(pki.no_names, pki.intermediate)), FAILED, "name-mismatch")
@@ -209,6 +360,16 @@ def test_dane_ta_expired_intermediate(pki: Pki) -> None:
     record = pki.root.tlsa(2, 1, 1)
     chain = der(pki.under_expired, pki.expired_intermediate, pki.root)
     check(run([record], chain), FAILED, "expired")
+
+
+def test_dane_ta_not_yet_valid_intermediate(pki: Pki) -> None:
+    future_ca = issue("Future CA", issuer=pki.root, ca=True, not_before=NOW + timedelta(days=1))
+    leaf = issue(MX_HOST, issuer=future_ca, sans=[MX_HOST])
+    chain = der(leaf, future_ca, pki.root)
+    check(run([pki.root.tlsa(2, 0, 1)], chain), FAILED, "not-yet-valid")
+    # Also when the root comes from DNS rather than the chain.
+    check(run([pki.root.tlsa(2, 0, 0)], chain[:2]), FAILED, "not-yet-valid")
+    check(run([future_ca.tlsa(2, 1, 1)], chain), VERIFIED, "match", 1)
 
 
 def test_dane_ta_expired_intermediate_is_fine_as_the_anchor(pki: Pki) -> None:
@@ -411,6 +572,16 @@ def test_bad_leaf_fails_without_exception(pki: Pki, mangle: str) -> None:
         check(run([pki.leaf.tlsa(3, 1, 1)], chain), FAILED, "bad-certificate")
 
 
+@pytest.mark.parametrize("mangle", MANGLES)
+def test_bad_issuer_certificate(pki: Pki, mangle: str) -> None:
+    chain = [pki.leaf.der, MANGLES[mangle](pki.intermediate.der), pki.root.der]
+    # DANE-TA(2) needs the chain: an undecodable certificate in it fails closed...
+    check(run([pki.root.tlsa(2, 1, 1)], chain), FAILED, "bad-certificate")
+    # ...DANE-EE(3) never looks past the leaf (RFC 7672 §3.1.1).
+    check(run([pki.leaf.tlsa(3, 1, 1)], chain), VERIFIED, "match", 0)
+    check(run([pki.other_leaf.tlsa(3, 1, 1)], chain), FAILED, "no-match")
+
+
 # --- certificates cryptography refuses or warns about (issue 4 item 6) -----------------------
 
 #: serialNumber encodings. cryptography 50 loads non-positive serials with a
@@ -497,16 +668,6 @@ def test_positive_serials_of_any_length_still_decode(pki: Pki) -> None:
     # call, and it accepts it, so DANE-TA(2) still works.
     leaf = with_serial(pki.leaf, pki.intermediate, b"\x01" * 21)
     check(run([pki.intermediate.tlsa(2, 1, 1)], [leaf, pki.intermediate.der]), VERIFIED, "match", 1)
-
-
-@pytest.mark.parametrize("mangle", MANGLES)
-def test_bad_issuer_certificate(pki: Pki, mangle: str) -> None:
-    chain = [pki.leaf.der, MANGLES[mangle](pki.intermediate.der), pki.root.der]
-    # DANE-TA(2) needs the chain: an undecodable certificate in it fails closed...
-    check(run([pki.root.tlsa(2, 1, 1)], chain), FAILED, "bad-certificate")
-    # ...DANE-EE(3) never looks past the leaf (RFC 7672 §3.1.1).
-    check(run([pki.leaf.tlsa(3, 1, 1)], chain), VERIFIED, "match", 0)
-    check(run([pki.other_leaf.tlsa(3, 1, 1)], chain), FAILED, "no-match")
 
 
 @settings(max_examples=150, deadline=None, database=None)

@@ -31,7 +31,15 @@ from datetime import UTC, datetime
 from typing import Protocol, TypeVar
 
 from relay.dane.match import DaneStatus, verify
-from relay.dane.policy import TlsaState, TlsRequirement, decide, wants_tlsa
+from relay.dane.policy import (
+    Action,
+    AddressStatus,
+    MxStatus,
+    TlsaState,
+    TlsRequirement,
+    decide,
+    wants_tlsa,
+)
 from relay.dane.records import TlsaRecord, select_usable
 from relay.delivery.attempt import Attempt, AttemptRecorder, as_temporary, outcome_of
 from relay.delivery.planner import MxHost, plan_hosts
@@ -236,7 +244,8 @@ class DeliveryEngine:
         state: TlsaState = TlsaState.NOT_LOOKED_UP
         records: tuple[TlsaRecord, ...] = ()
         attempt.tlsa_base = host.name
-        if wants_tlsa(level, addrs.secure):
+        address_status = AddressStatus.SECURE if addrs.secure else AddressStatus.INSECURE
+        if wants_tlsa(level, address_status):
             # RFC 7672 §2.2.2: with a secure CNAME chain, TLSA at the expanded name first;
             # if it has none (secure denial), at the original MX host name.
             bases = [host.name]
@@ -247,7 +256,9 @@ class DeliveryEngine:
                 attempt.tlsa_base = base
                 if state is not TlsaState.SECURE_NONE:
                     break
-        decision = decide(level, state)
+        # The implicit MX is the next-hop domain itself, not a name from the MX RRset.
+        mx_status = MxStatus.SECURE if mx_secure or host.implicit else MxStatus.INSECURE
+        decision = decide(level, mx_status, address_status, state)
         log.debug(
             "queue_id=%s host=%s tlsa=%s level=%s decision=%s why=%r",
             attempt.queue_id,
@@ -258,10 +269,11 @@ class DeliveryEngine:
             decision.why,
         )
         if decision.requirement is None:
-            cls = _POLICY_DEFERRALS[decision.defer_reason]
+            assert decision.action is Action.SKIP_HOST
+            cls = _POLICY_DEFERRALS[decision.reason]
             exc3 = cls(f"{cls.default_reply.text} for {attempt.tlsa_base}:25", scope=Scope.HOST)
             attempt.dane = "fail"
-            attempt.dane_detail = f"reason={decision.defer_reason}"
+            attempt.dane_detail = f"reason={decision.reason}"
             self.record.log_failure(attempt, exc3, received)
             raise exc3
 

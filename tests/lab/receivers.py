@@ -3,7 +3,8 @@
 Owns:
 - `Receiver`: an aiosmtpd `Controller` (own thread and event loop) on a host's address,
   port 25, presenting that host's certificate chain on STARTTLS (or not offering STARTTLS
-  at all), recording every MAIL command and every message it accepts.
+  at all), recording every MAIL command, the SNI name of every TLS handshake and every
+  message it accepts.
 - `StallReceiver`: a bare TCP listener that accepts connections and never sends a
   greeting, to hold the relay mid-delivery (e.g. while it is SIGKILLed).
 - `ReceiverPool`: starts receivers by domain or host name and stops them all at once.
@@ -51,6 +52,12 @@ class _Recorder:
         self.cond = threading.Condition()
         self.messages: list[ReceivedMessage] = []
         self.mail_commands: list[tuple[str, bool]] = []  # (address, tls)
+        self.server_names: list[str | None] = []  # SNI of every TLS handshake, in order
+
+    def sni(self, sslobj: ssl.SSLObject | ssl.SSLSocket, name: str | None, _: object) -> None:
+        with self.cond:
+            self.server_names.append(name)
+            self.cond.notify_all()
 
     async def handle_MAIL(
         self,
@@ -96,6 +103,7 @@ class Receiver:
             chain, key = host.leaf.write(certdir, host.name)
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.load_cert_chain(chain, key)
+            ctx.sni_callback = self._recorder.sni
             kwargs["tls_context"] = ctx
             kwargs["require_starttls"] = False
         self._controller = Controller(
@@ -136,6 +144,12 @@ class Receiver:
         """(reverse-path, tls) for every MAIL command seen, accepted or not."""
         with self._recorder.cond:
             return list(self._recorder.mail_commands)
+
+    @property
+    def server_names(self) -> list[str | None]:
+        """The SNI name the client sent in each TLS handshake (None: no SNI), in order."""
+        with self._recorder.cond:
+            return list(self._recorder.server_names)
 
     def wait_for(self, count: int, timeout: float = 10.0) -> list[ReceivedMessage]:
         """Block until at least `count` messages arrived; return them all.

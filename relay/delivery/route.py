@@ -1,0 +1,310 @@
+"""Routing: from a next-hop domain to its MX hosts, and from one MX host to how to use it.
+
+Owns the DNS half of RFC 7672 §2.2 for the delivery engine and `dane-relay lookup`:
+
+* `resolve_mx(resolver, domain)` -> `MxRoute`: the MX answer, its status, the planned
+  hosts, and the failure that stops the domain (failed lookup, NXDOMAIN, null MX).
+* `resolve_host(resolver, host, ...)` -> `HostRoute`: the host's addresses and their
+  status, every TLSA lookup made, the TLSA base domain, the TLSA state and records, and
+  the `relay.dane.policy` decision with a one-line reason.
+
+Theory of operation for one host (RFC 7672 §2.2.2, §2.2.3):
+    1. A and AAAA (the resolver looks both up and follows CNAMEs). A failure, or no
+       address at all, makes the host unusable. One family failing beside addresses of
+       the other is noted (`failed_families`) and the addresses are used.
+    2. TLSA only when the level uses DANE and the addresses are secure — which they never
+       are when the resolver does not validate: then every answer counts as insecure.
+    3. TLSA at `_<port>._tcp.<name>`, first for the fully CNAME-expanded host name, then for
+       the original one. The first secure RRset with records decides, and its name is the
+       TLSA base domain. A secure denial or an insecure answer moves on to the next name;
+       a lookup failure stops at once (the host is skipped, never used without DANE).
+    4. `relay.dane.policy.decide` turns the statuses into a Decision.
+
+Guarantees: both functions return values and never raise `DnsTempFail`: a failed lookup
+becomes a status, a `failure` (a `relay.errors.DeliveryError` scoped to the host or the
+domain, ready to raise) and a reason. They never log; malformed TLSA records are returned
+in `HostRoute.malformed` for the caller to count and log. Does not connect, match
+certificates, or decide anything the policy table does not.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from relay.dane.policy import (
+    Action,
+    AddressStatus,
+    Decision,
+    MxStatus,
+    TlsaState,
+    decide,
+    wants_tlsa,
+)
+from relay.dane.records import TlsaRecord, select_usable
+from relay.delivery.planner import MxHost, Plan, plan_hosts
+from relay.errors import (
+    DaneNotAvailable,
+    DeliveryError,
+    DnsTempFail,
+    NoSuchDomain,
+    NullMx,
+    Scope,
+    TlsaLookupFailed,
+    TlsaMalformed,
+)
+from relay.lookup.results import AnswerKind, DnsAnswer, MxRecord, Resolver, Security
+
+__all__ = ["HostRoute", "MxRoute", "TlsaLookup", "resolve_host", "resolve_mx"]
+
+
+@dataclass(frozen=True, slots=True)
+class MxRoute:
+    """What the MX lookup of one next-hop domain gave."""
+
+    domain: str
+    answer: DnsAnswer[MxRecord] | None  # None: the lookup failed
+    status: MxStatus  # INSECURE for every answer when the resolver does not validate
+    plan: Plan
+    failure: DeliveryError | None  # set when no host is to be tried: defer or bounce
+    validating: bool = True
+
+    @property
+    def dnssec(self) -> str:
+        """Log label: secure / insecure / unvalidated, or "-" when the lookup failed."""
+        if self.answer is None:
+            return "-"
+        return self.status.value if self.validating else "unvalidated"
+
+
+@dataclass(frozen=True, slots=True)
+class TlsaLookup:
+    """One TLSA query made for a host, in the order made."""
+
+    base: str  # the candidate TLSA base domain
+    answer: DnsAnswer[TlsaRecord] | None  # None: the lookup failed
+    error: DnsTempFail | None = None
+
+    @property
+    def outcome(self) -> str:
+        """secure / insecure / secure-nxdomain / secure-nodata / failed:<kind>."""
+        if self.answer is None:
+            return f"failed:{self.error.kind if self.error else 'error'}"
+        if self.answer.kind is AnswerKind.DATA or not self.answer.secure:
+            return self.answer.security.value
+        return f"secure-{self.answer.kind.value}"
+
+
+@dataclass(frozen=True, slots=True)
+class HostRoute:
+    """Everything known about one MX host before connecting to it."""
+
+    host: MxHost
+    next_hop: str
+    mx_status: MxStatus  # as the policy saw it (the implicit MX counts as secure)
+    addresses: tuple[str, ...]
+    address_status: AddressStatus
+    failed_families: tuple[str, ...]  # e.g. ("AAAA",): failed while the other family answered
+    canonical: str  # the CNAME-expanded host name, "" when there was no CNAME
+    tlsa_lookups: tuple[TlsaLookup, ...]
+    tlsa_base: str  # RFC 7672 §2.2.3: where the TLSA records were found (SNI, name checks)
+    tlsa_state: TlsaState
+    tlsa_records: tuple[TlsaRecord, ...]  # every record of the deciding secure RRset
+    usable: tuple[TlsaRecord, ...]  # what DANE matches against (RFC 7671 §9 agility applied)
+    malformed: tuple[TlsaRecord, ...]  # secure records with bad data (RFC 7671 §4.1)
+    decision: Decision
+    reason: str  # one line: what was found and what the policy made of it
+    failure: DeliveryError | None  # set unless the decision uses the host
+    dnssec: str  # log label: secure / insecure / mx-insecure / unvalidated
+
+    @property
+    def reference_names(self) -> tuple[str, ...]:
+        """RFC 7672 §3.2.2: TLSA base domain, MX host name, and the next-hop domain only
+        when the MX RRset that named the host is secure."""
+        names = [self.tlsa_base, self.host.name]
+        if self.mx_status is MxStatus.SECURE:
+            names.append(self.next_hop)
+        return tuple(dict.fromkeys(n.lower() for n in names))
+
+    @property
+    def dane_label(self) -> str:
+        """The TLS outcome label a DANE match earns: "verified", or "trusted" when the MX
+        host name itself was not authenticated (insecure MX RRset, RFC 7672 §2.2.1)."""
+        return "verified" if self.mx_status is MxStatus.SECURE else "trusted"
+
+
+async def resolve_mx(
+    resolver: Resolver,
+    domain: str,
+    *,
+    validating: bool = True,
+    rng: random.Random | None = None,
+) -> MxRoute:
+    """Look up and plan the MX hosts of `domain`. Never raises DnsTempFail."""
+    try:
+        answer = await resolver.mx(domain)
+    except DnsTempFail as exc:
+        # RFC 7672 §2.1, §2.2.1: a failed MX lookup defers the domain, never "no MX".
+        return MxRoute(domain, None, MxStatus.FAILED, Plan(()), exc, validating)
+    # RFC 7672 §2.1: without a validating resolver nothing is secure.
+    status = MxStatus.SECURE if answer.secure and validating else MxStatus.INSECURE
+    plan = plan_hosts(domain, answer, rng)
+    failure: DeliveryError | None = None
+    if plan.no_domain:
+        failure = NoSuchDomain(scope=Scope.DOMAIN)
+    elif plan.null_mx:
+        # RFC 7505 §3: a null MX bounces at once.
+        failure = NullMx(scope=Scope.DOMAIN)
+    return MxRoute(domain, answer, status, plan, failure, validating)
+
+
+@dataclass(frozen=True, slots=True)
+class _Tlsa:
+    lookups: tuple[TlsaLookup, ...] = ()
+    base: str = ""
+    state: TlsaState = TlsaState.NOT_LOOKED_UP
+    records: tuple[TlsaRecord, ...] = ()
+    usable: tuple[TlsaRecord, ...] = ()
+    malformed: tuple[TlsaRecord, ...] = ()
+
+
+async def _tlsa(resolver: Resolver, host: MxHost, canonical: str, port: int) -> _Tlsa:
+    # RFC 7672 §2.2.3: candidates are the fully CNAME-expanded name, then the original one.
+    bases = [canonical, host.name] if canonical and canonical != host.name.lower() else [host.name]
+    lookups: list[TlsaLookup] = []
+    state = TlsaState.NOT_LOOKED_UP
+    for base in bases:
+        try:
+            answer = await resolver.tlsa(base, port)
+        except DnsTempFail as exc:
+            # RFC 7672 §2.1, §2.2.3: a failed lookup is not a denial: stop here.
+            lookups.append(TlsaLookup(base, None, exc))
+            return _Tlsa(tuple(lookups), base, TlsaState.LOOKUP_FAILED)
+        lookups.append(TlsaLookup(base, answer))
+        if not answer.secure:
+            state = TlsaState.INSECURE  # RFC 7672 §2.2.3: insecure TLSA: next candidate
+            continue
+        if answer.kind is not AnswerKind.DATA or not answer.records:
+            state = TlsaState.SECURE_NONE  # RFC 7672 §2.2.3: secure denial: next candidate
+            continue
+        # RFC 7672 §2.2.3: the first secure TLSA RRset decides; its name is the base domain.
+        usable = select_usable(answer.records)  # RFC 7671 §9, RFC 7672 §3.1.3
+        malformed = tuple(r for r in answer.records if r.malformed)
+        if usable:
+            state = TlsaState.SECURE_USABLE
+        elif malformed:
+            state = TlsaState.SECURE_MALFORMED
+        else:
+            state = TlsaState.SECURE_UNUSABLE
+        return _Tlsa(tuple(lookups), base, state, answer.records, usable, malformed)
+    return _Tlsa(tuple(lookups), bases[-1], state)
+
+
+def _failure(
+    decision: Decision, host: MxHost, base: str, port: int, address_error: DnsTempFail | None
+) -> DeliveryError | None:
+    """The error that reports a decision not to use the host (None when it is used)."""
+    if decision.action in (Action.DANE, Action.NO_DANE):
+        return None
+    where = f"{base}:{port}"
+    if decision.reason == "address_lookup" and address_error is not None:
+        return DnsTempFail(address_error.reply.text, kind=address_error.kind, scope=Scope.HOST)
+    if decision.reason == "no_address":
+        return DnsTempFail(f"Host or domain name not found: {host.name}", scope=Scope.HOST)
+    if decision.reason == "tlsa_lookup":
+        return TlsaLookupFailed(f"TLSA lookup error for {where}", scope=Scope.HOST)
+    if decision.reason == "tlsa_malformed":
+        return TlsaMalformed(f"TLSA records malformed for {where}", scope=Scope.HOST)
+    if decision.reason == "dane_required":
+        text = f"{DaneNotAvailable.default_reply.text} for {where}"
+        return DaneNotAvailable(text, scope=Scope.HOST)
+    # Not reachable from resolve_host (its MX lookup answered); kept total for the table.
+    return DnsTempFail(f"{decision.why} for {host.name}", scope=Scope.DOMAIN)
+
+
+async def resolve_host(
+    resolver: Resolver,
+    host: MxHost,
+    *,
+    next_hop: str,
+    level: str,
+    mx_security: Security,
+    insecure_mx_policy: str = "dane",
+    validating: bool = True,
+    tlsa_port: int = 25,
+) -> HostRoute:
+    """Resolve one MX host and decide how to use it. Never raises DnsTempFail.
+
+    `mx_security` is the security of the MX answer that named the host (of the NODATA
+    answer for the implicit MX). `tlsa_port` is the port in the TLSA name, always the
+    logical SMTP port (RFC 7672 §2.2.3), whatever port the connection uses.
+
+    Raises:
+        KeyError: `level` or `insecure_mx_policy` is unknown (the configuration prevents it).
+    """
+    # The implicit MX (RFC 5321 §5.1) is the next-hop domain itself, not a name taken from
+    # an MX RRset, so there is no MX host name to authenticate (RFC 7672 §2.2.1).
+    mx_secure = host.implicit or (mx_security is Security.SECURE and validating)
+    mx_status = MxStatus.SECURE if mx_secure else MxStatus.INSECURE
+    notes: list[str] = []
+    if not validating:
+        notes.append("resolver not validating: every answer counts as insecure (RFC 7672 §2.1)")
+
+    addresses: tuple[str, ...] = ()
+    failed: tuple[str, ...] = ()
+    canonical = ""
+    address_error: DnsTempFail | None = None
+    try:
+        answer = await resolver.addresses(host.name)
+    except DnsTempFail as exc:
+        address_error = exc
+        address_status = AddressStatus.FAILED
+        notes.append(f"address lookup failed ({exc.kind}): {exc.reply.text}")
+    else:
+        addresses, failed, canonical = answer.records, answer.failed, answer.canonical
+        if not addresses:
+            address_status = AddressStatus.NONE
+        elif answer.secure and validating:
+            address_status = AddressStatus.SECURE
+        else:
+            address_status = AddressStatus.INSECURE
+        if failed:
+            notes.append(f"{'/'.join(failed)} lookup failed, using the other family")
+
+    tlsa = _Tlsa(base=host.name)
+    if wants_tlsa(level, address_status):
+        tlsa = await _tlsa(resolver, host, canonical, tlsa_port)
+        last = tlsa.lookups[-1]
+        if last.error is not None:
+            notes.append(f"TLSA lookup failed at _{tlsa_port}._tcp.{last.base} ({last.error.kind})")
+        if tlsa.malformed:
+            notes.append(f"{len(tlsa.malformed)} malformed TLSA record(s)")
+
+    decision = decide(level, mx_status, address_status, tlsa.state, insecure_mx_policy)
+    if not validating:
+        dnssec = "unvalidated"
+    elif address_status in (AddressStatus.FAILED, AddressStatus.NONE):
+        dnssec = mx_security.value  # nothing learnt beyond the MX answer
+    elif address_status is AddressStatus.INSECURE:
+        dnssec = "insecure"
+    else:
+        dnssec = "secure" if mx_security is Security.SECURE else "mx-insecure"
+    return HostRoute(
+        host=host,
+        next_hop=next_hop,
+        mx_status=mx_status,
+        addresses=addresses,
+        address_status=address_status,
+        failed_families=failed,
+        canonical=canonical,
+        tlsa_lookups=tlsa.lookups,
+        tlsa_base=tlsa.base,
+        tlsa_state=tlsa.state,
+        tlsa_records=tlsa.records,
+        usable=tlsa.usable,
+        malformed=tlsa.malformed,
+        decision=decision,
+        reason="; ".join([*notes, f"{decision.why} ({decision.rfc})"]),
+        failure=_failure(decision, host, tlsa.base, tlsa_port, address_error),
+        dnssec=dnssec,
+    )

@@ -31,7 +31,8 @@ class Attempt:
     recipients: Sequence[str]
     smtputf8: bool = False  # RFC 6531: the message needs (or asked for) SMTPUTF8
     relay: str = "none"
-    dnssec: str = "-"
+    dnssec: str = "-"  # secure / insecure / mx-insecure / unvalidated
+    dns_detail: str = ""  # "dns=partial failed=AAAA" when one address family failed
     tls: str = "none"  # verified / trusted / encrypted / none: the metric label
     tls_detail: str = ""  # "(TLSv1.3 TLS_AES_256_GCM_SHA384)" for the log line
     tlsa_base: str = ""  # RFC 7672 §2.2.2: the name whose TLSA records apply
@@ -119,13 +120,15 @@ class AttemptRecorder:
         extra: str = "",
     ) -> None:
         detail = f" {attempt.dane_detail}" if attempt.dane_detail else ""
+        dns = f" {attempt.dns_detail}" if attempt.dns_detail else ""
         log.info(
-            "queue_id=%s to=%s relay=%s dnssec=%s tls=%s%s dane=%s%s delay=%.2f "
+            "queue_id=%s to=%s relay=%s dnssec=%s%s tls=%s%s dane=%s%s delay=%.2f "
             'attempt_time=%.2f status=%s reply="%s"%s',
             attempt.queue_id,
             ",".join(f"<{r}>" for r in rcpts),
             attempt.relay,
             attempt.dnssec,
+            dns,
             attempt.tls,
             attempt.tls_detail,
             attempt.dane,

@@ -2,13 +2,15 @@
 
 Theory of operation, per next-hop domain (recipients are grouped by domain):
 
-1. MX lookup (RFC 7672 §2.2.1). A lookup failure defers every recipient of the
-   domain; NXDOMAIN and a null MX (RFC 7505) bounce them; no MX means the domain
+1. `route.resolve_mx` (RFC 7672 §2.2.1). A lookup failure defers every recipient of
+   the domain; NXDOMAIN and a null MX (RFC 7505) bounce them; no MX means the domain
    itself is the implicit MX (RFC 5321 §5.1).
-2. For each MX host in preference order: address lookup, then, when the level
-   uses DANE and the addresses are secure, the TLSA lookup at _25._tcp.<host>.
-   `relay.dane.policy.decide` turns (level, TLSA state) into a TLS requirement or
-   a deferral. A lookup failure never becomes "no TLSA" (RFC 7672 §2.1).
+2. For each MX host in preference order, `route.resolve_host`: addresses, TLSA (first
+   at the CNAME-expanded name) and the `relay.dane.policy` decision. A host the policy
+   skips (failed address or TLSA lookup, dane-only without usable TLSA, ...) moves on to
+   the next MX; a TLSA lookup failure never becomes "no TLSA" (RFC 7672 §2.1). When the
+   resolver is known not to validate (`ResolverStatus.validating` False), every answer
+   counts as insecure: dane becomes opportunistic TLS and dane-only defers.
 3. For each address: connect, EHLO, STARTTLS as required, DANE verification of
    the peer chain (pure `relay.dane.match.verify`), then MAIL/RCPT/DATA. A
    failure scoped to the host (connect, TLS, DANE, greeting) moves on to the next
@@ -25,43 +27,29 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 from relay.dane.match import DaneStatus, verify
-from relay.dane.policy import (
-    Action,
-    AddressStatus,
-    MxStatus,
-    TlsaState,
-    TlsRequirement,
-    decide,
-    wants_tlsa,
-)
-from relay.dane.records import TlsaRecord, select_usable
+from relay.dane.policy import DANE_LEVELS, Action, TlsaState, TlsRequirement
 from relay.delivery.attempt import Attempt, AttemptRecorder, as_temporary, outcome_of
-from relay.delivery.planner import MxHost, plan_hosts
+from relay.delivery.planner import MxHost
+from relay.delivery.route import HostRoute, resolve_host, resolve_mx
 from relay.errors import (
-    DaneNotAvailable,
     DaneRequiredNoTls,
     DaneVerificationFailed,
     DeliveryError,
-    DnsTempFail,
-    NoSuchDomain,
-    NullMx,
     PermanentFailure,
     RemotePermReject,
     RemoteTempReject,
     Scope,
     TemporaryFailure,
-    TlsaLookupFailed,
-    TlsaMalformed,
     TlsHandshakeFailed,
     TlsRequiredNotOffered,
 )
-from relay.lookup.results import AnswerKind, DnsAnswer, Resolver
+from relay.lookup.results import Resolver, ResolverStatus, Security
 from relay.metrics import Metrics
 from relay.model import Outcome, RecipientResult, domain_of
 from relay.smtp.reply import SmtpReply
@@ -70,13 +58,8 @@ __all__ = ["DeliveryEngine", "EngineSettings", "Session", "Transport"]
 
 log = logging.getLogger("relay.delivery")
 
-# dane.policy deferral reasons -> the failure each one raises (all 4.7.5, host scope).
-_POLICY_DEFERRALS: dict[str, type[TemporaryFailure]] = {
-    "tlsa_lookup": TlsaLookupFailed,
-    "tlsa_malformed": TlsaMalformed,
-    "dane_required": DaneNotAvailable,
-}
-_T = TypeVar("_T")
+# Policy reasons for skipping a host that are DANE failures (logged dane=fail reason=...).
+_DANE_SKIPS = frozenset({"tlsa_lookup", "tlsa_malformed", "dane_required"})
 
 
 class Session(Protocol):
@@ -103,6 +86,8 @@ class EngineSettings:
     helo_name: str
     port: int = 25  # TCP port to connect to
     tlsa_port: int = 25  # RFC 7672 §2.2.3: TLSA qname always uses the SMTP port 25
+    # RFC 7672 §2.2.1: level dane, secure TLSA via an insecure MX RRset: dane/encrypt/may.
+    insecure_mx_policy: str = "dane"
 
 
 class DeliveryEngine:
@@ -114,6 +99,7 @@ class DeliveryEngine:
         settings: EngineSettings,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
+        resolver_status: ResolverStatus | None = None,
     ) -> None:
         self.resolver = resolver
         self.transport = transport
@@ -121,6 +107,7 @@ class DeliveryEngine:
         self.settings = settings
         self.metrics = metrics
         self.clock = clock
+        self.resolver_status = resolver_status  # None: the resolver is trusted to validate
         self.record = AttemptRecorder(metrics, clock)
 
     async def deliver(
@@ -173,23 +160,21 @@ class DeliveryEngine:
         smtputf8: bool = False,
     ) -> list[RecipientResult]:
         attempt = Attempt(queue_id, domain, rcpts, smtputf8=smtputf8)
-        try:
-            mx = await self._lookup("MX", self.resolver.mx(domain))
-        except DnsTempFail as exc:
-            # RFC 7672 §2.1: a failed MX lookup is a temporary failure, never "no MX".
-            return self.record.fail_all(attempt, exc, received)
-        attempt.dnssec = mx.security.value
-        plan = plan_hosts(domain, mx)
-        if plan.no_domain:
-            return self.record.fail_all(attempt, NoSuchDomain(scope=Scope.DOMAIN), received)
-        if plan.null_mx:
-            # RFC 7505 §3: null MX: bounce at once.
-            return self.record.fail_all(attempt, NullMx(scope=Scope.DOMAIN), received)
+        # One reading per domain, so that every host of the domain is judged alike.
+        validating = self.resolver_status is None or self.resolver_status.validating
+        mx = await resolve_mx(self.resolver, domain, validating=validating)
+        attempt.dnssec = mx.dnssec
+        if mx.failure is not None:
+            # RFC 7672 §2.1: a failed MX lookup defers, never "no MX"; RFC 7505: null MX bounces.
+            return self.record.fail_all(attempt, mx.failure, received)
+        assert mx.answer is not None
 
         last: DeliveryError | None = None
-        for host in plan.hosts:
+        for host in mx.plan.hosts:
             try:
-                return await self._try_host(attempt, host, mx.secure, sender, body, received)
+                return await self._try_host(
+                    attempt, host, mx.answer.security, validating, sender, body, received
+                )
             except (TemporaryFailure, PermanentFailure) as exc:
                 if exc.scope is not Scope.HOST:
                     return self.record.fail_all(attempt, exc, received)
@@ -206,93 +191,62 @@ class DeliveryEngine:
             log_it=False,
         )
 
-    async def _lookup(self, rrtype: str, aw: Awaitable[DnsAnswer[_T]]) -> DnsAnswer[_T]:
-        try:
-            answer = await aw
-        except DnsTempFail:
-            self.metrics.dns_lookups.labels(rrtype, "fail").inc()
-            raise
-        self.metrics.dns_lookups.labels(rrtype, answer.security.value).inc()
-        return answer
-
     async def _try_host(
         self,
         attempt: Attempt,
         host: MxHost,
-        mx_secure: bool,
+        mx_security: Security,
+        validating: bool,
         sender: str,
         body: bytes,
         received: float,
     ) -> list[RecipientResult]:
-        level = self.settings.level
-        attempt.relay = f"{host.name}[-]"
-        try:
-            addrs = await self._lookup("A/AAAA", self.resolver.addresses(host.name))
-        except DnsTempFail as exc:
-            self.record.log_failure(attempt, exc, received)
-            raise DnsTempFail(exc.reply.text, scope=Scope.HOST) from exc
-        if not addrs.records:
-            exc2 = DnsTempFail(f"Host or domain name not found: {host.name}", scope=Scope.HOST)
-            self.record.log_failure(attempt, exc2, received)
-            raise exc2
-        attempt.dnssec = (
-            "secure"
-            if (mx_secure and addrs.secure)
-            else ("insecure" if not addrs.secure else "mx-insecure")
+        settings = self.settings
+        route = await resolve_host(
+            self.resolver,
+            host,
+            next_hop=attempt.domain,
+            level=settings.level,
+            mx_security=mx_security,
+            insecure_mx_policy=settings.insecure_mx_policy,
+            validating=validating,
+            tlsa_port=settings.tlsa_port,
         )
-
-        state: TlsaState = TlsaState.NOT_LOOKED_UP
-        records: tuple[TlsaRecord, ...] = ()
-        attempt.tlsa_base = host.name
-        address_status = AddressStatus.SECURE if addrs.secure else AddressStatus.INSECURE
-        if wants_tlsa(level, address_status):
-            # RFC 7672 §2.2.2: with a secure CNAME chain, TLSA at the expanded name first;
-            # if it has none (secure denial), at the original MX host name.
-            bases = [host.name]
-            if addrs.canonical and addrs.canonical != host.name.lower():
-                bases.insert(0, addrs.canonical)
-            for base in bases:
-                state, records = await self._tlsa_state(base)
-                attempt.tlsa_base = base
-                if state is not TlsaState.SECURE_NONE:
-                    break
-        # The implicit MX is the next-hop domain itself, not a name from the MX RRset.
-        mx_status = MxStatus.SECURE if mx_secure or host.implicit else MxStatus.INSECURE
-        decision = decide(level, mx_status, address_status, state)
+        attempt.relay = f"{host.name}[-]"
+        attempt.dnssec = route.dnssec
+        attempt.tlsa_base = route.tlsa_base
+        attempt.dns_detail = (
+            f"dns=partial failed={','.join(route.failed_families)}" if route.failed_families else ""
+        )
+        self._note_tlsa(attempt, route)
+        decision = route.decision
         log.debug(
             "queue_id=%s host=%s tlsa=%s level=%s decision=%s why=%r",
             attempt.queue_id,
             host.name,
-            state.value,
-            level,
-            decision.requirement.value if decision.requirement else "defer",
-            decision.why,
+            route.tlsa_state.value,
+            settings.level,
+            decision.action.value,
+            route.reason,
         )
-        if decision.requirement is None:
-            assert decision.action is Action.SKIP_HOST
-            cls = _POLICY_DEFERRALS[decision.reason]
-            exc3 = cls(f"{cls.default_reply.text} for {attempt.tlsa_base}:25", scope=Scope.HOST)
-            attempt.dane = "fail"
-            attempt.dane_detail = f"reason={decision.reason}"
-            self.record.log_failure(attempt, exc3, received)
-            raise exc3
+        if route.failure is not None:
+            if decision.reason in _DANE_SKIPS:
+                attempt.dane, attempt.dane_detail = "fail", f"reason={decision.reason}"
+            self.record.log_failure(attempt, route.failure, received)
+            raise route.failure
+        assert decision.requirement is not None
 
         last: DeliveryError | None = None
-        for address in addrs.records:
-            attempt.relay = f"{host.name}[{address}]:{self.settings.port}"
+        for address in route.addresses:
+            attempt.relay = f"{host.name}[{address}]:{settings.port}"
             attempt.tls, attempt.tls_detail = "none", ""
             attempt.dane, attempt.dane_detail = "none", ""
+            if decision.action is Action.NO_DANE and settings.level in DANE_LEVELS:
+                # Why DANE did not apply at a DANE level (insecure addresses, no TLSA, ...).
+                attempt.dane_detail = f"reason={decision.reason}"
             try:
                 return await self._transact(
-                    attempt,
-                    host,
-                    address,
-                    decision.requirement,
-                    records,
-                    mx_secure,
-                    sender,
-                    body,
-                    received,
+                    attempt, route, address, decision.requirement, sender, body, received
                 )
             except (TemporaryFailure, PermanentFailure) as exc:
                 self.record.log_failure(attempt, exc, received)
@@ -302,50 +256,35 @@ class DeliveryEngine:
         assert last is not None
         raise last
 
-    async def _tlsa_state(self, host: str) -> tuple[TlsaState, tuple[TlsaRecord, ...]]:
-        try:
-            answer = await self._lookup("TLSA", self.resolver.tlsa(host, self.settings.tlsa_port))
-        except DnsTempFail:
-            # RFC 7672 §2.2: TLSA lookup failure -> defer, never treat as "no TLSA".
-            return TlsaState.LOOKUP_FAILED, ()
-        if not answer.secure:
-            return TlsaState.INSECURE, ()  # RFC 7672 §2.2: insecure TLSA is ignored
-        if answer.kind is not AnswerKind.DATA:
-            return TlsaState.SECURE_NONE, ()
-        # RFC 7671 §9 digest agility and RFC 7672 §3.1.3 usability, in one place.
-        usable = select_usable(answer.records)
-        malformed = [r for r in answer.records if r.malformed]
-        if malformed:
-            # Bad DNS data is logged and counted wherever it appears (DESIGN.md).
-            self.metrics.dns_lookups.labels("TLSA", "malformed").inc()
+    def _note_tlsa(self, attempt: Attempt, route: HostRoute) -> None:
+        """Count and log what the TLSA RRset held that the policy cannot use."""
+        if route.malformed:
+            # Bad DNS data is logged and counted wherever it appears (RFC 7671 §4.1).
+            self.metrics.tlsa_malformed.inc(len(route.malformed))
             log.warning(
-                "host=%s dane=malformed-tlsa records=%s usable_left=%d",
-                host,
-                ",".join(str(r) for r in malformed),
-                len(usable),
+                "queue_id=%s host=%s dane=malformed-tlsa records=%s usable_left=%d",
+                attempt.queue_id,
+                route.tlsa_base,
+                ",".join(str(r) for r in route.malformed),
+                len(route.usable),
             )
-            if not usable:
-                return TlsaState.SECURE_MALFORMED, answer.records
-        if not usable:
+        if route.tlsa_state is TlsaState.SECURE_UNUSABLE:
             # RFC 7672 §3.1.3: only unusable records: encrypt without authentication.
             log.info(
-                "host=%s dane=unusable records=%s",
-                host,
-                ",".join(f"{r.usage}-{r.selector}-{r.mtype}" for r in answer.records),
+                "queue_id=%s host=%s dane=unusable records=%s",
+                attempt.queue_id,
+                route.tlsa_base,
+                ",".join(f"{r.usage}-{r.selector}-{r.mtype}" for r in route.tlsa_records),
             )
-            return TlsaState.SECURE_UNUSABLE, answer.records
-        return TlsaState.SECURE_USABLE, usable
 
     # -- one connection ------------------------------------------------------------
 
     async def _transact(
         self,
         attempt: Attempt,
-        host: MxHost,
+        route: HostRoute,
         address: str,
         requirement: TlsRequirement,
-        records: Sequence[TlsaRecord],
-        mx_secure: bool,
         sender: str,
         body: bytes,
         received: float,
@@ -354,9 +293,7 @@ class DeliveryEngine:
         try:
             await self._ehlo(session)
             if requirement is not TlsRequirement.NONE and session.supports("starttls"):
-                session = await self._starttls(
-                    session, attempt, host, address, requirement, records, mx_secure
-                )
+                session = await self._starttls(session, attempt, route, address, requirement)
             elif requirement is TlsRequirement.DANE:
                 # RFC 7672 §2.2: DANE applies, STARTTLS not offered: defer, never plaintext.
                 attempt.dane = "fail"
@@ -383,16 +320,13 @@ class DeliveryEngine:
         self,
         session: Session,
         attempt: Attempt,
-        host: MxHost,
+        route: HostRoute,
         address: str,
         requirement: TlsRequirement,
-        records: Sequence[TlsaRecord],
-        mx_secure: bool,
     ) -> Session:
         # RFC 7672 §8.1: SNI carries the TLSA base domain.
-        base = attempt.tlsa_base
         try:
-            chain = await session.starttls(base, self.tls_context)
+            chain = await session.starttls(route.tlsa_base, self.tls_context)
         except TlsHandshakeFailed:
             if requirement is not TlsRequirement.MAY:
                 if requirement is TlsRequirement.DANE:
@@ -413,12 +347,10 @@ class DeliveryEngine:
             return session
         version, cipher = session.tls_info()
         if requirement is TlsRequirement.DANE:
-            # RFC 7672 §3.2.3: reference identifiers are the TLSA base domain, the MX host
+            # RFC 7672 §3.2.2: reference identifiers are the TLSA base domain, the MX host
             # name and, when the MX RRset is secure, the next-hop domain.
-            ref_names = list(
-                dict.fromkeys([base, host.name] + ([attempt.domain] if mx_secure else []))
-            )
-            verdict = verify(records, chain, ref_names, datetime.fromtimestamp(self.clock(), UTC))
+            now = datetime.fromtimestamp(self.clock(), UTC)
+            verdict = verify(route.usable, chain, route.reference_names, now)
             self.metrics.dane_verifications.labels(verdict.status.value, verdict.reason).inc()
             matched = f' matched="{verdict.matched}"' if verdict.matched else ""
             depth = f" depth={verdict.match_depth}" if verdict.match_depth is not None else ""
@@ -431,8 +363,8 @@ class DeliveryEngine:
                     f"Server certificate not verified ({verdict.reason})", scope=Scope.HOST
                 )
             attempt.dane = "pass"
-            # Glossary: "verified" needs a secure MX RRset; else the name is only "trusted".
-            attempt.tls = "verified" if mx_secure or host.implicit else "trusted"
+            # RFC 7672 §2.2.1: via an insecure MX RRset the name is only "trusted".
+            attempt.tls = route.dane_label
         else:
             attempt.tls = "encrypted"
         attempt.tls_detail = f"({version} {cipher})" if version else ""

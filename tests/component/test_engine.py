@@ -35,7 +35,7 @@ from relay.errors import (
     Scope,
     TlsHandshakeFailed,
 )
-from relay.lookup.results import AnswerKind, DnsAnswer, MxRecord, Security
+from relay.lookup.results import AnswerKind, DnsAnswer, MxRecord, ResolverStatus, Security
 from relay.metrics import Metrics
 from relay.model import Outcome, RecipientResult
 from relay.smtp.reply import SmtpReply
@@ -289,6 +289,8 @@ def world(
     *,
     level: str = "dane",
     port: int = 25,
+    insecure_mx_policy: str = "dane",
+    resolver_status: ResolverStatus | None = None,
 ) -> World:
     transport = FakeTransport(peers)
     metrics = Metrics()
@@ -296,9 +298,15 @@ def world(
         resolver,
         transport,
         transport.expected_context,
-        EngineSettings(level=level, helo_name="relay.example.net", port=port),
+        EngineSettings(
+            level=level,
+            helo_name="relay.example.net",
+            port=port,
+            insecure_mx_policy=insecure_mx_policy,
+        ),
         metrics,
         clock=lambda: NOW,
+        resolver_status=resolver_status,
     )
     return World(resolver, transport, metrics, engine)
 
@@ -354,7 +362,9 @@ async def test_secure_mx_matching_3_1_1_delivers_verified(caplog: pytest.LogCapt
     ]
     assert w.sample("relay_dane_verifications_total", result="verified", reason="match") == 1
     assert w.sample("relay_delivery_attempts_total", result="delivered", reason="sent") == 1
-    assert w.sample("relay_dns_lookups_total", rrtype="TLSA", result="secure") == 1
+    # DNS lookups are counted by the resolver adapter (LookupObserver), not by the engine.
+    assert w.sample("relay_dns_lookups_total", rrtype="TLSA", result="secure") is None
+    assert w.sample("relay_tlsa_malformed_records_total") == 0
     assert w.sample("relay_delivery_delay_seconds_count") == 1
     assert w.sample("relay_delivery_delay_seconds_sum") == 60.0
     (line,) = [r.getMessage() for r in caplog.records if "status=sent" in r.getMessage()]
@@ -489,7 +499,8 @@ async def test_tlsa_lookup_failure_defers_without_connecting() -> None:
     assert r.reply.text == "TLSA lookup error for mx1.secure.example:25"
     assert r.reason == "tlsa_lookup"
     assert w.transport.log == []
-    assert w.sample("relay_dns_lookups_total", rrtype="TLSA", result="fail") == 1
+    assert w.resolver.tlsa_lookups() == ["_25._tcp.mx1.secure.example"]
+    assert w.sample("relay_delivery_attempts_total", result="deferred", reason="tlsa_lookup") == 1
 
 
 async def test_insecure_addresses_skip_tlsa_and_use_opportunistic_tls() -> None:
@@ -568,17 +579,26 @@ async def test_secure_unusable_tlsa_encrypts_without_verification(
     assert any(" tls=encrypted(" in rec.getMessage() for rec in caplog.records)
 
 
-async def test_malformed_tlsa_alone_defers_without_connecting() -> None:
+async def test_malformed_tlsa_alone_defers_without_connecting(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     # A DANE-EE record whose digest has the wrong length is bad DNS data, not a record
     # type we merely do not use: with nothing usable beside it, defer (never encrypt-only).
     malformed = [TlsaRecord(3, 1, 1, b"\x03" * 31), *UNUSABLE]
     w = world(secure_domain(tlsa=malformed), {"192.0.2.1": Peer()})
-    (r,) = await w.deliver("rcpt@secure.example")
+    with caplog.at_level(logging.INFO, logger="relay.delivery"):
+        (r,) = await w.deliver("rcpt@secure.example")
     assert r.outcome is Outcome.DEFERRED
     assert (r.reply.code, r.reply.enhanced) == (451, "4.7.5")
+    assert r.reply.text == "TLSA records malformed for mx1.secure.example:25"
     assert r.reason == "tlsa_malformed"
     assert w.transport.verbs() == []
-    assert w.sample("relay_dns_lookups_total", rrtype="TLSA", result="malformed") == 1
+    assert w.sample("relay_tlsa_malformed_records_total") == 1
+    warnings = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
+    assert warnings == [
+        "queue_id=0123456789ABCDEF01234 host=mx1.secure.example dane=malformed-tlsa "
+        "records=3 1 1 0303030303030303… usable_left=0"
+    ]
 
 
 async def test_secure_unusable_tlsa_without_starttls_defers() -> None:
@@ -709,7 +729,6 @@ async def test_mx_lookup_failure_defers_4_4_3() -> None:
     assert results[0].reply.text == "SERVFAIL for broken.example MX"
     assert w.transport.log == []
     assert w.sample("relay_delivery_attempts_total", result="deferred", reason="dns") == 2
-    assert w.sample("relay_dns_lookups_total", rrtype="MX", result="fail") == 1
 
 
 async def test_nxdomain_bounces_5_1_2() -> None:
@@ -995,3 +1014,270 @@ async def test_dane_ta_leaf_naming_the_mx_host_verifies_via_insecure_mx() -> Non
     (r,) = await w.deliver("rcpt@hosted.example")
     assert r.outcome is Outcome.DELIVERED
     assert w.sample("relay_dane_verifications_total", result="verified", reason="match") == 1
+
+
+# -- routing (RFC 7672 §2.2): insecure MX policy, skipped hosts, a non-validating resolver ----
+
+
+def insecure_mx_domain() -> FakeResolver:
+    """hosted.example's MX RRset is insecure; its host's addresses and TLSA are secure."""
+    resolver = FakeResolver()
+    resolver.domain(
+        "hosted.example", (10, "mx1.secure.example", "192.0.2.1"), mx_security=Security.INSECURE
+    )
+    resolver.set_tlsa("mx1.secure.example", tlsa_3_1_1(cert_der("mx1.secure.example")))
+    return resolver
+
+
+def attempt_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if " status=" in r.getMessage()]
+
+
+async def test_insecure_mx_policy_dane_verifies_and_logs_trusted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """RFC 7672 §2.2.1: DANE via an insecure MX RRset authenticates the host, not the MX name."""
+    w = world(
+        insecure_mx_domain(),
+        {"192.0.2.1": Peer(starttls=[cert_der("mx1.secure.example")])},
+        insecure_mx_policy="dane",
+    )
+    with caplog.at_level(logging.INFO, logger="relay.delivery"):
+        (r,) = await w.deliver("rcpt@hosted.example")
+    assert r == result(
+        "rcpt@hosted.example", Outcome.DELIVERED, QUEUED, "mx1.secure.example[192.0.2.1]:25", "sent"
+    )
+    assert w.transport.verbs() == FULL_TRANSACTION
+    (line,) = attempt_lines(caplog)
+    assert " dnssec=mx-insecure tls=trusted(TLSv1.3 TLS_AES_256_GCM_SHA384) dane=pass " in line
+    assert w.sample("relay_outbound_tls_total", level="trusted") == 1
+    assert w.sample("relay_outbound_tls_total", level="verified") is None
+
+
+async def test_insecure_mx_policy_dane_still_refuses_a_mismatching_certificate() -> None:
+    w = world(insecure_mx_domain(), {"192.0.2.1": Peer(starttls=[cert_der("evil.example")])})
+    (r,) = await w.deliver("rcpt@hosted.example")
+    assert (r.outcome, r.reply.enhanced, r.reason) == (
+        Outcome.DEFERRED,
+        "4.7.5",
+        "dane_verification",
+    )
+    assert w.transport.verbs() == ["CONNECT", "EHLO", "STARTTLS", "QUIT", "ABORT"]
+
+
+async def test_insecure_mx_policy_encrypt_requires_tls_without_authentication(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A certificate the TLSA record does not match: with encrypt, nothing is verified.
+    w = world(
+        insecure_mx_domain(),
+        {"192.0.2.1": Peer(starttls=[cert_der("evil.example")])},
+        insecure_mx_policy="encrypt",
+    )
+    with caplog.at_level(logging.INFO, logger="relay.delivery"):
+        (r,) = await w.deliver("rcpt@hosted.example")
+    assert r.outcome is Outcome.DELIVERED
+    assert w.transport.verbs() == FULL_TRANSACTION
+    (line,) = attempt_lines(caplog)
+    assert " tls=encrypted(TLSv1.3 TLS_AES_256_GCM_SHA384) dane=none reason=insecure_mx " in line
+    assert w.sample("relay_dane_verifications_total", result="failed", reason="no-match") is None
+    assert w.sample("relay_outbound_tls_total", level="encrypted") == 1
+
+
+async def test_insecure_mx_policy_encrypt_defers_a_host_without_starttls() -> None:
+    w = world(
+        insecure_mx_domain(),
+        {"192.0.2.1": Peer(extensions=frozenset({"size"}))},
+        insecure_mx_policy="encrypt",
+    )
+    (r,) = await w.deliver("rcpt@hosted.example")
+    assert (r.outcome, r.reply.code, r.reply.enhanced, r.reason) == (
+        Outcome.DEFERRED,
+        451,
+        "4.7.4",
+        "tls_not_offered",
+    )
+    assert w.transport.verbs() == ["CONNECT", "EHLO", "QUIT", "ABORT"]
+
+
+async def test_insecure_mx_policy_may_delivers_in_plaintext_when_starttls_is_missing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    w = world(
+        insecure_mx_domain(),
+        {"192.0.2.1": Peer(extensions=frozenset({"size"}))},
+        insecure_mx_policy="may",
+    )
+    with caplog.at_level(logging.INFO, logger="relay.delivery"):
+        (r,) = await w.deliver("rcpt@hosted.example")
+    assert r.outcome is Outcome.DELIVERED
+    assert w.transport.verbs() == ["CONNECT", "EHLO", "MAIL", "RCPT", "DATA", "QUIT"]
+    (line,) = attempt_lines(caplog)
+    assert " dnssec=mx-insecure tls=none dane=none reason=insecure_mx " in line
+    assert w.sample("relay_outbound_tls_total", level="none") == 1
+
+
+async def test_dane_only_ignores_insecure_mx_policy_and_requires_dane() -> None:
+    w = world(
+        insecure_mx_domain(),
+        {"192.0.2.1": Peer(starttls=[cert_der("evil.example")])},
+        level="dane-only",
+        insecure_mx_policy="may",
+    )
+    (r,) = await w.deliver("rcpt@hosted.example")
+    assert (r.outcome, r.reply.enhanced, r.reason) == (
+        Outcome.DEFERRED,
+        "4.7.5",
+        "dane_verification",
+    )
+    assert "MAIL" not in w.transport.verbs()
+
+
+def two_mx_domain() -> FakeResolver:
+    resolver = FakeResolver()
+    resolver.domain(
+        "secure.example",
+        (10, "mx1.secure.example", "192.0.2.1"),
+        (20, "mx2.secure.example", "192.0.2.2"),
+    )
+    resolver.tlsa_answers["_25._tcp.mx1.secure.example"] = DnsTempFail("SERVFAIL", kind="bogus")
+    resolver.set_tlsa("mx2.secure.example", tlsa_3_1_1(cert_der("mx2.secure.example")))
+    return resolver
+
+
+async def test_tlsa_lookup_failure_skips_the_host_and_the_next_mx_delivers_with_dane(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    w = world(
+        two_mx_domain(),
+        {
+            "192.0.2.1": Peer(extensions=frozenset()),  # plaintext, were it ever contacted
+            "192.0.2.2": Peer(starttls=[cert_der("mx2.secure.example")]),
+        },
+    )
+    with caplog.at_level(logging.INFO, logger="relay.delivery"):
+        (r,) = await w.deliver("rcpt@secure.example")
+    assert r == result(
+        "rcpt@secure.example", Outcome.DELIVERED, QUEUED, "mx2.secure.example[192.0.2.2]:25", "sent"
+    )
+    assert w.transport.connections() == ["192.0.2.2"]
+    assert w.transport.verbs() == FULL_TRANSACTION
+    assert w.resolver.calls == [
+        ("MX", "secure.example"),
+        ("A/AAAA", "mx1.secure.example"),
+        ("TLSA", "_25._tcp.mx1.secure.example"),
+        ("A/AAAA", "mx2.secure.example"),
+        ("TLSA", "_25._tcp.mx2.secure.example"),
+    ]
+    skipped, sent = attempt_lines(caplog)
+    assert "relay=mx1.secure.example[-] dnssec=secure tls=none dane=fail reason=tlsa_lookup" in (
+        skipped
+    )
+    assert 'status=deferred reply="451 4.7.5 TLSA lookup error for mx1.secure.example:25"' in (
+        skipped
+    )
+    assert "relay=mx2.secure.example[192.0.2.2]:25 dnssec=secure tls=verified(" in sent
+    assert w.sample("relay_dane_verifications_total", result="verified", reason="match") == 1
+    assert w.sample("relay_delivery_attempts_total", result="delivered", reason="sent") == 1
+    assert (
+        w.sample("relay_delivery_attempts_total", result="deferred", reason="tlsa_lookup") is None
+    )
+
+
+async def test_every_host_failing_its_tlsa_lookup_defers_4_7_5_without_connecting() -> None:
+    resolver = two_mx_domain()
+    resolver.tlsa_answers["_25._tcp.mx2.secure.example"] = DnsTempFail("timeout", kind="timeout")
+    w = world(resolver, {"192.0.2.1": Peer(), "192.0.2.2": Peer()})
+    results = await w.deliver("a@secure.example", "b@secure.example")
+    assert [(r.outcome, r.reply, r.relay, r.reason) for r in results] == [
+        (
+            Outcome.DEFERRED,
+            SmtpReply(451, "4.7.5", "TLSA lookup error for mx2.secure.example:25"),
+            "mx2.secure.example[-]",
+            "tlsa_lookup",
+        )
+    ] * 2
+    assert w.transport.log == []
+    assert w.sample("relay_delivery_attempts_total", result="deferred", reason="tlsa_lookup") == 2
+
+
+async def test_non_validating_resolver_reduces_dane_to_opportunistic_tls(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """RFC 7672 §2.1: without a validating resolver nothing is secure; dane becomes may."""
+    status = ResolverStatus(validating=False, detail="probe . DNSKEY came back without AD")
+    w = world(
+        secure_domain(),
+        {"192.0.2.1": Peer(starttls=[cert_der("attacker.example")])},
+        resolver_status=status,
+    )
+    with caplog.at_level(logging.INFO, logger="relay.delivery"):
+        (r,) = await w.deliver("rcpt@secure.example")
+    assert r.outcome is Outcome.DELIVERED
+    assert w.resolver.tlsa_lookups() == []
+    assert w.transport.verbs() == FULL_TRANSACTION
+    (line,) = attempt_lines(caplog)
+    assert (
+        " dnssec=unvalidated tls=encrypted(TLSv1.3 TLS_AES_256_GCM_SHA384) "
+        "dane=none reason=addresses_insecure " in line
+    )
+    assert w.sample("relay_dane_verifications_total", result="failed", reason="no-match") is None
+
+    # The status is read at each delivery: once the resolver validates, DANE is enforced.
+    status.validating = True
+    (r2,) = await w.deliver("rcpt@secure.example")
+    assert (r2.outcome, r2.reason) == (Outcome.DEFERRED, "dane_verification")
+    assert w.resolver.tlsa_lookups() == ["_25._tcp.mx1.secure.example"]
+
+
+async def test_non_validating_resolver_defers_dane_only_without_connecting() -> None:
+    w = world(
+        secure_domain(),
+        {"192.0.2.1": Peer(starttls=[cert_der("mx1.secure.example")])},
+        level="dane-only",
+        resolver_status=ResolverStatus(validating=False),
+    )
+    (r,) = await w.deliver("rcpt@secure.example")
+    assert (r.outcome, r.reply.code, r.reply.enhanced, r.reason) == (
+        Outcome.DEFERRED,
+        451,
+        "4.7.5",
+        "dane_required",
+    )
+    assert r.reply.text == ("DANE required, but no usable TLSA records for mx1.secure.example:25")
+    assert w.resolver.tlsa_lookups() == []
+    assert w.transport.log == []
+
+
+async def test_one_failed_address_family_is_logged_and_the_other_used(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    resolver = secure_domain()
+    resolver.address_answers["mx1.secure.example"] = DnsAnswer(
+        "mx1.secure.example", AnswerKind.DATA, Security.SECURE, ("192.0.2.1",), failed=("AAAA",)
+    )
+    w = world(resolver, {"192.0.2.1": Peer(starttls=[cert_der("mx1.secure.example")])})
+    with caplog.at_level(logging.INFO, logger="relay.delivery"):
+        (r,) = await w.deliver("rcpt@secure.example")
+    assert r.outcome is Outcome.DELIVERED
+    (line,) = attempt_lines(caplog)
+    assert " dnssec=secure dns=partial failed=AAAA tls=verified(" in line
+    assert " dane=pass reason=match " in line
+
+
+async def test_malformed_record_beside_a_usable_one_is_counted_and_dane_applies(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    records = [TlsaRecord(3, 1, 1, b"\x05" * 20), tlsa_3_1_1(cert_der("mx1.secure.example"))]
+    w = world(
+        secure_domain(tlsa=records), {"192.0.2.1": Peer(starttls=[cert_der("mx1.secure.example")])}
+    )
+    with caplog.at_level(logging.INFO, logger="relay.delivery"):
+        (r,) = await w.deliver("rcpt@secure.example")
+    assert r.outcome is Outcome.DELIVERED
+    assert w.sample("relay_tlsa_malformed_records_total") == 1
+    assert w.sample("relay_dane_verifications_total", result="verified", reason="match") == 1
+    assert any(
+        "dane=malformed-tlsa records=3 1 1 0505050505050505… usable_left=1" in rec.getMessage()
+        for rec in caplog.records
+    )

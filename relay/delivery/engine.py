@@ -213,6 +213,7 @@ class DeliveryEngine:
             tlsa_port=settings.tlsa_port,
         )
         attempt.relay = f"{host.name}[-]"
+        attempt.tls, attempt.tls_detail, attempt.dane, attempt.dane_detail = "none", "", "none", ""
         attempt.dnssec = route.dnssec
         attempt.tlsa_base = route.tlsa_base
         attempt.dns_detail = (

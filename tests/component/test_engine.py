@@ -1281,3 +1281,31 @@ async def test_malformed_record_beside_a_usable_one_is_counted_and_dane_applies(
         "dane=malformed-tlsa records=3 1 1 0505050505050505… usable_left=1" in rec.getMessage()
         for rec in caplog.records
     )
+
+
+async def test_a_skipped_host_is_logged_without_the_previous_hosts_tls_outcome(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    resolver = FakeResolver()
+    resolver.domain(
+        "secure.example",
+        (10, "mx1.secure.example", "192.0.2.1"),
+        (20, "mx2.secure.example", "192.0.2.2"),
+    )
+    resolver.set_tlsa("mx1.secure.example", tlsa_3_1_1(cert_der("mx1.secure.example")))
+    resolver.address_answers["mx2.secure.example"] = DnsTempFail(
+        "DNS lookup of mx2.secure.example/A timed out", kind="timeout"
+    )
+    w = world(resolver, {"192.0.2.1": Peer(starttls=[cert_der("evil.example")])})
+    with caplog.at_level(logging.INFO, logger="relay.delivery"):
+        (r,) = await w.deliver("rcpt@secure.example")
+    assert (r.outcome, str(r.reply), r.relay, r.reason) == (
+        Outcome.DEFERRED,
+        "451 4.4.3 DNS lookup of mx2.secure.example/A timed out",
+        "mx2.secure.example[-]",
+        "dns",
+    )
+    first, second = attempt_lines(caplog)
+    assert " dnssec=secure tls=none dane=fail reason=no-match " in first
+    assert "relay=mx2.secure.example[-] dnssec=secure tls=none dane=none delay=" in second
+    assert second.endswith(" error=dns")

@@ -1,72 +1,110 @@
-"""dnspython adapter: MX, A/AAAA and TLSA lookups with their DNSSEC status.
+"""DNS lookups for the relay: MX, A/AAAA and TLSA answers with their DNSSEC status.
 
-Every query is sent with EDNS0 and the DO bit to the configured resolvers only
-(no /etc/resolv.conf, no search list). The AD bit in the response is the DNSSEC
-status: the configuration only admits resolvers the operator trusts (loopback by
-default), as RFC 7672 §2.1 and Postfix's dns_lookup.c require.
+Owns:
+    ``DnsResolver``: the relay's only DNS client. It speaks to the configured resolvers
+    directly (bytes move through ``relay.lookup.exchange``), reads their responses with
+    ``dns.message``, follows CNAME chains, and caches answers in ``relay.lookup.cache``.
 
-Raises `DnsTempFail` for every failure that is not an answer (SERVFAIL, which is
-also what a validating resolver says for bogus data; REFUSED; timeouts;
-unreachable resolvers; malformed responses). NXDOMAIN and NODATA are answers.
-dnspython exceptions never leave this module.
+Guarantees (the contract the delivery engine relies on):
+    * Every lookup returns a ``DnsAnswer`` whose kind is DATA, NODATA or NXDOMAIN and whose
+      security is SECURE (AD bit from a configured resolver) or INSECURE; or it raises
+      ``DnsTempFail`` with a ``kind`` token:
+
+      ============ ==================================================================
+      servfail     SERVFAIL without a DNSSEC Extended DNS Error
+      bogus        SERVFAIL carrying a DNSSEC EDE code (RFC 8914 §4.6-§4.13, §4.26)
+      refused      REFUSED
+      timeout      no response within ``DnsConfig.timeout``
+      truncated    TC set over UDP and again over TCP
+      network      resolver unreachable, connection refused or closed
+      cname-loop   a CNAME loop, or a chain longer than ``MAX_CNAME_CHAIN``
+      malformed    a response that cannot be decoded or does not match the query
+      error        any other rcode, or a name that cannot be put in a query
+      ============ ==================================================================
+
+      Each configured resolver is tried in order, with an equal share of the time left of
+      ``DnsConfig.timeout`` per question, before a lookup fails; the kind is then the most
+      specific one seen (what a resolver said about the data beats one being unreachable).
+      A CNAME loop is a property of the data and is not retried elsewhere.
+    * A CNAME chain is followed across responses; the answer is secure only when every
+      response on the chain had AD set, and ``canonical`` is the fully expanded name ("" when
+      there was no CNAME). ``ttl`` is the smallest TTL on the chain, for NXDOMAIN/NODATA the
+      SOA-derived negative TTL (RFC 2308 §5), or 0 when no SOA came with it.
+    * TLSA RDATA is never rejected here: each record becomes a ``TlsaRecord`` for
+      ``relay.dane.records`` to judge, and a record too short for its 3-octet header becomes
+      a malformed one (never an exception, never silently dropped).
+    * Observer: one ``dns_lookup(rrtype, result, seconds)`` per upstream query (per resolver
+      tried; the TCP retry belongs to the same query); chain re-queries are reported as
+      "CNAME". The cache reports one ``dns_cache`` per lookup of one record type.
+
+Does not:
+    Read /etc/resolv.conf, apply a search list, validate DNSSEC itself, decide what an
+    answer means for delivery (``relay.delivery``), or judge TLSA usability.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import TypeVar
 
-import dns.asyncresolver
+import dns.edns
 import dns.exception
 import dns.flags
 import dns.message
 import dns.name
-import dns.nameserver
+import dns.rcode
+import dns.rdata
+import dns.rdataclass
 import dns.rdatatype
-import dns.resolver
+import dns.rrset
+import dns.wire
+from dns.rdtypes.ANY.CNAME import CNAME
 from dns.rdtypes.ANY.MX import MX
-from dns.rdtypes.ANY.TLSA import TLSA
+from dns.rdtypes.ANY.SOA import SOA
+from dns.rdtypes.IN.A import A
+from dns.rdtypes.IN.AAAA import AAAA
 
-from relay.config import DnsConfig
-from relay.dane.records import TlsaRecord
+from relay.config import DnsConfig, Endpoint
+from relay.dane.records import MatchingType, Selector, TlsaRecord, Usage
 from relay.errors import DnsTempFail
-from relay.lookup.results import AnswerKind, DnsAnswer, MxRecord, Security
+from relay.lookup.cache import AnswerCache
+from relay.lookup.exchange import exchange
+from relay.lookup.results import (
+    AnswerKind,
+    DnsAnswer,
+    LookupObserver,
+    MxRecord,
+    ProbeResult,
+    Security,
+)
 
-__all__ = ["DnsResolver"]
+__all__ = ["EDNS_PAYLOAD", "MAX_CNAME_CHAIN", "DnsResolver"]
 
 log = logging.getLogger("relay.lookup")
 
-# dnspython >= 2.7 refuses a whole response when one TLSA digest has the wrong length,
-# which would hide a good record beside it and turn bad data into a timeout. The relay
-# decides TLSA usability itself (relay.dane.records, RFC 7671 §4.1, RFC 7672 §2.2), so
-# TLSA rdata is parsed without that length check.
-if isinstance(getattr(TLSA, "_cert_length_by_mtype", None), dict):
-    TLSA._cert_length_by_mtype = {}
+T = TypeVar("T")
 
+#: EDNS0 UDP buffer size: the DNS Flag Day 2020 value, which avoids IP fragmentation.
+EDNS_PAYLOAD = 1232
+#: Longest CNAME chain followed; longer chains are treated like loops.
+MAX_CNAME_CHAIN = 8
 
-@contextmanager
-def _dns_errors(qname: str, rdtype: str) -> Iterator[None]:
-    try:
-        yield
-    except dns.resolver.NoNameservers as exc:
-        # RFC 7672 §2.1: SERVFAIL (bogus or indeterminate data) is a lookup failure.
-        raise DnsTempFail(f"DNS lookup of {qname}/{rdtype} failed: SERVFAIL or refused") from exc
-    except dns.exception.Timeout as exc:
-        raise DnsTempFail(f"DNS lookup of {qname}/{rdtype} timed out") from exc
-    except dns.resolver.YXDOMAIN as exc:
-        raise DnsTempFail(f"DNS lookup of {qname}/{rdtype} failed: name too long") from exc
-    except dns.exception.DNSException as exc:
-        raise DnsTempFail(f"DNS lookup of {qname}/{rdtype} failed: {type(exc).__name__}") from exc
-    except (OSError, ValueError) as exc:
-        raise DnsTempFail(f"DNS lookup of {qname}/{rdtype} failed: {exc}") from exc
-
-
-def _security(response: dns.message.Message | None) -> Security:
-    # RFC 7672 §2.1 / RFC 4035 §3.2.3: AD set by a trusted validating resolver = secure.
-    if response is not None and response.flags & dns.flags.AD:
-        return Security.SECURE
-    return Security.INSECURE
+# RFC 8914 §4.6-§4.13 and §4.26: the EDE codes that say DNSSEC validation failed
+# (indeterminate, bogus, signature expired / not yet valid, DNSKEY / RRSIGs / NSEC missing,
+# no zone key bit, signature expired before valid).
+_BOGUS_EDE = frozenset({5, 6, 7, 8, 9, 10, 11, 12, 25})
+# Kinds that describe the resolver's view of the data, preferred over availability failures.
+_DATA_KINDS = ("bogus", "servfail", "truncated", "malformed", "error")
+# TLSA RRs are re-typed to this private-use type (RFC 6895 §3.1) before parsing, so that
+# dnspython hands over their raw RDATA (see _opaque_tlsa).
+_OPAQUE_TYPE = dns.rdatatype.RdataType.make(65534)
+_TLSA_HEADER = 3
+_EDE_TEXT_MAX = 80
 
 
 def _text(name: dns.name.Name) -> str:
@@ -76,79 +114,438 @@ def _text(name: dns.name.Name) -> str:
     return name.to_text(omit_final_dot=True).lower()
 
 
+def _qname(text: str) -> dns.name.Name:
+    try:
+        return dns.name.from_text(text)
+    except (dns.exception.DNSException, ValueError) as exc:
+        raise DnsTempFail(f"cannot look up {text!r}: not a DNS name ({exc})", kind="error") from exc
+
+
+def _opaque_tlsa(wire: bytes) -> bytes:
+    """`wire` with every TLSA RR re-typed to a private type whose RDATA dnspython keeps raw.
+
+    dnspython refuses a whole response when one TLSA record has a digest of the wrong length
+    (2.7+) or is shorter than its header; the relay judges each record itself instead
+    (RFC 7671 §4.1, RFC 7672 §2.2), so one bad record cannot hide the good ones beside it.
+
+    Raises:
+        dns.exception.FormError: the message structure is broken.
+    """
+    parser = dns.wire.Parser(wire)
+    _, _, qdcount, ancount, nscount, arcount = parser.get_struct("!HHHHHH")
+    for _ in range(qdcount):
+        parser.get_name(decompress=True)
+        parser.get_struct("!HH")
+    out = bytearray(wire)
+    for _ in range(ancount + nscount + arcount):
+        parser.get_name(decompress=True)
+        type_at = parser.current
+        rdtype, _, _, rdlen = parser.get_struct("!HHIH")
+        parser.get_bytes(rdlen)
+        if rdtype == dns.rdatatype.TLSA:
+            struct.pack_into("!H", out, type_at, _OPAQUE_TYPE)
+    return bytes(out)
+
+
+def _tlsa_record(owner: dns.name.Name, rdata: bytes) -> TlsaRecord:
+    if len(rdata) >= _TLSA_HEADER:
+        return TlsaRecord(rdata[0], rdata[1], rdata[2], rdata[_TLSA_HEADER:])
+    # RFC 6698 §2.1: usage, selector and matching type are one octet each. A shorter RDATA is
+    # kept as a record that claims DANE-EE SPKI SHA2-256 with no data (malformed, RFC 7671
+    # §4.1), keeping whatever octets are present, so that the policy sees bad DNS data.
+    log.warning(
+        "tlsa=%s rdata=%s dane=malformed-tlsa why=%d-octet RDATA is shorter than the TLSA header",
+        _text(owner),
+        rdata.hex() or "-",
+        len(rdata),
+    )
+    usage = rdata[0] if len(rdata) > 0 else Usage.DANE_EE
+    selector = rdata[1] if len(rdata) > 1 else Selector.SPKI
+    return TlsaRecord(usage, selector, MatchingType.SHA256, b"")
+
+
+def _ede_text(response: dns.message.Message) -> tuple[bool, str]:
+    """(carries a DNSSEC-failure EDE, " (EDE ...)" for the error text)."""
+    codes = [opt for opt in response.options if isinstance(opt, dns.edns.EDEOption)]
+    if not codes:
+        return False, ""
+    bogus = any(int(opt.code) in _BOGUS_EDE for opt in codes)
+    shown = []
+    for opt in codes:
+        extra = "".join(c for c in (opt.text or "") if c.isprintable())[:_EDE_TEXT_MAX]
+        shown.append(dns.edns.EDEOption(opt.code, extra or None).to_text())
+    return bogus, f" ({'; '.join(shown)})"
+
+
+def _check_rcode(response: dns.message.Message) -> None:
+    """Raise DnsTempFail unless the response is an answer (NOERROR or NXDOMAIN)."""
+    rcode = response.rcode()
+    if rcode in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+        return
+    bogus, ede = _ede_text(response)
+    if rcode == dns.rcode.SERVFAIL:
+        # RFC 7672 §2.1: bogus or indeterminate data is a lookup failure, never "insecure";
+        # RFC 8914: the EDE code tells a DNSSEC failure from other server failures.
+        kind = "bogus" if bogus else "servfail"
+        raise DnsTempFail(f"answered SERVFAIL{ede}", kind=kind)
+    if rcode == dns.rcode.REFUSED:
+        raise DnsTempFail(f"answered REFUSED{ede}", kind="refused")
+    raise DnsTempFail(f"answered {dns.rcode.to_text(rcode)}{ede}", kind="error")
+
+
+def _soa_for(response: dns.message.Message, name: dns.name.Name) -> dns.rrset.RRset | None:
+    """The authority section's SOA RRset for `name` or one of its ancestors."""
+    for rrset in response.authority:
+        if rrset.rdtype == dns.rdatatype.SOA and name.is_subdomain(rrset.name):
+            return rrset
+    return None
+
+
+def _negative_ttl(soa: dns.rrset.RRset | None) -> float:
+    """RFC 2308 §5: min(SOA TTL, SOA MINIMUM); 0 without an SOA, which is not to be cached."""
+    if soa is None or not isinstance(soa[0], SOA):
+        return 0.0
+    return float(min(soa.ttl, soa[0].minimum))
+
+
+# What one response says about a name: (last name on its CNAME chain, that name's RRset of
+# the asked type or None, smallest CNAME TTL seen).
+_Walk = tuple[dns.name.Name, dns.rrset.RRset | None, float]
+
+
+@dataclass(frozen=True, slots=True)
+class _Resolved:
+    kind: AnswerKind
+    security: Security
+    rrset: dns.rrset.RRset | None
+    canonical: str
+    ttl: float
+
+
 class DnsResolver:
     """Implements relay.lookup.results.Resolver against the configured resolvers."""
 
-    def __init__(self, cfg: DnsConfig) -> None:
-        self._resolver = dns.asyncresolver.Resolver(configure=False)
-        self._resolver.nameservers = [
-            dns.nameserver.Do53Nameserver(ep.host, ep.port) for ep in cfg.resolvers
-        ]
-        self._resolver.use_edns(0, dns.flags.DO, 1232)
-        self._resolver.flags = dns.flags.RD | dns.flags.AD
-        self._resolver.lifetime = cfg.timeout
-        self._resolver.timeout = min(cfg.timeout, 3.0)
-        self._resolver.retry_servfail = False
+    def __init__(
+        self,
+        cfg: DnsConfig,
+        observer: LookupObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._cfg = cfg
+        self._observer = observer
+        self._cache = AnswerCache(
+            size=cfg.cache_size,
+            min_ttl=cfg.cache_min_ttl,
+            max_ttl=cfg.cache_max_ttl,
+            negative_ttl=cfg.cache_negative_ttl,
+            clock=clock,
+            observer=observer,
+        )
 
-    async def _query(
-        self, qname: str, rdtype: dns.rdatatype.RdataType
-    ) -> tuple[AnswerKind, Security, Sequence[object], str]:
-        tname = dns.rdatatype.to_text(rdtype)
-        with _dns_errors(qname, tname):
-            try:
-                answer = await self._resolver.resolve(
-                    qname, rdtype, search=False, raise_on_no_answer=False
-                )
-            except dns.resolver.NXDOMAIN as exc:
-                responses = exc.responses()  # type: ignore[no-untyped-call]
-                response = next(iter(responses.values()), None) if responses else None
-                return AnswerKind.NXDOMAIN, _security(response), (), ""
-            security = _security(answer.response)
-            canonical = _text(answer.canonical_name)
-            if answer.rrset is None:
-                return AnswerKind.NODATA, security, (), canonical
-            return AnswerKind.DATA, security, list(answer.rrset), canonical
+    @property
+    def cache(self) -> AnswerCache:
+        return self._cache
+
+    # -- the Resolver protocol -----------------------------------------------------------
 
     async def mx(self, domain: str) -> DnsAnswer[MxRecord]:
-        kind, security, rdatas, canonical = await self._query(domain, dns.rdatatype.MX)
-        records = tuple(
-            MxRecord(r.preference, _text(r.exchange)) for r in rdatas if isinstance(r, MX)
-        )
-        return DnsAnswer(domain, kind, security, records, canonical)
+        """The MX RRset of `domain`; an RFC 7505 null MX has exchange "".
+
+        Raises:
+            DnsTempFail: see the module docstring for the kinds.
+        """
+        return await self._cached(domain, "MX", lambda: self._mx(domain))
 
     async def addresses(self, host: str) -> DnsAnswer[str]:
-        """A and AAAA together; secure only if every answer that has data is secure."""
-        results = []
-        for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
-            results.append(await self._query(host, rdtype))
-        addrs: list[str] = []
-        securities = []
-        kinds = []
-        canonical = ""
-        for kind, security, rdatas, canon in results:
-            kinds.append(kind)
-            securities.append(security)
-            canonical = canonical or canon
-            addrs.extend(str(getattr(r, "address", "")) for r in rdatas)
-        # RFC 7672 §2.2.2: the address chain is secure only if all of its answers are.
-        security = (
-            Security.SECURE if all(s is Security.SECURE for s in securities) else Security.INSECURE
+        """A then AAAA addresses of `host`, looked up concurrently.
+
+        Secure only if both answers are (RFC 7672 §2.2.2). When one family fails and the
+        other has addresses, those are returned with ``failed`` naming the failed type.
+
+        Raises:
+            DnsTempFail: both lookups failed, or one failed and the other has no address
+                (the kind is that of the A failure if A failed, else of AAAA's).
+        """
+        results = await asyncio.gather(
+            self._cached(host, "A", lambda: self._addresses(host, dns.rdatatype.A)),
+            self._cached(host, "AAAA", lambda: self._addresses(host, dns.rdatatype.AAAA)),
+            return_exceptions=True,
         )
-        if addrs:
-            kind = AnswerKind.DATA
-        elif all(k is AnswerKind.NXDOMAIN for k in kinds):
-            kind = AnswerKind.NXDOMAIN
-        else:
-            kind = AnswerKind.NODATA
-        return DnsAnswer(host, kind, security, tuple(a for a in addrs if a), canonical)
+        answers: list[DnsAnswer[str]] = []
+        failures: list[tuple[str, DnsTempFail]] = []
+        for rrtype, result in zip(("A", "AAAA"), results, strict=True):
+            if isinstance(result, DnsTempFail):
+                failures.append((rrtype, result))
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                answers.append(result)
+        if not failures:
+            a, aaaa = answers
+            return _merge_addresses(host, a, aaaa)
+        if answers and answers[0].records:
+            return replace(answers[0], failed=tuple(rrtype for rrtype, _ in failures))
+        first = failures[0][1]
+        text = "; ".join(exc.reply.text for _, exc in failures)
+        raise DnsTempFail(text, kind=first.kind) from first
 
     async def tlsa(self, host: str, port: int) -> DnsAnswer[TlsaRecord]:
+        """The TLSA RRset at ``_{port}._tcp.{host}``.
+
+        Raises:
+            DnsTempFail: see the module docstring for the kinds.
+        """
         # RFC 7672 §2.2.3: TLSA records for SMTP live at _25._tcp.<MX host>.
         qname = f"_{port}._tcp.{host}"
-        kind, security, rdatas, canonical = await self._query(qname, dns.rdatatype.TLSA)
+        return await self._cached(qname, "TLSA", lambda: self._tlsa(qname))
+
+    async def probe_validation(self) -> ProbeResult:
+        """Ask every resolver for the probe name/type, bypassing the cache.
+
+        ok when at least one resolver answered with data and AD set and none answered
+        without AD (a resolver that is merely unreachable does not spoil the result, since
+        it cannot give unvalidated answers either). Never raises for DNS failures.
+        """
+        probe_name = self._cfg.validation_probe_name
+        rrtype = self._cfg.validation_probe_type
+        asked = f"{probe_name}/{rrtype}"
+        try:
+            name = dns.name.from_text(probe_name)
+            rdtype = dns.rdatatype.from_text(rrtype)
+        except (dns.exception.DNSException, ValueError) as exc:
+            return ProbeResult(False, f"{asked}: cannot be asked: {exc}")
+        parts: list[str] = []
+        secure = unvalidated = 0
+        for ep in self._cfg.resolvers:
+            where = f"{asked} from {ep}"
+            try:
+                response, (_, rrset, _) = await self._query(
+                    name, rdtype, ep, self._cfg.timeout, rrtype, [name]
+                )
+            except DnsTempFail as exc:
+                parts.append(f"{where} {exc.reply.text}")
+                continue
+            ad = bool(response.flags & dns.flags.AD)
+            if rrset is None:
+                what = "NXDOMAIN" if response.rcode() == dns.rcode.NXDOMAIN else "no data"
+                parts.append(f"{where} answered {what}{' with' if ad else ' without'} the AD bit")
+                unvalidated += 1
+            elif ad:
+                # RFC 4035 §3.2.3: the resolver set AD, so it validated this signed data.
+                count = f"{len(rrset)} record{'' if len(rrset) == 1 else 's'}"
+                parts.append(f"{where} answered with the AD bit ({count})")
+                secure += 1
+            else:
+                parts.append(f"{where} answered without the AD bit")
+                unvalidated += 1
+        return ProbeResult(secure > 0 and unvalidated == 0, "; ".join(parts))
+
+    # -- one record type, cached ---------------------------------------------------------
+
+    async def _cached(
+        self, qname: str, rrtype: str, fetch: Callable[[], Awaitable[DnsAnswer[T]]]
+    ) -> DnsAnswer[T]:
+        answer = await self._cache.lookup(qname, rrtype, fetch)
+        return answer if answer.name == qname else replace(answer, name=qname)
+
+    async def _mx(self, domain: str) -> DnsAnswer[MxRecord]:
+        r = await self._resolve(_qname(domain), dns.rdatatype.MX)
         records = tuple(
-            TlsaRecord(r.usage, r.selector, r.mtype, bytes(r.cert))
-            for r in rdatas
-            if isinstance(r, TLSA)
+            MxRecord(rd.preference, _text(rd.exchange))
+            for rd in r.rrset or ()
+            if isinstance(rd, MX)
         )
-        return DnsAnswer(qname, kind, security, records, canonical)
+        return DnsAnswer(domain, r.kind, r.security, records, r.canonical, r.ttl)
+
+    async def _addresses(self, host: str, rdtype: dns.rdatatype.RdataType) -> DnsAnswer[str]:
+        r = await self._resolve(_qname(host), rdtype)
+        records = tuple(rd.address for rd in r.rrset or () if isinstance(rd, A | AAAA))
+        return DnsAnswer(host, r.kind, r.security, records, r.canonical, r.ttl)
+
+    async def _tlsa(self, qname: str) -> DnsAnswer[TlsaRecord]:
+        r = await self._resolve(_qname(qname), dns.rdatatype.TLSA)
+        owner = r.rrset.name if r.rrset is not None else dns.name.empty
+        records = tuple(
+            _tlsa_record(owner, rd.data)
+            for rd in r.rrset or ()
+            if isinstance(rd, dns.rdata.GenericRdata)
+        )
+        return DnsAnswer(qname, r.kind, r.security, records, r.canonical, r.ttl)
+
+    # -- resolution: CNAME chains across responses ---------------------------------------
+
+    async def _resolve(self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> _Resolved:
+        """Ask for (qname, rdtype) and follow its CNAME chain to the end.
+
+        Raises:
+            DnsTempFail: a query failed, or the chain loops or is too long ("cname-loop").
+        """
+        chain = [qname]
+        name = qname
+        label = dns.rdatatype.to_text(rdtype)
+        # RFC 7672 §2.2.2: the answer is secure only if every response on the chain was.
+        secure = True
+        ttl = float("inf")
+        while True:
+            response, (end, rrset, chain_ttl) = await self._ask(name, rdtype, label, chain)
+            # RFC 4035 §3.2.3 / RFC 7672 §2.1: AD from a trusted validating resolver = secure.
+            secure = secure and bool(response.flags & dns.flags.AD)
+            ttl = min(ttl, chain_ttl)
+            security = Security.SECURE if secure else Security.INSECURE
+            canonical = _text(end) if end != qname else ""
+            if rrset is not None:
+                return _Resolved(AnswerKind.DATA, security, rrset, canonical, min(ttl, rrset.ttl))
+            soa = _soa_for(response, end)
+            negative = min(ttl, _negative_ttl(soa))
+            if response.rcode() == dns.rcode.NXDOMAIN:
+                return _Resolved(AnswerKind.NXDOMAIN, security, None, canonical, negative)
+            if end == name or soa is not None:
+                return _Resolved(AnswerKind.NODATA, security, None, canonical, negative)
+            # The response stopped at a CNAME target without data or a negative answer for
+            # it: the resolver did not finish the chain, so ask for the target itself.
+            name = end
+            label = "CNAME"
+
+    async def _ask(
+        self,
+        name: dns.name.Name,
+        rdtype: dns.rdatatype.RdataType,
+        label: str,
+        chain: list[dns.name.Name],
+    ) -> tuple[dns.message.Message, _Walk]:
+        """One question to the configured resolvers in order, within DnsConfig.timeout.
+
+        Raises:
+            DnsTempFail: every resolver failed, or the first answer's CNAME chain loops.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._cfg.timeout
+        resolvers = self._cfg.resolvers
+        what = f"{dns.rdatatype.to_text(rdtype)} lookup of {_text(chain[0]) or '.'} failed"
+        failures: list[tuple[Endpoint, DnsTempFail]] = []
+        for i, ep in enumerate(resolvers):
+            # Each resolver gets an equal share of the time left, so a dead first resolver
+            # cannot use up the whole lookup budget.
+            budget = max(0.0, deadline - loop.time()) / (len(resolvers) - i)
+            try:
+                return await self._query(name, rdtype, ep, budget, label, chain)
+            except DnsTempFail as exc:
+                if exc.kind == "cname-loop":  # a property of the data, not of this resolver
+                    raise DnsTempFail(f"{what}: {exc.reply.text}", kind=exc.kind) from exc
+                failures.append((ep, exc))
+        text = f"{what}: " + "; ".join(f"{ep} {exc.reply.text}" for ep, exc in failures)
+        specific = [exc for _, exc in failures if exc.kind in _DATA_KINDS]
+        first = (specific or [exc for _, exc in failures])[0]
+        raise DnsTempFail(text, kind=first.kind) from first
+
+    async def _query(
+        self,
+        name: dns.name.Name,
+        rdtype: dns.rdatatype.RdataType,
+        ep: Endpoint,
+        budget: float,
+        label: str,
+        chain: list[dns.name.Name],
+    ) -> tuple[dns.message.Message, _Walk]:
+        """One upstream query to one resolver and the CNAME walk of its answer, observed.
+
+        Raises:
+            DnsTempFail: no usable answer from this resolver, or its CNAME chain loops.
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            response = await self._exchange(name, rdtype, ep, budget)
+            walk = _follow(response, name, rdtype, chain)
+        except DnsTempFail as exc:
+            self._observe(label, exc.kind, loop.time() - started)
+            raise
+        secure = bool(response.flags & dns.flags.AD)
+        self._observe(label, "secure" if secure else "insecure", loop.time() - started)
+        return response, walk
+
+    async def _exchange(
+        self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType, ep: Endpoint, budget: float
+    ) -> dns.message.Message:
+        # RFC 4035 §3.2.1 / RFC 3225: DO asks for DNSSEC records; RFC 6840 §5.7: AD in the
+        # query asks for the AD bit in the answer; RD: the resolver recurses. CD stays clear
+        # (RFC 4035 §3.2.2) so that the resolver validates.
+        query = dns.message.make_query(
+            name, rdtype, use_edns=0, want_dnssec=True, payload=EDNS_PAYLOAD
+        )
+        query.flags = dns.flags.RD | dns.flags.AD
+        raw = await exchange(query.to_wire(), ep, budget)
+        try:
+            response = dns.message.from_wire(_opaque_tlsa(raw))
+        except Exception as exc:  # hostile input: any parse failure is a malformed response
+            why = f"{type(exc).__name__}: {exc}"[:_EDE_TEXT_MAX]
+            raise DnsTempFail(f"sent an undecodable response ({why})", kind="malformed") from exc
+        if not query.is_response(response):
+            raise DnsTempFail("sent a response to another question", kind="malformed")
+        _check_rcode(response)
+        return response
+
+    def _observe(self, label: str, result: str, seconds: float) -> None:
+        if self._observer is not None:
+            self._observer.dns_lookup(label, result, seconds)
+
+
+def _follow(
+    response: dns.message.Message,
+    name: dns.name.Name,
+    rdtype: dns.rdatatype.RdataType,
+    chain: list[dns.name.Name],
+) -> _Walk:
+    """Walk the answer section from `name`: (last name, its RRset or None, smallest CNAME TTL).
+
+    `chain` holds every name seen so far on this lookup's chain and is extended in place.
+
+    Raises:
+        DnsTempFail: kind "cname-loop" for a loop or a chain longer than MAX_CNAME_CHAIN.
+    """
+    wanted = _OPAQUE_TYPE if rdtype == dns.rdatatype.TLSA else rdtype
+    ttl = float("inf")
+    while True:
+        try:
+            return name, response.find_rrset(response.answer, name, dns.rdataclass.IN, wanted), ttl
+        except KeyError:
+            pass
+        try:
+            cname = response.find_rrset(
+                response.answer, name, dns.rdataclass.IN, dns.rdatatype.CNAME
+            )
+        except KeyError:
+            return name, None, ttl
+        target = next((rd.target for rd in cname if isinstance(rd, CNAME)), None)
+        if target is None:
+            return name, None, ttl
+        path = " -> ".join(_text(n) for n in (*chain, target))
+        if target in chain:
+            raise DnsTempFail(f"CNAME loop {path}", kind="cname-loop")
+        if len(chain) > MAX_CNAME_CHAIN:
+            raise DnsTempFail(
+                f"CNAME chain longer than {MAX_CNAME_CHAIN}: {path}", kind="cname-loop"
+            )
+        chain.append(target)
+        ttl = min(ttl, float(cname.ttl))
+        name = target
+
+
+def _merge_addresses(host: str, a: DnsAnswer[str], aaaa: DnsAnswer[str]) -> DnsAnswer[str]:
+    # RFC 7672 §2.2.2: the host's addresses are secure only if both answers are.
+    both_secure = a.secure and aaaa.secure
+    records = a.records + aaaa.records
+    if records:
+        kind = AnswerKind.DATA
+    elif a.kind is AnswerKind.NXDOMAIN and aaaa.kind is AnswerKind.NXDOMAIN:
+        kind = AnswerKind.NXDOMAIN
+    else:
+        kind = AnswerKind.NODATA
+    return DnsAnswer(
+        host,
+        kind,
+        Security.SECURE if both_secure else Security.INSECURE,
+        records,
+        a.canonical or aaaa.canonical,
+        min(a.ttl, aaaa.ttl),
+    )

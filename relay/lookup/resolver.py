@@ -421,7 +421,7 @@ class DnsResolver:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._cfg.timeout
         resolvers = self._cfg.resolvers
-        what = f"{dns.rdatatype.to_text(rdtype)} lookup of {_text(chain[0]) or '.'} failed"
+        what = f"DNS lookup of {_text(chain[0]) or '.'}/{dns.rdatatype.to_text(rdtype)} failed"
         failures: list[tuple[Endpoint, DnsTempFail]] = []
         for i, ep in enumerate(resolvers):
             # Each resolver gets an equal share of the time left, so a dead first resolver

@@ -1,7 +1,8 @@
 """Command line: `dane-relay run | config check | queue list`.
 
 Exit codes follow sysexits(3): 0 ok, 64 usage, 78 configuration error,
-73 spool cannot be created or is locked, 71 a listen address cannot be bound.
+73 spool cannot be created or is locked, 71 a listen address cannot be bound,
+69 the resolver does not validate DNSSEC and dns.require_validating_resolver is true.
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ from relay.errors import ConfigError, SpoolError
 
 __all__ = ["main"]
 
-EX_OK, EX_USAGE, EX_OSERR, EX_CANTCREAT, EX_CONFIG = 0, 64, 71, 73, 78
+EX_OK = 0
+EX_USAGE = 64
+EX_UNAVAILABLE = 69
+EX_OSERR = 71
+EX_CANTCREAT = 73
+EX_CONFIG = 78
 DEFAULT_CONFIG = Path("config/relay.toml")
 
 
@@ -64,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(cfg: Config) -> int:
-    from relay.app import serve
+    from relay.app import ResolverNotValidating, serve
     from relay.logsetup import setup_logging
 
     setup_logging(cfg.log.level)
@@ -78,6 +84,9 @@ def _run(cfg: Config) -> int:
     except SpoolError as exc:
         print(f"dane-relay: {exc}", file=sys.stderr)
         return EX_CANTCREAT
+    except ResolverNotValidating as exc:
+        print(f"dane-relay: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
     except OSError as exc:
         print(f"dane-relay: cannot listen: {exc}", file=sys.stderr)
         return EX_OSERR

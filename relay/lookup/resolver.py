@@ -223,7 +223,11 @@ class _Resolved:
 
 
 class DnsResolver:
-    """Implements relay.lookup.results.Resolver against the configured resolvers."""
+    """Implements relay.lookup.results.Resolver against the configured resolvers.
+
+    Raises:
+        ValueError: on construction, when `cfg` names no resolver.
+    """
 
     def __init__(
         self,
@@ -231,6 +235,8 @@ class DnsResolver:
         observer: LookupObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if not cfg.resolvers:
+            raise ValueError("DnsResolver needs at least one resolver")
         self._cfg = cfg
         self._observer = observer
         self._cache = AnswerCache(

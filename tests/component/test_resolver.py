@@ -324,6 +324,11 @@ async def test_a_name_that_cannot_be_queried_is_an_error_without_a_query(
     assert server.queries == Counter()
 
 
+async def test_a_resolver_needs_at_least_one_upstream() -> None:
+    with pytest.raises(ValueError, match="at least one resolver"):
+        DnsResolver(DnsConfig(resolvers=()))
+
+
 # -- the query on the wire -----------------------------------------------------------------
 
 

@@ -1,8 +1,10 @@
-"""Command line: `dane-relay run | config check | queue list`.
+"""Command line: `dane-relay run | lookup | config check | queue list`.
 
 Exit codes follow sysexits(3): 0 ok, 64 usage, 78 configuration error,
 73 spool cannot be created or is locked, 71 a listen address cannot be bound,
 69 the resolver does not validate DNSSEC and dns.require_validating_resolver is true.
+`lookup` exits 0 when mail would be attempted, 75 when it would be deferred and 69 when
+it would bounce (relay.report).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from relay import __version__
@@ -22,9 +25,10 @@ __all__ = ["main"]
 
 EX_OK = 0
 EX_USAGE = 64
-EX_UNAVAILABLE = 69
+EX_UNAVAILABLE = 69  # run: the resolver does not validate; lookup: mail would bounce
 EX_OSERR = 71
 EX_CANTCREAT = 73
+EX_TEMPFAIL = 75  # lookup: mail would be deferred
 EX_CONFIG = 78
 DEFAULT_CONFIG = Path("config/relay.toml")
 
@@ -35,6 +39,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the relay in the foreground")
     run.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG)
+    look = sub.add_parser(
+        "lookup",
+        help="show how mail to DOMAIN would be routed: MX, addresses, TLSA, TLS level",
+    )
+    look.add_argument("domain", help="the next-hop domain (or an address: its domain)")
+    look.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG)
+    look.add_argument("--json", action="store_true", help="print the report as JSON")
     cfg = sub.add_parser("config", help="configuration tools")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
     check = cfg_sub.add_parser("check", help="validate a configuration file and exit")
@@ -66,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_CONFIG
     if args.command == "queue":
         return _queue_list(cfg)
+    if args.command == "lookup":
+        return _lookup(cfg, args.domain, args.json)
     return _run(cfg)
 
 
@@ -115,3 +128,32 @@ def _queue_list(cfg: Config) -> int:
             print(f"    <{r.address}> status={r.status.value}{last}")
     print(f"-- {len(messages)} message(s) in queue")
     return EX_OK
+
+
+def _lookup(cfg: Config, target: str, as_json: bool) -> int:
+    from relay.app import describe_resolvers
+    from relay.lookup.resolver import DnsResolver
+    from relay.model import domain_of
+    from relay.report import Outcome, lookup, render_json, render_text
+
+    domain = domain_of(target)
+    if not domain:
+        print(f"dane-relay: lookup: not a domain: {target!r}", file=sys.stderr)
+        return EX_USAGE
+    # The configured resolvers, asked afresh: no cache.
+    resolver = DnsResolver(replace(cfg.dns, cache_size=0))
+    report = asyncio.run(
+        lookup(
+            resolver,
+            domain,
+            level=cfg.tls.level,
+            insecure_mx_policy=cfg.tls.insecure_mx_policy,
+            resolvers=describe_resolvers(cfg.dns),
+        )
+    )
+    print(render_json(report) if as_json else render_text(report))
+    return {
+        Outcome.ATTEMPT: EX_OK,
+        Outcome.DEFER: EX_TEMPFAIL,
+        Outcome.BOUNCE: EX_UNAVAILABLE,
+    }[report.outcome]

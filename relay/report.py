@@ -1,0 +1,400 @@
+"""`dane-relay lookup`: the whole resolution of one next-hop domain, as delivery sees it.
+
+Owns:
+    * `lookup(resolver, domain, ...)` -> `LookupReport`: runs the resolver's validation
+      probe, then `relay.delivery.route.resolve_mx` and `resolve_host` for every MX host —
+      the code the delivery engine runs, with the same inputs (level, insecure_mx_policy,
+      validating), so the report cannot disagree with delivery.
+    * `render_text(report)` and `render_json(report)`: pure renderings for people and for
+      scripts.
+
+The outcome mirrors `relay.delivery.engine` (RFC 7672 §2.2, RFC 5321 §5.1, RFC 7505):
+
+    =========  ==============================================================  ====
+    attempt    at least one MX host is usable: mail would be sent to it         0
+    defer      the MX lookup failed, or every host is skipped                   75
+    bounce     NXDOMAIN or a null MX                                            69
+    =========  ==============================================================  ====
+
+Unlike the engine, which stops at the first host that takes the message, the report
+resolves every MX host. Hosts of equal preference are shown by name; the engine tries
+them in random order (RFC 5321 §5.1).
+
+Does not: connect to any host, match certificates (`dane-relay tlsa verify` does that),
+cache answers, or log.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from relay.dane.policy import DANE_LEVELS, Action, AddressStatus
+from relay.dane.records import TlsaRecord
+from relay.delivery.attempt import as_temporary
+from relay.delivery.route import HostRoute, MxRoute, TlsaLookup, resolve_host, resolve_mx
+from relay.errors import DeliveryError, DnsTempFail, PermanentFailure, Scope
+from relay.lookup.results import AnswerKind, ProbeResult, Resolver, Security
+
+__all__ = [
+    "LookupReport",
+    "LookupResolver",
+    "Outcome",
+    "lookup",
+    "render_json",
+    "render_text",
+]
+
+
+class LookupResolver(Resolver, Protocol):
+    """A resolver that can also prove it validates (relay.lookup.resolver.DnsResolver)."""
+
+    async def probe_validation(self) -> ProbeResult: ...
+
+
+class Outcome(enum.Enum):
+    ATTEMPT = "attempt"
+    DEFER = "defer"
+    BOUNCE = "bounce"
+
+
+@dataclass(frozen=True, slots=True)
+class LookupReport:
+    domain: str
+    level: str
+    insecure_mx_policy: str
+    tlsa_port: int
+    resolvers: str  # the configured resolvers, for the report
+    probe: ProbeResult
+    mx: MxRoute
+    hosts: tuple[HostRoute, ...]  # every MX host, by preference then name
+    outcome: Outcome
+    reply: str  # the deferral or bounce reply; "" for attempt
+    usable: tuple[str, ...]  # names of the hosts mail would be sent to, in order
+
+    @property
+    def validating(self) -> bool:
+        return self.probe.ok
+
+
+async def lookup(
+    resolver: LookupResolver,
+    domain: str,
+    *,
+    level: str,
+    insecure_mx_policy: str = "dane",
+    tlsa_port: int = 25,
+    resolvers: str = "",
+) -> LookupReport:
+    """Resolve `domain` as the delivery engine would and say what would happen.
+
+    Raises:
+        KeyError: `level` or `insecure_mx_policy` is unknown (the configuration prevents it).
+    """
+    # RFC 7672 §2.1: answers count as secure only while the resolver is known to validate,
+    # exactly as the running relay reads its ResolverStatus.
+    probe = await resolver.probe_validation()
+    validating = probe.ok
+    mx = await resolve_mx(resolver, domain, validating=validating, rng=random.Random(0))
+    hosts: list[HostRoute] = []
+    if mx.failure is None and mx.answer is not None:
+        for host in sorted(mx.plan.hosts, key=lambda h: (h.preference, h.name)):
+            hosts.append(
+                await resolve_host(
+                    resolver,
+                    host,
+                    next_hop=domain,
+                    level=level,
+                    mx_security=mx.answer.security,
+                    insecure_mx_policy=insecure_mx_policy,
+                    validating=validating,
+                    tlsa_port=tlsa_port,
+                )
+            )
+    outcome, reply, usable = _outcome(mx, hosts)
+    return LookupReport(
+        domain=domain,
+        level=level,
+        insecure_mx_policy=insecure_mx_policy,
+        tlsa_port=tlsa_port,
+        resolvers=resolvers,
+        probe=probe,
+        mx=mx,
+        hosts=tuple(hosts),
+        outcome=outcome,
+        reply=reply,
+        usable=usable,
+    )
+
+
+def _failed(exc: DeliveryError) -> tuple[Outcome, str, tuple[str, ...]]:
+    outcome = Outcome.BOUNCE if isinstance(exc, PermanentFailure) else Outcome.DEFER
+    return outcome, str(exc.reply), ()
+
+
+def _outcome(mx: MxRoute, hosts: Sequence[HostRoute]) -> tuple[Outcome, str, tuple[str, ...]]:
+    """What the engine's per-domain loop would conclude from these routes."""
+    if mx.failure is not None:
+        # RFC 7672 §2.1: MX lookup failure defers; RFC 5321 §5.1 NXDOMAIN / RFC 7505 bounce.
+        return _failed(mx.failure)
+    usable = tuple(h.host.name for h in hosts if h.failure is None)
+    for route in hosts:
+        if route.failure is None:
+            break
+        if route.failure.scope is not Scope.HOST:
+            return _failed(route.failure)
+    if usable:
+        return Outcome.ATTEMPT, "", usable
+    if not hosts:
+        return Outcome.DEFER, "451 4.4.0 No MX host could be tried", ()
+    last = hosts[-1].failure
+    assert last is not None
+    # Every host skipped: the domain is deferred with the last host's reason, never bounced.
+    return Outcome.DEFER, str(as_temporary(last)), ()
+
+
+# -- labels shared by both renderings ----------------------------------------------------
+
+
+def _status(security: Security, validating: bool) -> str:
+    return security.value if validating else "unvalidated"
+
+
+def _address_status(route: HostRoute, validating: bool) -> str:
+    if route.address_status in (AddressStatus.SECURE, AddressStatus.INSECURE) and not validating:
+        return "unvalidated"
+    return route.address_status.value
+
+
+def _tls(route: HostRoute) -> str:
+    """The TLS level that would apply: "dane (verified)", "may", "skip host", ..."""
+    decision = route.decision
+    if decision.action is Action.DANE:
+        return f"dane ({route.dane_label})"
+    if decision.action is Action.NO_DANE:
+        assert decision.requirement is not None
+        return decision.requirement.value
+    if decision.action is Action.SKIP_HOST:
+        return "skip host"
+    return "defer domain"
+
+
+def _tlsa_skipped(report: LookupReport, route: HostRoute) -> str:
+    if report.level not in DANE_LEVELS:
+        return f"level {report.level} does not use DANE"
+    if route.address_status in (AddressStatus.NONE, AddressStatus.FAILED):
+        return "the host has no usable address"
+    if not report.validating:
+        return "the resolver does not validate DNSSEC"
+    return "host addresses insecure, RFC 7672 §2.2.2"
+
+
+def _base_domain(route: HostRoute) -> str | None:
+    """The TLSA base domain when a secure TLSA RRset was found (RFC 7672 §2.2.3)."""
+    return route.tlsa_base if route.tlsa_records else None
+
+
+def _lookup_outcome(tl: TlsaLookup) -> str:
+    if tl.error is not None:
+        return f"lookup failed ({tl.error.kind})"
+    return tl.outcome
+
+
+def _record_note(record: TlsaRecord) -> str:
+    if record.malformed:
+        return f"  (malformed: {record.unusable_reason()})"
+    reason = record.unusable_reason()
+    return f"  (unusable: {reason})" if reason else ""
+
+
+def _mx_records(report: LookupReport) -> list[tuple[int, str]]:
+    answer = report.mx.answer
+    if answer is None:
+        return []
+    return sorted((r.preference, r.exchange or ".") for r in answer.records)
+
+
+# -- text -----------------------------------------------------------------------------------
+
+
+def render_text(report: LookupReport) -> str:
+    lines = [
+        f"domain {report.domain}: level {report.level}, "
+        f"insecure_mx_policy {report.insecure_mx_policy}",
+        f"resolver {report.resolvers}: "
+        + ("validates DNSSEC" if report.validating else "does NOT validate DNSSEC")
+        + f" ({report.probe.detail})",
+    ]
+    lines += _mx_text(report)
+    for route in report.hosts:
+        lines += _host_text(report, route)
+    if report.outcome is Outcome.ATTEMPT:
+        lines.append(f"result: attempt delivery via {', '.join(report.usable)}")
+    else:
+        lines.append(f"result: {report.outcome.value}: {report.reply}")
+    return "\n".join(lines)
+
+
+def _mx_text(report: LookupReport) -> list[str]:
+    mx, domain = report.mx, report.domain
+    if mx.answer is None:
+        exc = mx.failure
+        kind = exc.kind if isinstance(exc, DnsTempFail) else "error"
+        text = exc.reply.text if exc is not None else ""
+        return [f"MX {domain}: lookup failed ({kind}): {text}"]
+    status = _status(mx.answer.security, report.validating)
+    if mx.answer.kind is AnswerKind.NXDOMAIN:
+        return [f"MX {domain}: NXDOMAIN ({status}): the domain does not exist"]
+    if mx.plan.null_mx:
+        head = f"MX {domain}: {status}, null MX (RFC 7505): the domain accepts no mail"
+    elif mx.plan.hosts and mx.plan.hosts[0].implicit:
+        head = f"MX {domain}: {status}, no MX records: implicit MX {domain} (RFC 5321 §5.1)"
+    else:
+        head = f"MX {domain}: {status}"
+    return [head] + [f"  {pref} {exchange}" for pref, exchange in _mx_records(report)]
+
+
+def _host_text(report: LookupReport, route: HostRoute) -> list[str]:
+    host = route.host
+    lines = [
+        f"host {host.name} (implicit MX)"
+        if host.implicit
+        else f"host {host.name} (MX {host.preference})"
+    ]
+    if route.canonical:
+        lines.append(f"  CNAME: {host.name} -> {route.canonical}")
+    status = _address_status(route, report.validating)
+    if route.address_status is AddressStatus.FAILED:
+        text = route.failure.reply.text if route.failure is not None else ""
+        lines.append(f"  addresses: lookup failed: {text}")
+    elif route.address_status is AddressStatus.NONE:
+        lines.append("  addresses: none (no A or AAAA records)")
+    else:
+        failed = (
+            f" ({'/'.join(route.failed_families)} lookup failed)" if route.failed_families else ""
+        )
+        lines.append(f"  addresses: {status} {', '.join(route.addresses)}{failed}")
+    if not route.tlsa_lookups:
+        lines.append(f"  TLSA: not looked up ({_tlsa_skipped(report, route)})")
+    for tl in route.tlsa_lookups:
+        lines += _tlsa_text(tl, report.tlsa_port)
+    if route.tlsa_lookups:
+        base = _base_domain(route) or "none (no secure TLSA RRset)"
+        lines.append(f"  TLSA base domain: {base}")
+    lines.append(f"  TLS: {_tls(route)}; {route.reason}")
+    if route.failure is not None:
+        lines.append(f"  error: {route.failure.reply}")
+    return lines
+
+
+def _tlsa_text(tl: TlsaLookup, port: int) -> list[str]:
+    qname = f"_{port}._tcp.{tl.base}"
+    if tl.answer is None:
+        text = tl.error.reply.text if tl.error is not None else ""
+        return [f"  TLSA {qname}: {_lookup_outcome(tl)}: {text}"]
+    lines = [f"  TLSA {qname}: {_lookup_outcome(tl)}"]
+    lines += [f"    {r.to_text()}{_record_note(r)}" for r in tl.answer.records]
+    return lines
+
+
+# -- JSON -----------------------------------------------------------------------------------
+
+
+def render_json(report: LookupReport) -> str:
+    return json.dumps(_report_dict(report), indent=2, ensure_ascii=False)
+
+
+def _report_dict(report: LookupReport) -> dict[str, Any]:
+    return {
+        "domain": report.domain,
+        "level": report.level,
+        "insecure_mx_policy": report.insecure_mx_policy,
+        "resolver": {
+            "servers": report.resolvers,
+            "validating": report.validating,
+            "detail": report.probe.detail,
+        },
+        "mx": _mx_dict(report),
+        "hosts": [_host_dict(report, route) for route in report.hosts],
+        "result": {
+            "outcome": report.outcome.value,
+            "reply": report.reply or None,
+            "hosts": list(report.usable),
+        },
+    }
+
+
+def _error_dict(exc: DeliveryError | None) -> dict[str, Any] | None:
+    if exc is None:
+        return None
+    return {
+        "kind": exc.kind if isinstance(exc, DnsTempFail) else exc.reason,
+        "reply": str(exc.reply),
+    }
+
+
+def _mx_dict(report: LookupReport) -> dict[str, Any]:
+    mx = report.mx
+    answer = mx.answer
+    return {
+        "status": mx.status.value
+        if answer is None
+        else _status(answer.security, report.validating),
+        "answer": None if answer is None else answer.kind.value,
+        "records": [{"preference": p, "exchange": e} for p, e in _mx_records(report)],
+        "null_mx": mx.plan.null_mx,
+        "implicit": bool(mx.plan.hosts) and mx.plan.hosts[0].implicit,
+        "error": _error_dict(mx.failure),
+    }
+
+
+def _records(records: Sequence[TlsaRecord]) -> list[str]:
+    return [r.to_text() for r in records]
+
+
+def _host_dict(report: LookupReport, route: HostRoute) -> dict[str, Any]:
+    decision = route.decision
+    return {
+        "name": route.host.name,
+        "preference": route.host.preference,
+        "implicit": route.host.implicit,
+        "canonical": route.canonical or None,
+        "addresses": {
+            "status": _address_status(route, report.validating),
+            "records": list(route.addresses),
+            "failed_families": list(route.failed_families),
+        },
+        "tlsa": {
+            "looked_up": bool(route.tlsa_lookups),
+            "base_domain": _base_domain(route),
+            "state": route.tlsa_state.value,
+            "lookups": [
+                {
+                    "name": f"_{report.tlsa_port}._tcp.{tl.base}",
+                    "outcome": tl.outcome,
+                    "records": _records(tl.answer.records) if tl.answer is not None else [],
+                    "error": _error_dict(tl.error),
+                }
+                for tl in route.tlsa_lookups
+            ],
+            "records": _records(route.tlsa_records),
+            "usable": _records(route.usable),
+            "malformed": _records(route.malformed),
+        },
+        "decision": {
+            "tls": _tls(route),
+            "action": decision.action.value,
+            "requirement": decision.requirement.value if decision.requirement else None,
+            "label": route.dane_label if decision.action is Action.DANE else None,
+            "reason": decision.reason,
+            "why": decision.why,
+            "rfc": decision.rfc,
+            "detail": route.reason,
+        },
+        "dnssec": route.dnssec,
+        "error": _error_dict(route.failure),
+    }

@@ -1,4 +1,4 @@
-"""Command line: `dane-relay run | lookup | config check | queue list`.
+"""Command line: `dane-relay run | lookup | tlsa verify|generate | config check | queue list`.
 
 Exit codes follow sysexits(3): 0 ok, 64 usage, 78 configuration error,
 73 spool cannot be created or is locked, 71 a listen address cannot be bound,
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from relay import __version__
+from relay import __version__, tlsatool
 from relay.config import Config, load_config
 from relay.errors import ConfigError, SpoolError
 
@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dane-relay", description="SMTP relay with DANE (RFC 7672)")
     p.add_argument("--version", action="version", version=f"dane-relay {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    tlsatool.add_parser(sub)
     run = sub.add_parser("run", help="run the relay in the foreground")
     run.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG)
     look = sub.add_parser(
@@ -63,6 +64,8 @@ def _load(path: Path) -> Config:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "tlsa":
+        return tlsatool.run(args)
     try:
         if args.command == "config":
             cfg = _load(args.file)

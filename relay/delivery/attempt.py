@@ -120,6 +120,9 @@ class AttemptRecorder:
         extra: str = "",
     ) -> None:
         detail = f" {attempt.dane_detail}" if attempt.dane_detail else ""
+        if attempt.dane != "none" and attempt.tlsa_base:
+            # RFC 7672 §2.2.3: the name whose TLSA records applied (after CNAME expansion).
+            detail += f" tlsa_base={attempt.tlsa_base}"
         dns = f" {attempt.dns_detail}" if attempt.dns_detail else ""
         log.info(
             "queue_id=%s to=%s relay=%s dnssec=%s%s tls=%s%s dane=%s%s delay=%.2f "

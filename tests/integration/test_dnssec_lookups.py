@@ -222,6 +222,8 @@ def test_cname_mx_host_uses_the_target_as_tlsa_base_domain(
     assert "relay=mx.cname-ok.test[" in line
     assert "tls=verified" in line
     assert "dane=pass reason=match" in line
+    # RFC 7672 §2.2.3: the log names the base domain whose TLSA records were used.
+    assert " tlsa_base=real.cname-ok.test " in line
 
 
 def test_null_mx_bounces_without_connecting_even_to_an_address_it_has(

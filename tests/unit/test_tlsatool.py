@@ -559,14 +559,14 @@ def test_generate_refuses_spki_it_cannot_reproduce(
     assert whole.status == 0
 
 
-# --- python -m relay.tlsatool -----------------------------------------------------------------
+# --- python -m relay (the dane-relay CLI) ---------------------------------------------------
 
 
 def test_module_entry_point(pki: Pki, chain: Path) -> None:
     argv = ["--chain", str(chain), "--name", MX_HOST, "--at", AT, "--json"]
     for record, status in ((f"3 1 1 {spki_digest(pki.leaf)}", 0), ("3 1 1 " + "00" * 32, 1)):
         done = subprocess.run(
-            [sys.executable, "-m", "relay.tlsatool", "tlsa", "verify", *argv, "--tlsa", record],
+            [sys.executable, "-m", "relay", "tlsa", "verify", *argv, "--tlsa", record],
             capture_output=True,
             text=True,
             check=False,

@@ -33,9 +33,8 @@ Does not: check revocation, name constraints or policies, nor the trust anchor's
 (a TA is a name and key, RFC 5280 §6.1.1(d)); use PKIX usages; act on the verdict.
 """
 
-import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
 from typing import Final
@@ -48,9 +47,15 @@ from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PublicKey
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.padding import PSS, PKCS1v15
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
-from cryptography.utils import CryptographyDeprecationWarning
-from cryptography.x509.oid import NameOID
 
+from relay.dane.certificate import (
+    BadCertificate,
+    Encoded,
+    Peer,
+    certificate_parts,
+    decode_certificate,
+    presented_names,
+)
 from relay.dane.records import MatchingType, Selector, TlsaRecord, Usage, select_usable
 
 __all__ = ["MAX_CHAIN_LENGTH", "DaneStatus", "DaneVerdict", "verify"]
@@ -93,167 +98,6 @@ class DaneVerdict:
     def authenticated(self) -> bool:
         """True for ``VERIFIED``."""
         return self.status is DaneStatus.VERIFIED
-
-
-class _BadCertificate(Exception):
-    """Internal: a presented certificate could not be decoded."""
-
-    def __init__(self, depth: int, problem: str) -> None:
-        super().__init__(f"certificate {depth}: {problem}")
-
-
-def _der_header(buf: bytes, pos: int) -> tuple[int, int, int]:
-    """(tag, start of contents, end of element) of the DER element at ``pos``."""
-    if pos + 2 > len(buf):
-        raise ValueError("truncated DER element")
-    tag, first = buf[pos], buf[pos + 1]
-    if first < 0x80:
-        start, size = pos + 2, first
-    else:
-        count = first & 0x7F
-        if count == 0 or count > 4:
-            raise ValueError("unsupported DER length")
-        start = pos + 2 + count
-        size = int.from_bytes(buf[pos + 2 : start], "big")
-    if start + size > len(buf):
-        raise ValueError("truncated DER element")
-    return tag, start, start + size
-
-
-def _certificate_parts(der: bytes) -> tuple[bytes, bytes]:
-    """(serialNumber contents, SubjectPublicKeyInfo) of a DER Certificate (RFC 5280 §4.1).
-
-    Walks the DER by hand, without ``cryptography``: the outer SEQUENCE must be the whole
-    input and hold TBSCertificate, signatureAlgorithm and a BIT STRING signature; the TBS
-    fields up to the SPKI must have their ASN.1 tags. The SPKI is returned exactly as
-    encoded: re-encoding a parsed key could differ (e.g. compressed EC points), and
-    selector SPKI(1) is defined on the certificate's own DER.
-
-    Raises:
-        ValueError: the bytes are not a certificate's outer structure.
-    """
-    tag, tbs_at, end = _der_header(der, 0)
-    if tag != 0x30 or end != len(der):
-        raise ValueError("not a single DER SEQUENCE")
-    tag, cursor, tbs_end = _der_header(der, tbs_at)
-    if tag != 0x30:
-        raise ValueError("TBSCertificate is not a SEQUENCE")
-    tag, _, algorithm_end = _der_header(der, tbs_end)
-    signature_tag, _, signature_end = _der_header(der, algorithm_end)
-    if tag != 0x30 or signature_tag != 0x03 or signature_end != end:
-        raise ValueError("not SEQUENCE { tbsCertificate, signatureAlgorithm, BIT STRING }")
-    tag, _, after = _der_header(der, cursor)
-    if tag == 0xA0:  # [0] EXPLICIT version
-        cursor = after
-    tag, serial_at, cursor = _der_header(der, cursor)
-    if tag != 0x02:
-        raise ValueError("serialNumber is not an INTEGER")
-    serial = der[serial_at:cursor]
-    for _ in range(4):  # signature, issuer, validity, subject: all SEQUENCEs
-        tag, _, cursor = _der_header(der, cursor)
-        if tag != 0x30:
-            raise ValueError("TBSCertificate fields are out of order")
-    tag, _, spki_end = _der_header(der, cursor)
-    if tag != 0x30 or spki_end > tbs_end:
-        raise ValueError("SubjectPublicKeyInfo is not a SEQUENCE")
-    return serial, der[cursor:spki_end]
-
-
-def _decode_certificate(der: bytes, serial: bytes) -> x509.Certificate:
-    """``cryptography``'s view of a certificate, for DANE-TA(2) path checks.
-
-    Raises:
-        ValueError: undecodable, or the serial number is zero or negative.
-    """
-    # RFC 5280 §4.1.2.2: serial numbers are positive. cryptography 4x-50 only warns (and
-    # says a later release will refuse); refuse here so the verdict does not depend on the
-    # installed version, and so ``-W error`` cannot turn the warning into an exception.
-    if not serial or serial[0] & 0x80 or not any(serial):
-        raise ValueError("serial number is not a positive integer (RFC 5280 §4.1.2.2)")
-    try:
-        return x509.load_der_x509_certificate(der)
-    # InvalidVersion is not a ValueError: a hostile peer can send version 4+ (seen by the
-    # bit-flip fuzz test). A deprecation warning only arrives here when raised as an error.
-    except (x509.InvalidVersion, CryptographyDeprecationWarning) as exc:
-        raise ValueError(str(exc)) from exc
-
-
-@dataclass(slots=True)
-class _Encoded:
-    """A presented certificate as bytes: enough for DANE-EE(3), which decodes nothing."""
-
-    depth: int
-    der: bytes
-    spki: bytes
-    serial: bytes
-    _digests: dict[tuple[int, int], bytes] = field(default_factory=dict)
-
-    @classmethod
-    def load(cls, depth: int, der: bytes) -> "_Encoded":
-        try:
-            serial, spki = _certificate_parts(der)
-        except ValueError as exc:
-            raise _BadCertificate(depth, str(exc)) from exc
-        return cls(depth, der, spki, serial)
-
-    def association(self, selector: int, mtype: int) -> bytes:
-        """The selected bytes (RFC 6698 §2.1.2) under the matching type (§2.1.3)."""
-        key = (selector, mtype)
-        if key not in self._digests:
-            selected = self.der if selector == Selector.CERT else self.spki
-            if mtype == MatchingType.SHA256:
-                selected = hashlib.sha256(selected).digest()
-            elif mtype == MatchingType.SHA512:
-                selected = hashlib.sha512(selected).digest()
-            self._digests[key] = selected
-        return self._digests[key]
-
-    def matches(self, record: TlsaRecord) -> bool:
-        return self.association(record.selector, record.mtype) == record.data
-
-
-@dataclass(slots=True)
-class _Peer:
-    """A presented certificate decoded by ``cryptography``, for DANE-TA(2)."""
-
-    encoded: _Encoded
-    cert: x509.Certificate
-
-    @classmethod
-    def decode(cls, encoded: _Encoded) -> "_Peer":
-        try:
-            return cls(encoded, _decode_certificate(encoded.der, encoded.serial))
-        except ValueError as exc:
-            raise _BadCertificate(encoded.depth, f"unusable for DANE-TA(2): {exc}") from exc
-
-    @property
-    def depth(self) -> int:
-        return self.encoded.depth
-
-    @property
-    def der(self) -> bytes:
-        return self.encoded.der
-
-    @property
-    def spki(self) -> bytes:
-        return self.encoded.spki
-
-    def matches(self, record: TlsaRecord) -> bool:
-        return self.encoded.matches(record)
-
-    def label(self) -> str:
-        try:
-            return f"certificate {self.depth} ({self.cert.subject.rfc4514_string() or '-'})"
-        except ValueError:
-            return f"certificate {self.depth}"
-
-    def extension(self, kind: type[x509.ExtensionType]) -> x509.ExtensionType | None:
-        try:
-            return self.cert.extensions.get_extension_for_class(kind).value
-        except x509.ExtensionNotFound:
-            return None
-        except ValueError as exc:
-            raise _BadCertificate(self.depth, f"malformed extensions: {exc}") from exc
 
 
 def _fail(reason: str, detail: str) -> DaneVerdict:
@@ -304,9 +148,9 @@ def verify(
     if not chain:
         return _fail("no-chain", "the server presented no certificate")
     try:
-        leaf = _Encoded.load(0, bytes(chain[0]))
+        leaf = Encoded.load(0, bytes(chain[0]))
     # RFC 5280 §4.1: bytes that are not even a certificate's structure cannot match; fail.
-    except _BadCertificate as exc:
+    except BadCertificate as exc:
         return _fail("bad-certificate", str(exc))
 
     # RFC 7672 §3.1.1: DANE-EE(3) matches the leaf key/cert only; no name or date checks.
@@ -324,11 +168,11 @@ def verify(
         return _fail("chain-too-long", f"{len(chain)} certificates, limit {MAX_CHAIN_LENGTH}")
     try:
         # RFC 7672 §3.1.1: decoding (and the rest of the chain) matters only for DANE-TA(2).
-        encoded = [leaf, *(_Encoded.load(i, bytes(der)) for i, der in enumerate(chain[1:], 1))]
-        peers = [_Peer.decode(certificate) for certificate in encoded]
+        encoded = [leaf, *(Encoded.load(i, bytes(der)) for i, der in enumerate(chain[1:], 1))]
+        peers = [Peer.decode(certificate) for certificate in encoded]
         return _verify_dane_ta(ta_records, peers, ref_names, now)
     # RFC 5280 §4.1: an undecodable certificate (or extension) cannot be checked; fail.
-    except _BadCertificate as exc:
+    except BadCertificate as exc:
         return _fail("bad-certificate", str(exc))
 
 
@@ -385,7 +229,7 @@ def _signed_by_key(child: x509.Certificate, key: PublicKeyTypes) -> bool:
     return True
 
 
-def _date_problem(peer: _Peer, now: datetime) -> str | None:
+def _date_problem(peer: Peer, now: datetime) -> str | None:
     """``expired``/``not-yet-valid`` if ``now`` is outside the validity (RFC 5280 §4.1.2.5)."""
     if now < peer.cert.not_valid_before_utc:
         return "not-yet-valid"
@@ -394,7 +238,7 @@ def _date_problem(peer: _Peer, now: datetime) -> str | None:
     return None
 
 
-def _below_anchor_ok(peer: _Peer, path_depth: int, now: datetime | None) -> bool:
+def _below_anchor_ok(peer: Peer, path_depth: int, now: datetime | None) -> bool:
     """Checks for a certificate below the trust anchor; ``now=None`` skips the dates."""
     # RFC 7672 §3.1.2 / RFC 5280 §6.1.3(a)(2): chain certificates must be valid at ``now``.
     if now is not None and _date_problem(peer, now) is not None:
@@ -417,7 +261,7 @@ def _below_anchor_ok(peer: _Peer, path_depth: int, now: datetime | None) -> bool
 class _TaSearch:
     """DANE-TA(2) path search over the presented certificates (RFC 7672 §3.1.2)."""
 
-    def __init__(self, records: Sequence[TlsaRecord], peers: Sequence[_Peer]) -> None:
+    def __init__(self, records: Sequence[TlsaRecord], peers: Sequence[Peer]) -> None:
         self.records = records
         self.peers = peers
         self.dns_certs: list[tuple[TlsaRecord, x509.Certificate]] = []
@@ -428,8 +272,8 @@ class _TaSearch:
             try:
                 # RFC 7671 §5.2: a Cert(0)/Full(0) TA may be absent from the server's chain.
                 if record.selector == Selector.CERT:
-                    serial, _ = _certificate_parts(record.data)
-                    self.dns_certs.append((record, _decode_certificate(record.data, serial)))
+                    serial, _ = certificate_parts(record.data)
+                    self.dns_certs.append((record, decode_certificate(record.data, serial)))
                 # RFC 7671 §5.2: an SPKI(1)/Full(0) TA is a bare key the server cannot send.
                 else:
                     self.dns_keys.append((record, serialization.load_der_public_key(record.data)))
@@ -525,7 +369,7 @@ class _TaSearch:
 
 
 def _verify_dane_ta(
-    records: Sequence[TlsaRecord], peers: Sequence[_Peer], ref_names: Sequence[str], now: datetime
+    records: Sequence[TlsaRecord], peers: Sequence[Peer], ref_names: Sequence[str], now: datetime
 ) -> DaneVerdict:
     """RFC 7672 §3.1.2 / §3.2: chain to a DANE-TA(2) anchor, dates, then names."""
     search = _TaSearch(records, peers)
@@ -533,7 +377,7 @@ def _verify_dane_ta(
     if anchor is None:
         return search.explain_failure(now)
     # RFC 7672 §3.2.2: with DANE-TA(2) the leaf must carry a reference identifier.
-    presented = _presented_names(peers[0])
+    presented = presented_names(peers[0])
     for name in presented:
         for reference in ref_names:
             if _name_matches(name, reference):
@@ -546,20 +390,6 @@ def _verify_dane_ta(
         f"{anchor.describe()} at depth {anchor.depth}, but leaf names "
         f"{presented or ['(none)']} match none of {list(ref_names)}",
     )
-
-
-def _presented_names(peer: _Peer) -> list[str]:
-    """DNS-IDs of the leaf, or its CN-IDs when it has no DNS-ID (RFC 6125 §6.4.4)."""
-    san = peer.extension(x509.SubjectAlternativeName)
-    if isinstance(san, x509.SubjectAlternativeName):
-        dns_ids = san.get_values_for_type(x509.DNSName)
-        if dns_ids:
-            return dns_ids
-    try:
-        attributes = peer.cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    except ValueError as exc:
-        raise _BadCertificate(peer.depth, f"malformed subject: {exc}") from exc
-    return [value for a in attributes if isinstance(value := a.value, str)]
 
 
 def _name_matches(presented: str, reference: str) -> bool:

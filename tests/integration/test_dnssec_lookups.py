@@ -191,7 +191,7 @@ def test_cname_into_an_unsigned_zone_is_delivered_without_dane(
     (msg,) = receiver.wait_for(1, timeout=20)
     assert msg.rcpt_tos == ("bob@cname-insecure.test",)
     assert msg.tls is True
-    line = relay.wait_log(rf"queue_id={qid} .*status=sent.*", timeout=20).group(0)
+    line = relay.attempt_line(qid)
     assert "relay=mx.cname-insecure.test[" in line
     assert "dnssec=insecure" in line
     assert "tls=encrypted(" in line
@@ -218,7 +218,7 @@ def test_cname_mx_host_uses_the_target_as_tlsa_base_domain(
     assert msg.tls is True
     # RFC 7672 §8.1: SNI carries the TLSA base domain: the CNAME target, not the MX name.
     assert receiver.server_names == ["real.cname-ok.test"]
-    line = relay.wait_log(rf"queue_id={qid} .*status=sent.*", timeout=20).group(0)
+    line = relay.attempt_line(qid)
     assert "relay=mx.cname-ok.test[" in line
     assert "tls=verified" in line
     assert "dane=pass reason=match" in line
@@ -234,7 +234,7 @@ def test_null_mx_bounces_without_connecting_even_to_an_address_it_has(
     stall = receivers.start_stall("nullmx-addr.test")
     relay = relay_factory()
     qid = submit(relay, "bob@nullmx-addr.test", BODY)
-    line = relay.wait_log(rf"queue_id={qid} .*status=bounced.*", timeout=20).group(0)
+    line = relay.attempt_line(qid, "bounced")
     assert "relay=none" in line
     assert "5.1.10" in line
     relay.wait_log(rf"queue_id={qid} sender non-delivery notification: [0-9A-F]+")
@@ -263,7 +263,7 @@ def test_implicit_mx_host_is_the_domain_itself(
     assert msg.rcpt_tos == ("bob@implicit.test",)
     # RFC 7672 §2.2.3: the implicit MX host's TLSA is at _25._tcp.<domain>; SNI names it.
     assert receiver.server_names == ["implicit.test"]
-    line = relay.wait_log(rf"queue_id={qid} .*status=sent.*", timeout=20).group(0)
+    line = relay.attempt_line(qid)
     assert f"relay=implicit.test[{dns_lab.hosts['implicit.test'].address}]" in line
     assert "tls=verified" in line
 
@@ -274,7 +274,7 @@ def test_expired_zone_defers_the_domain(
     (receiver,) = receivers.start("expired.test")
     relay = relay_factory()
     qid = submit(relay, "bob@expired.test", BODY)
-    line = relay.wait_log(rf"queue_id={qid} .*status=deferred.*", timeout=20).group(0)
+    line = relay.attempt_line(qid, "deferred")
     assert "relay=none" in line
     assert 'reply="451 4.4.3 DNS lookup of expired.test/MX' in line
     relay.wait_log(rf"queue_id={qid} deferred pending=1")

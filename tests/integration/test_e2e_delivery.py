@@ -65,7 +65,7 @@ def test_secure_mx_with_matching_3_1_1_is_delivered_and_verified(
     assert msg.content.endswith(b"Hello through DANE.\r\n")
     assert f"id {qid}".encode() in msg.content  # our Received: header
 
-    line = relay.wait_log(rf"queue_id={qid} .*status=sent.*", timeout=20).group(0)
+    line = relay.attempt_line(qid)
     assert "relay=mx.dane-ok.test[" in line
     assert "dnssec=secure" in line
     assert "tls=verified" in line
@@ -86,7 +86,7 @@ def test_secure_mx_with_3_0_1_full_certificate_digest_is_verified(
     qid = _submit(relay, "carol@dane-ee-cert.test")
     (msg,) = receiver.wait_for(1, timeout=20)
     assert msg.tls is True
-    line = relay.wait_log(rf"queue_id={qid} .*status=sent.*", timeout=20).group(0)
+    line = relay.attempt_line(qid)
     assert 'dane=pass reason=match matched="3 0 1' in line
     assert "tls=verified" in line
 
@@ -98,7 +98,7 @@ def test_wrong_digest_defers_and_sends_nothing(
     relay = relay_factory()
     qid = _submit(relay, "dave@dane-bad.test")
 
-    line = relay.wait_log(rf"queue_id={qid} .*status=deferred.*", timeout=20).group(0)
+    line = relay.attempt_line(qid, "deferred")
     assert "dane=fail reason=no-match" in line
     assert 'reply="451 4.7.5 Server certificate not verified' in line
     relay.wait_log(rf"queue_id={qid} deferred pending=1")
@@ -127,7 +127,7 @@ def test_unsigned_domain_gets_opportunistic_tls(
     qid = _submit(relay, "erin@unsigned.test")
     (msg,) = receiver.wait_for(1, timeout=20)
     assert msg.tls is True
-    line = relay.wait_log(rf"queue_id={qid} .*status=sent.*", timeout=20).group(0)
+    line = relay.attempt_line(qid)
     assert "dnssec=insecure" in line
     assert "tls=encrypted" in line
     assert "dane=none" in line
@@ -141,7 +141,7 @@ def test_secure_tlsa_without_starttls_defers_and_sends_nothing_in_plaintext(
     (receiver,) = receivers.start("dane-nostarttls.test")
     relay = relay_factory()
     qid = _submit(relay, "frank@dane-nostarttls.test")
-    line = relay.wait_log(rf"queue_id={qid} .*status=deferred.*", timeout=20).group(0)
+    line = relay.attempt_line(qid, "deferred")
     assert "dane=fail reason=no-starttls" in line
     assert "4.7.4 TLS is required, but was not offered" in line
     relay.wait_log(rf"queue_id={qid} deferred pending=1")
@@ -162,7 +162,7 @@ def test_bogus_tlsa_is_a_temporary_failure_not_insecure(
     (receiver,) = receivers.start("bogus.test")
     relay = relay_factory()
     qid = _submit(relay, "gina@bogus.test")
-    line = relay.wait_log(rf"queue_id={qid} .*status=deferred.*", timeout=30).group(0)
+    line = relay.attempt_line(qid, "deferred", timeout=30)
     assert "4.7.5 TLSA lookup error" in line
     relay.wait_log(rf"queue_id={qid} deferred pending=1")
     assert receiver.mail_commands == []
@@ -181,7 +181,7 @@ def test_implicit_mx_uses_the_domain_address_and_its_tlsa(
     qid = _submit(relay, "hank@implicit.test")
     (msg,) = receiver.wait_for(1, timeout=20)
     assert msg.tls is True
-    line = relay.wait_log(rf"queue_id={qid} .*status=sent.*", timeout=20).group(0)
+    line = relay.attempt_line(qid)
     assert "relay=implicit.test[" in line
     assert "tls=verified" in line
 
@@ -191,7 +191,7 @@ def test_null_mx_bounces_to_the_sender(
 ) -> None:
     relay = relay_factory()
     qid = _submit(relay, "ivan@nullmx.test")
-    line = relay.wait_log(rf"queue_id={qid} .*status=bounced.*", timeout=20).group(0)
+    line = relay.attempt_line(qid, "bounced")
     assert "5.1.10" in line
     relay.wait_log(rf"queue_id={qid} sender non-delivery notification: [0-9A-F]+")
     relay.wait_log(rf"queue_id={qid} removed")
@@ -256,13 +256,13 @@ def test_deferred_message_is_retried_with_backoff_and_delivered(
     # No receiver yet: the MX refuses the connection, the message is deferred.
     relay = start_relay(relay_factory, {"delivery": {"min_backoff": '"1s"', "max_backoff": '"2s"'}})
     qid = _submit(relay, "kate@dane-ok.test")
-    first = relay.wait_log(rf"queue_id={qid} .*status=deferred.*", timeout=20).group(0)
+    first = relay.attempt_line(qid, "deferred")
     assert "error=connect" in first
     relay.wait_log(rf"queue_id={qid} deferred pending=1 next_attempt_in=1s")
     (receiver,) = receivers.start("dane-ok.test")
     (msg,) = receiver.wait_for(1, timeout=20)
     assert msg.rcpt_tos == ("kate@dane-ok.test",)
-    line = relay.wait_log(rf"queue_id={qid} .*status=sent.*", timeout=20).group(0)
+    line = relay.attempt_line(qid)
     assert "tls=verified" in line
     relay.wait_log(rf"queue_id={qid} removed")
     assert _metric(relay, "relay_delivery_attempts_total", result="deferred", reason="connect") >= 1
@@ -278,7 +278,7 @@ def test_resolver_down_is_a_temporary_failure(
     dead = dns_lab.resolver_addr.rsplit(".", 1)[0] + ".99"
     relay = start_relay(relay_factory, {"dns": {"timeout": '"2s"'}}, resolvers=[dead])
     qid = _submit(relay, "liam@dane-ok.test")
-    line = relay.wait_log(rf"queue_id={qid} .*status=deferred.*", timeout=30).group(0)
+    line = relay.attempt_line(qid, "deferred", timeout=30)
     assert 'reply="451 4.4.3 DNS lookup of dane-ok.test/MX' in line
     assert "error=dns" in line
     relay.wait_log(rf"queue_id={qid} deferred pending=1")

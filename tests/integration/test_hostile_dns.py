@@ -56,7 +56,7 @@ def test_cname_mx_host_without_starttls_is_deferred_not_sent_in_plaintext(
     (receiver,) = receivers.start("cname-nostarttls.test")
     relay = relay_factory()
     qid = submit(relay, "bob@cname-nostarttls.test", BODY)
-    line = relay.wait_log(rf"queue_id={qid} .*status=(sent|deferred).*", timeout=20).group(0)
+    line = relay.attempt_line(qid, "sent|deferred")
     assert receiver.messages == []
     assert receiver.mail_commands == []
     assert "status=deferred" in line
@@ -70,7 +70,7 @@ def test_cname_mx_host_with_mismatching_certificate_is_deferred(
     (receiver,) = receivers.start("cname-bad.test")
     relay = relay_factory()
     qid = submit(relay, "bob@cname-bad.test", BODY)
-    line = relay.wait_log(rf"queue_id={qid} .*status=(sent|deferred).*", timeout=20).group(0)
+    line = relay.attempt_line(qid, "sent|deferred")
     assert receiver.mail_commands == []
     assert "status=deferred" in line
     assert "dane=fail reason=no-match" in line
@@ -85,7 +85,7 @@ def test_cname_mx_host_with_matching_tlsa_at_the_target_is_verified(
     qid = submit(relay, "bob@cname-ok.test", BODY)
     (msg,) = receiver.wait_for(1, timeout=20)
     assert msg.tls is True
-    line = relay.wait_log(rf"queue_id={qid} .*status=sent.*", timeout=20).group(0)
+    line = relay.attempt_line(qid)
     assert "dane=pass reason=match" in line
     assert "tls=verified" in line
 
@@ -99,7 +99,7 @@ def test_only_pkix_tlsa_records_still_require_tls_and_send_nothing_in_plaintext(
     (receiver,) = receivers.start("pkix-notls.test")
     relay = relay_factory()
     qid = submit(relay, "bob@pkix-notls.test", BODY)
-    line = relay.wait_log(rf"queue_id={qid} .*status=deferred.*", timeout=20).group(0)
+    line = relay.attempt_line(qid, "deferred")
     assert "451 4.7.4 TLS is required, but was not offered by host" in line
     unusable = relay.wait_log(r"host=mx\.pkix-notls\.test dane=unusable records=(\S+)")
     assert sorted(unusable.group(1).split(",")) == ["0-0-1", "1-1-1"]
@@ -119,7 +119,7 @@ def test_only_pkix_tlsa_records_deliver_over_unauthenticated_tls(
     qid = submit(relay, "bob@pkix-tls.test", BODY)
     (msg,) = receiver.wait_for(1, timeout=20)
     assert msg.tls is True
-    line = relay.wait_log(rf"queue_id={qid} .*status=sent.*", timeout=20).group(0)
+    line = relay.attempt_line(qid)
     assert "tls=encrypted(" in line
     assert "dane=none" in line
 
@@ -130,7 +130,7 @@ def test_wrong_length_tlsa_only_defers_and_sends_nothing(
     (receiver,) = receivers.start("badlen.test")
     relay = start_relay(relay_factory, {"dns": {"timeout": '"3s"'}})
     qid = submit(relay, "bob@badlen.test", BODY)
-    line = relay.wait_log(rf"queue_id={qid} .*status=deferred.*", timeout=20).group(0)
+    line = relay.attempt_line(qid, "deferred")
     assert 'reply="451 4.7.' in line
     relay.wait_log(rf"queue_id={qid} deferred pending=1")
     assert receiver.mail_commands == []
@@ -143,7 +143,7 @@ def test_wrong_length_tlsa_next_to_a_good_one_is_ignored_and_mail_is_delivered(
     (receiver,) = receivers.start("badlen-mixed.test")
     relay = start_relay(relay_factory, {"dns": {"timeout": '"3s"'}})
     qid = submit(relay, "bob@badlen-mixed.test", BODY)
-    line = relay.wait_log(rf"queue_id={qid} .*status=(sent|deferred).*", timeout=20).group(0)
+    line = relay.attempt_line(qid, "sent|deferred")
     assert "status=sent" in line
     assert "dane=pass reason=match" in line
     assert len(receiver.messages) == 1
@@ -157,7 +157,7 @@ def test_cname_loop_for_the_mx_host_is_a_logged_counted_deferral(
 ) -> None:
     relay = relay_factory()
     qid = submit(relay, "bob@cname-loop.test", BODY)
-    line = relay.wait_log(rf"queue_id={qid} .*status=deferred.*", timeout=20).group(0)
+    line = relay.attempt_line(qid, "deferred")
     assert "relay=loop1.cname-loop.test[-]" in line
     assert 'reply="451 4.4.3 DNS lookup of loop1.cname-loop.test/A failed' in line
     assert "error=dns" in line
@@ -173,7 +173,7 @@ def test_mx_host_without_address_is_deferred(
 ) -> None:
     relay = relay_factory()
     qid = submit(relay, "bob@mx-noaddr.test", BODY)
-    line = relay.wait_log(rf"queue_id={qid} .*status=deferred.*", timeout=20).group(0)
+    line = relay.attempt_line(qid, "deferred")
     assert "Host or domain name not found: ghost.mx-noaddr.test" in line
     relay.wait_log(rf"queue_id={qid} deferred pending=1")
     assert metric(relay, "relay_queue_messages") == 1
@@ -184,7 +184,7 @@ def test_mx_host_without_address_is_counted_as_a_dns_failure(
 ) -> None:
     relay = relay_factory()
     qid = submit(relay, "bob@mx-noaddr.test", BODY)
-    line = relay.wait_log(rf"queue_id={qid} .*status=deferred.*", timeout=20).group(0)
+    line = relay.attempt_line(qid, "deferred")
     assert "error=dns" in line
     assert 'reply="451 4.4.3' in line
     assert metric(relay, "relay_delivery_attempts_total", result="deferred", reason="dns") == 1
@@ -202,7 +202,7 @@ def test_island_of_security_is_insecure_and_its_tlsa_is_ignored(
     qid = submit(relay, "bob@island.test", BODY)
     (msg,) = receiver.wait_for(1, timeout=20)
     assert msg.tls is True
-    line = relay.wait_log(rf"queue_id={qid} .*status=sent.*", timeout=20).group(0)
+    line = relay.attempt_line(qid)
     assert "dnssec=insecure" in line
     assert "dane=none" in line
     # RFC 7672 §2.2.2: insecure addresses: no TLSA lookup at all.
@@ -220,7 +220,7 @@ def test_bogus_mx_rrset_defers_without_contacting_anyone(
     (receiver,) = receivers.start("bogus-mx.test")
     relay = relay_factory()
     qid = submit(relay, "bob@bogus-mx.test", BODY)
-    line = relay.wait_log(rf"queue_id={qid} .*status=deferred.*", timeout=20).group(0)
+    line = relay.attempt_line(qid, "deferred")
     assert "relay=none" in line
     assert 'reply="451 4.4.3 DNS lookup of bogus-mx.test/MX failed' in line
     relay.wait_log(rf"queue_id={qid} deferred pending=1")
@@ -234,7 +234,7 @@ def test_bogus_mx_log_line_carries_the_error_reason(
 ) -> None:
     relay = relay_factory()
     qid = submit(relay, "bob@bogus-mx.test", BODY)
-    line = relay.wait_log(rf"queue_id={qid} .*status=deferred.*", timeout=20).group(0)
+    line = relay.attempt_line(qid, "deferred")
     assert line.endswith(" error=dns")
 
 
@@ -244,7 +244,7 @@ def test_expired_rrsig_on_mx_host_address_is_a_temporary_failure(
     (receiver,) = receivers.start("expired-a.test")
     relay = relay_factory()
     qid = submit(relay, "bob@expired-a.test", BODY)
-    line = relay.wait_log(rf"queue_id={qid} .*status=deferred.*", timeout=20).group(0)
+    line = relay.attempt_line(qid, "deferred")
     assert 'reply="451 4.4.3 DNS lookup of mx.expired-a.test/A failed' in line
     relay.wait_log(rf"queue_id={qid} deferred pending=1")
     assert receiver.mail_commands == []
@@ -259,7 +259,7 @@ def test_secure_mx_pointing_into_an_unsigned_zone_gets_opportunistic_tls(
     qid = submit(relay, "bob@unsigned-target.test", BODY)
     (msg,) = receiver.wait_for(1, timeout=20)
     assert msg.rcpt_tos == ("bob@unsigned-target.test",)
-    line = relay.wait_log(rf"queue_id={qid} .*status=sent.*", timeout=20).group(0)
+    line = relay.attempt_line(qid)
     assert "relay=mx.unsigned.test[" in line
     assert "dnssec=insecure" in line
     assert "tls=encrypted(" in line

@@ -49,7 +49,7 @@ def peers(dns_lab: DnsLab, tmp_path: Path) -> Iterator[PeerFactory]:
 
 
 def _line(relay: RelayProcess, qid: str, status: str = "deferred") -> str:
-    return relay.wait_log(rf"queue_id={qid} .*status={status}.*", timeout=20).group(0)
+    return relay.attempt_line(qid, status)
 
 
 # --- TLS and DANE -----------------------------------------------------------------------

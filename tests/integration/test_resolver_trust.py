@@ -90,7 +90,7 @@ def test_dane_destination_gets_opportunistic_tls_without_a_validating_resolver(
     qid = submit(relay, "bob@dane-ok.test", BODY)
     (msg,) = receiver.wait_for(1, timeout=20)
     assert msg.tls is True
-    line = relay.wait_log(rf"queue_id={qid} .*status=sent.*", timeout=20).group(0)
+    line = relay.attempt_line(qid)
     assert "dnssec=unvalidated" in line
     assert "tls=encrypted(" in line
     assert "dane=none" in line
@@ -107,7 +107,7 @@ def test_bogus_data_is_not_trusted_from_a_non_validating_resolver(
     relay = relay_factory(resolvers=[plain_resolver])
     qid = submit(relay, "bob@bogus-mx.test", BODY)
     receiver.wait_for(1, timeout=20)
-    line = relay.wait_log(rf"queue_id={qid} .*status=sent.*", timeout=20).group(0)
+    line = relay.attempt_line(qid)
     assert "dnssec=unvalidated" in line
     assert "dane=none" in line
 
@@ -118,7 +118,7 @@ def test_dane_only_destination_is_deferred_without_a_validating_resolver(
     (receiver,) = receivers.start("dane-ok.test")
     relay = relay_factory(resolvers=[plain_resolver], tls_level="dane-only")
     qid = submit(relay, "bob@dane-ok.test", BODY)
-    line = relay.wait_log(rf"queue_id={qid} .*status=deferred.*", timeout=20).group(0)
+    line = relay.attempt_line(qid, "deferred")
     assert 'reply="451 4.7.5' in line
     relay.wait_log(rf"queue_id={qid} deferred pending=1")
     assert receiver.mail_commands == []

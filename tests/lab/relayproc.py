@@ -218,6 +218,11 @@ class RelayProcess:
         except LabTimeout as exc:
             raise self._fail(str(exc)) from exc
 
+    def attempt_line(self, queue_id: str, status: str = "sent", timeout: float = 20.0) -> str:
+        """The first delivery log line for `queue_id` whose status matches `status` (a regex
+        alternative such as "sent|deferred" is allowed), waiting for it."""
+        return self.wait_log(rf"queue_id={queue_id} .*status=(?:{status}).*", timeout).group(0)
+
     def metrics(self, timeout: float = 5.0) -> dict[MetricKey, float]:
         """Scrape `/metrics`: {(sample name, frozenset(labels.items())): value}."""
         host, port = self.metrics_addr

@@ -6,7 +6,10 @@ Owns:
       the code the delivery engine runs, with the same inputs (level, insecure_mx_policy,
       validating), so the report cannot disagree with delivery.
     * `render_text(report)` and `render_json(report)`: pure renderings for people and for
-      scripts.
+      scripts, built from public pieces (`header_lines`, `mx_lines`, `host_lines`,
+      `report_dict`, `host_dict`, `error_dict`, `failure_outcome`) that `relay.probe`
+      (`dane-relay probe`) extends with what it sees on the wire, so that both commands
+      describe the resolution in the same words.
 
 The outcome mirrors `relay.delivery.engine` (RFC 7672 §2.2, RFC 5321 §5.1, RFC 7505):
 
@@ -20,8 +23,8 @@ Unlike the engine, which stops at the first host that takes the message, the rep
 resolves every MX host. Hosts of equal preference are shown by name; the engine tries
 them in random order (RFC 5321 §5.1).
 
-Does not: connect to any host, match certificates (`dane-relay tlsa verify` does that),
-cache answers, or log.
+Does not: connect to any host (`relay.probe` does), match certificates (`dane-relay tlsa
+verify` does that), cache answers, or log.
 """
 
 from __future__ import annotations
@@ -44,9 +47,16 @@ __all__ = [
     "LookupReport",
     "LookupResolver",
     "Outcome",
+    "error_dict",
+    "failure_outcome",
+    "header_lines",
+    "host_dict",
+    "host_lines",
     "lookup",
+    "mx_lines",
     "render_json",
     "render_text",
+    "report_dict",
 ]
 
 
@@ -131,9 +141,14 @@ async def lookup(
     )
 
 
-def _failed(exc: DeliveryError) -> tuple[Outcome, str, tuple[str, ...]]:
+def failure_outcome(exc: DeliveryError) -> tuple[Outcome, str]:
+    """The outcome and reply of a failure that stops the whole domain."""
     outcome = Outcome.BOUNCE if isinstance(exc, PermanentFailure) else Outcome.DEFER
-    return outcome, str(exc.reply), ()
+    return outcome, str(exc.reply)
+
+
+def _failed(exc: DeliveryError) -> tuple[Outcome, str, tuple[str, ...]]:
+    return *failure_outcome(exc), ()
 
 
 def _outcome(mx: MxRoute, hosts: Sequence[HostRoute]) -> tuple[Outcome, str, tuple[str, ...]]:
@@ -222,16 +237,9 @@ def _mx_records(report: LookupReport) -> list[tuple[int, str]]:
 
 
 def render_text(report: LookupReport) -> str:
-    lines = [
-        f"domain {report.domain}: level {report.level}, "
-        f"insecure_mx_policy {report.insecure_mx_policy}",
-        f"resolver {report.resolvers}: "
-        + ("validates DNSSEC" if report.validating else "does NOT validate DNSSEC")
-        + f" ({report.probe.detail})",
-    ]
-    lines += _mx_text(report)
+    lines = header_lines(report) + mx_lines(report)
     for route in report.hosts:
-        lines += _host_text(report, route)
+        lines += host_lines(report, route)
     if report.outcome is Outcome.ATTEMPT:
         lines.append(f"result: attempt delivery via {', '.join(report.usable)}")
     else:
@@ -239,7 +247,19 @@ def render_text(report: LookupReport) -> str:
     return "\n".join(lines)
 
 
-def _mx_text(report: LookupReport) -> list[str]:
+def header_lines(report: LookupReport) -> list[str]:
+    """The destination's policy and whether the resolver validates."""
+    return [
+        f"domain {report.domain}: level {report.level}, "
+        f"insecure_mx_policy {report.insecure_mx_policy}",
+        f"resolver {report.resolvers}: "
+        + ("validates DNSSEC" if report.validating else "does NOT validate DNSSEC")
+        + f" ({report.probe.detail})",
+    ]
+
+
+def mx_lines(report: LookupReport) -> list[str]:
+    """The MX answer: status, null or implicit MX, the records."""
     mx, domain = report.mx, report.domain
     if mx.answer is None:
         exc = mx.failure
@@ -258,7 +278,8 @@ def _mx_text(report: LookupReport) -> list[str]:
     return [head] + [f"  {pref} {exchange}" for pref, exchange in _mx_records(report)]
 
 
-def _host_text(report: LookupReport, route: HostRoute) -> list[str]:
+def host_lines(report: LookupReport, route: HostRoute) -> list[str]:
+    """One MX host: CNAME, addresses, TLSA lookups and base domain, the TLS decision."""
     host = route.host
     lines = [
         f"host {host.name} (implicit MX)"
@@ -305,10 +326,11 @@ def _tlsa_text(tl: TlsaLookup, port: int) -> list[str]:
 
 
 def render_json(report: LookupReport) -> str:
-    return json.dumps(_report_dict(report), indent=2, ensure_ascii=False)
+    return json.dumps(report_dict(report), indent=2, ensure_ascii=False)
 
 
-def _report_dict(report: LookupReport) -> dict[str, Any]:
+def report_dict(report: LookupReport) -> dict[str, Any]:
+    """The report as JSON-ready values (what `render_json` prints)."""
     return {
         "domain": report.domain,
         "level": report.level,
@@ -319,7 +341,7 @@ def _report_dict(report: LookupReport) -> dict[str, Any]:
             "detail": report.probe.detail,
         },
         "mx": _mx_dict(report),
-        "hosts": [_host_dict(report, route) for route in report.hosts],
+        "hosts": [host_dict(report, route) for route in report.hosts],
         "result": {
             "outcome": report.outcome.value,
             "reply": report.reply or None,
@@ -328,7 +350,8 @@ def _report_dict(report: LookupReport) -> dict[str, Any]:
     }
 
 
-def _error_dict(exc: DeliveryError | None) -> dict[str, Any] | None:
+def error_dict(exc: DeliveryError | None) -> dict[str, Any] | None:
+    """A failure as JSON: its kind (DNS failure kind or reason token) and the reply."""
     if exc is None:
         return None
     return {
@@ -348,7 +371,7 @@ def _mx_dict(report: LookupReport) -> dict[str, Any]:
         "records": [{"preference": p, "exchange": e} for p, e in _mx_records(report)],
         "null_mx": mx.plan.null_mx,
         "implicit": bool(mx.plan.hosts) and mx.plan.hosts[0].implicit,
-        "error": _error_dict(mx.failure),
+        "error": error_dict(mx.failure),
     }
 
 
@@ -356,7 +379,8 @@ def _records(records: Sequence[TlsaRecord]) -> list[str]:
     return [r.to_text() for r in records]
 
 
-def _host_dict(report: LookupReport, route: HostRoute) -> dict[str, Any]:
+def host_dict(report: LookupReport, route: HostRoute) -> dict[str, Any]:
+    """One MX host as JSON-ready values."""
     decision = route.decision
     return {
         "name": route.host.name,
@@ -377,7 +401,7 @@ def _host_dict(report: LookupReport, route: HostRoute) -> dict[str, Any]:
                     "name": f"_{report.tlsa_port}._tcp.{tl.base}",
                     "outcome": tl.outcome,
                     "records": _records(tl.answer.records) if tl.answer is not None else [],
-                    "error": _error_dict(tl.error),
+                    "error": error_dict(tl.error),
                 }
                 for tl in route.tlsa_lookups
             ],
@@ -396,5 +420,5 @@ def _host_dict(report: LookupReport, route: HostRoute) -> dict[str, Any]:
             "detail": route.reason,
         },
         "dnssec": route.dnssec,
-        "error": _error_dict(route.failure),
+        "error": error_dict(route.failure),
     }

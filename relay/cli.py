@@ -1,16 +1,19 @@
-"""Command line: `dane-relay run | lookup | tlsa verify|generate | config check | queue list`.
+"""Command line: `dane-relay` run, lookup, probe, tlsa verify|generate, config check, queue list.
 
 Exit codes follow sysexits(3): 0 ok, 64 usage, 78 configuration error,
 73 spool cannot be created or is locked, 71 a listen address cannot be bound,
 69 the resolver does not validate DNSSEC and dns.require_validating_resolver is true.
-`lookup` exits 0 when mail would be attempted, 75 when it would be deferred and 69 when
-it would bounce (relay.report).
+`lookup` and `probe` exit 0 when mail would be attempted (for `probe`: an address took
+STARTTLS, and DANE when it applies, as delivery demands), 75 when it would be deferred and
+69 when it would bounce (relay.report, relay.probe); `probe` exits 64 for a bad `--port`
+or `--resolver`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import sys
 import time
 from collections.abc import Sequence
@@ -18,17 +21,17 @@ from dataclasses import replace
 from pathlib import Path
 
 from relay import __version__, tlsatool
-from relay.config import Config, load_config
+from relay.config import Config, DnsConfig, load_config, parse_endpoint
 from relay.errors import ConfigError, SpoolError
 
 __all__ = ["main"]
 
 EX_OK = 0
 EX_USAGE = 64
-EX_UNAVAILABLE = 69  # run: the resolver does not validate; lookup: mail would bounce
+EX_UNAVAILABLE = 69  # run: the resolver does not validate; lookup/probe: mail would bounce
 EX_OSERR = 71
 EX_CANTCREAT = 73
-EX_TEMPFAIL = 75  # lookup: mail would be deferred
+EX_TEMPFAIL = 75  # lookup/probe: mail would be deferred
 EX_CONFIG = 78
 DEFAULT_CONFIG = Path("config/relay.toml")
 
@@ -47,6 +50,26 @@ def _parser() -> argparse.ArgumentParser:
     look.add_argument("domain", help="the next-hop domain (or an address: its domain)")
     look.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG)
     look.add_argument("--json", action="store_true", help="print the report as JSON")
+    probe = sub.add_parser(
+        "probe",
+        help="connect to DOMAIN's MX hosts as delivery would: STARTTLS, certificate chain, "
+        "DANE verdict (never sends mail)",
+    )
+    probe.add_argument("domain", help="the next-hop domain (or an address: its domain)")
+    probe.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG)
+    probe.add_argument(
+        "--resolver",
+        metavar="ADDR[:PORT]",
+        help="use this validating resolver instead of dns.resolvers (loopback unless "
+        "dns.allow_remote_resolver)",
+    )
+    probe.add_argument(
+        "--port",
+        type=int,
+        metavar="N",
+        help="TCP port to connect to (default: delivery.port); TLSA names always use 25",
+    )
+    probe.add_argument("--json", action="store_true", help="print the result as JSON")
     cfg = sub.add_parser("config", help="configuration tools")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
     check = cfg_sub.add_parser("check", help="validate a configuration file and exit")
@@ -82,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _queue_list(cfg)
     if args.command == "lookup":
         return _lookup(cfg, args.domain, args.json)
+    if args.command == "probe":
+        return _probe(cfg, args)
     return _run(cfg)
 
 
@@ -160,3 +185,73 @@ def _lookup(cfg: Config, target: str, as_json: bool) -> int:
         Outcome.DEFER: EX_TEMPFAIL,
         Outcome.BOUNCE: EX_UNAVAILABLE,
     }[report.outcome]
+
+
+def _probe(cfg: Config, args: argparse.Namespace) -> int:
+    from relay.app import describe_resolvers, system_hostname
+    from relay.delivery.tls import client_context
+    from relay.delivery.transport import SmtpTransport
+    from relay.lookup.resolver import DnsResolver
+    from relay.model import domain_of
+    from relay.probe import probe, render_json, render_text
+    from relay.report import Outcome
+
+    domain = domain_of(args.domain)
+    if not domain:
+        print(f"dane-relay: probe: not a domain: {args.domain!r}", file=sys.stderr)
+        return EX_USAGE
+    port = cfg.delivery.port if args.port is None else args.port
+    if not 1 <= port <= 65535:
+        print(f"dane-relay: probe: --port {port}: expected 1..65535", file=sys.stderr)
+        return EX_USAGE
+    dns = cfg.dns
+    if args.resolver is not None:
+        try:
+            dns = _resolver_override(dns, args.resolver)
+        except ValueError as exc:
+            print(f"dane-relay: probe: {exc}", file=sys.stderr)
+            return EX_USAGE
+    # The resolvers asked afresh (no cache); the EHLO name and timeouts of delivery.
+    dns = replace(dns, cache_size=0)
+    helo_name = cfg.server.hostname or system_hostname()
+    transport = SmtpTransport(helo_name, cfg.delivery.connect_timeout, cfg.delivery.command_timeout)
+    report = asyncio.run(
+        probe(
+            DnsResolver(dns),
+            transport,
+            client_context(),
+            domain,
+            level=cfg.tls.level,
+            insecure_mx_policy=cfg.tls.insecure_mx_policy,
+            helo_name=helo_name,
+            port=port,
+            resolvers=describe_resolvers(dns),
+        )
+    )
+    print(render_json(report) if args.json else render_text(report))
+    return {
+        Outcome.ATTEMPT: EX_OK,
+        Outcome.DEFER: EX_TEMPFAIL,
+        Outcome.BOUNCE: EX_UNAVAILABLE,
+    }[report.outcome]
+
+
+def _resolver_override(dns: DnsConfig, text: str) -> DnsConfig:
+    """`[dns]` with `probe --resolver ADDR[:PORT]` as its only resolver.
+
+    Raises:
+        ValueError: not an IP address with an optional port, or not a loopback address
+            while `dns.allow_remote_resolver` is false.
+    """
+    try:
+        endpoint = parse_endpoint(text, 53)
+    except ValueError as exc:
+        raise ValueError(f"--resolver {text!r}: expected {exc}") from exc
+    # RFC 7672 §2.1: the AD bit is trusted only from a resolver on this host, as for
+    # dns.resolvers in the configuration (relay.config).
+    if not dns.allow_remote_resolver and not ipaddress.ip_address(endpoint.host).is_loopback:
+        raise ValueError(
+            f"--resolver {text!r}: expected a loopback address (a validating resolver on "
+            "this host), or dns.allow_remote_resolver = true in the configuration"
+        )
+    return replace(dns, resolvers=(endpoint,))

@@ -445,3 +445,15 @@ SCENARIOS += [
         hosts=(HostSpec("nullmx-addr.test", tlsa=(DANE_EE_SPKI_SHA256,)),),
     ),
 ]
+
+# Scenarios for `dane-relay probe` (tests/integration/test_probe_cli.py). Appended, so the
+# receiver addresses above do not move.
+SCENARIOS += [
+    ScenarioSpec(
+        domain="dane-ta.test",
+        description="signed, DS, only a DANE-TA 2 1 1 TLSA for the lab CA that issued the "
+        "host's certificate; the receiver sends leaf + CA, so the match is at depth 1",
+        mx=((10, "mx.dane-ta.test"),),
+        hosts=(HostSpec("mx.dane-ta.test", tlsa=(TlsaSpec(2, 1, 1, target="issuer"),)),),
+    ),
+]

@@ -1,0 +1,502 @@
+"""`dane-relay probe`: what delivery to one domain would do, seen on the wire.
+
+Like Postfix's posttls-finger. Owns:
+    * `probe(resolver, transport, context, domain, ...)` -> `ProbeReport`: resolves the
+      domain with `relay.report.lookup` (the engine's own routing code: probe and delivery
+      agree on MX hosts, DNSSEC status, TLSA records and TLS level), then, for each MX host
+      the policy uses and each of its addresses, in order: connect, EHLO, STARTTLS with SNI
+      = TLSA base domain, the peer chain, the `relay.dane.verify` verdict, EHLO, QUIT.
+    * `describe_chain(chain)`: depth, subject, issuer, not-after and SPKI SHA-256 of every
+      certificate the server sent.
+    * `render_text(report)`, `render_json(report)`: the `dane-relay lookup` report, with
+      each host's connections under it and the probe's own result line.
+
+Per address, the steps and their outcome mirror `relay.delivery.engine._transact` and
+`_starttls` (a change there must be made here too; tests/integration/test_probe_cli.py
+checks the two against the lab):
+
+    level none                                         plaintext: "none"
+    STARTTLS not offered, DANE applies                 defer 4.7.4 (RFC 7672 §2.2)
+    STARTTLS not offered, level encrypt                defer 4.7.4
+    STARTTLS not offered, level may                    plaintext: "none"
+    handshake fails, level may                         plaintext again: "none"
+    handshake fails, DANE or encrypt                   defer 4.7.5
+    DANE applies, verdict not verified                 defer 4.7.5 (RFC 7672 §3)
+    DANE applies, verified                             "verified" / "trusted"
+    no DANE (may, encrypt, only unusable TLSA)         "encrypted"
+    greeting or EHLO refused, connection trouble       defer with that reply
+
+The domain's outcome walks hosts and addresses in order as the engine does: the first
+address that takes the mail decides ("attempt", exit 0); when none does, mail is
+deferred with the last failure (75); NXDOMAIN and a null MX bounce (69).
+
+Guarantees: never sends MAIL, RCPT or DATA: sessions are typed `ProbeSession`, which has
+no such method. Connection-level trouble is a value on the `Connection` (the transport
+maps library errors to `relay.errors`); nothing here raises for what a peer does.
+Does not: cache DNS answers, retry, log, or count metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import ssl
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from cryptography import x509
+from cryptography.utils import CryptographyDeprecationWarning
+
+from relay.dane import DaneStatus, DaneVerdict, verify
+from relay.dane.certificate import certificate_parts
+from relay.dane.policy import Action, TlsRequirement
+from relay.delivery.attempt import as_temporary
+from relay.delivery.route import HostRoute
+from relay.errors import (
+    DaneRequiredNoTls,
+    DaneVerificationFailed,
+    DeliveryError,
+    RemotePermReject,
+    RemoteTempReject,
+    Scope,
+    TlsHandshakeFailed,
+    TlsRequiredNotOffered,
+)
+from relay.report import (
+    LookupReport,
+    LookupResolver,
+    Outcome,
+    error_dict,
+    failure_outcome,
+    header_lines,
+    host_dict,
+    host_lines,
+    lookup,
+    mx_lines,
+    report_dict,
+)
+from relay.smtp.reply import SmtpReply
+
+__all__ = [
+    "CertificateSummary",
+    "Connection",
+    "HostProbe",
+    "ProbeReport",
+    "ProbeSession",
+    "ProbeTransport",
+    "describe_chain",
+    "probe",
+    "render_json",
+    "render_text",
+]
+
+
+class ProbeSession(Protocol):
+    """The part of an outbound session the probe uses: no MAIL, RCPT or DATA."""
+
+    greeting: SmtpReply
+
+    def supports(self, extension: str) -> bool: ...
+    async def ehlo(self, name: str) -> SmtpReply: ...
+    async def starttls(self, server_hostname: str, context: ssl.SSLContext) -> list[bytes]: ...
+    def tls_info(self) -> tuple[str, str]: ...
+    async def quit(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+class ProbeTransport(Protocol):
+    """relay.delivery.transport.SmtpTransport satisfies this."""
+
+    async def open(self, address: str, port: int) -> ProbeSession: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateSummary:
+    """One certificate the server sent, for people."""
+
+    depth: int  # position in the chain as sent, leaf = 0
+    subject: str  # RFC 4514; "" when undecodable
+    issuer: str
+    not_after: str  # ISO 8601 UTC, "" when undecodable
+    spki_sha256: str  # hex SHA-256 of the SPKI as encoded (the 3 1 1 / 2 1 1 data)
+    problem: str = ""  # why `cryptography` could not decode it, "" when it could
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """What one address showed, and what delivery would do with it."""
+
+    address: str
+    port: int
+    greeting: SmtpReply | None = None  # None: no greeting was received
+    starttls_offered: bool | None = None  # None: EHLO was not answered
+    sni: str | None = None  # the SNI sent with STARTTLS; None: STARTTLS not attempted
+    handshake_error: str = ""  # why the handshake failed (level may falls back)
+    tls_version: str = ""
+    cipher: str = ""
+    chain: tuple[CertificateSummary, ...] = ()
+    verdict: DaneVerdict | None = None  # set when TLSA records applied to the handshake
+    tls: str = "none"  # verified / trusted / encrypted / none: what mail would get
+    failure: DeliveryError | None = None  # set when delivery would not use this address
+
+    @property
+    def delivery(self) -> str:
+        """One of verified, trusted, encrypted, none (the TLS mail would get) or defer."""
+        return self.tls if self.failure is None else "defer"
+
+
+@dataclass(frozen=True, slots=True)
+class HostProbe:
+    route: HostRoute
+    connections: tuple[Connection, ...]  # one per address, empty when not tried
+    tried: bool  # False: the policy skips the host, or the domain stopped before it
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeReport:
+    resolution: LookupReport
+    port: int  # the TCP port connected to (TLSA names use resolution.tlsa_port)
+    helo_name: str
+    hosts: tuple[HostProbe, ...]
+    outcome: Outcome
+    reply: str  # the deferral or bounce reply; "" for attempt
+    via_host: str = ""  # the host and connection delivery would use, for attempt
+    via: Connection | None = None
+
+
+async def probe(
+    resolver: LookupResolver,
+    transport: ProbeTransport,
+    context: ssl.SSLContext,
+    domain: str,
+    *,
+    level: str,
+    helo_name: str,
+    insecure_mx_policy: str = "dane",
+    port: int = 25,
+    tlsa_port: int = 25,
+    resolvers: str = "",
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> ProbeReport:
+    """Resolve `domain` as delivery would, then talk to each usable MX address up to QUIT.
+
+    `port` is where to connect; `tlsa_port` is the port in TLSA names, always the
+    logical SMTP port (RFC 7672 §2.2.3). `clock` gives the time for DANE-TA date checks.
+
+    Raises:
+        KeyError: `level` or `insecure_mx_policy` is unknown (the configuration prevents it).
+    """
+    resolution = await lookup(
+        resolver,
+        domain,
+        level=level,
+        insecure_mx_policy=insecure_mx_policy,
+        tlsa_port=tlsa_port,
+        resolvers=resolvers,
+    )
+    hosts: list[HostProbe] = []
+    for route in resolution.hosts:
+        # Only hosts the engine would connect to: the policy uses them and the domain
+        # was not stopped by an earlier host (RFC 7672 §2.2).
+        if route.failure is not None or resolution.outcome is not Outcome.ATTEMPT:
+            hosts.append(HostProbe(route, (), tried=False))
+            continue
+        connections = [
+            await _connect(transport, context, route, address, port, helo_name, clock)
+            for address in route.addresses
+        ]
+        hosts.append(HostProbe(route, tuple(connections), tried=True))
+    outcome, reply, via_host, via = _conclude(resolution, hosts)
+    return ProbeReport(
+        resolution=resolution,
+        port=port,
+        helo_name=helo_name,
+        hosts=tuple(hosts),
+        outcome=outcome,
+        reply=reply,
+        via_host=via_host,
+        via=via,
+    )
+
+
+def _tries(host: HostProbe) -> list[tuple[DeliveryError | None, Connection | None]]:
+    """What the engine meets at a host: the policy's refusal, or each address's result."""
+    if host.route.failure is not None:
+        return [(host.route.failure, None)]
+    return [(conn.failure, conn) for conn in host.connections]
+
+
+def _conclude(
+    resolution: LookupReport, hosts: Sequence[HostProbe]
+) -> tuple[Outcome, str, str, Connection | None]:
+    """The engine's per-domain loop over what the probe saw (relay.delivery.engine)."""
+    if resolution.outcome is not Outcome.ATTEMPT:
+        return resolution.outcome, resolution.reply, "", None
+    last: DeliveryError | None = None
+    for host in hosts:
+        for failure, conn in _tries(host):
+            if failure is None:
+                return Outcome.ATTEMPT, "", host.route.host.name, conn
+            if failure.scope is not Scope.HOST:
+                return (*failure_outcome(failure), "", None)
+            last = failure
+    if last is None:
+        return Outcome.DEFER, "451 4.4.0 No MX host could be tried", "", None
+    # Every host failed: the domain is deferred, never bounced, for host-scoped failures.
+    return Outcome.DEFER, str(as_temporary(last)), "", None
+
+
+async def _ehlo(session: ProbeSession, helo_name: str) -> None:
+    reply = await session.ehlo(helo_name)
+    if not reply.is_positive:
+        cls = RemotePermReject if reply.is_permanent else RemoteTempReject
+        raise cls(reply=reply, scope=Scope.HOST)
+
+
+def _verdict(route: HostRoute, chain: Sequence[bytes], now: datetime) -> DaneVerdict | None:
+    """The DANE verdict when TLSA records bear on this handshake, else None."""
+    if route.decision.action is Action.DANE:
+        # RFC 7672 §3.2.2: reference identifiers are the TLSA base domain, the MX host
+        # name and, when the MX RRset is secure, the next-hop domain.
+        return verify(route.usable, chain, route.reference_names, now)
+    if route.decision.reason == "tlsa_unusable":
+        # RFC 7672 §3.1.3: secure TLSA, none usable: "unauthenticated", TLS still required.
+        return verify(route.tlsa_records, chain, route.reference_names, now)
+    return None
+
+
+async def _connect(
+    transport: ProbeTransport,
+    context: ssl.SSLContext,
+    route: HostRoute,
+    address: str,
+    port: int,
+    helo_name: str,
+    clock: Callable[[], datetime],
+) -> Connection:
+    """One address, up to QUIT; every failure becomes `Connection.failure`."""
+    requirement = route.decision.requirement
+    assert requirement is not None  # the host is used: resolve_host set a requirement
+    conn = Connection(address, port)
+    try:
+        session = await transport.open(address, port)
+    except (RemoteTempReject, RemotePermReject) as exc:
+        return replace(conn, greeting=exc.reply, failure=exc)  # RFC 5321 §3.1: refused
+    except DeliveryError as exc:
+        return replace(conn, failure=exc)
+    conn = replace(conn, greeting=session.greeting)
+    try:
+        await _ehlo(session, helo_name)
+        offered = session.supports("starttls")
+        conn = replace(conn, starttls_offered=offered)
+        if requirement is TlsRequirement.NONE:
+            await session.quit()  # level none: plaintext, STARTTLS not attempted
+            return conn
+        if not offered:
+            await session.quit()
+            if requirement is TlsRequirement.DANE:
+                # RFC 7672 §2.2: DANE applies, STARTTLS not offered: defer, never plaintext.
+                return replace(conn, failure=DaneRequiredNoTls(scope=Scope.HOST))
+            if requirement is TlsRequirement.ENCRYPT:
+                # RFC 7672 §3.1.3 (unusable TLSA) or level encrypt: TLS mandatory: defer.
+                return replace(conn, failure=TlsRequiredNotOffered(scope=Scope.HOST))
+            return conn  # RFC 7435 §3: level may, plaintext
+        # RFC 7672 §8.1: SNI carries the TLSA base domain.
+        conn = replace(conn, sni=route.tlsa_base)
+        try:
+            chain = await session.starttls(route.tlsa_base, context)
+        except TlsHandshakeFailed as exc:
+            session.abort()
+            if requirement is not TlsRequirement.MAY:
+                # RFC 7672 §2.2: mandatory TLS that fails defers, never falls back to plaintext.
+                return replace(conn, handshake_error=exc.reply.text, failure=exc)
+            # RFC 7435 §3: opportunistic TLS retries the address in plaintext, as delivery does.
+            conn = replace(conn, handshake_error=exc.reply.text)
+            session = await transport.open(address, port)
+            await _ehlo(session, helo_name)
+            await session.quit()
+            return conn
+        version, cipher = session.tls_info()
+        verdict = _verdict(route, chain, clock())
+        conn = replace(
+            conn, tls_version=version, cipher=cipher, chain=describe_chain(chain), verdict=verdict
+        )
+        tls = "encrypted"
+        if requirement is TlsRequirement.DANE:
+            assert verdict is not None
+            if verdict.status is not DaneStatus.VERIFIED:
+                # RFC 7672 §3: no usable record matched: defer; QUIT before MAIL FROM.
+                await session.quit()
+                text = f"Server certificate not verified ({verdict.reason})"
+                return replace(conn, failure=DaneVerificationFailed(text, scope=Scope.HOST))
+            tls = route.dane_label  # RFC 7672 §2.2.1: "trusted" via an insecure MX RRset
+        # RFC 3207 §4.2: delivery says EHLO again over TLS before MAIL; so does the probe.
+        await _ehlo(session, helo_name)
+        await session.quit()
+        return replace(conn, tls=tls)
+    except DeliveryError as exc:
+        session.abort()
+        return replace(conn, failure=exc)
+
+
+# -- certificates ---------------------------------------------------------------------------
+
+
+def describe_chain(chain: Sequence[bytes]) -> tuple[CertificateSummary, ...]:
+    """One summary per certificate, in the order sent; never raises for peer bytes."""
+    return tuple(_summary(depth, bytes(der)) for depth, der in enumerate(chain))
+
+
+def _summary(depth: int, der: bytes) -> CertificateSummary:
+    try:
+        _, spki = certificate_parts(der)
+    except ValueError as exc:
+        return CertificateSummary(depth, "", "", "", "", f"not a certificate ({exc})")
+    spki_sha256 = hashlib.sha256(spki).hexdigest()
+    try:
+        with warnings.catch_warnings():
+            # The verdict judges serial numbers; the listing only shows the certificate.
+            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+            cert = x509.load_der_x509_certificate(der)
+            subject = cert.subject.rfc4514_string() or "(empty subject)"
+            issuer = cert.issuer.rfc4514_string() or "(empty issuer)"
+            not_after = cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (ValueError, x509.InvalidVersion) as exc:
+        return CertificateSummary(depth, "", "", "", spki_sha256, f"cannot be decoded ({exc})")
+    return CertificateSummary(depth, subject, issuer, not_after, spki_sha256)
+
+
+# -- text -----------------------------------------------------------------------------------
+
+
+def _where(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def render_text(report: ProbeReport) -> str:
+    resolution = report.resolution
+    lines = header_lines(resolution) + mx_lines(resolution)
+    for host in report.hosts:
+        lines += host_lines(resolution, host.route)
+        if not host.tried:
+            why = "the policy skips this host" if host.route.failure else "the domain stops first"
+            lines.append(f"  connect: not tried ({why})")
+        for conn in host.connections:
+            lines += _connection_text(conn, host.route)
+    if report.outcome is Outcome.ATTEMPT and report.via is not None:
+        where = f"{report.via_host}[{report.via.address}]:{report.via.port}"
+        lines.append(f"result: attempt delivery via {where} ({report.via.tls})")
+    else:
+        lines.append(f"result: {report.outcome.value}: {report.reply}")
+    return "\n".join(lines)
+
+
+def _connection_text(conn: Connection, route: HostRoute) -> list[str]:
+    lines = [f"  connect {_where(conn.address, conn.port)}"]
+    if conn.greeting is not None:
+        lines.append(f"    greeting: {_greeting(conn.greeting)}")
+    if conn.starttls_offered is not None:
+        lines.append(f"    EHLO: STARTTLS {'offered' if conn.starttls_offered else 'not offered'}")
+    if conn.sni is not None:
+        session = conn.handshake_error or f"{conn.tls_version} {conn.cipher}".strip()
+        lines.append(f"    STARTTLS: SNI {conn.sni}: {session}")
+    if conn.chain:
+        lines.append(f"    chain: {len(conn.chain)} certificate(s), leaf first")
+        lines += [f"      {_certificate_text(c)}" for c in conn.chain]
+    if conn.verdict is not None:
+        lines += _verdict_text(conn.verdict)
+    elif conn.tls_version:
+        lines.append(f"    DANE: not applied: {route.decision.why}")
+    if conn.failure is not None:
+        lines.append(f"    delivery: defer: {conn.failure.reply}")
+    elif conn.handshake_error:
+        lines.append("    delivery: none (plaintext after the failed handshake)")
+    else:
+        lines.append(f"    delivery: {conn.tls}" + (" (plaintext)" if conn.tls == "none" else ""))
+    return lines
+
+
+def _certificate_text(cert: CertificateSummary) -> str:
+    if cert.problem:
+        spki = f"; SPKI SHA-256 {cert.spki_sha256}" if cert.spki_sha256 else ""
+        return f"{cert.depth}: {cert.problem}{spki}"
+    return (
+        f"{cert.depth}: {cert.subject}; issuer {cert.issuer}; not after {cert.not_after}; "
+        f"SPKI SHA-256 {cert.spki_sha256}"
+    )
+
+
+def _verdict_text(verdict: DaneVerdict) -> list[str]:
+    if verdict.matched is not None:
+        return [
+            f"    DANE: {verdict.status.value} ({verdict.reason}): "
+            f"{verdict.matched.to_text()} at depth {verdict.match_depth}",
+            f"      {verdict.detail}",
+        ]
+    return [f"    DANE: {verdict.status.value} ({verdict.reason}): {verdict.detail}"]
+
+
+# -- JSON -----------------------------------------------------------------------------------
+
+
+def render_json(report: ProbeReport) -> str:
+    resolution = report.resolution
+    document = {
+        key: value
+        for key, value in report_dict(resolution).items()
+        if key not in ("hosts", "result")
+    }
+    document["port"] = report.port
+    document["helo"] = report.helo_name
+    document["hosts"] = [
+        {
+            **host_dict(resolution, host.route),
+            "tried": host.tried,
+            "connections": [_connection_dict(c) for c in host.connections],
+        }
+        for host in report.hosts
+    ]
+    via = report.via
+    document["result"] = {
+        "outcome": report.outcome.value,
+        "reply": report.reply or None,
+        "host": report.via_host or None,
+        "address": via.address if via is not None else None,
+        "tls": via.tls if via is not None else None,
+    }
+    return json.dumps(document, indent=2, ensure_ascii=False)
+
+
+def _greeting(reply: SmtpReply) -> str:
+    """As worded by the server: from_peer may have made up an enhanced code."""
+    return f"{reply.code} {reply.text}".strip()
+
+
+def _connection_dict(conn: Connection) -> dict[str, Any]:
+    verdict = conn.verdict
+    return {
+        "address": conn.address,
+        "port": conn.port,
+        "greeting": _greeting(conn.greeting) if conn.greeting is not None else None,
+        "starttls": {
+            "offered": conn.starttls_offered,
+            "sni": conn.sni,
+            "handshake_error": conn.handshake_error or None,
+        },
+        "tls": {"version": conn.tls_version, "cipher": conn.cipher} if conn.tls_version else None,
+        "chain": [{k: v if v != "" else None for k, v in asdict(c).items()} for c in conn.chain],
+        "dane": None
+        if verdict is None
+        else {
+            "status": verdict.status.value,
+            "reason": verdict.reason,
+            "matched": verdict.matched.to_text() if verdict.matched is not None else None,
+            "match_depth": verdict.match_depth,
+            "detail": verdict.detail,
+        },
+        "delivery": conn.delivery,
+        "error": error_dict(conn.failure),
+    }

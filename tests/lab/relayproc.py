@@ -70,6 +70,7 @@ def write_relay_config(
     metrics_listen: str,
     networks: Sequence[str] = ("127.0.0.0/8",),
     tls_level: str = "dane",
+    insecure_mx_policy: str = "dane",
     delivery_port: int = 25,
     hostname: str = "relay.test",
     log_level: str = "debug",
@@ -92,6 +93,7 @@ def write_relay_config(
         f"resolvers = {_toml_list(list(resolvers))}\n"
         "\n[tls]\n"
         f"level = {_toml_str(tls_level)}\n"
+        f"insecure_mx_policy = {_toml_str(insecure_mx_policy)}\n"
         "\n[delivery]\n"
         f"port = {delivery_port}\n"
         "\n[metrics]\n"

@@ -457,3 +457,24 @@ SCENARIOS += [
         hosts=(HostSpec("mx.dane-ta.test", tlsa=(TlsaSpec(2, 1, 1, target="issuer"),)),),
     ),
 ]
+
+# Scenarios for insecure_mx_policy (RFC 7672 §2.2.1): an unsigned domain whose MX names a host
+# in a signed zone with secure TLSA records. Appended, so the receiver addresses above stay.
+SCENARIOS += [
+    ScenarioSpec(
+        domain="insecure-mx.test",
+        description="unsigned zone (no DS) whose MX is mx.dane-ok.test (secure A, correct "
+        "secure 3 1 1): DANE applies per insecure_mx_policy, logged as trusted",
+        mx=((10, "mx.dane-ok.test"),),
+        signed=False,
+        ds=False,
+    ),
+    ScenarioSpec(
+        domain="insecure-mx-bad.test",
+        description="unsigned zone (no DS) whose MX is mx.dane-bad.test (secure 3 1 1 that "
+        "matches nothing): deferred under insecure_mx_policy dane, delivered under may",
+        mx=((10, "mx.dane-bad.test"),),
+        signed=False,
+        ds=False,
+    ),
+]

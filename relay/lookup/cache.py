@@ -21,6 +21,11 @@ Guarantees:
     * A hit returns the answer with ``ttl`` reduced by the time it has been stored.
     * Every call reports exactly one ``dns_cache`` event to the observer: "hit", "miss"
       (this call starts the upstream lookup) or "coalesced" (it joins one in flight).
+    * ``clear()`` starts a new generation: stored answers are forgotten, a lookup in flight
+      still answers the callers already waiting for it but its answer is not stored, and a
+      caller arriving after the clear starts a lookup of its own. (The relay clears the
+      cache when the resolver's validation state changes; an answer fetched under the old
+      state must not outlive the change, RFC 7672 §2.1.)
 
 Does not:
     Talk DNS (no dnspython here), decide what a lookup means, or pre-fetch before expiry.
@@ -79,6 +84,7 @@ class AnswerCache:
         self._observer = observer
         self._entries: OrderedDict[Key, _Entry] = OrderedDict()
         self._inflight: dict[Key, asyncio.Future[DnsAnswer[Any]]] = {}
+        self._generation = 0  # bumped by clear(); a fetch stores only in its own generation
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -89,8 +95,14 @@ class AnswerCache:
         return entry is not None and self._clock() < entry.expires
 
     def clear(self) -> None:
-        """Forget every stored answer (lookups in flight are not affected)."""
+        """Forget every stored answer, and keep lookups in flight from storing theirs.
+
+        Callers already waiting on a lookup in flight still get its result; later callers
+        start a new lookup instead of joining it.
+        """
+        self._generation += 1
         self._entries.clear()
+        self._inflight.clear()
 
     def lifetime(self, answer: DnsAnswer[Any]) -> float:
         """Seconds `answer` would be kept; 0 means it is not stored."""
@@ -125,17 +137,22 @@ class AnswerCache:
             self._report("coalesced")
         else:
             self._report("miss")
-            shared = asyncio.create_task(self._fetch(key, fetch), name=f"dns {key[1]} {key[0]}")
+            shared = asyncio.create_task(
+                self._fetch(key, fetch, self._generation), name=f"dns {key[1]} {key[0]}"
+            )
             self._inflight[key] = shared
             shared.add_done_callback(lambda done: self._settled(key, done))
         # shield: one caller's cancellation must not cancel the lookup the others await.
         return cast("DnsAnswer[T]", await asyncio.shield(shared))
 
     async def _fetch(
-        self, key: Key, fetch: Callable[[], Awaitable[DnsAnswer[T]]]
+        self, key: Key, fetch: Callable[[], Awaitable[DnsAnswer[T]]], generation: int
     ) -> DnsAnswer[Any]:
         answer = await fetch()
-        self._store(key, answer)
+        if generation == self._generation:
+            # RFC 7672 §2.1: an answer fetched before clear() may carry the security status of
+            # the previous resolver state; it goes to its callers but is not kept.
+            self._store(key, answer)
         return answer
 
     def _store(self, key: Key, answer: DnsAnswer[Any]) -> None:

@@ -290,3 +290,57 @@ async def test_clear_forgets_everything() -> None:
     cache.clear()
     await cache.lookup("a.test", "A", upstream.fetch("a.test"))
     assert upstream.calls["a.test"] == 2
+
+
+async def test_a_lookup_in_flight_during_clear_answers_its_callers_but_is_not_stored() -> None:
+    # F9: the relay clears the cache when the resolver's validation state changes; an answer
+    # fetched under the old state (here: insecure) must not be stored after the clear.
+    clock, observer, upstream = Clock(), Observer(), Upstream()
+    cache = make(clock, observer)
+    upstream.answers["a.test"] = data("a.test", 300, Security.INSECURE)
+    upstream.gate = asyncio.Event()
+    before = [
+        asyncio.create_task(cache.lookup("a.test", "A", upstream.fetch("a.test"))) for _ in range(3)
+    ]
+    await upstream.started.wait()
+    cache.clear()
+    upstream.gate.set()
+    answers = await asyncio.gather(*before)
+    assert [a.security for a in answers] == [Security.INSECURE] * 3
+    assert ("a.test", "A") not in cache
+    assert len(cache) == 0
+    upstream.answers["a.test"] = data("a.test", 300, Security.SECURE)
+    after = await cache.lookup("a.test", "A", upstream.fetch("a.test"))
+    assert after.security is Security.SECURE
+    assert upstream.calls["a.test"] == 2
+    assert ("a.test", "A") in cache
+    assert observer.cache == Counter({"miss": 2, "coalesced": 2})
+
+
+async def test_a_caller_after_clear_does_not_join_the_lookup_of_the_old_generation() -> None:
+    clock, observer = Clock(), Observer()
+    cache = make(clock, observer)
+    gate, started = asyncio.Event(), asyncio.Event()
+    fetched: list[Security] = []
+
+    def fetch(security: Security) -> Callable[[], Awaitable[DnsAnswer[str]]]:
+        async def run() -> DnsAnswer[str]:
+            fetched.append(security)
+            started.set()
+            await gate.wait()
+            return data("a.test", 300, security)
+
+        return run
+
+    old = asyncio.create_task(cache.lookup("a.test", "A", fetch(Security.INSECURE)))
+    await started.wait()
+    cache.clear()
+    new = asyncio.create_task(cache.lookup("a.test", "A", fetch(Security.SECURE)))
+    gate.set()
+    assert (await old).security is Security.INSECURE
+    assert (await new).security is Security.SECURE
+    assert fetched == [Security.INSECURE, Security.SECURE]
+    assert observer.cache == Counter({"miss": 2})
+    # Only the new generation's answer was stored, whichever lookup finished last.
+    hit = await cache.lookup("a.test", "A", fetch(Security.INSECURE))
+    assert (hit.security, len(fetched)) == (Security.SECURE, 2)

@@ -82,6 +82,7 @@ from relay.lookup.results import (
     ProbeResult,
     Security,
 )
+from relay.smtp.domain import ascii_domain
 
 __all__ = ["EDNS_PAYLOAD", "MAX_CNAME_CHAIN", "DnsResolver"]
 
@@ -115,10 +116,23 @@ def _text(name: dns.name.Name) -> str:
 
 
 def _qname(text: str) -> dns.name.Name:
+    """The query name for `text`, through `relay.smtp.domain.ascii_domain` only.
+
+    Never ``dns.name.from_text``: its IDNA 2003 fallback maps straße.de to strasse.de and
+    it decodes RFC 1035 §5.1 escapes (``exampl\\101.de`` is example.de). Callers pass names
+    already checked (relay.delivery.route); this is the last line of defence.
+
+    Raises:
+        DnsTempFail: kind "error", `text` is not a DNS name.
+    """
     try:
-        return dns.name.from_text(text)
+        # RFC 5890/5891: IDNA 2008 A-labels; "_" for owner names such as _25._tcp (RFC 7672
+        # §2.2.3); no escapes (RFC 5321 §4.1.2).
+        ascii_name = ascii_domain(text, underscore=True)
+        return dns.name.Name([*(label.encode("ascii") for label in ascii_name.split(".")), b""])
     except (dns.exception.DNSException, ValueError) as exc:
-        raise DnsTempFail(f"cannot look up {text!r}: not a DNS name ({exc})", kind="error") from exc
+        shown = ascii(text)
+        raise DnsTempFail(f"cannot look up {shown}: not a DNS name ({exc})", kind="error") from exc
 
 
 def _opaque_tlsa(wire: bytes) -> bytes:

@@ -9,11 +9,16 @@ Resolver trust (RFC 7672 §2.1): the relay reads DNSSEC status from the AD bit, 
 means something only if the resolver validates. Before anything is delivered, and then
 every `dns.validation_interval`, `ResolverWatch` asks for the probe name
 (`dns.validation_probe_name`/`_type`, by default the root DNSKEY), which must come back
-secure. While it does not, the shared `ResolverStatus` says so: the engine then treats
-every answer as insecure (dane -> opportunistic TLS, dane-only -> deferred), the gauge
-`relay_resolver_validating` is 0 and /readyz answers 503. With
-`dns.require_validating_resolver = true` a failed start-up probe stops the relay instead
-(`ResolverNotValidating`, exit 69 from relay.cli).
+secure. When a resolver answers without AD, the shared `ResolverStatus` says so: the
+engine then treats every answer as insecure (dane -> opportunistic TLS, dane-only ->
+deferred), the gauge `relay_resolver_validating` is 0 and /readyz answers 503. When no
+resolver answers the probe at all (timeout, SERVFAIL, unreachable), nothing is proven:
+the last known state is kept (validating until shown otherwise, so lookups that fail
+defer and nothing is downgraded), /readyz answers 503 "resolver not answering" and the
+probe is repeated after `PROBE_RETRY_INTERVAL`. With `dns.require_validating_resolver =
+true` the relay stops instead (`ResolverNotValidating`, exit 69 from relay.cli) when the
+start-up probe shows a non-validating resolver, or when the resolver has not answered
+after `STARTUP_PROBES` probes `dns.timeout` apart.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import contextlib
 import logging
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from relay.config import Config, DnsConfig
@@ -48,8 +54,16 @@ RESOLVER_FIX = (
 )
 
 
+#: Seconds before an inconclusive probe is repeated (capped at dns.validation_interval).
+PROBE_RETRY_INTERVAL = 30.0
+#: Probes made at start-up, dns.timeout apart, while the resolver does not answer and
+#: dns.require_validating_resolver is true.
+STARTUP_PROBES = 3
+
+
 class ResolverNotValidating(Exception):
-    """The start-up probe failed and dns.require_validating_resolver is true."""
+    """The start-up probe failed and dns.require_validating_resolver is true: the resolver
+    does not validate, or did not answer within STARTUP_PROBES × dns.timeout."""
 
 
 def system_hostname() -> str:
@@ -63,13 +77,22 @@ def describe_resolvers(cfg: DnsConfig) -> str:
 class ResolverWatch:
     """Keeps `status` and the `relay_resolver_validating` gauge in step with the probe.
 
-    `check()` runs the probe once and logs only changes: the first failure (and each
-    new one after a recovery) as one WARNING line that names the resolver and the fix,
-    a recovery as one INFO line. On every change after the first check it calls
-    `on_change` (the app empties the answer cache: an answer cached while the resolver
-    did not validate says "insecure" for data that may be secure, which would keep DANE
-    off after a recovery until its TTL ran out). `run()` repeats `check()` every
-    `interval` seconds until cancelled.
+    Theory of operation (RFC 7672 §2.1: a failure is never "insecure"):
+
+    * A conclusive probe (some resolver answered) sets `status.validating` to its verdict
+      and `status.answering` to True. Logged on change only: the first failure (and each
+      new one after a recovery) as one WARNING line that names the resolver and the fix,
+      a recovery as one INFO line. On every change of `validating` after the first check
+      it calls `on_change` (the app empties the answer cache: an answer cached while the
+      resolver did not validate says "insecure" for data that may be secure, which would
+      keep DANE off after a recovery until its TTL ran out).
+    * An inconclusive probe (no resolver answered: timeout, SERVFAIL, REFUSED, unreachable,
+      or the probe raised) proves nothing about validation: `validating` keeps its last
+      known value (True before any conclusive probe: answers with AD count and lookups that
+      fail defer, so nothing is downgraded), `answering` goes False and readiness reports
+      it. The first such probe in a row logs one WARNING saying the resolver could not be
+      checked; `run()` then retries after `retry_interval` instead of `interval`.
+    * The gauge follows `status.validating`, what the delivery engine acts on.
     """
 
     def __init__(
@@ -81,6 +104,7 @@ class ResolverWatch:
         interval: float,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         on_change: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._probe = probe
         self._on_change = on_change
@@ -88,31 +112,46 @@ class ResolverWatch:
         self._metrics = metrics
         self._resolvers = resolvers
         self._interval = interval
+        self.retry_interval = min(PROBE_RETRY_INTERVAL, interval)
         self._sleep = sleep
-        self._checked = False
+        self._clock = clock
+        self._checked = False  # any probe has run
+        self._known = False  # a conclusive probe has run
 
     async def check(self, *, announce_failure: bool = True) -> ProbeResult:
         """Run the probe once and update the status, the gauge and the log.
 
-        `announce_failure=False` leaves a first failure unlogged, for a caller that
-        reports it itself (the start-up check that refuses to start).
+        `announce_failure=False` leaves a failed or inconclusive check unlogged, for a
+        caller that reports it itself (the start-up check that may refuse to start).
         """
         try:
             result = await self._probe()
         except Exception as exc:
-            # Fail closed: a probe that cannot run proves nothing about validation.
+            # A probe that cannot run proves nothing about validation (RFC 7672 §2.1).
             log.exception("resolver=%s validation probe raised", self._resolvers)
-            result = ProbeResult(False, f"probe error: {type(exc).__name__}: {exc}")
-        was_validating = self.status.validating and self._checked
+            result = ProbeResult(
+                False, f"probe error: {type(exc).__name__}: {exc}", conclusive=False
+            )
         first = not self._checked
         self._checked = True
+        if result.conclusive:
+            self._conclusive(result, first=first, announce_failure=announce_failure)
+        else:
+            self._inconclusive(result, announce_failure=announce_failure)
+        self._metrics.resolver_validating.set(1 if self.status.validating else 0)
+        return result
+
+    def _conclusive(self, result: ProbeResult, *, first: bool, announce_failure: bool) -> None:
+        was_validating, was_known = self.status.validating, self._known
+        was_answering = self.status.answering
+        self._known = True
         self.status.validating = result.ok
         self.status.detail = result.detail
-        self._metrics.resolver_validating.set(1 if result.ok else 0)
+        self.status.answering, self.status.failure = True, ""
         if not first and result.ok != was_validating:
             self._on_change()
         if result.ok:
-            if first:
+            if not was_known:
                 log.info("resolver=%s validates DNSSEC (%s)", self._resolvers, result.detail)
             elif not was_validating:
                 log.info(
@@ -120,7 +159,13 @@ class ResolverWatch:
                     self._resolvers,
                     result.detail,
                 )
-        elif (first and announce_failure) or was_validating:
+            elif not was_answering:
+                log.info(
+                    "resolver=%s answers again and validates DNSSEC (%s)",
+                    self._resolvers,
+                    result.detail,
+                )
+        elif was_validating and announce_failure:
             log.warning(
                 "resolver=%s does not validate DNSSEC (%s): DANE is off, level dane delivers "
                 "with opportunistic TLS and dane-only mail is deferred; fix: %s",
@@ -130,18 +175,73 @@ class ResolverWatch:
             )
         else:
             log.debug("resolver=%s still not validating (%s)", self._resolvers, result.detail)
+
+    def _inconclusive(self, result: ProbeResult, *, announce_failure: bool) -> None:
+        was_answering = self.status.answering
+        self.status.answering, self.status.failure = False, result.detail
+        if not was_answering or not announce_failure:
+            log.debug("resolver=%s still not answering (%s)", self._resolvers, result.detail)
+            return
+        if not self._known:
+            state = "validation unknown: DANE stays on, lookups that fail defer"
+        elif self.status.validating:
+            state = "last known to validate: DANE stays on, lookups that fail defer"
+        else:
+            state = "last known not to validate: DANE stays off"
+        log.warning(
+            "resolver=%s could not be checked (%s): %s; retrying in %gs",
+            self._resolvers,
+            result.detail,
+            state,
+            self.retry_interval,
+        )
+
+    async def start(self, *, required: bool, patience: float) -> ProbeResult:
+        """The start-up check: one probe, repeated while inconclusive when `required`.
+
+        With `required`, up to STARTUP_PROBES probes, the n-th starting no earlier than
+        n × `patience` after the first (the relay may start before its resolver at boot);
+        each probe takes at most `patience` (dns.timeout), so this ends within
+        STARTUP_PROBES × `patience`. Failures are left for the caller to report.
+        """
+        started = self._clock()
+        result = await self.check(announce_failure=not required)
+        for attempt in range(1, STARTUP_PROBES if required else 1):
+            if result.conclusive:
+                break
+            pause = max(0.0, started + attempt * patience - self._clock())
+            log.info(
+                "resolver=%s did not answer the validation probe (%s); probe %d of %d in %.3gs",
+                self._resolvers,
+                result.detail,
+                attempt + 1,
+                STARTUP_PROBES,
+                pause,
+            )
+            await self._sleep(pause)
+            result = await self.check(announce_failure=False)
         return result
+
+    @property
+    def state(self) -> str:
+        """For the start-up line: "yes", "no", or "unknown" before a conclusive probe."""
+        if not self._known:
+            return "unknown"
+        return "yes" if self.status.validating else "no"
 
     async def run(self) -> None:
         while True:
-            await self._sleep(self._interval)
+            await self._sleep(self._interval if self.status.answering else self.retry_interval)
             await self.check()
 
     def readiness(self) -> Sequence[str]:
         """For MetricsServer: why the relay is not ready (empty when it is)."""
-        if self.status.validating:
-            return ()
-        return (f"resolver does not validate DNSSEC ({self.status.detail})",)
+        problems: list[str] = []
+        if not self.status.answering:
+            problems.append(f"resolver not answering: {self.status.failure}")
+        if not self.status.validating:
+            problems.append(f"resolver does not validate DNSSEC ({self.status.detail})")
+        return tuple(problems)
 
 
 async def serve(cfg: Config) -> None:
@@ -173,12 +273,9 @@ async def serve(cfg: Config) -> None:
         # RFC 7672 §2.1: DNSSEC status is only as good as the resolver's validation;
         # find out before the first delivery.
         required = cfg.dns.require_validating_resolver
-        probe = await watch.check(announce_failure=not required)
-        if not probe.ok and required:
-            raise ResolverNotValidating(
-                f"resolver {resolvers} does not validate DNSSEC ({probe.detail}) and "
-                f"dns.require_validating_resolver is true; not starting. Fix: {RESOLVER_FIX}"
-            )
+        probe = await watch.start(required=required, patience=cfg.dns.timeout)
+        if required and not probe.ok:
+            raise ResolverNotValidating(_refusal(resolvers, probe, cfg.dns.timeout))
         async with contextlib.AsyncExitStack() as stack:
             if cfg.metrics.listen is not None:
                 metrics_server = MetricsServer(
@@ -189,6 +286,21 @@ async def serve(cfg: Config) -> None:
             await _run(cfg, hostname, store, messages, metrics, resolver, watch)
     finally:
         store.close()
+
+
+def _refusal(resolvers: str, probe: ProbeResult, timeout: float) -> str:
+    """The exit-69 message for a failed start-up check with require_validating_resolver."""
+    if probe.conclusive:
+        return (
+            f"resolver {resolvers} does not validate DNSSEC ({probe.detail}) and "
+            f"dns.require_validating_resolver is true; not starting. Fix: {RESOLVER_FIX}"
+        )
+    return (
+        f"resolver {resolvers} did not answer the validation probe "
+        f"({STARTUP_PROBES} probes in {STARTUP_PROBES * timeout:g}s; last: {probe.detail}) and "
+        "dns.require_validating_resolver is true, so whether it validates DNSSEC is unknown; "
+        f"not starting. Fix: check that the resolver is running and reachable; {RESOLVER_FIX}"
+    )
 
 
 async def _run(
@@ -234,7 +346,7 @@ async def _run(
         len(messages),
         cfg.tls.level,
         describe_resolvers(cfg.dns),
-        "yes" if watch.status.validating else "no",
+        watch.state,
         cfg.metrics.listen or "off",
     )
     await stop.wait()

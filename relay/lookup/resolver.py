@@ -320,11 +320,14 @@ class DnsResolver:
         return await self._cached(qname, "TLSA", lambda: self._tlsa(qname))
 
     async def probe_validation(self) -> ProbeResult:
-        """Ask every resolver for the probe name/type, bypassing the cache.
+        """Ask every resolver, concurrently, for the probe name/type, bypassing the cache.
 
         ok when at least one resolver answered with data and AD set and none answered
         without AD (a resolver that is merely unreachable does not spoil the result, since
-        it cannot give unvalidated answers either). Never raises for DNS failures.
+        it cannot give unvalidated answers either). Conclusive when at least one resolver
+        answered; when none did (timeout, SERVFAIL, REFUSED, unreachable...) the result is
+        not ok and not conclusive: it proves nothing about validation. Takes at most
+        ``DnsConfig.timeout``. Never raises for DNS failures.
         """
         probe_name = self._cfg.validation_probe_name
         rrtype = self._cfg.validation_probe_type
@@ -333,32 +336,47 @@ class DnsResolver:
             name = dns.name.from_text(probe_name)
             rdtype = dns.rdatatype.from_text(rrtype)
         except (dns.exception.DNSException, ValueError) as exc:
-            return ProbeResult(False, f"{asked}: cannot be asked: {exc}")
-        parts: list[str] = []
-        secure = unvalidated = 0
-        for ep in self._cfg.resolvers:
-            where = f"{asked} from {ep}"
-            try:
-                response, (_, rrset, _) = await self._query(
-                    name, rdtype, ep, self._cfg.timeout, rrtype, [name]
-                )
-            except DnsTempFail as exc:
-                parts.append(f"{where} {exc.reply.text}")
-                continue
-            ad = bool(response.flags & dns.flags.AD)
-            if rrset is None:
-                what = "NXDOMAIN" if response.rcode() == dns.rcode.NXDOMAIN else "no data"
-                parts.append(f"{where} answered {what}{' with' if ad else ' without'} the AD bit")
-                unvalidated += 1
-            elif ad:
-                # RFC 4035 §3.2.3: the resolver set AD, so it validated this signed data.
-                count = f"{len(rrset)} record{'' if len(rrset) == 1 else 's'}"
-                parts.append(f"{where} answered with the AD bit ({count})")
-                secure += 1
-            else:
-                parts.append(f"{where} answered without the AD bit")
-                unvalidated += 1
-        return ProbeResult(secure > 0 and unvalidated == 0, "; ".join(parts))
+            return ProbeResult(False, f"{asked}: cannot be asked: {exc}", conclusive=False)
+        verdicts = await asyncio.gather(
+            *(
+                self._probe_one(name, rdtype, rrtype, f"{asked} from {ep}", ep)
+                for ep in self._cfg.resolvers
+            )
+        )
+        secure = sum(1 for v, _ in verdicts if v == "secure")
+        unvalidated = sum(1 for v, _ in verdicts if v == "unvalidated")
+        detail = "; ".join(text for _, text in verdicts)
+        # RFC 7672 §2.1: only an answer can show that a resolver does not validate; a
+        # resolver that did not answer proves nothing either way.
+        return ProbeResult(secure > 0 and unvalidated == 0, detail, secure + unvalidated > 0)
+
+    async def _probe_one(
+        self,
+        name: dns.name.Name,
+        rdtype: dns.rdatatype.RdataType,
+        rrtype: str,
+        where: str,
+        ep: Endpoint,
+    ) -> tuple[str, str]:
+        """("secure" | "unvalidated" | "failed", what `ep` said) for the probe question."""
+        try:
+            response, (_, rrset, _) = await self._query(
+                name, rdtype, ep, self._cfg.timeout, rrtype, [name]
+            )
+        except DnsTempFail as exc:
+            return "failed", f"{where} {exc.reply.text}"
+        ad = bool(response.flags & dns.flags.AD)
+        if rrset is None:
+            what = "NXDOMAIN" if response.rcode() == dns.rcode.NXDOMAIN else "no data"
+            return (
+                "unvalidated",
+                f"{where} answered {what}{' with' if ad else ' without'} the AD bit",
+            )
+        if ad:
+            # RFC 4035 §3.2.3: the resolver set AD, so it validated this signed data.
+            count = f"{len(rrset)} record{'' if len(rrset) == 1 else 's'}"
+            return "secure", f"{where} answered with the AD bit ({count})"
+        return "unvalidated", f"{where} answered without the AD bit"
 
     # -- one record type, cached ---------------------------------------------------------
 

@@ -66,10 +66,16 @@ class DnsAnswer(Generic[T]):
 
 @dataclass(frozen=True, slots=True)
 class ProbeResult:
-    """Outcome of the resolver validation probe (does the resolver set AD on a signed name?)."""
+    """Outcome of the resolver validation probe (does the resolver set AD on a signed name?).
+
+    `conclusive` says whether a resolver answered at all. An inconclusive probe (every
+    resolver timed out, failed or was unreachable) proves nothing about validation: it
+    never turns DANE off (RFC 7672 §2.1: a failure is never "insecure").
+    """
 
     ok: bool
     detail: str  # what was asked and what came back, for the log line
+    conclusive: bool = True
 
 
 class ResolverStatus:
@@ -78,12 +84,16 @@ class ResolverStatus:
     Written by the periodic validation probe (relay.app), read by the delivery engine: when
     `validating` is False every answer is treated as insecure, so level dane becomes
     opportunistic TLS and dane-only defers (RFC 7672 §2.1; Postfix with a non-validating
-    resolver).
+    resolver). Only a conclusive probe sets `validating`; before the first one it is True
+    (unknown), so answers with AD count and failed lookups defer, which is never a downgrade.
+    `answering` is False while the last probe was inconclusive; `failure` says why.
     """
 
     def __init__(self, validating: bool = True, detail: str = "") -> None:
         self.validating = validating
         self.detail = detail
+        self.answering = True
+        self.failure = ""
 
 
 class LookupObserver(Protocol):

@@ -691,7 +691,7 @@ async def test_probe_is_ok_for_secure_data(server: ScriptedDns) -> None:
     server.answer(".", "DNSKEY", DNSKEY)
     observer = Observer()
     result = await make_resolver(server, observer=observer).probe_validation()
-    assert result.ok
+    assert (result.ok, result.conclusive) == (True, True)
     assert result.detail == f"./DNSKEY from {server.endpoint} answered with the AD bit (1 record)"
     assert observer.lookups == [("DNSKEY", "secure")]
     assert observer.cache == Counter()
@@ -701,19 +701,64 @@ async def test_probe_is_ok_for_secure_data(server: ScriptedDns) -> None:
     ("reply", "said"),
     [
         (Answer([DNSKEY], ad=False), "answered without the AD bit"),
-        (ServFail(), "answered SERVFAIL"),
         (NoData(), "answered no data with the AD bit"),
         (NxDomain(ad=False), "answered NXDOMAIN without the AD bit"),
-        (Drop(), "timed out after 0.5s"),
     ],
 )
-async def test_probe_fails_for_anything_but_secure_data(
+async def test_probe_fails_conclusively_when_the_resolver_answers_without_secure_data(
     server: ScriptedDns, reply: Reply, said: str
 ) -> None:
     server.script(".", "DNSKEY", reply)
     result = await make_resolver(server).probe_validation()
-    assert not result.ok
+    assert (result.ok, result.conclusive) == (False, True)
     assert result.detail == f"./DNSKEY from {server.endpoint} {said}"
+
+
+@pytest.mark.parametrize(
+    ("reply", "said"),
+    [
+        (ServFail(), "answered SERVFAIL"),
+        (ServFail(ede=6), "answered SERVFAIL (EDE 6"),
+        (Refused(), "answered REFUSED"),
+        (Drop(), "timed out after 0.5s"),
+        (Garbage(), "sent an undecodable response"),
+    ],
+)
+async def test_probe_nobody_answers_is_inconclusive(
+    server: ScriptedDns, reply: Reply, said: str
+) -> None:
+    # RFC 7672 §2.1: a failure proves nothing about validation, so it must not turn DANE off.
+    server.script(".", "DNSKEY", reply)
+    result = await make_resolver(server).probe_validation()
+    assert (result.ok, result.conclusive) == (False, False)
+    assert result.detail.startswith(f"./DNSKEY from {server.endpoint} {said}")
+
+
+async def test_probe_of_an_unreachable_resolver_is_inconclusive() -> None:
+    async with ScriptedDns() as gone:
+        dead = gone.endpoint
+    result = await DnsResolver(DnsConfig(resolvers=(dead,), timeout=2.0)).probe_validation()
+    assert (result.ok, result.conclusive) == (False, False)
+    assert result.detail.startswith(f"./DNSKEY from {dead} network error")
+
+
+async def test_probe_asks_every_resolver_at_once(server: ScriptedDns) -> None:
+    gate = asyncio.Event()
+    async with ScriptedDns() as second:
+        for srv in (server, second):
+            srv.script(".", "DNSKEY", Hold(Answer([DNSKEY]), gate))
+        probe = asyncio.create_task(make_resolver(server, second, timeout=5.0).probe_validation())
+        # Both questions are at their servers before either is answered: the probe takes
+        # one dns.timeout however many resolvers there are.
+        await server.wait_count(".", "DNSKEY", 1)
+        await second.wait_count(".", "DNSKEY", 1)
+        gate.set()
+        result = await probe
+        assert (result.ok, result.conclusive) == (True, True)
+        assert result.detail == (
+            f"./DNSKEY from {server.endpoint} answered with the AD bit (1 record); "
+            f"./DNSKEY from {second.endpoint} answered with the AD bit (1 record)"
+        )
 
 
 async def test_probe_uses_the_configured_name_and_type_and_bypasses_the_cache(
@@ -736,10 +781,10 @@ async def test_probe_asks_every_resolver(server: ScriptedDns) -> None:
         # An unreachable resolver cannot give unvalidated answers: still ok.
         cfg = DnsConfig(resolvers=(dead, server.endpoint), timeout=2.0)
         result = await DnsResolver(cfg).probe_validation()
-        assert result.ok
+        assert (result.ok, result.conclusive) == (True, True)
         assert result.detail.startswith(f"./DNSKEY from {dead} network error")
         # A resolver that answers without validating spoils it.
         cfg = DnsConfig(resolvers=(server.endpoint, plain.endpoint), timeout=2.0)
         result = await DnsResolver(cfg).probe_validation()
-        assert not result.ok
+        assert (result.ok, result.conclusive) == (False, True)
         assert result.detail.endswith(f"./DNSKEY from {plain.endpoint} answered without the AD bit")

@@ -7,7 +7,10 @@ the fix, `relay_resolver_validating 0`, `/readyz` 503 "degraded", level dane red
 opportunistic TLS, level dane-only deferred; and with `require_validating_resolver = true`
 it must refuse to start (exit 69). Against the lab's validating unbound: gauge 1, 200.
 The recovery test swaps the resolver behind one address from non-validating to
-validating and waits for the periodic probe to notice.
+validating and waits for the periodic probe to notice. A resolver that does not answer at
+all proves nothing (RFC 7672 §2.1): the relay starts with DANE on, defers what it cannot
+look up, and reports "resolver not answering" on /readyz; with
+`require_validating_resolver = true` it gives up after a bounded wait (exit 69).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ FIX = (
 )
 PLAIN_SPARE = 3  # 127.R.0.3: the module's non-validating resolver
 SWAP_SPARE = 4  # 127.R.0.4: the recovery test's resolver, swapped mid-test
+DEAD_SPARE = 8  # 127.R.0.8: nothing listens there (a resolver that is down)
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +149,64 @@ def test_require_validating_resolver_refuses_to_start_with_exit_69(
     assert "Traceback" not in log
     assert " started " not in log
     assert "DANE is off" not in log  # it does not run at all, so no "running degraded" line
+
+
+# --- a resolver that does not answer -------------------------------------------------
+
+
+def test_unanswering_resolver_keeps_dane_on_and_readiness_says_not_answering(
+    dns_lab: DnsLab, receivers: ReceiverPool, relay_factory: RelayFactory
+) -> None:
+    dead = dns_lab.plan.spare(DEAD_SPARE)
+    (receiver,) = receivers.start("dane-ok.test")
+    relay = start_relay(relay_factory, {"dns": {"timeout": '"1s"'}}, resolvers=[dead])
+    warning = relay.wait_log(
+        rf"WARNING relay: resolver={re.escape(dead)}:53 could not be checked \((.+)\): "
+        r"validation unknown: DANE stays on, lookups that fail defer; retrying in 30s"
+    )
+    assert warning.group(1).startswith(f"./DNSKEY from {dead}:53 ")
+    relay.wait_log(r"started .* resolver_validating=unknown ")
+    assert _log_lines(relay, "DANE is off") == []
+    assert metric(relay, "relay_resolver_validating") == 1
+    status, body = _http(relay, "/readyz")
+    assert status == 503
+    assert body.startswith(f"degraded: resolver not answering: ./DNSKEY from {dead}:53 ")
+    assert "does not validate" not in body
+    # No downgrade: the MX lookup fails, so the message waits instead of going out without DANE.
+    qid = submit(relay, "bob@dane-ok.test", BODY)
+    line = relay.attempt_line(qid, "deferred")
+    assert 'reply="451 4.4.3' in line
+    assert receiver.mail_commands == []
+    assert metric(relay, "relay_outbound_tls_total", level="encrypted") == 0
+
+
+def test_require_validating_resolver_gives_up_on_an_unanswering_resolver_with_exit_69(
+    dns_lab: DnsLab, relay_factory: RelayFactory
+) -> None:
+    dead = dns_lab.plan.spare(DEAD_SPARE)
+    relay = start_relay(
+        relay_factory,
+        {"dns": {"require_validating_resolver": "true", "timeout": '"1s"'}},
+        start=False,
+        resolvers=[dead],
+    )
+    relay.start(wait_ready=False)
+    # Three probes one dns.timeout apart, then the refusal: well within 30 s.
+    assert relay.wait(30) == 69
+    log = relay.log_path.read_text(errors="replace")
+    (line,) = [x for x in log.splitlines() if x.startswith("dane-relay: ")]
+    assert line.startswith(
+        f"dane-relay: resolver {dead}:53 did not answer the validation probe (3 probes in 3s; "
+        f"last: ./DNSKEY from {dead}:53 "
+    )
+    assert "whether it validates DNSSEC is unknown; not starting." in line
+    assert "check that the resolver is running and reachable" in line
+    assert (
+        len(_log_lines(relay, r"INFO relay: resolver=.* did not answer the validation probe")) == 2
+    )
+    assert "Traceback" not in log
+    assert " started " not in log
+    assert "DANE is off" not in log
 
 
 # --- the lab's validating resolver ---------------------------------------------------

@@ -14,6 +14,7 @@ import enum
 from relay.smtp.reply import SmtpReply
 
 __all__ = [
+    "BadDestinationDomain",
     "ConfigError",
     "ConnectFailed",
     "DaneNotAvailable",
@@ -22,6 +23,7 @@ __all__ = [
     "DeliveryError",
     "DnsTempFail",
     "Fault",
+    "MalformedMx",
     "NoSuchDomain",
     "NullMx",
     "PeerTimeout",
@@ -182,6 +184,19 @@ class RemoteTempReject(TemporaryFailure):
     reason = "remote_4xx"
 
 
+class MalformedMx(TemporaryFailure):
+    """An MX record names no host name (an IP literal, octets outside LDH, RFC 5321 §5.1).
+
+    The host is skipped for the next MX; with none left the domain is deferred: a DNS
+    configuration error at the destination may be fixed (Postfix: "malformed" MX data).
+    """
+
+    # RFC 3463 §3.5: X.4.4 unable to route.
+    default_reply = SmtpReply(451, "4.4.4", "MX target is not a host name")
+    default_scope = Scope.HOST
+    reason = "malformed_mx"
+
+
 class PermanentFailure(DeliveryError):
     default_reply = SmtpReply(550, "5.0.0", "Permanent failure")
     default_scope = Scope.DOMAIN
@@ -190,6 +205,15 @@ class PermanentFailure(DeliveryError):
 class NoSuchDomain(PermanentFailure):
     default_reply = SmtpReply(550, "5.1.2", "Host or domain name not found")
     reason = "nxdomain"
+
+
+class BadDestinationDomain(PermanentFailure):
+    """The next-hop domain can never be a DNS name (bad syntax, an address literal): it
+    never resolves, so it bounces at once instead of being retried for days."""
+
+    # RFC 3463 §3.2: X.1.2 bad destination system address.
+    default_reply = SmtpReply(550, "5.1.2", "Bad destination domain syntax")
+    reason = "bad_domain"
 
 
 class NullMx(PermanentFailure):

@@ -3,12 +3,16 @@
 Owns the DNS half of RFC 7672 §2.2 for the delivery engine and `dane-relay lookup`:
 
 * `resolve_mx(resolver, domain)` -> `MxRoute`: the MX answer, its status, the planned
-  hosts, and the failure that stops the domain (failed lookup, NXDOMAIN, null MX).
+  hosts, and the failure that stops the domain (bad domain syntax or an address literal,
+  failed lookup, NXDOMAIN, null MX). Names are looked up by their ASCII form
+  (`relay.smtp.domain.ascii_domain`: IDNA 2008 A-labels, no escapes).
 * `resolve_host(resolver, host, ...)` -> `HostRoute`: the host's addresses and their
   status, every TLSA lookup made, the TLSA base domain, the TLSA state and records, and
   the `relay.dane.policy` decision with a one-line reason.
 
 Theory of operation for one host (RFC 7672 §2.2.2, §2.2.3):
+    0. An MX target that is not a host name (an IP literal, octets outside LDH shown as
+       escapes) is skipped before any lookup, with a `MalformedMx` failure (4.4.4).
     1. A and AAAA (the resolver looks both up and follows CNAMEs). A failure, or no
        address at all, makes the host unusable. One family failing beside addresses of
        the other is noted (`failed_families`) and the addresses are used.
@@ -44,9 +48,11 @@ from relay.dane.policy import (
 from relay.dane.records import TlsaRecord, select_usable
 from relay.delivery.planner import MxHost, Plan, plan_hosts
 from relay.errors import (
+    BadDestinationDomain,
     DaneNotAvailable,
     DeliveryError,
     DnsTempFail,
+    MalformedMx,
     NoSuchDomain,
     NullMx,
     Scope,
@@ -54,6 +60,7 @@ from relay.errors import (
     TlsaMalformed,
 )
 from relay.lookup.results import AnswerKind, DnsAnswer, MxRecord, Resolver, Security
+from relay.smtp.domain import DomainSyntaxError, ascii_domain
 
 __all__ = ["HostRoute", "MxRoute", "TlsaLookup", "resolve_host", "resolve_mx"]
 
@@ -140,22 +147,42 @@ async def resolve_mx(
     validating: bool = True,
     rng: random.Random | None = None,
 ) -> MxRoute:
-    """Look up and plan the MX hosts of `domain`. Never raises DnsTempFail."""
+    """Look up and plan the MX hosts of `domain`. Never raises DnsTempFail.
+
+    `domain` is looked up by its ASCII form (`relay.smtp.domain.ascii_domain`), which is
+    also `MxRoute.domain` and the implicit MX. A domain that has none (bad syntax, an
+    address literal) is not looked up: its failure is a `BadDestinationDomain` (bounce).
+    """
     try:
-        answer = await resolver.mx(domain)
+        # RFC 5321 §2.3.5, RFC 5890/5891: the DNS name is the IDNA 2008 A-label form.
+        qname = ascii_domain(domain)
+    except DomainSyntaxError as exc:
+        # It can never resolve: bounce at once (RFC 3463 X.1.2), never retry for days.
+        return MxRoute(domain, None, MxStatus.FAILED, Plan(()), _bad_domain(exc), validating)
+    try:
+        answer = await resolver.mx(qname)
     except DnsTempFail as exc:
         # RFC 7672 §2.1, §2.2.1: a failed MX lookup defers the domain, never "no MX".
-        return MxRoute(domain, None, MxStatus.FAILED, Plan(()), exc, validating)
+        return MxRoute(qname, None, MxStatus.FAILED, Plan(()), exc, validating)
     # RFC 7672 §2.1: without a validating resolver nothing is secure.
     status = MxStatus.SECURE if answer.secure and validating else MxStatus.INSECURE
-    plan = plan_hosts(domain, answer, rng)
+    plan = plan_hosts(qname, answer, rng)
     failure: DeliveryError | None = None
     if plan.no_domain:
         failure = NoSuchDomain(scope=Scope.DOMAIN)
     elif plan.null_mx:
         # RFC 7505 §3: a null MX bounces at once.
         failure = NullMx(scope=Scope.DOMAIN)
-    return MxRoute(domain, answer, status, plan, failure, validating)
+    return MxRoute(qname, answer, status, plan, failure, validating)
+
+
+def _bad_domain(exc: DomainSyntaxError) -> BadDestinationDomain:
+    if exc.literal:
+        # RFC 5321 §4.1.3 literals name no MX and no TLSA base domain (RFC 7672 §2.2.3).
+        text = f"Bad destination domain: {exc}; mail is routed by MX only"
+    else:
+        text = f"Bad destination domain syntax: {exc}"
+    return BadDestinationDomain(text, scope=Scope.DOMAIN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +249,47 @@ def _failure(
     return DnsTempFail(f"{decision.why} for {host.name}", scope=Scope.DOMAIN)
 
 
+def _ascii_or_same(name: str) -> str:
+    try:
+        return ascii_domain(name)
+    except DomainSyntaxError:
+        return name
+
+
+def _malformed_mx(
+    host: MxHost,
+    next_hop: str,
+    mx_status: MxStatus,
+    mx_security: Security,
+    validating: bool,
+    exc: DomainSyntaxError,
+) -> HostRoute:
+    """The route of an MX target that is not a host name: skipped, nothing looked up."""
+    text = f"{MalformedMx.default_reply.text}: {exc}"
+    # Postfix treats a malformed MX target as a DNS configuration error: skip the host; the
+    # engine defers the domain when no other MX is left (RFC 5321 §5.1).
+    decision = Decision(Action.SKIP_HOST, None, "malformed_mx", "RFC 5321 §5.1", text)
+    return HostRoute(
+        host=host,
+        next_hop=next_hop,
+        mx_status=mx_status,
+        addresses=(),
+        address_status=AddressStatus.NONE,
+        failed_families=(),
+        canonical="",
+        tlsa_lookups=(),
+        tlsa_base=host.name,
+        tlsa_state=TlsaState.NOT_LOOKED_UP,
+        tlsa_records=(),
+        usable=(),
+        malformed=(),
+        decision=decision,
+        reason=f"{text} ({decision.rfc})",
+        failure=MalformedMx(text, scope=Scope.HOST),
+        dnssec=mx_security.value if validating else "unvalidated",
+    )
+
+
 async def resolve_host(
     resolver: Resolver,
     host: MxHost,
@@ -246,6 +314,14 @@ async def resolve_host(
     # an MX RRset, so there is no MX host name to authenticate (RFC 7672 §2.2.1).
     mx_secure = host.implicit or (mx_security is Security.SECURE and validating)
     mx_status = MxStatus.SECURE if mx_secure else MxStatus.INSECURE
+    # RFC 7672 §3.2.2: reference identifiers are DNS names in their A-label form.
+    next_hop = _ascii_or_same(next_hop)
+    try:
+        # RFC 5321 §5.1, §2.3.5: an MX names a host; never look up, connect to or send as
+        # SNI (RFC 7672 §8.1, RFC 6066 §3) an IP literal or a name with other octets.
+        ascii_domain(host.name)
+    except DomainSyntaxError as exc:
+        return _malformed_mx(host, next_hop, mx_status, mx_security, validating, exc)
     notes: list[str] = []
     if not validating:
         notes.append("resolver not validating: every answer counts as insecure (RFC 7672 §2.1)")

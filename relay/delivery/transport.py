@@ -32,6 +32,7 @@ from relay.errors import (
     TlsHandshakeFailed,
 )
 from relay.smtp.address import wire_safe
+from relay.smtp.domain import DomainSyntaxError, ascii_domain
 from relay.smtp.reply import SmtpReply
 
 __all__ = ["OutboundSession", "SmtpTransport", "peer_chain"]
@@ -110,12 +111,28 @@ class OutboundSession:
         """Upgrade to TLS; returns the peer chain (DER, leaf first).
 
         Raises:
-            TlsHandshakeFailed: the peer refused STARTTLS or the handshake failed.
+            TlsHandshakeFailed: `server_hostname` is not a host name (checked before
+                STARTTLS is sent), the peer refused STARTTLS or the handshake failed.
             PeerTimeout, ConnectFailed: as for any command.
         """
         try:
+            # RFC 7672 §8.1, RFC 6066 §3: SNI is the TLSA base domain, an ASCII host name
+            # (A-labels: ssl would encode a U-label with IDNA 2003).
+            sni = ascii_domain(server_hostname)
+        except DomainSyntaxError as exc:
+            raise TlsHandshakeFailed(
+                f"Cannot start TLS: SNI {exc}: not a host name", scope=Scope.HOST
+            ) from exc
+        try:
             with _smtp_errors("during STARTTLS"):
-                await self._smtp.starttls(server_hostname=server_hostname, tls_context=context)
+                await self._smtp.starttls(server_hostname=sni, tls_context=context)
+        except ValueError as exc:
+            # UnicodeError included: preparing the handshake (ssl's encoding of the name)
+            # failed. A host-scoped TLS failure, never an internal error (defence in depth).
+            why = _short(exc).encode("ascii", "backslashreplace").decode("ascii")
+            raise TlsHandshakeFailed(
+                f"Cannot start TLS: cannot prepare the handshake ({why})", scope=Scope.HOST
+            ) from exc
         except (ssl.SSLError, aiosmtplib.SMTPResponseException) as exc:
             raise TlsHandshakeFailed(
                 f"Cannot start TLS: handshake failure ({_short(exc)})", scope=Scope.HOST

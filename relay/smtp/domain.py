@@ -59,8 +59,9 @@ class DomainSyntaxError(ValueError):
 
 
 def _shown(text: str) -> str:
-    """`text` quoted with every non-ASCII or non-printable character escaped."""
-    return ascii(text)
+    """`text` quoted, every non-ASCII or non-printable character escaped (``'a\\x1bb'``);
+    printable ASCII, backslashes included, as it is (``'\\001.test'`` stays readable)."""
+    return "'" + "".join(c if " " <= c <= "~" else ascii(c)[1:-1] for c in text) + "'"
 
 
 def is_address_literal(text: str) -> bool:

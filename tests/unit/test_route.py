@@ -12,8 +12,10 @@ from relay.dane.records import TlsaRecord
 from relay.delivery.planner import MxHost, Plan
 from relay.delivery.route import HostRoute, resolve_host, resolve_mx
 from relay.errors import (
+    BadDestinationDomain,
     DaneNotAvailable,
     DnsTempFail,
+    MalformedMx,
     NoSuchDomain,
     NullMx,
     Scope,
@@ -459,3 +461,86 @@ async def test_resolve_mx_without_validation_is_insecure() -> None:
     r.table[("MX", "example.org")] = ans("example.org", MxRecord(10, "mx.example.net"))
     mx = await resolve_mx(r, "example.org", validating=False)
     assert (mx.status, mx.dnssec) == (MxStatus.INSECURE, "unvalidated")
+
+
+# -- names that are not DNS names (relay.smtp.domain) -------------------------------------------
+
+
+async def test_resolve_mx_looks_up_the_idna_2008_a_label() -> None:
+    """F1, RFC 5891: straße.de is xn--strae-oqa.de (never strasse.de), also as implicit MX."""
+    r = FakeResolver()
+    r.table[("MX", "xn--strae-oqa.de")] = ans("xn--strae-oqa.de")  # NODATA: implicit MX
+    mx = await resolve_mx(r, "Straße.de")
+    assert r.calls == [("MX", "xn--strae-oqa.de")]
+    assert mx.domain == "xn--strae-oqa.de"
+    assert mx.plan == Plan((MxHost("xn--strae-oqa.de", 0, implicit=True),))
+    assert mx.failure is None
+
+
+@pytest.mark.parametrize(
+    ("domain", "text"),
+    [
+        # F7: names that can never resolve bounce instead of being deferred for days.
+        ("a" * 64 + ".test", "Bad destination domain syntax: label longer than 63 octets (64)"),
+        ("a..b.test", "Bad destination domain syntax: empty label"),
+        (".".join(["a" * 63] * 4), "Bad destination domain syntax: name longer than 253 octets"),
+        # F1: refused, never looked up as paypal.de / example.de.
+        ("pay\u00adpal.de", "Bad destination domain syntax: label 'pay\\xadpal' is not valid IDNA"),
+        ("pay\u200dpal.de", "Bad destination domain syntax: label 'pay\\u200dpal' is not valid"),
+        ("exampl\\101.de", "Bad destination domain syntax: 'exampl\\101.de' contains a backslash"),
+        # F10: an address literal is not routed by MX (RFC 5321 §4.1.3).
+        (
+            "[192.0.2.1]",
+            "Bad destination domain: '[192.0.2.1]' is an address literal, not a domain name; "
+            "mail is routed by MX only",
+        ),
+    ],
+)
+async def test_resolve_mx_bad_domain_bounces_5_1_2_without_a_lookup(domain: str, text: str) -> None:
+    r = FakeResolver()
+    mx = await resolve_mx(r, domain)
+    assert r.calls == []
+    assert (mx.status, mx.answer, mx.plan, mx.dnssec) == (MxStatus.FAILED, None, Plan(()), "-")
+    assert isinstance(mx.failure, BadDestinationDomain)
+    assert (mx.failure.reply.code, mx.failure.reply.enhanced) == (550, "5.1.2")
+    assert mx.failure.reply.text.startswith(text)
+    assert mx.failure.reason == "bad_domain"
+    assert mx.failure.scope is Scope.DOMAIN
+
+
+@pytest.mark.parametrize(
+    ("exchange", "why"),
+    [
+        ("\\001\\001.test", "'\\001\\001.test' contains a backslash escape"),  # F4
+        ("192.0.2.1", "'192.0.2.1' is an IP address, not a domain name"),  # F10
+        ("mx_1.example.net", "character '_' not allowed in 'mx_1'"),
+        ("mx..example.net", "empty label"),
+    ],
+)
+async def test_mx_target_that_is_not_a_host_name_is_skipped_without_a_lookup(
+    exchange: str, why: str
+) -> None:
+    """RFC 5321 §5.1: the host is skipped (scope HOST) so that the next MX is tried."""
+    r = FakeResolver()
+    hr = await route(r, MxHost(exchange, 10))
+    assert r.calls == []
+    assert (hr.decision.action, hr.decision.reason) == (Action.SKIP_HOST, "malformed_mx")
+    assert isinstance(hr.failure, MalformedMx)
+    assert str(hr.failure.reply) == f"451 4.4.4 MX target is not a host name: {why}"
+    assert (hr.failure.scope, hr.failure.reason) == (Scope.HOST, "malformed_mx")
+    assert hr.addresses == hr.tlsa_lookups == ()
+    assert hr.tlsa_state is TlsaState.NOT_LOOKED_UP
+    assert hr.reason == f"MX target is not a host name: {why} (RFC 5321 §5.1)"
+    assert hr.dnssec == "secure"
+
+
+async def test_next_hop_reference_name_is_the_a_label() -> None:
+    """RFC 7672 §3.2.2: certificates name A-labels; the next-hop domain is compared as one."""
+    r = FakeResolver()
+    r.host("mx.example.net", "192.0.2.1")
+    r.tlsa_at("mx.example.net", GOOD)
+    hr = await resolve_host(
+        r, HOST, next_hop="straße.de", level="dane", mx_security=SECURE, validating=True
+    )
+    assert hr.next_hop == "xn--strae-oqa.de"
+    assert hr.reference_names == ("mx.example.net", "xn--strae-oqa.de")

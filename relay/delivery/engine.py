@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
@@ -60,6 +60,15 @@ log = logging.getLogger("relay.delivery")
 
 # Policy reasons for skipping a host that are DANE failures (logged dane=fail reason=...).
 _DANE_SKIPS = frozenset({"tlsa_lookup", "tlsa_malformed", "dane_required"})
+# Records quoted in one log line; a hostile RRset can hold thousands.
+_LOGGED_RECORDS = 3
+
+
+def _some(items: Iterable[object]) -> str:
+    """The first _LOGGED_RECORDS items, comma-separated, then "+N more" for the rest."""
+    shown = [str(item) for item in items]
+    extra = len(shown) - _LOGGED_RECORDS
+    return ",".join(shown[:_LOGGED_RECORDS]) + (f",+{extra} more" if extra > 0 else "")
 
 
 class Session(Protocol):
@@ -266,7 +275,7 @@ class DeliveryEngine:
                 "queue_id=%s host=%s dane=malformed-tlsa records=%s usable_left=%d",
                 attempt.queue_id,
                 route.tlsa_base,
-                ",".join(str(r) for r in route.malformed),
+                _some(route.malformed),
                 len(route.usable),
             )
         if route.tlsa_state is TlsaState.SECURE_UNUSABLE:
@@ -275,7 +284,7 @@ class DeliveryEngine:
                 "queue_id=%s host=%s dane=unusable records=%s",
                 attempt.queue_id,
                 route.tlsa_base,
-                ",".join(f"{r.usage}-{r.selector}-{r.mtype}" for r in route.tlsa_records),
+                _some(f"{r.usage}-{r.selector}-{r.mtype}" for r in route.tlsa_records),
             )
 
     # -- one connection ------------------------------------------------------------

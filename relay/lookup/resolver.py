@@ -18,12 +18,15 @@ Guarantees (the contract the delivery engine relies on):
       truncated    TC set over UDP and again over TCP
       network      resolver unreachable, connection refused or closed
       cname-loop   a CNAME loop, or a chain longer than ``MAX_CNAME_CHAIN``
-      malformed    a response that cannot be decoded or does not match the query
+      malformed    a response that cannot be decoded or does not match the query, or a
+                   CNAME RRset with more than one target
       error        any other rcode, or a name that cannot be put in a query
       ============ ==================================================================
 
-      Each configured resolver is tried in order, with an equal share of the time left of
-      ``DnsConfig.timeout`` per question, before a lookup fails; the kind is then the most
+      One lookup (one name and record type) ends within ``DnsConfig.timeout``, whatever it
+      takes: every CNAME hop the resolver did not finish and every resolver tried share
+      that one deadline. Each question goes to the configured resolvers in order, each
+      getting an equal share of the time left, before it fails; the kind is then the most
       specific one seen (what a resolver said about the data beats one being unreachable).
       A CNAME loop is a property of the data and is not retried elsewhere.
     * A CNAME chain is followed across responses; the answer is secure only when every
@@ -32,7 +35,8 @@ Guarantees (the contract the delivery engine relies on):
       SOA-derived negative TTL (RFC 2308 §5), or 0 when no SOA came with it.
     * TLSA RDATA is never rejected here: each record becomes a ``TlsaRecord`` for
       ``relay.dane.records`` to judge, and a record too short for its 3-octet header becomes
-      a malformed one (never an exception, never silently dropped).
+      a malformed one (never an exception, never silently dropped; one WARNING per RRset
+      gives their count and the first few, however many there are).
     * Observer: one ``dns_lookup(rrtype, result, seconds)`` per upstream query (per resolver
       tried; the TCP retry belongs to the same query); chain re-queries are reported as
       "CNAME". The cache reports one ``dns_cache`` per lookup of one record type.
@@ -102,9 +106,10 @@ _BOGUS_EDE = frozenset({5, 6, 7, 8, 9, 10, 11, 12, 25})
 # Kinds that describe the resolver's view of the data, preferred over availability failures.
 _DATA_KINDS = ("bogus", "servfail", "truncated", "malformed", "error")
 # TLSA RRs are re-typed to this private-use type (RFC 6895 §3.1) before parsing, so that
-# dnspython hands over their raw RDATA (see _opaque_tlsa).
+# dnspython hands over their raw RDATA (see _scan).
 _OPAQUE_TYPE = dns.rdatatype.RdataType.make(65534)
 _TLSA_HEADER = 3
+_SHOWN_MAX = 3  # records quoted in one log line or error text
 _EDE_TEXT_MAX = 80
 
 
@@ -135,12 +140,21 @@ def _qname(text: str) -> dns.name.Name:
         raise DnsTempFail(f"cannot look up {shown}: not a DNS name ({exc})", kind="error") from exc
 
 
-def _opaque_tlsa(wire: bytes) -> bytes:
-    """`wire` with every TLSA RR re-typed to a private type whose RDATA dnspython keeps raw.
+@dataclass(frozen=True, slots=True)
+class _Scanned:
+    wire: bytes  # the response with every TLSA RR re-typed to _OPAQUE_TYPE
+    cnames: dict[dns.name.Name, set[dns.name.Name]]  # answer-section CNAME owner -> targets
+
+
+def _scan(wire: bytes) -> _Scanned:
+    """`wire` with every TLSA RR re-typed to a private type whose RDATA dnspython keeps raw,
+    and the targets of every CNAME in the answer section.
 
     dnspython refuses a whole response when one TLSA record has a digest of the wrong length
     (2.7+) or is shorter than its header; the relay judges each record itself instead
     (RFC 7671 §4.1, RFC 7672 §2.2), so one bad record cannot hide the good ones beside it.
+    dnspython also keeps only one record of a CNAME RRset (a singleton type), so the relay
+    counts the targets on the wire itself.
 
     Raises:
         dns.exception.FormError: the message structure is broken.
@@ -151,31 +165,60 @@ def _opaque_tlsa(wire: bytes) -> bytes:
         parser.get_name(decompress=True)
         parser.get_struct("!HH")
     out = bytearray(wire)
-    for _ in range(ancount + nscount + arcount):
-        parser.get_name(decompress=True)
+    cnames: dict[dns.name.Name, set[dns.name.Name]] = {}
+    for index in range(ancount + nscount + arcount):
+        owner = parser.get_name(decompress=True)
         type_at = parser.current
         rdtype, _, _, rdlen = parser.get_struct("!HHIH")
+        rdata_at = parser.current
         parser.get_bytes(rdlen)
         if rdtype == dns.rdatatype.TLSA:
             struct.pack_into("!H", out, type_at, _OPAQUE_TYPE)
-    return bytes(out)
+        elif rdtype == dns.rdatatype.CNAME and index < ancount:
+            target = dns.wire.Parser(wire, rdata_at).get_name(decompress=True)
+            cnames.setdefault(owner, set()).add(target)
+    return _Scanned(bytes(out), cnames)
 
 
-def _tlsa_record(owner: dns.name.Name, rdata: bytes) -> TlsaRecord:
+def _check_cnames(cnames: dict[dns.name.Name, set[dns.name.Name]]) -> None:
+    """Raise DnsTempFail (kind "malformed") for a CNAME RRset with more than one target."""
+    for owner, targets in cnames.items():
+        if len(targets) > 1:
+            # RFC 2181 §10.1: a name has at most one CNAME; following one of several would let
+            # the order of the records choose the chain (and its DNSSEC status).
+            shown = ", ".join(sorted(_text(t) for t in targets)[:_SHOWN_MAX])
+            raise DnsTempFail(
+                f"sent a CNAME RRset at {_text(owner)} with {len(targets)} targets ({shown})",
+                kind="malformed",
+            )
+
+
+def _tlsa_record(rdata: bytes) -> TlsaRecord:
     if len(rdata) >= _TLSA_HEADER:
         return TlsaRecord(rdata[0], rdata[1], rdata[2], rdata[_TLSA_HEADER:])
     # RFC 6698 §2.1: usage, selector and matching type are one octet each. A shorter RDATA is
     # kept as a record that claims DANE-EE SPKI SHA2-256 with no data (malformed, RFC 7671
     # §4.1), keeping whatever octets are present, so that the policy sees bad DNS data.
-    log.warning(
-        "tlsa=%s rdata=%s dane=malformed-tlsa why=%d-octet RDATA is shorter than the TLSA header",
-        _text(owner),
-        rdata.hex() or "-",
-        len(rdata),
-    )
     usage = rdata[0] if len(rdata) > 0 else Usage.DANE_EE
     selector = rdata[1] if len(rdata) > 1 else Selector.SPKI
     return TlsaRecord(usage, selector, MatchingType.SHA256, b"")
+
+
+def _log_short_tlsa(owner: dns.name.Name, rdatas: list[bytes]) -> None:
+    """One WARNING per RRset for TLSA RDATA shorter than its header: the count and the first
+    few, so that a hostile RRset of thousands of records cannot flood the log."""
+    if not rdatas:
+        return
+    shown = ",".join(rdata.hex() or "-" for rdata in rdatas[:_SHOWN_MAX])
+    more = f",+{len(rdatas) - _SHOWN_MAX} more" if len(rdatas) > _SHOWN_MAX else ""
+    log.warning(
+        "tlsa=%s dane=malformed-tlsa count=%d rdata=%s%s "
+        "why=RDATA shorter than the 3-octet TLSA header",
+        _text(owner),
+        len(rdatas),
+        shown,
+        more,
+    )
 
 
 def _ede_text(response: dns.message.Message) -> tuple[bool, str]:
@@ -403,21 +446,23 @@ class DnsResolver:
     async def _tlsa(self, qname: str) -> DnsAnswer[TlsaRecord]:
         r = await self._resolve(_qname(qname), dns.rdatatype.TLSA)
         owner = r.rrset.name if r.rrset is not None else dns.name.empty
-        records = tuple(
-            _tlsa_record(owner, rd.data)
-            for rd in r.rrset or ()
-            if isinstance(rd, dns.rdata.GenericRdata)
-        )
+        rdatas = [rd.data for rd in r.rrset or () if isinstance(rd, dns.rdata.GenericRdata)]
+        _log_short_tlsa(owner, [rdata for rdata in rdatas if len(rdata) < _TLSA_HEADER])
+        records = tuple(_tlsa_record(rdata) for rdata in rdatas)
         return DnsAnswer(qname, r.kind, r.security, records, r.canonical, r.ttl)
 
     # -- resolution: CNAME chains across responses ---------------------------------------
 
     async def _resolve(self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> _Resolved:
-        """Ask for (qname, rdtype) and follow its CNAME chain to the end.
+        """Ask for (qname, rdtype) and follow its CNAME chain to the end, within one
+        ``DnsConfig.timeout`` for the whole lookup: every CNAME hop re-queried and every
+        resolver tried share that one deadline.
 
         Raises:
-            DnsTempFail: a query failed, or the chain loops or is too long ("cname-loop").
+            DnsTempFail: a query failed or the deadline passed ("timeout"), or the chain
+                loops or is too long ("cname-loop").
         """
+        deadline = asyncio.get_running_loop().time() + self._cfg.timeout
         chain = [qname]
         name = qname
         label = dns.rdatatype.to_text(rdtype)
@@ -425,7 +470,9 @@ class DnsResolver:
         secure = True
         ttl = float("inf")
         while True:
-            response, (end, rrset, chain_ttl) = await self._ask(name, rdtype, label, chain)
+            response, (end, rrset, chain_ttl) = await self._ask(
+                name, rdtype, label, chain, deadline
+            )
             # RFC 4035 §3.2.3 / RFC 7672 §2.1: AD from a trusted validating resolver = secure.
             secure = secure and bool(response.flags & dns.flags.AD)
             ttl = min(ttl, chain_ttl)
@@ -450,21 +497,26 @@ class DnsResolver:
         rdtype: dns.rdatatype.RdataType,
         label: str,
         chain: list[dns.name.Name],
+        deadline: float,
     ) -> tuple[dns.message.Message, _Walk]:
-        """One question to the configured resolvers in order, within DnsConfig.timeout.
+        """One question to the configured resolvers in order, before `deadline` (loop time).
 
         Raises:
-            DnsTempFail: every resolver failed, or the first answer's CNAME chain loops.
+            DnsTempFail: every resolver failed, the deadline had passed before a resolver
+                could be asked ("timeout"), or the first answer's CNAME chain loops.
         """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._cfg.timeout
         resolvers = self._cfg.resolvers
         what = f"DNS lookup of {_text(chain[0]) or '.'}/{dns.rdatatype.to_text(rdtype)} failed"
         failures: list[tuple[Endpoint, DnsTempFail]] = []
         for i, ep in enumerate(resolvers):
+            left = deadline - loop.time()
+            if left <= 0:
+                failures.append((ep, DnsTempFail(self._late(chain), kind="timeout")))
+                continue
             # Each resolver gets an equal share of the time left, so a dead first resolver
             # cannot use up the whole lookup budget.
-            budget = max(0.0, deadline - loop.time()) / (len(resolvers) - i)
+            budget = left / (len(resolvers) - i)
             try:
                 return await self._query(name, rdtype, ep, budget, label, chain)
             except DnsTempFail as exc:
@@ -476,6 +528,12 @@ class DnsResolver:
         first = (specific or [exc for _, exc in failures])[0]
         raise DnsTempFail(text, kind=first.kind) from first
 
+    def _late(self, chain: list[dns.name.Name]) -> str:
+        """Why a resolver was not asked: the lookup's time ran out (on a CNAME chain)."""
+        hops = len(chain) - 1
+        where = f" after {hops} CNAME hop{'' if hops == 1 else 's'}" if hops else ""
+        return f"not asked: the lookup's {self._cfg.timeout:g}s ran out{where}"
+
     async def _query(
         self,
         name: dns.name.Name,
@@ -485,7 +543,8 @@ class DnsResolver:
         label: str,
         chain: list[dns.name.Name],
     ) -> tuple[dns.message.Message, _Walk]:
-        """One upstream query to one resolver and the CNAME walk of its answer, observed.
+        """One upstream query to one resolver within `budget` seconds, and the CNAME walk of
+        its answer, observed.
 
         Raises:
             DnsTempFail: no usable answer from this resolver, or its CNAME chain loops.
@@ -514,12 +573,14 @@ class DnsResolver:
         query.flags = dns.flags.RD | dns.flags.AD
         raw = await exchange(query.to_wire(), ep, budget)
         try:
-            response = dns.message.from_wire(_opaque_tlsa(raw))
+            scanned = _scan(raw)
+            response = dns.message.from_wire(scanned.wire)
         except Exception as exc:  # hostile input: any parse failure is a malformed response
             why = f"{type(exc).__name__}: {exc}"[:_EDE_TEXT_MAX]
             raise DnsTempFail(f"sent an undecodable response ({why})", kind="malformed") from exc
         if not query.is_response(response):
             raise DnsTempFail("sent a response to another question", kind="malformed")
+        _check_cnames(scanned.cnames)
         _check_rcode(response)
         return response
 

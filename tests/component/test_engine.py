@@ -1283,6 +1283,24 @@ async def test_malformed_record_beside_a_usable_one_is_counted_and_dane_applies(
     )
 
 
+async def test_a_huge_malformed_rrset_is_counted_in_full_but_logged_briefly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # F6: a hostile RRset of thousands of bad records gives one short line, not a huge one.
+    records = [TlsaRecord(3, 1, 1, i.to_bytes(2, "big") * 10) for i in range(4000)]
+    w = world(secure_domain(tlsa=records), {"192.0.2.1": Peer()})
+    with caplog.at_level(logging.INFO, logger="relay.delivery"):
+        (r,) = await w.deliver("rcpt@secure.example")
+    assert r.outcome is Outcome.DEFERRED
+    assert w.sample("relay_tlsa_malformed_records_total") == 4000
+    warnings = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
+    assert warnings == [
+        "queue_id=0123456789ABCDEF01234 host=mx1.secure.example dane=malformed-tlsa "
+        "records=3 1 1 0000000000000000…,3 1 1 0001000100010001…,3 1 1 0002000200020002…,"
+        "+3997 more usable_left=0"
+    ]
+
+
 async def test_a_skipped_host_is_logged_without_the_previous_hosts_tls_outcome(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

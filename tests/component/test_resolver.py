@@ -10,13 +10,17 @@ queries the server saw and the observer events the resolver reported.
 from __future__ import annotations
 
 import asyncio
+import logging
+import struct
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import dns.flags
 import dns.message
+import dns.name
 import dns.rcode
+import dns.rdata
 import dns.rrset
 import pytest
 import pytest_asyncio
@@ -486,6 +490,126 @@ async def test_cname_chain_length_limit(server: ScriptedDns, links: int, works: 
         assert (await fails_mx(resolver, f"c0.{DOMAIN}")).kind == "cname-loop"
 
 
+def _lose_first_datagram(
+    links: dict[str, str], final: str
+) -> Callable[[dns.message.Message, str], bytes | None]:
+    """Answers for a CNAME chain split over responses (`links`: name -> target), where the
+    first datagram for each name is lost and only its retransmission is answered."""
+    seen: Counter[str] = Counter()
+
+    def build(query: dns.message.Message, transport: str) -> bytes | None:
+        name = query.question[0].name.to_text(omit_final_dot=True)
+        seen[name] += 1
+        if seen[name] == 1:
+            return None
+        response = dns.message.make_response(query)
+        response.flags |= dns.flags.AD
+        if name in links:
+            rrset = dns.rrset.from_text(f"{name}.", 60, "IN", "CNAME", f"{links[name]}.")
+        else:
+            rrset = dns.rrset.from_text(f"{name}.", 60, "IN", "MX", final)
+        response.answer.append(rrset)
+        return response.to_wire()
+
+    return build
+
+
+async def test_cname_hops_share_one_deadline_for_the_whole_lookup(
+    server: ScriptedDns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # F3: each hop costs one lost datagram and a retransmission (0.2 s). With a fresh
+    # timeout per hop, 8 hops would take 1.6 s and succeed; with one 0.5 s deadline for the
+    # lookup, it fails after at most 3 hops have been asked.
+    monkeypatch.setattr(relay.lookup.exchange, "UDP_RETRANSMIT", 0.2)
+    names = [f"c{i}.{DOMAIN}" for i in range(9)]
+    links = dict(zip(names, names[1:], strict=False))
+    build = _lose_first_datagram(links, GOOD["MX"])
+    for name in names:
+        server.script(name, "MX", Custom(build))
+    observer = Observer()
+    exc = await fails_mx(make_resolver(server, observer=observer, timeout=0.5), names[0])
+    assert exc.kind == "timeout"
+    asked = [name for name in names if server.count(name, "MX")]
+    assert asked == names[: len(asked)]
+    assert 1 <= len(asked) <= 3
+    assert sum(server.count(name, "MX") for name in names) <= 2 * len(asked)
+    assert observer.lookups[-1][1] == "timeout"
+    assert len(observer.lookups) == len(asked)
+
+
+async def test_resolvers_tried_on_every_hop_share_the_same_deadline(
+    server: ScriptedDns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # F3: the first resolver is dead, the second answers each hop on the retransmission
+    # (0.15 s). With a fresh 0.6 s per hop (0.3 s per resolver) every hop would succeed; with
+    # one 0.6 s deadline for the lookup, the second hop has too little time left.
+    monkeypatch.setattr(relay.lookup.exchange, "UDP_RETRANSMIT", 0.15)
+    names = [f"c{i}.{DOMAIN}" for i in range(9)]
+    links = dict(zip(names, names[1:], strict=False))
+    build = _lose_first_datagram(links, GOOD["MX"])
+    async with ScriptedDns() as second:
+        for name in names:
+            server.script(name, "MX", Drop())
+            second.script(name, "MX", Custom(build))
+        exc = await fails_mx(make_resolver(server, second, timeout=0.6), names[0])
+        assert exc.kind == "timeout"
+        asked = [name for name in names if server.count(name, "MX")]
+        assert asked == names[: len(asked)]
+        assert 1 <= len(asked) <= 3
+        assert sum(second.count(name, "MX") for name in names) <= 2 * len(asked)
+        assert all(second.count(name, "MX") == 0 for name in names[len(asked) :])
+
+
+def _cname_rr(owner: str, target: str) -> bytes:
+    """One CNAME RR in wire format (no compression)."""
+    rdata = dns.name.from_text(target).to_wire()
+    assert rdata is not None
+    wire = dns.name.from_text(owner).to_wire()
+    assert wire is not None
+    return wire + struct.pack("!HHIH", 5, 1, 60, len(rdata)) + rdata
+
+
+async def test_cname_rrset_with_two_targets_is_malformed(server: ScriptedDns) -> None:
+    # dnspython keeps one record of a CNAME RRset, so the response is put together by hand:
+    # www has two CNAMEs, each target has MX data; neither may be chosen.
+    def two_targets(query: dns.message.Message, transport: str) -> bytes:
+        response = dns.message.make_response(query)
+        response.flags |= dns.flags.AD
+        response.use_edns(False)  # no OPT record: the CNAMEs go at the end of the message
+        head = response.to_wire()
+        rrs = _cname_rr(f"www.{DOMAIN}.", f"a.{DOMAIN}.") + _cname_rr(
+            f"www.{DOMAIN}.", f"b.{DOMAIN}."
+        )
+        return head[:6] + struct.pack("!H", 2) + head[8:] + rrs
+
+    server.script(f"www.{DOMAIN}", "MX", Custom(two_targets))
+    observer = Observer()
+    exc = await fails_mx(make_resolver(server, observer=observer), f"www.{DOMAIN}")
+    assert exc.kind == "malformed"
+    assert (
+        f"sent a CNAME RRset at www.{DOMAIN} with 2 targets (a.{DOMAIN}, b.{DOMAIN})"
+        in exc.reply.text
+    )
+    assert observer.lookups == [("MX", "malformed")]
+    assert server.count(f"www.{DOMAIN}", "MX") == 1
+    assert (server.count(f"a.{DOMAIN}", "MX"), server.count(f"b.{DOMAIN}", "MX")) == (0, 0)
+
+
+async def test_a_repeated_identical_cname_is_not_two_targets(server: ScriptedDns) -> None:
+    def same_twice(query: dns.message.Message, transport: str) -> bytes:
+        response = dns.message.make_response(query)
+        response.flags |= dns.flags.AD
+        response.use_edns(False)  # no OPT record: the CNAMEs go at the end of the message
+        head = response.to_wire()
+        rr = _cname_rr(f"www.{DOMAIN}.", f"{HOST}.")
+        return head[:6] + struct.pack("!H", 2) + head[8:] + rr + rr
+
+    server.script(f"www.{DOMAIN}", "MX", Custom(same_twice))
+    server.answer(HOST, "MX", GOOD["MX"])
+    answer = await make_resolver(server).mx(f"www.{DOMAIN}")
+    assert (answer.records, answer.canonical) == (RECORDS["MX"], HOST)
+
+
 async def fails_mx(resolver: DnsResolver, name: str) -> DnsTempFail:
     with pytest.raises(DnsTempFail) as info:
         await resolver.mx(name)
@@ -621,6 +745,33 @@ async def test_bad_tlsa_rdata_becomes_records_the_policy_can_judge(server: Scrip
         (False, True),
         (True, False),
     ]
+
+
+async def test_thousands_of_short_tlsa_records_are_logged_in_one_line(
+    server: ScriptedDns, caplog: pytest.LogCaptureFixture
+) -> None:
+    # F6: one summary line per RRset (count and the first few), never one line per record.
+    def many(query: dns.message.Message, transport: str) -> bytes:
+        response = dns.message.make_response(query)
+        response.flags |= dns.flags.AD
+        if transport == "udp":
+            response.flags |= dns.flags.TC
+            return response.to_wire()
+        rrset = response.find_rrset(response.answer, query.question[0].name, 1, 52, create=True)
+        for i in range(4000):
+            rrset.add(dns.rdata.GenericRdata(1, 52, i.to_bytes(2, "big")), 300)
+        return response.to_wire(max_size=65535)
+
+    server.script(TLSA_NAME, "TLSA", Custom(many))
+    with caplog.at_level(logging.WARNING, logger="relay.lookup"):
+        answer = await make_resolver(server, timeout=5.0).tlsa(HOST, 25)
+    assert len(answer.records) == 4000
+    assert {r.data for r in answer.records} == {b""}  # each kept, with no data
+    warnings = [r.getMessage() for r in caplog.records if r.name == "relay.lookup"]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"tlsa={TLSA_NAME} dane=malformed-tlsa count=4000 rdata=")
+    assert warnings[0].count(",") == 3  # three RDATA shown, then "+3997 more"
+    assert ",+3997 more why=RDATA shorter than the 3-octet TLSA header" in warnings[0]
 
 
 async def test_tlsa_uses_the_logical_port_in_the_name(server: ScriptedDns) -> None:

@@ -122,11 +122,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     check.add_argument(
         "--name",
-        required=True,
         action="append",
+        default=[],
         metavar="HOST",
         help="a reference identifier for DANE-TA(2) name checks: TLSA base "
-        "domain, MX host, next-hop domain (repeat)",
+        "domain, MX host, next-hop domain (repeat; required with DANE-TA records)",
     )
     check.add_argument(
         "--at",
@@ -269,6 +269,13 @@ def _field(args: argparse.Namespace, name: str) -> int:
 def _verify(args: argparse.Namespace) -> int:
     records = [_parse_record(text) for text in args.tlsa]
     names = [_host_name(text, "--name") for text in args.name]
+    if not names and any(r.usage == Usage.DANE_TA for r in records):
+        # RFC 7672 §3.2.3: a DANE-TA(2) match needs a reference identifier to check the leaf.
+        raise _InputError(
+            EX_USAGE,
+            "--name: expected at least one host name with DANE-TA(2) "
+            "records (the TLSA base domain, MX host or next-hop domain)",
+        )
     now = _parse_time(args.at)
     chain = _read_pem_certificates(args.chain, "--chain")
     verdict = verify(records, chain, names, now)

@@ -3,8 +3,10 @@
 #
 # Runs on a bare Debian 12 machine as root, non-interactively:
 #   1. apt: nsd + unbound (the integration lab's DNS servers) and python3 + venv, only if
-#      missing. Their system services are stopped: the lab runs its own instances on
-#      127.R.0.0/16 and a system daemon bound to 0.0.0.0:53 would get in the way.
+#      missing. The lab runs its own instances on 127.R.0.1/.2:53. A system nsd/unbound is
+#      stopped only if this run installed it (apt starts it) or it listens on a wildcard
+#      address on port 53, which would keep the lab from binding; a resolver on 127.0.0.1
+#      (what the relay itself uses) is left running.
 #   2. .venv (created with python3 >= 3.11 if missing), `pip install -e '.[test]'`.
 #   3. ruff, mypy (strict, configured in pyproject.toml), import-linter, pytest.
 # Arguments are passed to pytest, e.g. `scripts/test.sh tests/integration -x`.
@@ -23,9 +25,18 @@ if ((${#missing[@]})); then
     apt-get update
     DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
 fi
-# Package installation may have started the system daemons; the lab needs neither.
-service nsd stop >/dev/null 2>&1 || true
-service unbound stop >/dev/null 2>&1 || true
+wildcard53() {  # is some process listening on 0.0.0.0:53 or [::]:53 (or can we not tell)?
+    command -v ss >/dev/null 2>&1 || return 0
+    ss -Hlnu 2>/dev/null | awk '{print $4}' | grep -Eq '^(0\.0\.0\.0|\*|\[::\]):53$'
+}
+for daemon in nsd unbound; do
+    if [[ " ${missing[*]} " == *" $daemon "* ]] || wildcard53; then
+        if service "$daemon" status >/dev/null 2>&1; then
+            echo "test.sh: stopping the system $daemon (it would hold port 53 the lab needs)" >&2
+        fi
+        service "$daemon" stop >/dev/null 2>&1 || true
+    fi
+done
 
 if [ ! -x .venv/bin/python ]; then
     python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || {

@@ -348,8 +348,24 @@ def test_verify_missing_or_unreadable_chain(tool: Tool, tmp_path: Path) -> None:
 
 def test_verify_missing_required_option_is_argparse_usage(tool: Tool, chain: Path) -> None:
     with pytest.raises(SystemExit) as exited:
-        tool("verify", "--chain", chain, "--tlsa", "3 1 1 00")
+        tool("verify", "--chain", chain, "--name", MX_HOST)
     assert exited.value.code == 2
+
+
+def test_verify_dane_ee_needs_no_name(tool: Tool, pki: Pki, chain: Path) -> None:
+    # RFC 7672 §3.1.1: DANE-EE(3) ignores names, so --name may be left out.
+    record = f"3 1 1 {spki_digest(pki.leaf)}"
+    result = tool("verify", "--chain", chain, "--tlsa", record, "--json")
+    assert (result.status, result.json()["status"], result.err) == (0, "verified", "")
+
+
+def test_verify_dane_ta_without_a_name_is_a_usage_error(
+    tool: Tool, pki: Pki, chain: Path
+) -> None:
+    result = tool("verify", "--chain", chain, "--tlsa", f"2 1 1 {spki_digest(pki.intermediate)}")
+    assert result.status == 64
+    assert result.out == ""
+    assert "--name: expected at least one host name with DANE-TA(2) records" in result.err
 
 
 # --- tlsa generate ---------------------------------------------------------------------------

@@ -4,6 +4,10 @@ Contract:
 - RCPT is refused with 554 5.7.1 unless the client address is in
   `relay.networks` (Postfix "Relay access denied"); the refusal is logged with the
   client address and counted.
+- RCPT is refused with 550 5.1.2 for an address literal (delivery is by MX only) and
+  with 553 5.1.3 for a domain that has no DNS name (`relay.smtp.domain.ascii_domain`:
+  bad syntax, invalid IDNA 2008, escapes, over-long labels); logged and counted as
+  `address_literal` / `bad_domain`. The address is queued as given (RFC 6531).
 - DATA is answered 250 only after `SpoolStore.commit` has fsync'ed the body and
   the envelope and their directories (the durability point). If that fails the
   client gets 451 4.3.0 and nothing is queued.
@@ -23,7 +27,8 @@ from typing import Any
 from relay.config import RelayConfig, ServerConfig
 from relay.errors import SpoolError
 from relay.metrics import Metrics
-from relay.smtp.address import wire_safe
+from relay.smtp.address import escaped, wire_safe
+from relay.smtp.domain import DomainSyntaxError, ascii_domain, is_address_literal
 from relay.spool.records import QueuedMessage
 from relay.spool.store import SpoolStore, new_queue_id
 
@@ -94,10 +99,29 @@ class RelayHandler:
             self.metrics.inbound_rejections.labels("bad_recipient").inc()
             return "501 5.1.3 Bad recipient address syntax"
         local, at, domain = address.rpartition("@")
+        if at and local and is_address_literal(domain):
+            # RFC 5321 §4.1.3 allows literals, but delivery here is by MX and DANE needs a
+            # name (RFC 7672 §2.2.1): refuse now rather than bounce later.
+            return self._refuse_rcpt(
+                session,
+                envelope,
+                address,
+                "address_literal",
+                "550 5.1.2",
+                "address literals are not accepted, mail is routed by MX only",
+            )
         if not at or not local or not domain or "." not in domain.strip("[]"):
             self.metrics.inbound_rejections.labels("bad_recipient").inc()
             return (
                 f"504 5.5.2 <{address}>: Recipient address rejected: need fully-qualified address"
+            )
+        try:
+            # RFC 5321 §2.3.5, RFC 5890/5891, RFC 6531 §3.2: the domain must have a DNS name
+            # (IDNA 2008 A-labels); what can never be looked up is refused, not queued.
+            ascii_domain(domain)
+        except DomainSyntaxError as exc:
+            return self._refuse_rcpt(
+                session, envelope, address, "bad_domain", "553 5.1.3", f"bad domain syntax: {exc}"
             )
         if len(envelope.rcpt_tos) >= self.server_cfg.max_recipients:
             self.metrics.inbound_rejections.labels("too_many_recipients").inc()
@@ -106,6 +130,23 @@ class RelayHandler:
             return "555 5.5.4 RCPT TO parameters not recognized"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Ok"
+
+    def _refuse_rcpt(
+        self, session: Any, envelope: Any, address: str, reason: str, status: str, why: str
+    ) -> str:
+        """Count, log and word one refused recipient; the address is shown escaped."""
+        self.metrics.inbound_rejections.labels(reason).inc()
+        shown = escaped(address)
+        log.warning(
+            "reject=RCPT client=%s from=<%s> to=<%s> reply=%s reason=%s why=%s",
+            _peer_text(session.peer),
+            escaped(_sender(envelope)),
+            shown,
+            status,
+            reason.replace("_", "-"),
+            why,
+        )
+        return f"{status} <{shown}>: Recipient address rejected: {why}"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         client = _peer_text(session.peer)

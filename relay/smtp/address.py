@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["wire_safe"]
+__all__ = ["escaped", "wire_safe"]
 
 
 def wire_safe(text: str) -> bool:
@@ -10,3 +10,10 @@ def wire_safe(text: str) -> bool:
     §4.1.2 allows none in a path) and no lone surrogates, which is how bytes that were
     not UTF-8 arrive from a surrogate-escaping decoder and which cannot be encoded again."""
     return not any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in text)
+
+
+def escaped(text: str) -> str:
+    """`text` with every character outside printable ASCII written as a Python escape
+    (``\\xad``, ``\\u200d``, ``\\udcff``): safe for log lines, replies and terminals, and
+    shows the invisible characters (soft hyphen, joiners, bidi controls) an attacker hides."""
+    return "".join(c if " " <= c <= "~" else ascii(c)[1:-1] for c in text)

@@ -35,6 +35,8 @@ import unicodedata
 
 import idna
 
+from relay.smtp.address import escaped
+
 __all__ = ["MAX_LABEL", "MAX_NAME", "DomainSyntaxError", "ascii_domain", "is_address_literal"]
 
 #: RFC 1035 §2.3.4: octets in one label.
@@ -61,7 +63,7 @@ class DomainSyntaxError(ValueError):
 def _shown(text: str) -> str:
     """`text` quoted, every non-ASCII or non-printable character escaped (``'a\\x1bb'``);
     printable ASCII, backslashes included, as it is (``'\\001.test'`` stays readable)."""
-    return "'" + "".join(c if " " <= c <= "~" else ascii(c)[1:-1] for c in text) + "'"
+    return f"'{escaped(text)}'"
 
 
 def is_address_literal(text: str) -> bool:

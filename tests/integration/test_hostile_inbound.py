@@ -280,6 +280,65 @@ def test_recipient_with_control_character_is_refused_at_rcpt(
     assert reply.code in (501, 553), reply
 
 
+# Recipient domains that have no DNS name (relay.smtp.domain.ascii_domain): refused at RCPT
+# with 553 5.1.3 (RFC 5321 §4.2.3: mailbox name not allowed), never queued, never looked up
+# as the domain IDNA 2003 or an escape would make of them (F1, F7).
+BAD_DOMAINS = [
+    ("u@pay\u00adpal.de", "u@pay\\xadpal.de", "label 'pay\\xadpal' is not valid IDNA 2008"),
+    ("u@pay\u200dpal.de", "u@pay\\u200dpal.de", "label 'pay\\u200dpal' is not valid IDNA 2008"),
+    (f"u@{'a' * 64}.test", f"u@{'a' * 64}.test", "label longer than 63 octets (64)"),
+    ("u@192.0.2.1", "u@192.0.2.1", "'192.0.2.1' is an IP address, not a domain name"),
+]
+
+
+def test_recipient_domains_without_a_dns_name_are_refused_553_and_counted(
+    dns_lab: DnsLab, receivers: ReceiverPool, relay_factory: RelayFactory
+) -> None:
+    relay = relay_factory()
+    with _open(relay) as c:
+        assert c.cmd("EHLO client.test").code == 250
+        assert c.cmd(f"MAIL FROM:<{SENDER}> SMTPUTF8").code == 250
+        for rcpt, shown, why in BAD_DOMAINS:
+            reply = c.cmd(f"RCPT TO:<{rcpt}>")
+            assert reply.code == 553, (rcpt, reply)
+            expected = f"5.1.3 <{shown}>: Recipient address rejected: bad domain syntax: {why}"
+            assert reply.text.startswith(expected), (rcpt, reply)
+            assert reply.text.isascii()  # the invisible characters are shown, escaped
+        # A presentation escape (exampl\\101.de would be example.de) and an empty label:
+        # aiosmtpd's own address parser refuses them first; relay.smtp.domain would too.
+        assert c.cmd("RCPT TO:<u@exampl\\101.de>").code in (501, 553)
+        assert c.cmd("RCPT TO:<u@a..b.test>").code in (501, 553)
+        # An IDN whose labels are valid IDNA 2008 is accepted as it is (RFC 6531 §3.2).
+        assert c.cmd("RCPT TO:<u@straße.de>").code == 250
+        assert c.cmd("RSET").code == 250
+    assert spool_entries(relay, "env") == []
+    count = len(BAD_DOMAINS)
+    assert metric(relay, "relay_inbound_rejections_total", reason="bad_domain") == count
+    line = relay.wait_log(r"reject=RCPT .* to=<u@pay\\u200dpal\.de> .*reason=bad-domain ")
+    assert "reply=553 5.1.3" in line.group(0)
+
+
+def test_address_literal_recipient_is_refused_550_with_a_clear_reason(
+    dns_lab: DnsLab, receivers: ReceiverPool, relay_factory: RelayFactory
+) -> None:
+    """F10: a literal used to be queued and then "Host or domain name not found"."""
+    relay = relay_factory()
+    with _open(relay) as c:
+        assert c.cmd("EHLO client.test").code == 250
+        assert c.cmd(f"MAIL FROM:<{SENDER}>").code == 250
+        for rcpt in ("u@[192.0.2.1]", "u@[IPv6:2001:db8::1]"):
+            reply = c.cmd(f"RCPT TO:<{rcpt}>")
+            assert (reply.code, reply.text) == (
+                550,
+                f"5.1.2 <{rcpt}>: Recipient address rejected: address literals are not "
+                "accepted, mail is routed by MX only",
+            )
+        assert c.cmd("DATA").code == 503  # no recipient was accepted
+    assert spool_entries(relay, "env") == []
+    assert metric(relay, "relay_inbound_rejections_total", reason="address_literal") == 2
+    relay.wait_log(r"reject=RCPT .* to=<u@\[192\.0\.2\.1\]> reply=550 5\.1\.2 reason=address-lit")
+
+
 def test_sender_with_invalid_utf8_is_refused_at_mail(
     dns_lab: DnsLab, receivers: ReceiverPool, relay_factory: RelayFactory
 ) -> None:

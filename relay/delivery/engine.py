@@ -5,7 +5,9 @@ Theory of operation, per next-hop domain (recipients are grouped by domain):
 1. `route.resolve_mx` (RFC 7672 §2.2.1). A lookup failure defers every recipient of
    the domain; NXDOMAIN and a null MX (RFC 7505) bounce them; no MX means the domain
    itself is the implicit MX (RFC 5321 §5.1).
-2. For each MX host in preference order, `route.resolve_host`: addresses, TLSA (first
+2. For each MX host in preference order (at most `planner.MAX_MX_HOSTS`), while
+   connection attempts are left (`MAX_CONNECTIONS_PER_DOMAIN`), `route.resolve_host`:
+   addresses, TLSA (first
    at the CNAME-expanded name) and the `relay.dane.policy` decision. A host the policy
    skips (failed address or TLSA lookup, dane-only without usable TLSA, ...) moves on to
    the next MX; a TLSA lookup failure never becomes "no TLSA" (RFC 7672 §2.1). When the
@@ -35,7 +37,7 @@ from typing import Protocol
 from relay.dane.match import DaneStatus, verify
 from relay.dane.policy import DANE_LEVELS, Action, TlsaState, TlsRequirement
 from relay.delivery.attempt import Attempt, AttemptRecorder, as_temporary, outcome_of
-from relay.delivery.planner import MxHost
+from relay.delivery.planner import MAX_MX_HOSTS, MxHost
 from relay.delivery.route import HostRoute, resolve_host, resolve_mx
 from relay.errors import (
     DaneRequiredNoTls,
@@ -54,12 +56,25 @@ from relay.metrics import Metrics
 from relay.model import Outcome, RecipientResult, domain_of
 from relay.smtp.reply import SmtpReply
 
-__all__ = ["DeliveryEngine", "EngineSettings", "Session", "Transport"]
+__all__ = [
+    "MAX_CONNECTIONS_PER_DOMAIN",
+    "DeliveryEngine",
+    "EngineSettings",
+    "Session",
+    "Transport",
+]
 
 log = logging.getLogger("relay.delivery")
 
 # Policy reasons for skipping a host that are DANE failures (logged dane=fail reason=...).
 _DANE_SKIPS = frozenset({"tlsa_lookup", "tlsa_malformed", "dane_required"})
+#: Connection attempts (addresses tried) per next-hop domain in one delivery attempt, over
+#: all its MX hosts; once they are used up no further host is looked up either. Without it
+#: 20 MX hosts of 60 addresses each cost 1,200 connection attempts. Postfix bounds the same
+#: work with smtp_mx_address_limit (default 5 addresses) and smtp_mx_session_limit (default
+#: 2 sessions); MX hosts are capped by relay.delivery.planner.MAX_MX_HOSTS. Issue 5 makes
+#: both configurable.
+MAX_CONNECTIONS_PER_DOMAIN = 5
 # Records quoted in one log line; a hostile RRset can hold thousands.
 _LOGGED_RECORDS = 3
 
@@ -69,6 +84,14 @@ def _some(items: Iterable[object]) -> str:
     shown = [str(item) for item in items]
     extra = len(shown) - _LOGGED_RECORDS
     return ",".join(shown[:_LOGGED_RECORDS]) + (f",+{extra} more" if extra > 0 else "")
+
+
+@dataclass(slots=True)
+class _Connections:
+    """What is left of one domain's connection attempts in one delivery attempt."""
+
+    left: int = MAX_CONNECTIONS_PER_DOMAIN
+    untried: int = 0  # addresses of looked-up hosts left out for want of attempts
 
 
 class Session(Protocol):
@@ -178,16 +201,49 @@ class DeliveryEngine:
             return self.record.fail_all(attempt, mx.failure, received)
         assert mx.answer is not None
 
+        if mx.plan.dropped:
+            log.info(
+                "queue_id=%s domain=%s mx_hosts=%d considered=%d: the least preferred MX hosts "
+                "are not tried (limit %d)",
+                queue_id,
+                domain,
+                len(mx.plan.hosts) + mx.plan.dropped,
+                len(mx.plan.hosts),
+                MAX_MX_HOSTS,
+            )
         last: DeliveryError | None = None
-        for host in mx.plan.hosts:
+        connections = _Connections()
+        hosts_left = 0
+        for index, host in enumerate(mx.plan.hosts):
+            if connections.left <= 0:
+                hosts_left = len(mx.plan.hosts) - index
+                break
             try:
                 return await self._try_host(
-                    attempt, host, mx.answer.security, validating, sender, body, received
+                    attempt,
+                    host,
+                    mx.answer.security,
+                    validating,
+                    sender,
+                    body,
+                    received,
+                    connections,
                 )
             except (TemporaryFailure, PermanentFailure) as exc:
                 if exc.scope is not Scope.HOST:
                     return self.record.fail_all(attempt, exc, received)
                 last = exc
+        if hosts_left or connections.untried:
+            log.info(
+                "queue_id=%s domain=%s connection limit reached: %d attempts made; "
+                "%d address(es) and %d MX host(s) not tried (limit %d)",
+                queue_id,
+                domain,
+                MAX_CONNECTIONS_PER_DOMAIN - connections.left,
+                connections.untried,
+                hosts_left,
+                MAX_CONNECTIONS_PER_DOMAIN,
+            )
         if last is None:
             last = TemporaryFailure("No MX host could be tried", scope=Scope.DOMAIN)
         # Every host failed: defer (a host-scoped failure is never a reason to bounce).
@@ -209,6 +265,7 @@ class DeliveryEngine:
         sender: str,
         body: bytes,
         received: float,
+        connections: _Connections,
     ) -> list[RecipientResult]:
         settings = self.settings
         route = await resolve_host(
@@ -247,7 +304,10 @@ class DeliveryEngine:
         assert decision.requirement is not None
 
         last: DeliveryError | None = None
-        for address in route.addresses:
+        addresses = route.addresses[: connections.left]
+        connections.untried += len(route.addresses) - len(addresses)
+        for address in addresses:
+            connections.left -= 1
             attempt.relay = f"{host.name}[{address}]:{settings.port}"
             attempt.tls, attempt.tls_detail = "none", ""
             attempt.dane, attempt.dane_detail = "none", ""

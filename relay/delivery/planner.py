@@ -2,7 +2,8 @@
 
 RFC 5321 §5.1: lowest preference first, equal preferences in random order; no MX
 records means the domain itself is the only host (implicit MX). RFC 7505: a
-single "0 ." record means the domain accepts no mail.
+single "0 ." record means the domain accepts no mail. At most MAX_MX_HOSTS hosts are
+planned (the most preferred ones); `Plan.dropped` counts the others, for the caller to log.
 """
 
 from __future__ import annotations
@@ -12,7 +13,14 @@ from dataclasses import dataclass
 
 from relay.lookup.results import AnswerKind, DnsAnswer, MxRecord
 
-__all__ = ["MxHost", "Plan", "plan_hosts"]
+__all__ = ["MAX_MX_HOSTS", "MxHost", "Plan", "plan_hosts"]
+
+#: MX hosts considered per delivery attempt, most preferred first. A hostile or broken MX
+#: RRset of thousands of hosts must not tie up a delivery slot for hours, each host costing
+#: address and TLSA lookups. Postfix bounds the same work with smtp_mx_address_limit
+#: (default 5 addresses) and smtp_mx_session_limit (default 2 sessions); the relay caps
+#: hosts here and connections in relay.delivery.engine. Issue 5 makes both configurable.
+MAX_MX_HOSTS = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +35,7 @@ class Plan:
     hosts: tuple[MxHost, ...]
     null_mx: bool = False
     no_domain: bool = False
+    dropped: int = 0  # MX hosts left out beyond MAX_MX_HOSTS (the least preferred)
 
 
 def plan_hosts(domain: str, answer: DnsAnswer[MxRecord], rng: random.Random | None = None) -> Plan:
@@ -51,4 +60,5 @@ def plan_hosts(domain: str, answer: DnsAnswer[MxRecord], rng: random.Random | No
         names = by_pref[pref]
         rng.shuffle(names)
         hosts.extend(MxHost(n, pref) for n in names)
-    return Plan(tuple(hosts))
+    # Equal preferences are shuffled first, so a cut inside a group keeps a random subset.
+    return Plan(tuple(hosts[:MAX_MX_HOSTS]), dropped=max(0, len(hosts) - MAX_MX_HOSTS))

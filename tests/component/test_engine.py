@@ -25,7 +25,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 
 from relay.dane.records import TlsaRecord
-from relay.delivery.engine import DeliveryEngine, EngineSettings
+from relay.delivery.engine import MAX_CONNECTIONS_PER_DOMAIN, DeliveryEngine, EngineSettings
+from relay.delivery.planner import MAX_MX_HOSTS
 from relay.errors import (
     ConnectFailed,
     DeliveryError,
@@ -1327,3 +1328,97 @@ async def test_a_skipped_host_is_logged_without_the_previous_hosts_tls_outcome(
     assert " dnssec=secure tls=none dane=fail reason=no-match " in first
     assert "relay=mx2.secure.example[-] dnssec=secure tls=none dane=none delay=" in second
     assert second.endswith(" error=dns")
+
+
+# -- caps on MX hosts and connection attempts (F3; Postfix smtp_mx_address_limit) ----------------
+
+
+def many_hosts(hosts: int, addresses: int, *, failing_lookups: bool = False) -> FakeResolver:
+    """plain.example with `hosts` MX hosts (preferences 1..hosts) of `addresses` addresses."""
+    resolver = FakeResolver()
+    names = [f"mx{h}.plain.example" for h in range(1, hosts + 1)]
+    resolver.mx_answers["plain.example"] = answer(
+        "plain.example", *(MxRecord(h, name) for h, name in enumerate(names, 1))
+    )
+    for h, name in enumerate(names, 1):
+        resolver.address_answers[name] = (
+            DnsTempFail(f"SERVFAIL for {name}", kind="servfail")
+            if failing_lookups
+            else answer(
+                name,
+                *(f"10.{h}.{a // 256}.{a % 256}" for a in range(addresses)),
+                security=Security.INSECURE,
+            )
+        )
+    return resolver
+
+
+def refusing(resolver: FakeResolver) -> dict[str, Peer | list[Peer]]:
+    refused = Peer(connect_error=ConnectFailed("refused", scope=Scope.HOST))
+    return {
+        address: refused
+        for value in resolver.address_answers.values()
+        if isinstance(value, DnsAnswer)
+        for address in value.records
+        if isinstance(address, str)
+    }
+
+
+def address_lookups(resolver: FakeResolver) -> list[str]:
+    return [name for rrtype, name in resolver.calls if rrtype == "A/AAAA"]
+
+
+async def test_twenty_hosts_of_sixty_addresses_cost_five_connection_attempts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    resolver = many_hosts(20, 60)
+    w = world(resolver, refusing(resolver))
+    with caplog.at_level(logging.INFO, logger="relay.delivery"):
+        (r,) = await w.deliver("rcpt@plain.example")
+    assert MAX_CONNECTIONS_PER_DOMAIN == 5
+    assert r.outcome is Outcome.DEFERRED
+    assert w.transport.connections() == [f"10.1.0.{a}" for a in range(5)]
+    # The attempts ran out on the first host: no other host was even looked up.
+    assert address_lookups(resolver) == ["mx1.plain.example"]
+    assert any(
+        "domain=plain.example connection limit reached: 5 attempts made; 55 address(es) and "
+        "9 MX host(s) not tried (limit 5)" in rec.getMessage()
+        for rec in caplog.records
+    )
+    assert any(
+        "domain=plain.example mx_hosts=20 considered=10: the least preferred MX hosts are not "
+        "tried (limit 10)" in rec.getMessage()
+        for rec in caplog.records
+    )
+
+
+async def test_one_address_per_host_stops_after_five_hosts() -> None:
+    resolver = many_hosts(20, 1)
+    w = world(resolver, refusing(resolver))
+    (r,) = await w.deliver("rcpt@plain.example")
+    assert r.outcome is Outcome.DEFERRED
+    assert (r.reply.code, r.reason) == (451, "connect")
+    assert w.transport.connections() == [f"10.{h}.0.0" for h in range(1, 6)]
+    assert address_lookups(resolver) == [f"mx{h}.plain.example" for h in range(1, 6)]
+
+
+async def test_attempts_are_shared_across_hosts_and_the_fifth_can_deliver() -> None:
+    resolver = many_hosts(3, 2)
+    peers = refusing(resolver)
+    peers["10.3.0.0"] = Peer()
+    w = world(resolver, peers)
+    (r,) = await w.deliver("rcpt@plain.example")
+    assert r.outcome is Outcome.DELIVERED
+    assert r.relay == "mx3.plain.example[10.3.0.0]:25"
+    assert w.transport.connections() == ["10.1.0.0", "10.1.0.1", "10.2.0.0", "10.2.0.1", "10.3.0.0"]
+
+
+async def test_hosts_without_connections_are_looked_up_at_most_ten() -> None:
+    # Failed address lookups use no connection attempts, so the host cap bounds the lookups.
+    resolver = many_hosts(3000, 1, failing_lookups=True)
+    w = world(resolver)
+    (r,) = await w.deliver("rcpt@plain.example")
+    assert r.outcome is Outcome.DEFERRED
+    assert w.transport.connections() == []
+    assert address_lookups(resolver) == [f"mx{h}.plain.example" for h in range(1, 11)]
+    assert len(resolver.calls) == 1 + MAX_MX_HOSTS

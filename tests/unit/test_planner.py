@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import random
 
-from relay.delivery.planner import MxHost, Plan, plan_hosts
+from relay.delivery.planner import MAX_MX_HOSTS, MxHost, Plan, plan_hosts
 from relay.lookup.results import AnswerKind, DnsAnswer, MxRecord, Security
 
 
@@ -106,3 +106,29 @@ def test_nxdomain() -> None:
     for security in Security:
         answer: DnsAnswer[MxRecord] = DnsAnswer("example.org", AnswerKind.NXDOMAIN, security)
         assert plan_hosts("example.org", answer) == Plan((), no_domain=True)
+
+
+def test_at_most_max_mx_hosts_are_planned_the_most_preferred_ones() -> None:
+    # F3: a 3,000-host MX RRset must not tie up a delivery slot for hours.
+    answer = mx_answer(*((i, f"mx{i}.example.org") for i in range(3000, 0, -1)))
+    plan = plan_hosts("example.org", answer, random.Random(1))
+    assert MAX_MX_HOSTS == 10
+    assert names(plan) == [f"mx{i}.example.org" for i in range(1, 11)]
+    assert plan.dropped == 2990
+
+
+def test_a_cut_inside_one_preference_keeps_a_random_subset() -> None:
+    answer = mx_answer((5, "first.example.org"), *((10, f"mx{i}.example.org") for i in range(20)))
+    seen: set[str] = set()
+    for seed in range(50):
+        plan = plan_hosts("example.org", answer, random.Random(seed))
+        assert len(plan.hosts) == MAX_MX_HOSTS and plan.dropped == 11
+        assert plan.hosts[0].name == "first.example.org"
+        seen.update(names(plan)[1:])
+    assert len(seen) == 20  # every host of the group gets its turn across attempts
+
+
+def test_up_to_max_mx_hosts_nothing_is_dropped() -> None:
+    answer = mx_answer(*((10, f"mx{i}.example.org") for i in range(MAX_MX_HOSTS)))
+    plan = plan_hosts("example.org", answer, random.Random(1))
+    assert (len(plan.hosts), plan.dropped) == (MAX_MX_HOSTS, 0)

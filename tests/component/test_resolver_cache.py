@@ -225,3 +225,23 @@ async def test_a_cname_chain_is_cached_under_the_name_asked(server: ScriptedDns)
     assert server.queries.total() == 2  # www (CNAME) and its target, once each
     assert observer.lookups == [("MX", "secure"), ("CNAME", "secure")]
     assert observer.cache == Counter({"miss": 1, "hit": 1})
+
+
+async def test_an_answer_in_flight_when_the_cache_is_cleared_is_not_kept(
+    server: ScriptedDns,
+) -> None:
+    # F9: ResolverWatch clears the cache when the resolver's validation state changes; an
+    # answer that was on its way under the old state (no AD) must not be cached after it.
+    gate = asyncio.Event()
+    server.script(DOMAIN, "MX", Hold(Answer([MX], ad=False), gate))
+    resolver = make(server, Clock())
+    in_flight = asyncio.create_task(resolver.mx(DOMAIN))
+    await server.wait_count(DOMAIN, "MX", 1)
+    resolver.cache.clear()
+    gate.set()
+    assert (await in_flight).security is Security.INSECURE  # its caller still gets it
+    assert len(resolver.cache) == 0
+    server.answer(DOMAIN, "MX", MX)  # the resolver validates now
+    answer = await resolver.mx(DOMAIN)
+    assert answer.security is Security.SECURE
+    assert server.count(DOMAIN, "MX") == 2

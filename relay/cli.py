@@ -5,8 +5,10 @@ Exit codes follow sysexits(3): 0 ok, 64 usage, 78 configuration error,
 69 the resolver does not validate DNSSEC and dns.require_validating_resolver is true.
 `lookup` and `probe` exit 0 when mail would be attempted (for `probe`: an address took
 STARTTLS, and DANE when it applies, as delivery demands), 75 when it would be deferred and
-69 when it would bounce (relay.report, relay.probe); `probe` exits 64 for a bad `--port`
-or `--resolver`.
+69 when it would bounce (relay.report, relay.probe); both exit 64 for a DOMAIN that has no
+DNS name (relay.smtp.domain.ascii_domain: bad syntax, an address literal, bytes that are not
+UTF-8), and `probe` for a bad `--port` or `--resolver`. Arguments are shown escaped, never
+with raw control characters.
 """
 
 from __future__ import annotations
@@ -161,12 +163,10 @@ def _queue_list(cfg: Config) -> int:
 def _lookup(cfg: Config, target: str, as_json: bool) -> int:
     from relay.app import describe_resolvers
     from relay.lookup.resolver import DnsResolver
-    from relay.model import domain_of
     from relay.report import Outcome, lookup, render_json, render_text
 
-    domain = domain_of(target)
-    if not domain:
-        print(f"dane-relay: lookup: not a domain: {target!r}", file=sys.stderr)
+    domain = _domain_argument("lookup", target)
+    if domain is None:
         return EX_USAGE
     # The configured resolvers, asked afresh: no cache.
     resolver = DnsResolver(replace(cfg.dns, cache_size=0))
@@ -192,13 +192,11 @@ def _probe(cfg: Config, args: argparse.Namespace) -> int:
     from relay.delivery.tls import client_context
     from relay.delivery.transport import SmtpTransport
     from relay.lookup.resolver import DnsResolver
-    from relay.model import domain_of
     from relay.probe import probe, render_json, render_text
     from relay.report import Outcome
 
-    domain = domain_of(args.domain)
-    if not domain:
-        print(f"dane-relay: probe: not a domain: {args.domain!r}", file=sys.stderr)
+    domain = _domain_argument("probe", args.domain)
+    if domain is None:
         return EX_USAGE
     port = cfg.delivery.port if args.port is None else args.port
     if not 1 <= port <= 65535:
@@ -234,6 +232,24 @@ def _probe(cfg: Config, args: argparse.Namespace) -> int:
         Outcome.DEFER: EX_TEMPFAIL,
         Outcome.BOUNCE: EX_UNAVAILABLE,
     }[report.outcome]
+
+
+def _domain_argument(command: str, target: str) -> str | None:
+    """The ASCII next-hop domain of `target` (a domain, or an address: its domain), the
+    same name delivery would look up; None, with the reason on stderr, when it has none.
+    """
+    from relay.model import domain_of
+    from relay.smtp.address import escaped
+    from relay.smtp.domain import DomainSyntaxError, ascii_domain
+
+    try:
+        # RFC 5321 §2.3.5, RFC 5890/5891: the name delivery would look up (IDNA 2008).
+        return ascii_domain(domain_of(target))
+    except DomainSyntaxError as exc:
+        # argv bytes that are not UTF-8 arrive as lone surrogates: shown escaped, like ESC.
+        shown = escaped(target)
+        print(f"dane-relay: {command}: not a mail domain: '{shown}': {exc}", file=sys.stderr)
+        return None
 
 
 def _resolver_override(dns: DnsConfig, text: str) -> DnsConfig:

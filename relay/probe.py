@@ -74,9 +74,11 @@ from relay.report import (
     header_lines,
     host_dict,
     host_lines,
+    json_safe,
     lookup,
     mx_lines,
     report_dict,
+    terminal_safe,
 )
 from relay.smtp.reply import SmtpReply
 
@@ -391,7 +393,8 @@ def render_text(report: ProbeReport) -> str:
         lines.append(f"result: attempt delivery via {where} ({report.via.tls})")
     else:
         lines.append(f"result: {report.outcome.value}: {report.reply}")
-    return "\n".join(lines)
+    # Greetings, certificate names and handshake errors come from the peer.
+    return terminal_safe("\n".join(lines))
 
 
 def _connection_text(conn: Connection, route: HostRoute) -> list[str]:
@@ -467,7 +470,7 @@ def render_json(report: ProbeReport) -> str:
         "address": via.address if via is not None else None,
         "tls": via.tls if via is not None else None,
     }
-    return json.dumps(document, indent=2, ensure_ascii=False)
+    return json_safe(json.dumps(document, indent=2, ensure_ascii=False))
 
 
 def _greeting(reply: SmtpReply) -> str:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import enum
 import json
 import random
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -40,7 +41,7 @@ from relay.dane.policy import DANE_LEVELS, Action, AddressStatus
 from relay.dane.records import TlsaRecord
 from relay.delivery.attempt import as_temporary
 from relay.delivery.route import HostRoute, MxRoute, TlsaLookup, resolve_host, resolve_mx
-from relay.errors import DeliveryError, DnsTempFail, PermanentFailure, Scope
+from relay.errors import BadDestinationDomain, DeliveryError, DnsTempFail, PermanentFailure, Scope
 from relay.lookup.results import AnswerKind, ProbeResult, Resolver, Security
 
 __all__ = [
@@ -54,9 +55,11 @@ __all__ = [
     "host_lines",
     "lookup",
     "mx_lines",
+    "json_safe",
     "render_json",
     "render_text",
     "report_dict",
+    "terminal_safe",
 ]
 
 
@@ -102,6 +105,9 @@ async def lookup(
 ) -> LookupReport:
     """Resolve `domain` as the delivery engine would and say what would happen.
 
+    `LookupReport.domain` is the name looked up: the A-label form (RFC 5891) of `domain`,
+    or `domain` itself when it has none (then the outcome is a bounce, nothing looked up).
+
     Raises:
         KeyError: `level` or `insecure_mx_policy` is unknown (the configuration prevents it).
     """
@@ -110,6 +116,8 @@ async def lookup(
     probe = await resolver.probe_validation()
     validating = probe.ok
     mx = await resolve_mx(resolver, domain, validating=validating, rng=random.Random(0))
+    # The name looked up: the A-label form (RFC 5891), or `domain` when it has none.
+    domain = mx.domain
     hosts: list[HostRoute] = []
     if mx.failure is None and mx.answer is not None:
         for host in sorted(mx.plan.hosts, key=lambda h: (h.preference, h.name)):
@@ -172,6 +180,34 @@ def _outcome(mx: MxRoute, hosts: Sequence[HostRoute]) -> tuple[Outcome, str, tup
     return Outcome.DEFER, str(as_temporary(last)), ()
 
 
+# -- terminal hygiene -----------------------------------------------------------------------
+
+# Unicode categories never printed raw: controls (ESC starts terminal escape sequences),
+# format characters (bidi overrides, joiners, soft hyphen), lone surrogates (bytes that were
+# not UTF-8) and the line/paragraph separators.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def _unsafe(c: str) -> bool:
+    return unicodedata.category(c) in _UNSAFE_CATEGORIES
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with every control, format, surrogate or separator character written as a
+    Python escape (``\\x1b``, ``\\u202e``, ``\\udcff``); newlines are kept. Everything a
+    report shows that came from the network (greetings, certificate names, DNS data) or the
+    command line goes through this before it reaches a terminal."""
+    return "".join(c if c == "\n" or not _unsafe(c) else ascii(c)[1:-1] for c in text)
+
+
+def json_safe(document: str) -> str:
+    """JSON text (from ``json.dumps(..., ensure_ascii=False)``) with the characters
+    `terminal_safe` escapes written as ``\\uXXXX`` escapes: still the same JSON value.
+    Outside strings JSON text has only ASCII structure and whitespace, so every such
+    character is inside a string, where a \\u escape means the character itself."""
+    return "".join(json.dumps(c)[1:-1] if c != "\n" and _unsafe(c) else c for c in document)
+
+
 # -- labels shared by both renderings ----------------------------------------------------
 
 
@@ -199,6 +235,8 @@ def _tls(route: HostRoute) -> str:
 
 
 def _tlsa_skipped(report: LookupReport, route: HostRoute) -> str:
+    if route.decision.reason == "malformed_mx":
+        return "the MX target is not a host name"
     if report.level not in DANE_LEVELS:
         return f"level {report.level} does not use DANE"
     if route.address_status in (AddressStatus.NONE, AddressStatus.FAILED):
@@ -244,7 +282,7 @@ def render_text(report: LookupReport) -> str:
         lines.append(f"result: attempt delivery via {', '.join(report.usable)}")
     else:
         lines.append(f"result: {report.outcome.value}: {report.reply}")
-    return "\n".join(lines)
+    return terminal_safe("\n".join(lines))
 
 
 def header_lines(report: LookupReport) -> list[str]:
@@ -263,6 +301,8 @@ def mx_lines(report: LookupReport) -> list[str]:
     mx, domain = report.mx, report.domain
     if mx.answer is None:
         exc = mx.failure
+        if isinstance(exc, BadDestinationDomain):
+            return [f"MX {domain}: not looked up: {exc.reply.text}"]
         kind = exc.kind if isinstance(exc, DnsTempFail) else "error"
         text = exc.reply.text if exc is not None else ""
         return [f"MX {domain}: lookup failed ({kind}): {text}"]
@@ -289,7 +329,9 @@ def host_lines(report: LookupReport, route: HostRoute) -> list[str]:
     if route.canonical:
         lines.append(f"  CNAME: {host.name} -> {route.canonical}")
     status = _address_status(route, report.validating)
-    if route.address_status is AddressStatus.FAILED:
+    if route.decision.reason == "malformed_mx":
+        lines.append("  addresses: not looked up (the MX target is not a host name)")
+    elif route.address_status is AddressStatus.FAILED:
         text = route.failure.reply.text if route.failure is not None else ""
         lines.append(f"  addresses: lookup failed: {text}")
     elif route.address_status is AddressStatus.NONE:
@@ -326,7 +368,7 @@ def _tlsa_text(tl: TlsaLookup, port: int) -> list[str]:
 
 
 def render_json(report: LookupReport) -> str:
-    return json.dumps(report_dict(report), indent=2, ensure_ascii=False)
+    return json_safe(json.dumps(report_dict(report), indent=2, ensure_ascii=False))
 
 
 def report_dict(report: LookupReport) -> dict[str, Any]:

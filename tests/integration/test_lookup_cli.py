@@ -267,3 +267,55 @@ def test_non_validating_resolver_is_shown_and_dane_becomes_opportunistic(
     assert code == 75
     assert report["result"]["outcome"] == "defer"
     assert report["result"]["reply"].startswith("451 4.7.5 ")
+
+
+# -- DOMAIN arguments that have no DNS name (relay.smtp.domain.ascii_domain) --------------------
+
+# (argument as the shell passes it, shown escaped in the message, the reason given)
+BAD_ARGUMENTS = [
+    (b"a\xff.test", "'a\\udcff.test'", "not valid IDNA 2008"),  # F8: not UTF-8
+    (b"a\x1b[31mred.test", "'a\\x1b[31mred.test'", "character '\\x1b' not allowed"),  # F8: ESC
+    (b"a..b.test", "'a..b.test'", "empty label"),  # F7
+    (("a" * 64 + ".test").encode(), f"'{'a' * 64}.test'", "label longer than 63 octets"),  # F7
+    (".".join(["a" * 63] * 4).encode(), "'", "name longer than 253 octets"),  # F7
+    ("pay\u00adpal.de".encode(), "'pay\\xadpal.de'", "not valid IDNA 2008"),  # F1
+    (b"exampl\\101.de", "'exampl\\101.de'", "contains a backslash escape"),  # F1
+    (b"bob@[192.0.2.1]", "'bob@[192.0.2.1]'", "is an address literal"),  # F10
+]
+
+
+@pytest.mark.parametrize("command", ["lookup", "probe"])
+@pytest.mark.parametrize(("argument", "shown", "why"), BAD_ARGUMENTS)
+def test_domain_argument_without_a_dns_name_exits_64_with_an_escaped_message(
+    config: Path, command: str, argument: bytes, shown: str, why: str
+) -> None:
+    """F7, F8: exit 64 (EX_USAGE), one line on stderr, no traceback, nothing raw echoed."""
+    out = subprocess.run(
+        [
+            sys.executable.encode(),
+            b"-m",
+            b"relay",
+            command.encode(),
+            argument,
+            b"-c",
+            bytes(config),
+        ],
+        capture_output=True,
+        timeout=60,
+    )
+    assert out.returncode == 64, out
+    assert out.stdout == b""
+    assert b"Traceback" not in out.stderr
+    assert b"\x1b" not in out.stderr and b"\xff" not in out.stderr
+    message = out.stderr.decode("ascii")  # escaped: ASCII only
+    assert message.startswith(f"dane-relay: {command}: not a mail domain: {shown}"), message
+    assert why in message
+    assert message.count("\n") == 1
+
+
+def test_idn_argument_is_looked_up_by_its_a_label(config: Path) -> None:
+    """F1: straße.de is looked up as xn--strae-oqa.de (not in the lab: NXDOMAIN, exit 69)."""
+    code, report = _lookup_json(config, "bob@straße.de")
+    assert report["domain"] == "xn--strae-oqa.de"
+    assert report["mx"]["answer"] == "nxdomain"
+    assert (code, report["result"]["outcome"]) == (69, "bounce")

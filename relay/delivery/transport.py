@@ -117,8 +117,9 @@ class OutboundSession:
         """
         try:
             # RFC 7672 §8.1, RFC 6066 §3: SNI is the TLSA base domain, an ASCII host name
-            # (A-labels: ssl would encode a U-label with IDNA 2003).
-            sni = ascii_domain(server_hostname)
+            # (A-labels: ssl would encode a U-label with IDNA 2003). "_" is let through: a
+            # CNAME target can be the base domain (RFC 7672 §2.2.3) and harms nothing here.
+            sni = ascii_domain(server_hostname, underscore=True)
         except DomainSyntaxError as exc:
             raise TlsHandshakeFailed(
                 f"Cannot start TLS: SNI {exc}: not a host name", scope=Scope.HOST

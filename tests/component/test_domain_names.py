@@ -416,6 +416,14 @@ async def test_failure_preparing_the_handshake_is_a_handshake_failure(lab: Lab) 
     )
 
 
+async def test_sni_at_a_cname_target_with_a_service_label_is_sent(lab: Lab) -> None:
+    """RFC 7672 §2.2.3: the TLSA base domain may be a CNAME target such as _smtp.provider."""
+    session = await _session(lab, BACKUP)
+    await session.starttls("_smtp.Provider.test", client_context())
+    await session.quit()
+    assert lab.receivers[BACKUP].server_names == ["_smtp.provider.test"]
+
+
 async def test_idn_sni_is_sent_as_the_a_label(lab: Lab) -> None:
     """RFC 6066 §3: ssl would encode a U-label with IDNA 2003; the A-label is sent instead."""
     session = await _session(lab, RIGHT)

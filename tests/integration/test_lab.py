@@ -286,7 +286,7 @@ def test_write_relay_config_format(tmp_path: Path) -> None:
         '\n[relay]\nnetworks = ["127.0.0.0/8"]\n'
         '\n[spool]\ndirectory = "/tmp/x/spool"\n'
         '\n[dns]\nresolvers = ["127.1.0.2"]\n'
-        '\n[tls]\nlevel = "dane"\n'
+        '\n[tls]\nlevel = "dane"\ninsecure_mx_policy = "dane"\n'
         "\n[delivery]\nport = 25\n"
         '\n[metrics]\nlisten = "127.1.0.10:9425"\n'
         '\n[log]\nlevel = "debug"\n'

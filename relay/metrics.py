@@ -87,7 +87,8 @@ class Metrics:
         )
         self.resolver_validating = Gauge(
             "relay_resolver_validating",
-            "1 when the resolver returned the validation probe as DNSSEC-secure, else 0",
+            "0 when the resolver answered the validation probe without DNSSEC validation "
+            "(DANE is off), else 1 (also while it has not answered yet)",
             registry=r,
         )
         self.bounces = Counter(

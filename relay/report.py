@@ -91,7 +91,8 @@ class LookupReport:
 
     @property
     def validating(self) -> bool:
-        return self.probe.ok
+        # As the running relay: only a conclusive probe answer without AD turns DANE off.
+        return self.probe.ok or not self.probe.conclusive
 
 
 async def lookup(
@@ -114,7 +115,8 @@ async def lookup(
     # RFC 7672 §2.1: answers count as secure only while the resolver is known to validate,
     # exactly as the running relay reads its ResolverStatus.
     probe = await resolver.probe_validation()
-    validating = probe.ok
+    # RFC 7672 §2.1: a probe that got no answer proves nothing; lookups that fail defer.
+    validating = probe.ok or not probe.conclusive
     mx = await resolve_mx(resolver, domain, validating=validating, rng=random.Random(0))
     # The name looked up: the A-label form (RFC 5891), or `domain` when it has none.
     domain = mx.domain
@@ -291,7 +293,13 @@ def header_lines(report: LookupReport) -> list[str]:
         f"domain {report.domain}: level {report.level}, "
         f"insecure_mx_policy {report.insecure_mx_policy}",
         f"resolver {report.resolvers}: "
-        + ("validates DNSSEC" if report.validating else "does NOT validate DNSSEC")
+        + (
+            "validates DNSSEC"
+            if report.probe.ok
+            else "did not answer the validation probe"
+            if not report.probe.conclusive
+            else "does NOT validate DNSSEC"
+        )
         + f" ({report.probe.detail})",
     ]
 

@@ -159,3 +159,38 @@ async def test_level_may_never_asks_for_tlsa() -> None:
     assert report.outcome is Outcome.ATTEMPT
     assert not any(q.startswith("TLSA") for q in resolver.asked)
     assert "  TLSA: not looked up (level may does not use DANE)" in render_text(report).splitlines()
+
+
+@pytest.mark.parametrize(
+    ("probe", "header", "tls"),
+    [
+        (VALIDATING, "validates DNSSEC", "  TLS: dane (verified); "),
+        # RFC 7672 §2.1: a probe that got no answer proves nothing; DANE stays on.
+        (
+            ProbeResult(False, "./DNSKEY from 127.0.0.1:53 timed out after 10s", conclusive=False),
+            "did not answer the validation probe",
+            "  TLS: dane (verified); ",
+        ),
+        # An answer without AD proves the resolver does not validate: DANE is off.
+        (
+            ProbeResult(False, "./DNSKEY from 127.0.0.1:53 answered without the AD bit"),
+            "does NOT validate DNSSEC",
+            "  TLS: may; ",
+        ),
+    ],
+    ids=["validating", "inconclusive", "not-validating"],
+)
+async def test_report_reads_the_probe_as_the_running_relay_does(
+    probe: ProbeResult, header: str, tls: str
+) -> None:
+    resolver = Scripted(
+        _mx((10, "mx.example.org")),
+        {"mx.example.org": _addr("mx.example.org", "192.0.2.7")},
+        {"_25._tcp.mx.example.org": _tlsa("mx.example.org", EE)},
+        probe=probe,
+    )
+    report = await lookup(resolver, "example.org", level="dane", resolvers="127.0.0.1:53")
+    lines = render_text(report).splitlines()
+    assert lines[1] == f"resolver 127.0.0.1:53: {header} ({probe.detail})"
+    (line,) = [x for x in lines if x.startswith("  TLS: ")]
+    assert line.startswith(tls)

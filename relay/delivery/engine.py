@@ -54,6 +54,7 @@ from relay.errors import (
 from relay.lookup.results import Resolver, ResolverStatus, Security
 from relay.metrics import Metrics
 from relay.model import Outcome, RecipientResult, domain_of
+from relay.smtp.domain import DomainSyntaxError, ascii_domain
 from relay.smtp.reply import SmtpReply
 
 __all__ = [
@@ -156,11 +157,18 @@ class DeliveryEngine:
         Never raises for one domain's trouble: an unexpected error while delivering to a
         domain defers that domain's recipients only, so the results of the others are kept.
         """
-        by_domain: dict[str, list[str]] = {}
+        # One transaction per next-hop domain: "straße.de" and "xn--strae-oqa.de" are one
+        # domain (RFC 5891 A-label); names that are not DNS names group as written.
+        by_domain: dict[str, tuple[str, list[str]]] = {}
         for rcpt in recipients:
-            by_domain.setdefault(domain_of(rcpt), []).append(rcpt)
+            domain = domain_of(rcpt)
+            try:
+                key = ascii_domain(domain)
+            except DomainSyntaxError:
+                key = domain.lower()
+            by_domain.setdefault(key, (domain, []))[1].append(rcpt)
         results: dict[str, RecipientResult] = {}
-        for domain, rcpts in by_domain.items():
+        for domain, rcpts in by_domain.values():
             try:
                 domain_results = await self._deliver_domain(
                     queue_id, sender, domain, rcpts, body, received, smtputf8

@@ -223,6 +223,12 @@ class Lab:
     metrics: Metrics
 
     async def deliver(self, rcpt: str, *, smtputf8: bool = False) -> RecipientResult:
+        (result,) = await self.deliver_all([rcpt], smtputf8=smtputf8)
+        return result
+
+    async def deliver_all(
+        self, rcpts: list[str], *, smtputf8: bool = False
+    ) -> list[RecipientResult]:
         engine = DeliveryEngine(
             DnsResolver(DnsConfig(resolvers=(self.dns.endpoint,), timeout=0.5)),
             SmtpTransport("relay.origin.test", 5.0, 10.0),
@@ -230,10 +236,9 @@ class Lab:
             EngineSettings(level="dane", helo_name="relay.origin.test", port=self.port),
             self.metrics,
         )
-        (result,) = await engine.deliver(
-            "4NAMES", SENDER, [rcpt], BODY, received=time.time(), smtputf8=smtputf8
+        return await engine.deliver(
+            "4NAMES", SENDER, rcpts, BODY, received=time.time(), smtputf8=smtputf8
         )
-        return result
 
     def relay(self, host: str) -> str:
         return f"{host}[{ADDRESS[host]}]:{self.port}"
@@ -286,6 +291,20 @@ async def test_idn_recipient_is_delivered_to_the_idn_domain_mx_with_dane(
         == 1
     )
     assert no_internal_error(caplog)
+
+
+async def test_u_label_and_a_label_recipients_share_one_transaction(lab: Lab) -> None:
+    # RFC 5891: "straße.de" and "xn--strae-oqa.de" are the same domain: one MX lookup, one
+    # SMTP transaction carrying both recipients.
+    rcpts = [f"u@{IDN}", f"v@{IDN_ASCII}"]
+    results = await lab.deliver_all(rcpts, smtputf8=True)
+    assert [(r.recipient, r.outcome) for r in results] == [
+        (rcpts[0], Outcome.DELIVERED),
+        (rcpts[1], Outcome.DELIVERED),
+    ]
+    (message,) = lab.receivers[RIGHT].messages
+    assert message.rcpt_tos == tuple(rcpts)
+    assert lab.dns.count(IDN_ASCII, "MX") == 1
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,8 @@
 Owns:
     ``DnsResolver``: the relay's only DNS client. It speaks to the configured resolvers
     directly (bytes move through ``relay.lookup.exchange``), reads their responses with
-    ``dns.message``, follows CNAME chains, and caches answers in ``relay.lookup.cache``.
+    ``relay.lookup.responses``, follows CNAME chains across responses, and caches answers
+    in ``relay.lookup.cache``.
 
 Guarantees (the contract the delivery engine relies on):
     * Every lookup returns a ``DnsAnswer`` whose kind is DATA, NODATA or NXDOMAIN and whose
@@ -50,7 +51,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -67,17 +67,32 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 import dns.wire
-from dns.rdtypes.ANY.CNAME import CNAME
 from dns.rdtypes.ANY.MX import MX
-from dns.rdtypes.ANY.SOA import SOA
 from dns.rdtypes.IN.A import A
 from dns.rdtypes.IN.AAAA import AAAA
 
 from relay.config import DnsConfig, Endpoint
-from relay.dane.records import MatchingType, Selector, TlsaRecord, Usage
+from relay.dane.records import TlsaRecord
 from relay.errors import DnsTempFail
 from relay.lookup.cache import AnswerCache
 from relay.lookup.exchange import exchange
+from relay.lookup.responses import (
+    EDE_TEXT_MAX,
+    MAX_CNAME_CHAIN,
+    TLSA_HEADER,
+    Walk,
+    check_cnames,
+    check_rcode,
+    follow,
+    log_short_tlsa,
+    merge_addresses,
+    name_text,
+    negative_ttl,
+    query_name,
+    scan,
+    soa_for,
+    tlsa_record,
+)
 from relay.lookup.results import (
     AnswerKind,
     DnsAnswer,
@@ -86,7 +101,6 @@ from relay.lookup.results import (
     ProbeResult,
     Security,
 )
-from relay.smtp.domain import ascii_domain
 
 __all__ = ["EDNS_PAYLOAD", "MAX_CNAME_CHAIN", "DnsResolver"]
 
@@ -96,178 +110,9 @@ T = TypeVar("T")
 
 #: EDNS0 UDP buffer size: the DNS Flag Day 2020 value, which avoids IP fragmentation.
 EDNS_PAYLOAD = 1232
-#: Longest CNAME chain followed; longer chains are treated like loops.
-MAX_CNAME_CHAIN = 8
 
-# RFC 8914 §4.6-§4.13 and §4.26: the EDE codes that say DNSSEC validation failed
-# (indeterminate, bogus, signature expired / not yet valid, DNSKEY / RRSIGs / NSEC missing,
-# no zone key bit, signature expired before valid).
-_BOGUS_EDE = frozenset({5, 6, 7, 8, 9, 10, 11, 12, 25})
 # Kinds that describe the resolver's view of the data, preferred over availability failures.
 _DATA_KINDS = ("bogus", "servfail", "truncated", "malformed", "error")
-# TLSA RRs are re-typed to this private-use type (RFC 6895 §3.1) before parsing, so that
-# dnspython hands over their raw RDATA (see _scan).
-_OPAQUE_TYPE = dns.rdatatype.RdataType.make(65534)
-_TLSA_HEADER = 3
-_SHOWN_MAX = 3  # records quoted in one log line or error text
-_EDE_TEXT_MAX = 80
-
-
-def _text(name: dns.name.Name) -> str:
-    """Lower-case presentation form without the final dot; the root is ""."""
-    if name == dns.name.root:
-        return ""
-    return name.to_text(omit_final_dot=True).lower()
-
-
-def _qname(text: str) -> dns.name.Name:
-    """The query name for `text`, through `relay.smtp.domain.ascii_domain` only.
-
-    Never ``dns.name.from_text``: its IDNA 2003 fallback maps straße.de to strasse.de and
-    it decodes RFC 1035 §5.1 escapes (``exampl\\101.de`` is example.de). Callers pass names
-    already checked (relay.delivery.route); this is the last line of defence.
-
-    Raises:
-        DnsTempFail: kind "error", `text` is not a DNS name.
-    """
-    try:
-        # RFC 5890/5891: IDNA 2008 A-labels; "_" for owner names such as _25._tcp (RFC 7672
-        # §2.2.3); no escapes (RFC 5321 §4.1.2).
-        ascii_name = ascii_domain(text, underscore=True)
-        return dns.name.Name([*(label.encode("ascii") for label in ascii_name.split(".")), b""])
-    except (dns.exception.DNSException, ValueError) as exc:
-        shown = ascii(text)
-        raise DnsTempFail(f"cannot look up {shown}: not a DNS name ({exc})", kind="error") from exc
-
-
-@dataclass(frozen=True, slots=True)
-class _Scanned:
-    wire: bytes  # the response with every TLSA RR re-typed to _OPAQUE_TYPE
-    cnames: dict[dns.name.Name, set[dns.name.Name]]  # answer-section CNAME owner -> targets
-
-
-def _scan(wire: bytes) -> _Scanned:
-    """`wire` with every TLSA RR re-typed to a private type whose RDATA dnspython keeps raw,
-    and the targets of every CNAME in the answer section.
-
-    dnspython refuses a whole response when one TLSA record has a digest of the wrong length
-    (2.7+) or is shorter than its header; the relay judges each record itself instead
-    (RFC 7671 §4.1, RFC 7672 §2.2), so one bad record cannot hide the good ones beside it.
-    dnspython also keeps only one record of a CNAME RRset (a singleton type), so the relay
-    counts the targets on the wire itself.
-
-    Raises:
-        dns.exception.FormError: the message structure is broken.
-    """
-    parser = dns.wire.Parser(wire)
-    _, _, qdcount, ancount, nscount, arcount = parser.get_struct("!HHHHHH")
-    for _ in range(qdcount):
-        parser.get_name(decompress=True)
-        parser.get_struct("!HH")
-    out = bytearray(wire)
-    cnames: dict[dns.name.Name, set[dns.name.Name]] = {}
-    for index in range(ancount + nscount + arcount):
-        owner = parser.get_name(decompress=True)
-        type_at = parser.current
-        rdtype, _, _, rdlen = parser.get_struct("!HHIH")
-        rdata_at = parser.current
-        parser.get_bytes(rdlen)
-        if rdtype == dns.rdatatype.TLSA:
-            struct.pack_into("!H", out, type_at, _OPAQUE_TYPE)
-        elif rdtype == dns.rdatatype.CNAME and index < ancount:
-            target = dns.wire.Parser(wire, rdata_at).get_name(decompress=True)
-            cnames.setdefault(owner, set()).add(target)
-    return _Scanned(bytes(out), cnames)
-
-
-def _check_cnames(cnames: dict[dns.name.Name, set[dns.name.Name]]) -> None:
-    """Raise DnsTempFail (kind "malformed") for a CNAME RRset with more than one target."""
-    for owner, targets in cnames.items():
-        if len(targets) > 1:
-            # RFC 2181 §10.1: a name has at most one CNAME; following one of several would let
-            # the order of the records choose the chain (and its DNSSEC status).
-            shown = ", ".join(sorted(_text(t) for t in targets)[:_SHOWN_MAX])
-            raise DnsTempFail(
-                f"sent a CNAME RRset at {_text(owner)} with {len(targets)} targets ({shown})",
-                kind="malformed",
-            )
-
-
-def _tlsa_record(rdata: bytes) -> TlsaRecord:
-    if len(rdata) >= _TLSA_HEADER:
-        return TlsaRecord(rdata[0], rdata[1], rdata[2], rdata[_TLSA_HEADER:])
-    # RFC 6698 §2.1: usage, selector and matching type are one octet each. A shorter RDATA is
-    # kept as a record that claims DANE-EE SPKI SHA2-256 with no data (malformed, RFC 7671
-    # §4.1), keeping whatever octets are present, so that the policy sees bad DNS data.
-    usage = rdata[0] if len(rdata) > 0 else Usage.DANE_EE
-    selector = rdata[1] if len(rdata) > 1 else Selector.SPKI
-    return TlsaRecord(usage, selector, MatchingType.SHA256, b"")
-
-
-def _log_short_tlsa(owner: dns.name.Name, rdatas: list[bytes]) -> None:
-    """One WARNING per RRset for TLSA RDATA shorter than its header: the count and the first
-    few, so that a hostile RRset of thousands of records cannot flood the log."""
-    if not rdatas:
-        return
-    shown = ",".join(rdata.hex() or "-" for rdata in rdatas[:_SHOWN_MAX])
-    more = f",+{len(rdatas) - _SHOWN_MAX} more" if len(rdatas) > _SHOWN_MAX else ""
-    log.warning(
-        "tlsa=%s dane=malformed-tlsa count=%d rdata=%s%s "
-        "why=RDATA shorter than the 3-octet TLSA header",
-        _text(owner),
-        len(rdatas),
-        shown,
-        more,
-    )
-
-
-def _ede_text(response: dns.message.Message) -> tuple[bool, str]:
-    """(carries a DNSSEC-failure EDE, " (EDE ...)" for the error text)."""
-    codes = [opt for opt in response.options if isinstance(opt, dns.edns.EDEOption)]
-    if not codes:
-        return False, ""
-    bogus = any(int(opt.code) in _BOGUS_EDE for opt in codes)
-    shown = []
-    for opt in codes:
-        extra = "".join(c for c in (opt.text or "") if c.isprintable())[:_EDE_TEXT_MAX]
-        shown.append(dns.edns.EDEOption(opt.code, extra or None).to_text())
-    return bogus, f" ({'; '.join(shown)})"
-
-
-def _check_rcode(response: dns.message.Message) -> None:
-    """Raise DnsTempFail unless the response is an answer (NOERROR or NXDOMAIN)."""
-    rcode = response.rcode()
-    if rcode in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
-        return
-    bogus, ede = _ede_text(response)
-    if rcode == dns.rcode.SERVFAIL:
-        # RFC 7672 §2.1: bogus or indeterminate data is a lookup failure, never "insecure";
-        # RFC 8914: the EDE code tells a DNSSEC failure from other server failures.
-        kind = "bogus" if bogus else "servfail"
-        raise DnsTempFail(f"answered SERVFAIL{ede}", kind=kind)
-    if rcode == dns.rcode.REFUSED:
-        raise DnsTempFail(f"answered REFUSED{ede}", kind="refused")
-    raise DnsTempFail(f"answered {dns.rcode.to_text(rcode)}{ede}", kind="error")
-
-
-def _soa_for(response: dns.message.Message, name: dns.name.Name) -> dns.rrset.RRset | None:
-    """The authority section's SOA RRset for `name` or one of its ancestors."""
-    for rrset in response.authority:
-        if rrset.rdtype == dns.rdatatype.SOA and name.is_subdomain(rrset.name):
-            return rrset
-    return None
-
-
-def _negative_ttl(soa: dns.rrset.RRset | None) -> float:
-    """RFC 2308 §5: min(SOA TTL, SOA MINIMUM); 0 without an SOA, which is not to be cached."""
-    if soa is None or not isinstance(soa[0], SOA):
-        return 0.0
-    return float(min(soa.ttl, soa[0].minimum))
-
-
-# What one response says about a name: (last name on its CNAME chain, that name's RRset of
-# the asked type or None, smallest CNAME TTL seen).
-_Walk = tuple[dns.name.Name, dns.rrset.RRset | None, float]
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +122,7 @@ class _Resolved:
     rrset: dns.rrset.RRset | None
     canonical: str
     ttl: float
+
 
 
 class DnsResolver:
@@ -345,7 +191,7 @@ class DnsResolver:
                 answers.append(result)
         if not failures:
             a, aaaa = answers
-            return _merge_addresses(host, a, aaaa)
+            return merge_addresses(host, a, aaaa)
         if answers and answers[0].records:
             return replace(answers[0], failed=tuple(rrtype for rrtype, _ in failures))
         first = failures[0][1]
@@ -430,25 +276,25 @@ class DnsResolver:
         return answer if answer.name == qname else replace(answer, name=qname)
 
     async def _mx(self, domain: str) -> DnsAnswer[MxRecord]:
-        r = await self._resolve(_qname(domain), dns.rdatatype.MX)
+        r = await self._resolve(query_name(domain), dns.rdatatype.MX)
         records = tuple(
-            MxRecord(rd.preference, _text(rd.exchange))
+            MxRecord(rd.preference, name_text(rd.exchange))
             for rd in r.rrset or ()
             if isinstance(rd, MX)
         )
         return DnsAnswer(domain, r.kind, r.security, records, r.canonical, r.ttl)
 
     async def _addresses(self, host: str, rdtype: dns.rdatatype.RdataType) -> DnsAnswer[str]:
-        r = await self._resolve(_qname(host), rdtype)
+        r = await self._resolve(query_name(host), rdtype)
         records = tuple(rd.address for rd in r.rrset or () if isinstance(rd, A | AAAA))
         return DnsAnswer(host, r.kind, r.security, records, r.canonical, r.ttl)
 
     async def _tlsa(self, qname: str) -> DnsAnswer[TlsaRecord]:
-        r = await self._resolve(_qname(qname), dns.rdatatype.TLSA)
+        r = await self._resolve(query_name(qname), dns.rdatatype.TLSA)
         owner = r.rrset.name if r.rrset is not None else dns.name.empty
         rdatas = [rd.data for rd in r.rrset or () if isinstance(rd, dns.rdata.GenericRdata)]
-        _log_short_tlsa(owner, [rdata for rdata in rdatas if len(rdata) < _TLSA_HEADER])
-        records = tuple(_tlsa_record(rdata) for rdata in rdatas)
+        log_short_tlsa(owner, [rdata for rdata in rdatas if len(rdata) < TLSA_HEADER])
+        records = tuple(tlsa_record(rdata) for rdata in rdatas)
         return DnsAnswer(qname, r.kind, r.security, records, r.canonical, r.ttl)
 
     # -- resolution: CNAME chains across responses ---------------------------------------
@@ -477,11 +323,11 @@ class DnsResolver:
             secure = secure and bool(response.flags & dns.flags.AD)
             ttl = min(ttl, chain_ttl)
             security = Security.SECURE if secure else Security.INSECURE
-            canonical = _text(end) if end != qname else ""
+            canonical = name_text(end) if end != qname else ""
             if rrset is not None:
                 return _Resolved(AnswerKind.DATA, security, rrset, canonical, min(ttl, rrset.ttl))
-            soa = _soa_for(response, end)
-            negative = min(ttl, _negative_ttl(soa))
+            soa = soa_for(response, end)
+            negative = min(ttl, negative_ttl(soa))
             if response.rcode() == dns.rcode.NXDOMAIN:
                 return _Resolved(AnswerKind.NXDOMAIN, security, None, canonical, negative)
             if end == name or soa is not None:
@@ -498,7 +344,7 @@ class DnsResolver:
         label: str,
         chain: list[dns.name.Name],
         deadline: float,
-    ) -> tuple[dns.message.Message, _Walk]:
+    ) -> tuple[dns.message.Message, Walk]:
         """One question to the configured resolvers in order, before `deadline` (loop time).
 
         Raises:
@@ -507,7 +353,7 @@ class DnsResolver:
         """
         loop = asyncio.get_running_loop()
         resolvers = self._cfg.resolvers
-        what = f"DNS lookup of {_text(chain[0]) or '.'}/{dns.rdatatype.to_text(rdtype)} failed"
+        what = f"DNS lookup of {name_text(chain[0]) or '.'}/{dns.rdatatype.to_text(rdtype)} failed"
         failures: list[tuple[Endpoint, DnsTempFail]] = []
         for i, ep in enumerate(resolvers):
             left = deadline - loop.time()
@@ -542,7 +388,7 @@ class DnsResolver:
         budget: float,
         label: str,
         chain: list[dns.name.Name],
-    ) -> tuple[dns.message.Message, _Walk]:
+    ) -> tuple[dns.message.Message, Walk]:
         """One upstream query to one resolver within `budget` seconds, and the CNAME walk of
         its answer, observed.
 
@@ -553,7 +399,7 @@ class DnsResolver:
         started = loop.time()
         try:
             response = await self._exchange(name, rdtype, ep, budget)
-            walk = _follow(response, name, rdtype, chain)
+            walk = follow(response, name, rdtype, chain)
         except DnsTempFail as exc:
             self._observe(label, exc.kind, loop.time() - started)
             raise
@@ -573,78 +419,17 @@ class DnsResolver:
         query.flags = dns.flags.RD | dns.flags.AD
         raw = await exchange(query.to_wire(), ep, budget)
         try:
-            scanned = _scan(raw)
+            scanned = scan(raw)
             response = dns.message.from_wire(scanned.wire)
         except Exception as exc:  # hostile input: any parse failure is a malformed response
-            why = f"{type(exc).__name__}: {exc}"[:_EDE_TEXT_MAX]
+            why = f"{type(exc).__name__}: {exc}"[:EDE_TEXT_MAX]
             raise DnsTempFail(f"sent an undecodable response ({why})", kind="malformed") from exc
         if not query.is_response(response):
             raise DnsTempFail("sent a response to another question", kind="malformed")
-        _check_cnames(scanned.cnames)
-        _check_rcode(response)
+        check_cnames(scanned.cnames)
+        check_rcode(response)
         return response
 
     def _observe(self, label: str, result: str, seconds: float) -> None:
         if self._observer is not None:
             self._observer.dns_lookup(label, result, seconds)
-
-
-def _follow(
-    response: dns.message.Message,
-    name: dns.name.Name,
-    rdtype: dns.rdatatype.RdataType,
-    chain: list[dns.name.Name],
-) -> _Walk:
-    """Walk the answer section from `name`: (last name, its RRset or None, smallest CNAME TTL).
-
-    `chain` holds every name seen so far on this lookup's chain and is extended in place.
-
-    Raises:
-        DnsTempFail: kind "cname-loop" for a loop or a chain longer than MAX_CNAME_CHAIN.
-    """
-    wanted = _OPAQUE_TYPE if rdtype == dns.rdatatype.TLSA else rdtype
-    ttl = float("inf")
-    while True:
-        try:
-            return name, response.find_rrset(response.answer, name, dns.rdataclass.IN, wanted), ttl
-        except KeyError:
-            pass
-        try:
-            cname = response.find_rrset(
-                response.answer, name, dns.rdataclass.IN, dns.rdatatype.CNAME
-            )
-        except KeyError:
-            return name, None, ttl
-        target = next((rd.target for rd in cname if isinstance(rd, CNAME)), None)
-        if target is None:
-            return name, None, ttl
-        path = " -> ".join(_text(n) for n in (*chain, target))
-        if target in chain:
-            raise DnsTempFail(f"CNAME loop {path}", kind="cname-loop")
-        if len(chain) > MAX_CNAME_CHAIN:
-            raise DnsTempFail(
-                f"CNAME chain longer than {MAX_CNAME_CHAIN}: {path}", kind="cname-loop"
-            )
-        chain.append(target)
-        ttl = min(ttl, float(cname.ttl))
-        name = target
-
-
-def _merge_addresses(host: str, a: DnsAnswer[str], aaaa: DnsAnswer[str]) -> DnsAnswer[str]:
-    # RFC 7672 §2.2.2: the host's addresses are secure only if both answers are.
-    both_secure = a.secure and aaaa.secure
-    records = a.records + aaaa.records
-    if records:
-        kind = AnswerKind.DATA
-    elif a.kind is AnswerKind.NXDOMAIN and aaaa.kind is AnswerKind.NXDOMAIN:
-        kind = AnswerKind.NXDOMAIN
-    else:
-        kind = AnswerKind.NODATA
-    return DnsAnswer(
-        host,
-        kind,
-        Security.SECURE if both_secure else Security.INSECURE,
-        records,
-        a.canonical or aaaa.canonical,
-        min(a.ttl, aaaa.ttl),
-    )

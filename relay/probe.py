@@ -11,20 +11,12 @@ Like Postfix's posttls-finger. Owns:
     * `render_text(report)`, `render_json(report)`: the `dane-relay lookup` report, with
       each host's connections under it and the probe's own result line.
 
-Per address, the steps and their outcome mirror `relay.delivery.engine._transact` and
-`_starttls` (a change there must be made here too; tests/integration/test_probe_cli.py
-checks the two against the lab):
-
-    level none                                         plaintext: "none"
-    STARTTLS not offered, DANE applies                 defer 4.7.4 (RFC 7672 §2.2)
-    STARTTLS not offered, level encrypt                defer 4.7.4
-    STARTTLS not offered, level may                    plaintext: "none"
-    handshake fails, level may                         plaintext again: "none"
-    handshake fails, DANE or encrypt                   defer 4.7.5
-    DANE applies, verdict not verified                 defer 4.7.5 (RFC 7672 §3)
-    DANE applies, verified                             "verified" / "trusted"
-    no DANE (may, encrypt, only unusable TLSA)         "encrypted"
-    greeting or EHLO refused, connection trouble       defer with that reply
+Per address, the steps and their outcome are delivery's own: connect, then
+`relay.delivery.secure.negotiate` (its docstring has the table: 4.7.4 without STARTTLS
+where TLS is mandatory, 4.7.5 for a failed handshake or DANE verdict, plaintext again
+for `may`, "verified" / "trusted" / "encrypted" / "none"), then QUIT where delivery
+would send MAIL. Only unusable TLSA records are also matched, for display
+("unauthenticated"); delivery encrypts without checking them.
 
 The domain's outcome walks hosts and addresses in order as the engine does: the first
 address that takes the mail decides ("attempt", exit 0); when none does, mail is
@@ -43,28 +35,19 @@ import json
 import ssl
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.utils import CryptographyDeprecationWarning
 
-from relay.dane import DaneStatus, DaneVerdict, verify
+from relay.dane import DaneVerdict, verify
 from relay.dane.certificate import certificate_parts
-from relay.dane.policy import Action, TlsRequirement
 from relay.delivery.attempt import as_temporary
 from relay.delivery.route import HostRoute
-from relay.errors import (
-    DaneRequiredNoTls,
-    DaneVerificationFailed,
-    DeliveryError,
-    RemotePermReject,
-    RemoteTempReject,
-    Scope,
-    TlsHandshakeFailed,
-    TlsRequiredNotOffered,
-)
+from relay.delivery.secure import TlsSession, negotiate
+from relay.errors import DeliveryError, RemotePermReject, RemoteTempReject, Scope
 from relay.report import (
     LookupReport,
     LookupResolver,
@@ -96,17 +79,10 @@ __all__ = [
 ]
 
 
-class ProbeSession(Protocol):
+class ProbeSession(TlsSession, Protocol):
     """The part of an outbound session the probe uses: no MAIL, RCPT or DATA."""
 
     greeting: SmtpReply
-
-    def supports(self, extension: str) -> bool: ...
-    async def ehlo(self, name: str) -> SmtpReply: ...
-    async def starttls(self, server_hostname: str, context: ssl.SSLContext) -> list[bytes]: ...
-    def tls_info(self) -> tuple[str, str]: ...
-    async def quit(self) -> None: ...
-    def abort(self) -> None: ...
 
 
 class ProbeTransport(Protocol):
@@ -251,25 +227,6 @@ def _conclude(
     return Outcome.DEFER, str(as_temporary(last)), "", None
 
 
-async def _ehlo(session: ProbeSession, helo_name: str) -> None:
-    reply = await session.ehlo(helo_name)
-    if not reply.is_positive:
-        cls = RemotePermReject if reply.is_permanent else RemoteTempReject
-        raise cls(reply=reply, scope=Scope.HOST)
-
-
-def _verdict(route: HostRoute, chain: Sequence[bytes], now: datetime) -> DaneVerdict | None:
-    """The DANE verdict when TLSA records bear on this handshake, else None."""
-    if route.decision.action is Action.DANE:
-        # RFC 7672 §3.2.2: reference identifiers are the TLSA base domain, the MX host
-        # name and, when the MX RRset is secure, the next-hop domain.
-        return verify(route.usable, chain, route.reference_names, now)
-    if route.decision.reason == "tlsa_unusable":
-        # RFC 7672 §3.1.3: secure TLSA, none usable: "unauthenticated", TLS still required.
-        return verify(route.tlsa_records, chain, route.reference_names, now)
-    return None
-
-
 async def _connect(
     transport: ProbeTransport,
     context: ssl.SSLContext,
@@ -282,66 +239,41 @@ async def _connect(
     """One address, up to QUIT; every failure becomes `Connection.failure`."""
     requirement = route.decision.requirement
     assert requirement is not None  # the host is used: resolve_host set a requirement
-    conn = Connection(address, port)
     try:
         session = await transport.open(address, port)
-    except (RemoteTempReject, RemotePermReject) as exc:
-        return replace(conn, greeting=exc.reply, failure=exc)  # RFC 5321 §3.1: refused
+    except (RemoteTempReject, RemotePermReject) as exc:  # RFC 5321 §3.1: refused
+        return Connection(address, port, greeting=exc.reply, failure=exc)
     except DeliveryError as exc:
-        return replace(conn, failure=exc)
-    conn = replace(conn, greeting=session.greeting)
-    try:
-        await _ehlo(session, helo_name)
-        offered = session.supports("starttls")
-        conn = replace(conn, starttls_offered=offered)
-        if requirement is TlsRequirement.NONE:
-            await session.quit()  # level none: plaintext, STARTTLS not attempted
-            return conn
-        if not offered:
-            await session.quit()
-            if requirement is TlsRequirement.DANE:
-                # RFC 7672 §2.2: DANE applies, STARTTLS not offered: defer, never plaintext.
-                return replace(conn, failure=DaneRequiredNoTls(scope=Scope.HOST))
-            if requirement is TlsRequirement.ENCRYPT:
-                # RFC 7672 §3.1.3 (unusable TLSA) or level encrypt: TLS mandatory: defer.
-                return replace(conn, failure=TlsRequiredNotOffered(scope=Scope.HOST))
-            return conn  # RFC 7435 §3: level may, plaintext
-        # RFC 7672 §8.1: SNI carries the TLSA base domain.
-        conn = replace(conn, sni=route.tlsa_base)
+        return Connection(address, port, failure=exc)
+    # The steps delivery takes (relay.delivery.secure); then QUIT instead of MAIL.
+    setup = await negotiate(
+        transport, session, route, address, port, requirement, helo_name, context, clock
+    )
+    failure = setup.failure
+    if setup.session is not None:
         try:
-            chain = await session.starttls(route.tlsa_base, context)
-        except TlsHandshakeFailed as exc:
-            session.abort()
-            if requirement is not TlsRequirement.MAY:
-                # RFC 7672 §2.2: mandatory TLS that fails defers, never falls back to plaintext.
-                return replace(conn, handshake_error=exc.reply.text, failure=exc)
-            # RFC 7435 §3: opportunistic TLS retries the address in plaintext, as delivery does.
-            conn = replace(conn, handshake_error=exc.reply.text)
-            session = await transport.open(address, port)
-            await _ehlo(session, helo_name)
-            await session.quit()
-            return conn
-        version, cipher = session.tls_info()
-        verdict = _verdict(route, chain, clock())
-        conn = replace(
-            conn, tls_version=version, cipher=cipher, chain=describe_chain(chain), verdict=verdict
-        )
-        tls = "encrypted"
-        if requirement is TlsRequirement.DANE:
-            assert verdict is not None
-            if verdict.status is not DaneStatus.VERIFIED:
-                # RFC 7672 §3: no usable record matched: defer; QUIT before MAIL FROM.
-                await session.quit()
-                text = f"Server certificate not verified ({verdict.reason})"
-                return replace(conn, failure=DaneVerificationFailed(text, scope=Scope.HOST))
-            tls = route.dane_label  # RFC 7672 §2.2.1: "trusted" via an insecure MX RRset
-        # RFC 3207 §4.2: delivery says EHLO again over TLS before MAIL; so does the probe.
-        await _ehlo(session, helo_name)
-        await session.quit()
-        return replace(conn, tls=tls)
-    except DeliveryError as exc:
-        session.abort()
-        return replace(conn, failure=exc)
+            await setup.session.quit()
+        except DeliveryError as exc:
+            setup.session.abort()
+            failure = exc
+    verdict = setup.verdict
+    if verdict is None and setup.chain is not None and route.decision.reason == "tlsa_unusable":
+        # RFC 7672 §3.1.3: secure TLSA, none usable: "unauthenticated", TLS still required.
+        verdict = verify(route.tlsa_records, setup.chain, route.reference_names, clock())
+    return Connection(
+        address,
+        port,
+        greeting=session.greeting,
+        starttls_offered=setup.starttls_offered,
+        sni=setup.sni,
+        handshake_error=setup.handshake_error,
+        tls_version=setup.tls_version,
+        cipher=setup.cipher,
+        chain=describe_chain(setup.chain or ()),
+        verdict=verdict,
+        tls=setup.tls if failure is None else "none",
+        failure=failure,
+    )
 
 
 # -- certificates ---------------------------------------------------------------------------

@@ -13,11 +13,12 @@ Theory of operation, per next-hop domain (recipients are grouped by domain):
    the next MX; a TLSA lookup failure never becomes "no TLSA" (RFC 7672 §2.1). When the
    resolver is known not to validate (`ResolverStatus.validating` False), every answer
    counts as insecure: dane becomes opportunistic TLS and dane-only defers.
-3. For each address: connect, EHLO, STARTTLS as required, DANE verification of
-   the peer chain (pure `relay.dane.match.verify`), then MAIL/RCPT/DATA. A
-   failure scoped to the host (connect, TLS, DANE, greeting) moves on to the next
-   address or MX host; on a DANE failure QUIT is sent before MAIL FROM, so no
-   message data ever reaches an unauthenticated peer (RFC 7672 §2.2, §3).
+3. For each address: connect, then `relay.delivery.secure.negotiate` (EHLO, STARTTLS
+   as required, DANE verification of the peer chain with the pure `relay.dane.verify`,
+   EHLO again; shared with `dane-relay probe`), then MAIL/RCPT/DATA. A failure scoped
+   to the host (connect, TLS, DANE, greeting) moves on to the next address or MX host;
+   on a DANE failure QUIT is sent before MAIL FROM, so no message data ever reaches an
+   unauthenticated peer (RFC 7672 §2.2, §3).
 4. Per-recipient replies come back as `RecipientResult` values.
 
 This module never catches library exceptions: the resolver and transport
@@ -34,23 +35,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
-from relay.dane.match import DaneStatus, verify
+from relay.dane.match import DaneStatus
 from relay.dane.policy import DANE_LEVELS, Action, TlsaState, TlsRequirement
 from relay.delivery.attempt import Attempt, AttemptRecorder, as_temporary, outcome_of
 from relay.delivery.planner import MAX_MX_HOSTS, MxHost
 from relay.delivery.route import HostRoute, resolve_host, resolve_mx
-from relay.errors import (
-    DaneRequiredNoTls,
-    DaneVerificationFailed,
-    DeliveryError,
-    PermanentFailure,
-    RemotePermReject,
-    RemoteTempReject,
-    Scope,
-    TemporaryFailure,
-    TlsHandshakeFailed,
-    TlsRequiredNotOffered,
-)
+from relay.delivery.secure import Negotiation, TlsSession, negotiate
+from relay.errors import DeliveryError, PermanentFailure, Scope, TemporaryFailure
 from relay.lookup.results import Resolver, ResolverStatus, Security
 from relay.metrics import Metrics
 from relay.model import Outcome, RecipientResult, domain_of
@@ -95,18 +86,12 @@ class _Connections:
     untried: int = 0  # addresses of looked-up hosts left out for want of attempts
 
 
-class Session(Protocol):
+class Session(TlsSession, Protocol):
     greeting: SmtpReply
 
-    def supports(self, extension: str) -> bool: ...
-    async def ehlo(self, name: str) -> SmtpReply: ...
-    async def starttls(self, server_hostname: str, context: ssl.SSLContext) -> list[bytes]: ...
-    def tls_info(self) -> tuple[str, str]: ...
     async def mail(self, sender: str, options: list[str]) -> SmtpReply: ...
     async def rcpt(self, recipient: str) -> SmtpReply: ...
     async def data(self, body: bytes) -> SmtpReply: ...
-    async def quit(self) -> None: ...
-    def abort(self) -> None: ...
 
 
 class Transport(Protocol):
@@ -367,88 +352,55 @@ class DeliveryEngine:
         body: bytes,
         received: float,
     ) -> list[RecipientResult]:
-        session = await self.transport.open(address, self.settings.port)
+        port = self.settings.port
+        session = await self.transport.open(address, port)
+        # EHLO, STARTTLS and DANE as relay.delivery.secure decides for delivery and probe
+        # alike; on a DANE failure QUIT is sent before MAIL FROM (RFC 7672 §3).
+        setup = await negotiate(
+            self.transport,
+            session,
+            route,
+            address,
+            port,
+            requirement,
+            self.settings.helo_name,
+            self.tls_context,
+            lambda: datetime.fromtimestamp(self.clock(), UTC),
+        )
+        self._note_setup(attempt, setup)
+        if setup.failure is not None:
+            raise setup.failure
+        assert setup.session is not None
+        session = setup.session
+        self.metrics.tls_sessions.labels(attempt.tls).inc()
         try:
-            await self._ehlo(session)
-            if requirement is not TlsRequirement.NONE and session.supports("starttls"):
-                session = await self._starttls(session, attempt, route, address, requirement)
-            elif requirement is TlsRequirement.DANE:
-                # RFC 7672 §2.2: DANE applies, STARTTLS not offered: defer, never plaintext.
-                attempt.dane = "fail"
-                attempt.dane_detail = "reason=no-starttls"
-                self.metrics.dane_verifications.labels("failed", "no-starttls").inc()
-                await session.quit()
-                raise DaneRequiredNoTls(scope=Scope.HOST)
-            elif requirement is TlsRequirement.ENCRYPT:
-                await session.quit()
-                raise TlsRequiredNotOffered(scope=Scope.HOST)
-            self.metrics.tls_sessions.labels(attempt.tls).inc()
             return await self._mail_transaction(session, attempt, sender, body, received)
         except BaseException:
             session.abort()
             raise
 
-    async def _ehlo(self, session: Session) -> None:
-        reply = await session.ehlo(self.settings.helo_name)
-        if not reply.is_positive:
-            cls = RemotePermReject if reply.is_permanent else RemoteTempReject
-            raise cls(reply=reply, scope=Scope.HOST)
-
-    async def _starttls(
-        self,
-        session: Session,
-        attempt: Attempt,
-        route: HostRoute,
-        address: str,
-        requirement: TlsRequirement,
-    ) -> Session:
-        # RFC 7672 §8.1: SNI carries the TLSA base domain.
-        try:
-            chain = await session.starttls(route.tlsa_base, self.tls_context)
-        except TlsHandshakeFailed:
-            if requirement is not TlsRequirement.MAY:
-                if requirement is TlsRequirement.DANE:
-                    attempt.dane = "fail"
-                    attempt.dane_detail = "reason=handshake"
-                    self.metrics.dane_verifications.labels("failed", "handshake").inc()
-                raise
-            # Opportunistic TLS (level may): retry this host in plaintext, as Postfix does.
-            session.abort()
+    def _note_setup(self, attempt: Attempt, setup: Negotiation[Session]) -> None:
+        """Carry the TLS and DANE outcome into the log fields and DANE metrics."""
+        if setup.fallback:  # RFC 7435 §3: level may went on in plaintext, as Postfix does
             log.info(
                 "queue_id=%s relay=%s tls=fallback reason=handshake-failed",
                 attempt.queue_id,
                 attempt.relay,
             )
-            session = await self.transport.open(address, self.settings.port)
-            await self._ehlo(session)
-            attempt.tls = "none"
-            return session
-        version, cipher = session.tls_info()
-        if requirement is TlsRequirement.DANE:
-            # RFC 7672 §3.2.2: reference identifiers are the TLSA base domain, the MX host
-            # name and, when the MX RRset is secure, the next-hop domain.
-            now = datetime.fromtimestamp(self.clock(), UTC)
-            verdict = verify(route.usable, chain, route.reference_names, now)
-            self.metrics.dane_verifications.labels(verdict.status.value, verdict.reason).inc()
-            matched = f' matched="{verdict.matched}"' if verdict.matched else ""
-            depth = f" depth={verdict.match_depth}" if verdict.match_depth is not None else ""
-            attempt.dane_detail = f"reason={verdict.reason}{matched}{depth}"
-            if verdict.status is not DaneStatus.VERIFIED:
-                # RFC 7672 §3: no usable record matched: defer; QUIT before MAIL FROM.
-                attempt.dane = "fail"
-                await session.quit()
-                raise DaneVerificationFailed(
-                    f"Server certificate not verified ({verdict.reason})", scope=Scope.HOST
-                )
-            attempt.dane = "pass"
-            # RFC 7672 §2.2.1: via an insecure MX RRset the name is only "trusted".
-            attempt.tls = route.dane_label
-        else:
-            attempt.tls = "encrypted"
-        attempt.tls_detail = f"({version} {cipher})" if version else ""
-        # RFC 3207 §4.2: forget everything learnt before TLS; EHLO again.
-        await self._ehlo(session)
-        return session
+        attempt.tls = setup.tls
+        if setup.tls != "none" and setup.tls_version:
+            attempt.tls_detail = f"({setup.tls_version} {setup.cipher})"
+        if setup.dane == "none":
+            return
+        verdict = setup.verdict
+        status = verdict.status.value if verdict is not None else DaneStatus.FAILED.value
+        self.metrics.dane_verifications.labels(status, setup.dane_reason).inc()
+        attempt.dane = setup.dane
+        attempt.dane_detail = f"reason={setup.dane_reason}"
+        if verdict is not None and verdict.matched:
+            attempt.dane_detail += f' matched="{verdict.matched}"'
+        if verdict is not None and verdict.match_depth is not None:
+            attempt.dane_detail += f" depth={verdict.match_depth}"
 
     async def _mail_transaction(
         self,

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import pytest
+from lab.observer import Observer
 
 from relay.errors import DnsTempFail
 from relay.lookup.cache import AnswerCache, cache_key
@@ -29,16 +30,6 @@ class Clock:
         return self.now
 
 
-class Observer:
-    def __init__(self) -> None:
-        self.cache: Counter[str] = Counter()
-        self.lookups: list[tuple[str, str]] = []
-
-    def dns_lookup(self, rrtype: str, result: str, seconds: float) -> None:
-        self.lookups.append((rrtype, result))
-
-    def dns_cache(self, result: str) -> None:
-        self.cache[result] += 1
 
 
 class Upstream:

@@ -71,13 +71,6 @@ NEVER_ASKED = [
 ]
 
 
-@pytest_asyncio.fixture
-async def server() -> AsyncIterator[ScriptedDns]:
-    async with ScriptedDns() as srv:
-        yield srv
-        assert srv.errors == []
-
-
 def asked(server: ScriptedDns, name: str) -> int:
     """Queries the server received for `name`, of any type, over UDP or TCP."""
     return sum(n for (qname, _, _), n in server.queries.items() if qname == name)

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
+from lab.certs import make_self_signed
 
 from relay.dane.records import TlsaRecord
 from relay.delivery.engine import MAX_CONNECTIONS_PER_DOMAIN, DeliveryEngine, EngineSettings
@@ -60,21 +61,8 @@ QUEUED = SmtpReply(250, "2.0.0", "Ok: queued as 4ABC")
 
 @functools.cache
 def cert_der(name: str) -> bytes:
-    """A self-signed EC P-256 certificate for `name` (one per name per test session)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(datetime(2020, 1, 1, tzinfo=UTC))
-        .not_valid_after(datetime(2099, 1, 1, tzinfo=UTC))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(Encoding.DER)
+    """A self-signed EC P-256 certificate for `name` (DER), from the lab's certificate factory."""
+    return make_self_signed([name]).cert_der
 
 
 def tlsa_3_1_1(der: bytes) -> TlsaRecord:

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import struct
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import dns.flags
@@ -23,7 +23,7 @@ import dns.rcode
 import dns.rdata
 import dns.rrset
 import pytest
-import pytest_asyncio
+from lab.observer import Observer
 from lab.scripted_dns import (
     Answer,
     Custom,
@@ -73,27 +73,6 @@ DNSKEY = (
 )
 
 
-class Observer:
-    """Records what the resolver reports (relay.lookup.results.LookupObserver)."""
-
-    def __init__(self) -> None:
-        self.lookups: list[tuple[str, str]] = []
-        self.seconds: list[float] = []
-        self.cache: Counter[str] = Counter()
-
-    def dns_lookup(self, rrtype: str, result: str, seconds: float) -> None:
-        self.lookups.append((rrtype, result))
-        self.seconds.append(seconds)
-
-    def dns_cache(self, result: str) -> None:
-        self.cache[result] += 1
-
-
-@pytest_asyncio.fixture
-async def server() -> AsyncIterator[ScriptedDns]:
-    async with ScriptedDns() as srv:
-        yield srv
-        assert srv.errors == []
 
 
 def make_resolver(

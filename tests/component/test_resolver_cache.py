@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import pytest_asyncio
+from lab.observer import Observer
 from lab.scripted_dns import Answer, Hold, NoData, NxDomain, ScriptedDns, ServFail
 
 from relay.config import DnsConfig
@@ -35,23 +34,6 @@ class Clock:
         return self.now
 
 
-class Observer:
-    def __init__(self) -> None:
-        self.lookups: list[tuple[str, str]] = []
-        self.cache: Counter[str] = Counter()
-
-    def dns_lookup(self, rrtype: str, result: str, seconds: float) -> None:
-        self.lookups.append((rrtype, result))
-
-    def dns_cache(self, result: str) -> None:
-        self.cache[result] += 1
-
-
-@pytest_asyncio.fixture
-async def server() -> AsyncIterator[ScriptedDns]:
-    async with ScriptedDns() as srv:
-        yield srv
-        assert srv.errors == []
 
 
 def make(

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
+from lab.certs import make_self_signed
 
 from relay.dane import DaneStatus, TlsaRecord
 from relay.dane.policy import AddressStatus, MxStatus, TlsaState, TlsRequirement, decide
@@ -51,19 +52,8 @@ HANDSHAKE_ERROR = "Cannot start TLS: handshake failure (alert)"
 
 
 def self_signed(name: str) -> bytes:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(datetime(2020, 1, 1, tzinfo=UTC))
-        .not_valid_after(datetime(2099, 1, 1, tzinfo=UTC))
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(Encoding.DER)
+    """A self-signed EC P-256 certificate for `name` (DER), from the lab's certificate factory."""
+    return make_self_signed([name]).cert_der
 
 
 SERVER_CERT = self_signed("mx.example.net")

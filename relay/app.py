@@ -28,13 +28,15 @@ import contextlib
 import logging
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from relay.config import Config, DnsConfig
 from relay.delivery.engine import DeliveryEngine, EngineSettings
-from relay.delivery.tls import client_context
+from relay.delivery.tls import client_context, pkix_context
 from relay.delivery.transport import SmtpTransport
+from relay.errors import ConfigError
 from relay.inbound.handler import RelayHandler
 from relay.inbound.server import start_listeners
 from relay.lookup.resolver import DnsResolver
@@ -252,8 +254,10 @@ async def serve(cfg: Config) -> None:
         ResolverNotValidating: the resolver failed the validation probe at start-up and
             dns.require_validating_resolver is true.
         OSError: a listen address cannot be bound.
+        ConfigError: tls.ca_file cannot be read as PEM CA certificates.
     """
     hostname = cfg.server.hostname or system_hostname()
+    pkix = _pkix_context(cfg)  # before the spool: a bad CA file refuses to start
     store = SpoolStore(cfg.spool.directory)
     store.open()
     try:
@@ -283,9 +287,20 @@ async def serve(cfg: Config) -> None:
                 )
                 metrics_server.start()
                 stack.callback(metrics_server.stop)
-            await _run(cfg, hostname, store, messages, metrics, resolver, watch)
+            await _run(cfg, hostname, store, messages, metrics, resolver, watch, pkix)
     finally:
         store.close()
+
+
+def _pkix_context(cfg: Config) -> ssl.SSLContext:
+    """The trust store of the levels verify/secure (Postfix smtp_tls_CAfile)."""
+    try:
+        return pkix_context(cfg.tls.ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"{cfg.path}: tls.ca_file: expected a readable PEM file of CA certificates, "
+            f"got {str(cfg.tls.ca_file)!r} ({exc})"
+        ) from exc
 
 
 def _refusal(resolvers: str, probe: ProbeResult, timeout: float) -> str:
@@ -311,6 +326,7 @@ async def _run(
     metrics: Metrics,
     resolver: DnsResolver,
     watch: ResolverWatch,
+    pkix: ssl.SSLContext,
 ) -> None:
     engine = DeliveryEngine(
         resolver=resolver,
@@ -326,6 +342,7 @@ async def _run(
         ),
         metrics=metrics,
         resolver_status=watch.status,
+        pkix_context=pkix,
     )
     runner = QueueRunner(store, engine, cfg.delivery, metrics, hostname)
     runner.load(messages)

@@ -127,6 +127,9 @@ def _run(cfg: Config) -> int:
     except SpoolError as exc:
         print(f"dane-relay: {exc}", file=sys.stderr)
         return EX_CANTCREAT
+    except ConfigError as exc:  # tls.ca_file unreadable (read when the relay starts)
+        print(f"dane-relay: {exc}", file=sys.stderr)
+        return EX_CONFIG
     except ResolverNotValidating as exc:
         print(f"dane-relay: {exc}", file=sys.stderr)
         return EX_UNAVAILABLE

@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 # Postfix-compatible security level names (DESIGN.md "TLS security levels").
-TLS_LEVELS = ("none", "may", "encrypt", "dane", "dane-only")
+TLS_LEVELS = ("none", "may", "encrypt", "dane", "dane-only", "verify", "secure")
 # What level "dane" means for a host with secure TLSA reached through an insecure MX RRset
 # (RFC 7672 §2.2.1; Postfix smtp_tls_dane_insecure_mx_policy).
 INSECURE_MX_POLICIES = ("dane", "encrypt", "may")
@@ -116,6 +116,8 @@ class DnsConfig:
 class TlsConfig:
     level: str = "dane"
     insecure_mx_policy: str = "dane"
+    # Levels verify/secure: PEM CA certificates that replace the system trust store.
+    ca_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,9 +446,7 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
             _typed(bool, "true or false"),
             "true or false",
         ),
-        cache_size=s.get(
-            "cache_size", d_dns.cache_size, _int_range(0, 10_000_000), "an integer"
-        ),
+        cache_size=s.get("cache_size", d_dns.cache_size, _int_range(0, 10_000_000), "an integer"),
         cache_min_ttl=s.get("cache_min_ttl", d_dns.cache_min_ttl, _duration, "a duration"),
         cache_max_ttl=s.get("cache_max_ttl", d_dns.cache_max_ttl, _duration, "a duration"),
         cache_negative_ttl=s.get(
@@ -498,6 +498,12 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
             TlsConfig().insecure_mx_policy,
             _choice(INSECURE_MX_POLICIES),
             "a policy",
+        ),
+        ca_file=s.get(
+            "ca_file",
+            TlsConfig().ca_file,
+            lambda v: Path(_typed(str, "a file path")(v)) if v else _raise("a file path"),
+            "a file path",
         ),
     )
     s.finish()

@@ -26,6 +26,7 @@ __all__ = [
     "MalformedMx",
     "NoSuchDomain",
     "NullMx",
+    "PkixNameMismatch",
     "PeerTimeout",
     "PermanentFailure",
     "RelayError",
@@ -149,6 +150,13 @@ class DaneVerificationFailed(TemporaryFailure):
 
     default_reply = SmtpReply(451, "4.7.5", "Server certificate not verified")
     reason = "dane_verification"
+
+
+class PkixNameMismatch(TemporaryFailure):
+    """Levels verify/secure: the validated certificate does not name the destination."""
+
+    default_reply = SmtpReply(451, "4.7.5", "Server certificate not verified")
+    reason = "pkix_name"
 
 
 class TlsaMalformed(TemporaryFailure):

@@ -409,3 +409,8 @@ def _name_matches(presented: str, reference: str) -> bool:
         return bool(label) and bool(dot) and rest == suffix
     # RFC 7672 §3.2.3: partial-label wildcards ("mx*.example") are not supported.
     return "*" not in pattern and pattern == target
+
+
+def name_matches(presented: str, reference: str) -> bool:
+    """A presented DNS-ID matches `reference` (RFC 6125 §6.4; the rules of `verify`)."""
+    return _name_matches(presented, reference)

@@ -32,6 +32,7 @@ __all__ = [
     "DANE_LEVELS",
     "INSECURE_MX_POLICIES",
     "LEVELS",
+    "PKIX_LEVELS",
     "POLICY_TABLE",
     "RULES",
     "Action",
@@ -49,8 +50,10 @@ __all__ = [
 
 # Same values as relay.config.TLS_LEVELS / INSECURE_MX_POLICIES (a unit test checks it);
 # repeated here so that this pure module depends on nothing.
-LEVELS = ("none", "may", "encrypt", "dane", "dane-only")
+LEVELS = ("none", "may", "encrypt", "dane", "dane-only", "verify", "secure")
 DANE_LEVELS = ("dane", "dane-only")
+# Levels that authenticate the peer with PKIX (WebPKI trust store or tls.ca_file), no TLSA.
+PKIX_LEVELS = ("verify", "secure")
 INSECURE_MX_POLICIES = ("dane", "encrypt", "may")
 
 
@@ -59,6 +62,8 @@ class TlsRequirement(enum.Enum):
     MAY = "may"  # opportunistic: STARTTLS if offered, plaintext if the handshake fails
     ENCRYPT = "encrypt"  # TLS mandatory, not authenticated
     DANE = "dane"  # TLS mandatory, peer chain must match a usable TLSA record
+    VERIFY = "verify"  # TLS mandatory, PKIX chain, certificate names the MX host
+    SECURE = "secure"  # TLS mandatory, PKIX chain, certificate names the next-hop domain
 
 
 class MxStatus(enum.Enum):
@@ -163,6 +168,14 @@ RULES: tuple[Rule, ...] = (
     # RFC 3207 §4.1: TLS required (QUIT if not offered), not authenticated.
     Rule("encrypt", _OK, _OK, "*", "*", _use(
         _R.ENCRYPT, "level", "RFC 3207 §4.1", "level encrypt: TLS required")),
+    # Postfix TLS_README "verify": PKIX, smtp_tls_verify_cert_match = hostname; no TLSA.
+    Rule("verify", _OK, _OK, "*", "*", _use(
+        _R.VERIFY, "level", "Postfix smtp_tls_verify_cert_match",
+        "level verify: TLS required, PKIX chain, certificate names the MX host")),
+    # Postfix TLS_README "secure": PKIX, smtp_tls_secure_cert_match = nexthop, dot-nexthop.
+    Rule("secure", _OK, _OK, "*", "*", _use(
+        _R.SECURE, "level", "Postfix smtp_tls_secure_cert_match",
+        "level secure: TLS required, PKIX chain, certificate names the next-hop domain")),
 
     # --- level dane --------------------------------------------------------------------------
     # RFC 7672 §2.2.2: DANE applies only when the host's addresses are secure.

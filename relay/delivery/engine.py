@@ -118,10 +118,12 @@ class DeliveryEngine:
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
         resolver_status: ResolverStatus | None = None,
+        pkix_context: ssl.SSLContext | None = None,  # levels verify/secure (tls.pkix_context)
     ) -> None:
         self.resolver = resolver
         self.transport = transport
         self.tls_context = tls_context
+        self.pkix_context = pkix_context
         self.settings = settings
         self.metrics = metrics
         self.clock = clock
@@ -366,6 +368,7 @@ class DeliveryEngine:
             self.settings.helo_name,
             self.tls_context,
             lambda: datetime.fromtimestamp(self.clock(), UTC),
+            self.pkix_context,
         )
         self._note_setup(attempt, setup)
         if setup.failure is not None:

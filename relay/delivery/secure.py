@@ -7,13 +7,16 @@ delivery engine (which goes on to MAIL) and `dane-relay probe` (which QUITs):
     EHLO refused, connection trouble                   failure: that reply / error
     requirement none                                   plaintext: "none"
     STARTTLS not offered, DANE applies                 QUIT; DaneRequiredNoTls 4.7.4 (§2.2)
-    STARTTLS not offered, encrypt                      QUIT; TlsRequiredNotOffered 4.7.4
+    STARTTLS not offered, encrypt/verify/secure        QUIT; TlsRequiredNotOffered 4.7.4
     STARTTLS not offered, may                          plaintext: "none"
     STARTTLS: SNI = TLSA base domain (RFC 7672 §8.1)
     handshake fails, may                               reconnect, EHLO, plaintext: "none"
     handshake fails, DANE or encrypt                   TlsHandshakeFailed 4.7.5
     DANE applies, verdict not verified                 QUIT; DaneVerificationFailed 4.7.5
     DANE applies, verified                             "verified" / "trusted"
+    verify/secure: chain not trusted (pkix_context)    TlsHandshakeFailed 4.7.5
+    verify/secure: leaf does not name the destination  QUIT; PkixNameMismatch 4.7.5
+    verify/secure: chain trusted, name matches         "verified"
     no DANE (may, encrypt, only unusable TLSA)         "encrypted"
     after TLS                                          EHLO again (RFC 3207 §4.2)
 
@@ -36,12 +39,14 @@ from datetime import datetime
 from typing import Generic, Protocol, TypeVar
 
 from relay.dane import DaneStatus, DaneVerdict, verify
+from relay.dane.pkix import pkix_names_match
 from relay.dane.policy import TlsRequirement
 from relay.delivery.route import HostRoute
 from relay.errors import (
     DaneRequiredNoTls,
     DaneVerificationFailed,
     DeliveryError,
+    PkixNameMismatch,
     RemotePermReject,
     RemoteTempReject,
     Scope,
@@ -103,12 +108,14 @@ async def negotiate(
     helo_name: str,
     context: ssl.SSLContext,
     clock: Callable[[], datetime],
+    pkix_context: ssl.SSLContext | None = None,
 ) -> Negotiation[S]:
     """EHLO, then STARTTLS and DANE as `requirement` says, on the just opened `session`.
 
     `transport`, `address` and `port` reopen the connection when an opportunistic
     handshake fails. `clock` gives the time for DANE-TA date checks; it is called only
-    when a chain is verified.
+    when a chain is verified. `pkix_context` (relay.delivery.tls.pkix_context) replaces
+    `context` for the requirements VERIFY and SECURE; without it they fail closed.
 
     Raises:
         Nothing for what the peer does (see `Negotiation.failure`); a non-`DeliveryError`
@@ -128,15 +135,21 @@ async def negotiate(
                 out = replace(out, dane="fail", dane_reason="no-starttls")
                 await current.quit()
                 raise DaneRequiredNoTls(scope=Scope.HOST)
-            if requirement is TlsRequirement.ENCRYPT:
-                # RFC 7672 §3.1.3 (unusable TLSA) or level encrypt: TLS mandatory: defer.
+            if requirement is not TlsRequirement.MAY:
+                # RFC 7672 §3.1.3 (unusable TLSA), level encrypt, or Postfix verify/secure:
+                # TLS mandatory: defer.
                 await current.quit()
                 raise TlsRequiredNotOffered(scope=Scope.HOST)
             return replace(out, session=current)  # RFC 7435 §3: level may, plaintext
-        # RFC 7672 §8.1: SNI carries the TLSA base domain.
-        out = replace(out, sni=route.tlsa_base)
+        pkix = requirement in (TlsRequirement.VERIFY, TlsRequirement.SECURE)
+        # RFC 7672 §8.1: SNI carries the TLSA base domain; for verify/secure (no TLSA) the
+        # name to check: MX host (Postfix verify) or next-hop domain (Postfix secure).
+        sni = _pkix_sni(route, requirement) if pkix else route.tlsa_base
+        out = replace(out, sni=sni)
         try:
-            chain = await current.starttls(route.tlsa_base, context)
+            if pkix and pkix_context is None:
+                raise TlsHandshakeFailed("Cannot start TLS: no PKIX trust store", scope=Scope.HOST)
+            chain = await current.starttls(sni, pkix_context if pkix_context and pkix else context)
         except TlsHandshakeFailed as exc:
             out = replace(out, handshake_error=exc.reply.text)
             if requirement is not TlsRequirement.MAY:
@@ -167,6 +180,16 @@ async def negotiate(
                     f"Server certificate not verified ({verdict.reason})", scope=Scope.HOST
                 )
             tls = route.dane_label  # RFC 7672 §2.2.1: "trusted" via an insecure MX RRset
+        elif pkix:
+            # Postfix smtp_tls_verify_cert_match = hostname; smtp_tls_secure_cert_match =
+            # nexthop, dot-nexthop. The chain was validated by OpenSSL in the handshake.
+            below = route.next_hop if requirement is TlsRequirement.SECURE else None
+            if not chain or not pkix_names_match(chain[0], (sni,), below):
+                await current.quit()
+                raise PkixNameMismatch(
+                    f"Server certificate not verified (name mismatch: {sni})", scope=Scope.HOST
+                )
+            tls = "verified"
         out = replace(out, tls=tls)
         # RFC 3207 §4.2: forget everything learnt before TLS; EHLO again.
         await _ehlo(current, helo_name)
@@ -177,6 +200,12 @@ async def negotiate(
     except BaseException:
         current.abort()
         raise
+
+
+def _pkix_sni(route: HostRoute, requirement: TlsRequirement) -> str:
+    if requirement is TlsRequirement.SECURE:
+        return route.next_hop  # Postfix smtp_tls_secure_cert_match = nexthop, dot-nexthop
+    return route.host.name  # Postfix smtp_tls_verify_cert_match = hostname
 
 
 async def _ehlo(session: TlsSession, helo_name: str) -> None:

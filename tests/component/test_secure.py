@@ -33,6 +33,7 @@ from relay.errors import (
     DaneRequiredNoTls,
     DaneVerificationFailed,
     DeliveryError,
+    PkixNameMismatch,
     RemotePermReject,
     RemoteTempReject,
     Scope,
@@ -58,6 +59,8 @@ def self_signed(name: str) -> bytes:
 
 SERVER_CERT = self_signed("mx.example.net")
 OTHER_CERT = self_signed("attacker.example")
+# Level secure: a name below the next-hop domain example.com (Postfix dot-nexthop).
+NEXTHOP_CERT = self_signed("smtp.example.com")
 
 
 def tlsa_3_1_1(der: bytes) -> TlsaRecord:
@@ -126,7 +129,10 @@ class ScriptedSession:
 
     async def starttls(self, server_hostname: str, context: ssl.SSLContext) -> list[bytes]:
         self.opener.calls.append(f"STARTTLS {server_hostname}")
-        assert context is self.opener.context
+        pkix = self.opener.pkix_context
+        assert context is (
+            pkix if server_hostname in self.opener.pkix_names else self.opener.context
+        )
         if isinstance(self.peer.starttls, BaseException):
             raise self.peer.starttls
         self.in_tls = True
@@ -149,6 +155,8 @@ class ScriptedOpener:
         self.peers = list(peers)
         self.calls: list[str] = []
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        self.pkix_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        self.pkix_names: set[str] = set()  # SNI names for which pkix_context is expected
         self.clock_calls = 0
 
     def first(self) -> ScriptedSession:
@@ -174,6 +182,8 @@ async def run(
     route: HostRoute | None = None,
 ) -> tuple[ScriptedSession, Negotiation[ScriptedSession]]:
     session = opener.first()
+    if requirement in (R.VERIFY, R.SECURE):
+        opener.pkix_names.add("example.com" if requirement is R.SECURE else "mx.example.net")
     result = await negotiate(
         opener,
         session,
@@ -184,6 +194,7 @@ async def run(
         HELO,
         opener.context,
         opener.clock,
+        opener.pkix_context,
     )
     return session, result
 
@@ -193,6 +204,7 @@ async def run(
 R = TlsRequirement
 E, S, Q, A = f"EHLO {HELO}", "STARTTLS mx.example.net", "QUIT", "ABORT"
 C = f"CONNECT {ADDRESS}:{PORT}"
+SN = "STARTTLS example.com"  # level secure: SNI is the next-hop domain
 BAD = TlsHandshakeFailed(HANDSHAKE_ERROR, scope=Scope.HOST)
 
 # requirement, STARTTLS offered, handshake ok, chain matches ->
@@ -216,6 +228,16 @@ TABLE = [
     (R.DANE, True, True, True, [E, S, E], "verified", None, "pass", "match"),
     (R.DANE, True, True, False, [E, S, Q, A], "none", DaneVerificationFailed, "fail", "no-match"),
     (R.DANE, True, False, True, [E, S, A], "none", TlsHandshakeFailed, "fail", "handshake"),
+    # verify: Postfix smtp_tls_verify_cert_match = hostname; chain checked by OpenSSL.
+    (R.VERIFY, False, True, True, [E, Q, A], "none", TlsRequiredNotOffered, "none", ""),
+    (R.VERIFY, True, True, True, [E, S, E], "verified", None, "none", ""),
+    (R.VERIFY, True, True, False, [E, S, Q, A], "none", PkixNameMismatch, "none", ""),
+    (R.VERIFY, True, False, True, [E, S, A], "none", TlsHandshakeFailed, "none", ""),
+    # secure: Postfix smtp_tls_secure_cert_match = nexthop, dot-nexthop.
+    (R.SECURE, False, True, True, [E, Q, A], "none", TlsRequiredNotOffered, "none", ""),
+    (R.SECURE, True, True, True, [E, SN, E], "verified", None, "none", ""),
+    (R.SECURE, True, True, False, [E, SN, Q, A], "none", PkixNameMismatch, "none", ""),
+    (R.SECURE, True, False, True, [E, SN, A], "none", TlsHandshakeFailed, "none", ""),
 ]
 
 
@@ -235,7 +257,8 @@ async def test_table(
     dane: str,
     dane_reason: str,
 ) -> None:
-    chain = [SERVER_CERT if matches else OTHER_CERT]
+    good = NEXTHOP_CERT if requirement is R.SECURE else SERVER_CERT
+    chain = [good if matches else OTHER_CERT]
     first = Peer(starttls_offered=offered, starttls=chain if handshake_ok else BAD)
     opener = ScriptedOpener(first, Peer(starttls=BAD))
     first_session, result = await run(opener, requirement)
@@ -254,7 +277,8 @@ async def test_table(
         assert result.failure.scope is Scope.HOST
         assert result.session is None
     tls_attempted = offered and requirement is not R.NONE
-    assert result.sni == ("mx.example.net" if tls_attempted else None)
+    sni = "example.com" if requirement is R.SECURE else "mx.example.net"
+    assert result.sni == (sni if tls_attempted else None)
     handshake_done = tls_attempted and handshake_ok
     handshake_failed = tls_attempted and not handshake_ok
     assert result.handshake_error == (HANDSHAKE_ERROR if handshake_failed else "")
@@ -286,6 +310,26 @@ async def test_table_covers_the_product() -> None:
 
 
 # -- details -------------------------------------------------------------------------------
+
+
+async def test_pkix_failure_text_and_reply() -> None:
+    opener = ScriptedOpener(Peer(starttls=[SERVER_CERT]))
+    _, result = await run(opener, R.SECURE)  # mx.example.net is not below example.com
+    assert isinstance(result.failure, PkixNameMismatch)
+    assert (result.failure.reply.code, result.failure.reply.enhanced) == (451, "4.7.5")
+    assert result.failure.reply.text == (
+        "Server certificate not verified (name mismatch: example.com)"
+    )
+
+
+async def test_pkix_levels_without_a_trust_store_fail_closed() -> None:
+    opener = ScriptedOpener(Peer())
+    session = opener.first()
+    result = await negotiate(
+        opener, session, host_route(), ADDRESS, PORT, R.VERIFY, HELO, opener.context, opener.clock
+    )
+    assert isinstance(result.failure, TlsHandshakeFailed)
+    assert opener.calls == [E, A]
 
 
 async def test_dane_failure_text_and_reply() -> None:

@@ -48,7 +48,7 @@ SECTIONS: dict[str, type] = {
 
 # Keys that are documented in the shipped file only as a comment because their default
 # is "unset" (None) and cannot be written in TOML.
-COMMENTED_OUT = {("server", "hostname")}
+COMMENTED_OUT = {("server", "hostname"), ("tls", "ca_file")}
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -360,8 +360,8 @@ BAD_VALUES = [
     ("dns", "validation_interval", "0", "a positive duration", "0"),
     ("dns", "require_validating_resolver", '"yes"', "true or false", "'yes'"),
     ("tls", "insecure_mx_policy", '"verify"', '"encrypt"', "'verify'"),
-    ("tls", "level", '"secure"', '"dane-only"', "'secure'"),
-    ("tls", "level", '"verify"', '"dane"', "'verify'"),
+    ("tls", "level", '"fortify"', '"secure"', "'fortify'"),
+    ("tls", "ca_file", '""', "a file path", "''"),
     ("tls", "level", "1", '"none"', "1"),
     ("delivery", "min_backoff", '"5 minutes"', "a duration such as", "'5 minutes'"),
     ("delivery", "max_queue_lifetime", '"0s"', "a positive duration", "'0s'"),

@@ -66,7 +66,7 @@ def test_metrics_on_the_smtp_address_is_a_config_error(
         (b'[dns]\ntimeout = "0s"\n', "dns.timeout"),
         (b'[dns]\nresolvers = ["192.0.2.53"]\n', "dns.resolvers"),
         (b'[tls]\nlevel = ["dane"]\n', "tls.level"),
-        (b'[tls]\nlevel = "verify"\n', "tls.level"),
+        (b'[tls]\nlevel = "fortify"\n', "tls.level"),
         (b'[metrics]\nlisten = "127.0.0.1:99999"\n', "metrics.listen"),
         (b"[server]\nlisten = [\n", "TOML"),
     ],

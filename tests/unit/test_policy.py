@@ -18,6 +18,7 @@ from relay.config import INSECURE_MX_POLICIES, TLS_LEVELS
 from relay.dane import policy
 from relay.dane.policy import (
     DANE_LEVELS,
+    PKIX_LEVELS,
     POLICY_TABLE,
     RULES,
     Action,
@@ -95,7 +96,7 @@ def test_table_matches_golden_file() -> None:
 
 def test_golden_file_has_one_row_per_combination() -> None:
     keys = [tuple(line.split("\t")[:5]) for line in golden_lines()[1:]]
-    assert len(keys) == len(set(keys)) == 5 * 3 * 4 * 7 * 3 == len(ALL_KEYS)
+    assert len(keys) == len(set(keys)) == 7 * 3 * 4 * 7 * 3 == len(ALL_KEYS)
 
 
 def test_table_covers_every_combination() -> None:
@@ -119,7 +120,7 @@ def test_missing_combinations_are_refused() -> None:
 
 
 def test_unknown_values_in_a_rule_are_refused() -> None:
-    bad = Rule("verify", "secure", "secure", "*", "*", RULES[0].decision)
+    bad = Rule("fortify", "secure", "secure", "*", "*", RULES[0].decision)
     with pytest.raises(ValueError, match="unknown level"):
         expand_rules((bad,))
 
@@ -127,7 +128,7 @@ def test_unknown_values_in_a_rule_are_refused() -> None:
 @pytest.mark.parametrize("decision", sorted(set(POLICY_TABLE.values()), key=repr), ids=repr)
 def test_every_decision_is_consistent_and_cites_its_source(decision: Decision) -> None:
     assert decision.reason and decision.why
-    assert decision.rfc.startswith("RFC ")
+    assert decision.rfc.startswith(("RFC ", "Postfix "))
     match decision.action:
         case Action.DANE:
             assert decision.requirement is TlsRequirement.DANE
@@ -136,6 +137,8 @@ def test_every_decision_is_consistent_and_cites_its_source(decision: Decision) -
                 TlsRequirement.NONE,
                 TlsRequirement.MAY,
                 TlsRequirement.ENCRYPT,
+                TlsRequirement.VERIFY,
+                TlsRequirement.SECURE,
             )
         case Action.SKIP_HOST | Action.DEFER_DOMAIN:
             assert decision.requirement is None
@@ -172,6 +175,18 @@ def test_dane_levels_never_yield_plaintext_only() -> None:
     for key, decision in POLICY_TABLE.items():
         if key[0] in DANE_LEVELS:
             assert decision.requirement is not TlsRequirement.NONE, key
+
+
+def test_pkix_levels_authenticate_and_never_use_tlsa() -> None:
+    """Postfix TLS_README: verify/secure are PKIX levels; TLSA plays no part in them."""
+    for (level, mx, addresses, tlsa, imp), decision in POLICY_TABLE.items():
+        if level not in PKIX_LEVELS:
+            continue
+        assert not wants_tlsa(level, addresses)
+        assert decision == decide(level, mx, addresses, TlsaState.NOT_LOOKED_UP, "dane")
+        if decision.action is Action.NO_DANE:
+            expected = TlsRequirement.VERIFY if level == "verify" else TlsRequirement.SECURE
+            assert decision.requirement is expected, (level, mx, addresses, tlsa, imp)
 
 
 def test_dane_only_never_uses_a_host_without_dane() -> None:
@@ -288,7 +303,7 @@ def test_decide_reads_the_table() -> None:
 
 
 @pytest.mark.parametrize(
-    ("level", "imp"), [("verify", "dane"), ("dane", "verify")], ids=["level", "policy"]
+    ("level", "imp"), [("fortify", "dane"), ("dane", "verify")], ids=["level", "policy"]
 )
 def test_decide_unknown_values(level: str, imp: str) -> None:
     with pytest.raises(KeyError):

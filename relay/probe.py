@@ -45,6 +45,7 @@ from cryptography.utils import CryptographyDeprecationWarning
 from relay.dane import DaneVerdict, verify
 from relay.dane.certificate import certificate_parts
 from relay.delivery.attempt import as_temporary
+from relay.delivery.engine import MAX_CONNECTIONS_PER_DOMAIN
 from relay.delivery.route import HostRoute
 from relay.delivery.secure import TlsSession, negotiate
 from relay.errors import DeliveryError, RemotePermReject, RemoteTempReject, Scope
@@ -176,15 +177,21 @@ async def probe(
         resolvers=resolvers,
     )
     hosts: list[HostProbe] = []
+    # Delivery makes at most MAX_CONNECTIONS_PER_DOMAIN connection attempts per domain
+    # (Postfix smtp_mx_address_limit); the probe spends the same budget in the same order,
+    # so it cannot report a host that delivery would never reach.
+    left = MAX_CONNECTIONS_PER_DOMAIN
     for route in resolution.hosts:
         # Only hosts the engine would connect to: the policy uses them and the domain
         # was not stopped by an earlier host (RFC 7672 §2.2).
-        if route.failure is not None or resolution.outcome is not Outcome.ATTEMPT:
+        if route.failure is not None or resolution.outcome is not Outcome.ATTEMPT or not left:
             hosts.append(HostProbe(route, (), tried=False))
             continue
+        addresses = route.addresses[:left]
+        left -= len(addresses)
         connections = [
             await _connect(transport, context, route, address, port, helo_name, clock)
-            for address in route.addresses
+            for address in addresses
         ]
         hosts.append(HostProbe(route, tuple(connections), tried=True))
     outcome, reply, via_host, via = _conclude(resolution, hosts)
@@ -316,10 +323,22 @@ def render_text(report: ProbeReport) -> str:
     for host in report.hosts:
         lines += host_lines(resolution, host.route)
         if not host.tried:
-            why = "the policy skips this host" if host.route.failure else "the domain stops first"
+            why = (
+                "the policy skips this host"
+                if host.route.failure
+                else "the domain stops first"
+                if report.resolution.outcome is not Outcome.ATTEMPT
+                else f"connection limit of {MAX_CONNECTIONS_PER_DOMAIN} per domain reached"
+            )
             lines.append(f"  connect: not tried ({why})")
         for conn in host.connections:
             lines += _connection_text(conn, host.route)
+        if host.tried and len(host.connections) < len(host.route.addresses):
+            untried = ", ".join(host.route.addresses[len(host.connections) :])
+            lines.append(
+                f"  connect: {untried} not tried (connection limit of "
+                f"{MAX_CONNECTIONS_PER_DOMAIN} per domain reached)"
+            )
     if report.outcome is Outcome.ATTEMPT and report.via is not None:
         where = f"{report.via_host}[{report.via.address}]:{report.via.port}"
         lines.append(f"result: attempt delivery via {where} ({report.via.tls})")

@@ -258,7 +258,8 @@ def _parse_time(text: str | None) -> datetime:
 def _field(args: argparse.Namespace, name: str) -> int:
     low, high, meaning = _FIELD_RANGES[name]
     text = str(getattr(args, name))
-    if not text.isdigit() or not low <= int(text) <= high:
+    # ASCII digits only: str.isdigit() also accepts "²" and "٢", which int() rejects or maps.
+    if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
         raise _InputError(EX_USAGE, f"--{name} {text!r}: expected {low}..{high}{meaning}")
     return int(text)
 
@@ -345,8 +346,13 @@ def _generate(args: argparse.Namespace) -> int:
     usage, selector, mtype = (_field(args, name) for name in ("usage", "selector", "mtype"))
     host = _host_name(args.host, "--host")
     port = str(args.port)
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         raise _InputError(EX_USAGE, f"--port {port!r}: expected a TCP port 1..65535")
+    if len(f"_{int(port)}._tcp.{host}") > _MAX_NAME:
+        # RFC 1035 §2.3.4: the TLSA owner name itself must fit in 253 characters.
+        raise _InputError(
+            EX_USAGE, f"--host {host!r}: _{int(port)}._tcp.{host} is longer than {_MAX_NAME}"
+        )
     params = _Params(usage, selector, mtype, f"_{int(port)}._tcp.{host}.")
     if usage in (Usage.PKIX_TA, Usage.PKIX_EE):
         _warn(

@@ -515,6 +515,11 @@ def test_generate_then_verify_round_trip(tool: Tool, pki: Pki, chain: Path, tmp_
         ("--port", "0", "--port '0': expected a TCP port 1..65535"),
         ("--port", "65536", "--port '65536': expected a TCP port"),
         ("--host", "mx_.-bad", "--host 'mx_.-bad': expected a DNS host name"),
+        # Non-ASCII digits: "²".isdigit() is true, but it is no port or field value.
+        ("--usage", "\u00b2", "--usage '\u00b2': expected 0..3"),
+        ("--port", "\u0662\u0665", "--port '\u0662\u0665': expected a TCP port 1..65535"),
+        # The owner name _25._tcp.<host> must fit in 253 characters (RFC 1035 §2.3.4).
+        ("--host", ".".join(["a" * 62] * 4), "--host '" + ".".join(["a" * 62] * 4) + "': _25"),
     ],
 )
 def test_generate_bad_arguments(

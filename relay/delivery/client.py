@@ -35,7 +35,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 
 from relay.model import Outcome, RecipientResult
@@ -74,19 +74,8 @@ class Phase(enum.Enum):
     QUIT = "quit"  # no RFC value: 5 minutes
 
 
-TIMEOUTS: Mapping[Phase, float] = MappingProxyType(
-    {
-        Phase.GREETING: 300.0,
-        Phase.HELLO: 300.0,
-        Phase.MAIL: 300.0,
-        Phase.RCPT: 300.0,
-        Phase.DATA: 120.0,
-        Phase.DATA_BLOCK: 180.0,
-        Phase.DATA_END: 600.0,
-        Phase.RSET: 300.0,
-        Phase.QUIT: 300.0,
-    }
-)
+_DATA_PHASES = {Phase.DATA: 120.0, Phase.DATA_BLOCK: 180.0, Phase.DATA_END: 600.0}
+TIMEOUTS: Mapping[Phase, float] = MappingProxyType({**dict.fromkeys(Phase, 300.0), **_DATA_PHASES})
 
 
 class TransactionStateError(RuntimeError):
@@ -231,11 +220,7 @@ class TransactionResult:
         return self.ending is Ending.REUSABLE
 
 
-_REASON = {
-    Outcome.DELIVERED: "sent",
-    Outcome.DEFERRED: "remote_4xx",
-    Outcome.BOUNCED: "remote_5xx",
-}
+_REASON = {Outcome.DELIVERED: "sent", Outcome.DEFERRED: "remote_4xx", Outcome.BOUNCED: "remote_5xx"}
 
 
 def _outcome(reply: SmtpReply) -> Outcome:
@@ -258,45 +243,34 @@ _AFTER = {
 }
 
 
-@dataclass(slots=True)
-class _Pending:
-    command: Command
-    index: int = -1  # recipient index for RCPT
-
-
-@dataclass(slots=True)
-class _State:
-    final: dict[int, RecipientResult] = field(default_factory=dict)
-    accepted: list[int] = field(default_factory=list)
-    to_send: deque[int] = field(default_factory=deque)
-    mail_failed: bool = False
-    ending: Ending | None = None
-
-
 class Transaction:
     """One mail transaction: MAIL, RCPT…, DATA, message; replies in, results out."""
 
     def __init__(self, envelope: Envelope, capabilities: Capabilities) -> None:
         self.envelope = envelope
         self.capabilities = capabilities
-        self._pending: deque[_Pending] = deque()
-        self._state = _State()
+        self._pending: deque[tuple[Command, int]] = deque()  # (command, recipient index)
+        self._final: dict[int, RecipientResult] = {}
+        self._accepted: list[int] = []
+        self._to_send: deque[int] = deque()
+        self._mail_failed = False
+        self._ending: Ending | None = None
         self._started = False
 
     @property
     def done(self) -> bool:
-        return self._state.ending is not None
+        return self._ending is not None
 
     @property
     def awaiting(self) -> Command | None:
         """The command whose reply is read next (its `timeout` applies), or None."""
-        return self._pending[0].command if self._pending and not self.done else None
+        return self._pending[0][0] if self._pending and not self.done else None
 
     def start(self) -> list[Command]:
         if self._started:
             raise TransactionStateError("transaction already started")
         self._started = True
-        env, caps, st = self.envelope, self.capabilities, self._state
+        env, caps = self.envelope, self.capabilities
         refusal = self._refusal()
         if refusal is not None:
             reply, reason = refusal
@@ -304,12 +278,12 @@ class Transaction:
             return []
         for i, rcpt in enumerate(env.recipients):
             if wire_safe(rcpt):
-                st.to_send.append(i)
+                self._to_send.append(i)
             else:
                 # STYLE.md 7.7: control characters never reach the wire (RFC 5321 §4.1.2).
-                st.final[i] = self._rr(i, _BAD_ADDRESS, Outcome.BOUNCED, "bad_address")
-        if not st.to_send:
-            st.ending = Ending.REUSABLE
+                self._final[i] = self._rr(i, _BAD_ADDRESS, Outcome.BOUNCED, "bad_address")
+        if not self._to_send:
+            self._ending = Ending.REUSABLE
             return []
         params = []
         if caps.size is not None:
@@ -320,19 +294,19 @@ class Transaction:
             params.append(" SMTPUTF8")  # RFC 6531 §3.4
         mail = Command(Phase.MAIL, f"MAIL FROM:<{env.sender}>{''.join(params)}")
         if not caps.pipelining:
-            return self._queue([_Pending(mail)])
+            return self._queue([(mail, -1)])
         # RFC 2920 §3.1: MAIL, every RCPT and DATA go as one batch; replies come in order.
-        batch = [_Pending(mail)]
-        while st.to_send:
-            batch.append(self._rcpt(st.to_send.popleft()))
-        batch.append(_Pending(Command(Phase.DATA, "DATA")))
+        batch = [(mail, -1)]
+        while self._to_send:
+            batch.append(self._rcpt(self._to_send.popleft()))
+        batch.append((Command(Phase.DATA, "DATA"), -1))
         return self._queue(batch)
 
     def receive(self, event: PeerReply | ConnectionLost) -> list[Command]:
         if self.done or not self._pending:
             raise TransactionStateError("no command awaiting a reply")
-        pending = self._pending.popleft()
-        phase = pending.command.phase
+        command, index = self._pending.popleft()
+        phase = command.phase
         if isinstance(event, ConnectionLost):
             # RFC 5321 §3.8: whatever was not finally answered is deferred.
             self._finish_all(
@@ -350,17 +324,16 @@ class Transaction:
         if phase is Phase.MAIL:
             return self._on_mail(reply)
         if phase is Phase.RCPT:
-            return self._on_rcpt(pending.index, reply)
+            return self._on_rcpt(index, reply)
         if phase is Phase.DATA:
             return self._on_data(reply)
-        return self._on_end(pending.command, reply)
+        return self._on_end(command, reply)
 
     def result(self) -> TransactionResult:
-        st = self._state
-        if st.ending is None:
+        if self._ending is None:
             raise TransactionStateError("transaction not finished")
-        results = tuple(st.final[i] for i in range(len(self.envelope.recipients)))
-        return TransactionResult(results, st.ending)
+        results = tuple(self._final[i] for i in range(len(self.envelope.recipients)))
+        return TransactionResult(results, self._ending)
 
     # -- decisions ---------------------------------------------------------------------
 
@@ -382,85 +355,82 @@ class Transaction:
         if reply.is_positive:
             if self.capabilities.pipelining:
                 return []
-            return self._queue([self._rcpt(self._state.to_send.popleft())])
+            return self._queue([self._rcpt(self._to_send.popleft())])
         # RFC 5321 §3.3: a refused MAIL ends the transaction for every recipient.
-        self._state.mail_failed = True
+        self._mail_failed = True
         outcome = _outcome(reply)
         for i in range(len(self.envelope.recipients)):
-            self._state.final.setdefault(i, self._rr(i, reply, outcome, "mail_from"))
+            self._final.setdefault(i, self._rr(i, reply, outcome, "mail_from"))
         if not self._pending:
-            self._state.ending = Ending.REUSABLE
+            self._ending = Ending.REUSABLE
         return []  # RFC 2920 §3.1: with PIPELINING, the RCPT and DATA replies still come
 
     def _on_rcpt(self, index: int, reply: SmtpReply) -> list[Command]:
-        st = self._state
         if reply.code == 552:
             # RFC 5321 §4.5.3.1.10: 552 to RCPT ("too many recipients") is temporary.
             reply = SmtpReply(452, "4" + reply.enhanced[1:], reply.text)
-        if not st.mail_failed:
+        if not self._mail_failed:
             if reply.is_positive:  # 250 or 251 (RFC 5321 §3.4)
-                st.accepted.append(index)
+                self._accepted.append(index)
             else:  # RFC 5321 §4.2.5: a refused recipient does not end the transaction
                 outcome = _outcome(reply)
-                st.final[index] = self._rr(index, reply, outcome, _REASON[outcome])
+                self._final[index] = self._rr(index, reply, outcome, _REASON[outcome])
         if self.capabilities.pipelining:
             return []
-        if st.to_send:
-            return self._queue([self._rcpt(st.to_send.popleft())])
-        if not st.accepted:
+        if self._to_send:
+            return self._queue([self._rcpt(self._to_send.popleft())])
+        if not self._accepted:
             # RFC 5321 §3.3: no DATA without an accepted recipient.
-            st.ending = Ending.REUSABLE
+            self._ending = Ending.REUSABLE
             return []
-        return self._queue([_Pending(Command(Phase.DATA, "DATA"))])
+        return self._queue([(Command(Phase.DATA, "DATA"), -1)])
 
     def _on_data(self, reply: SmtpReply) -> list[Command]:
-        st = self._state
-        live = [i for i in st.accepted if not st.mail_failed]
+        live = [i for i in self._accepted if not self._mail_failed]
         if reply.code == 354:
             if live:
-                return self._queue([_Pending(Command(Phase.DATA_END, None))])
+                return self._queue([(Command(Phase.DATA_END, None), -1)])
             # RFC 2920 §3.1: DATA must be refused when no recipient was accepted; a server
             # that says 354 anyway gets an empty message (Postfix), and no further use.
-            return self._queue([_Pending(Command(Phase.DATA_END, "."))])
+            return self._queue([(Command(Phase.DATA_END, "."), -1)])
         if live:
             # RFC 5321 §4.2.5: DATA refused: its reply applies to every accepted recipient;
             # a 2xx here is out of place and retried, never taken as delivery.
             outcome = Outcome.BOUNCED if reply.is_permanent else Outcome.DEFERRED
             for i in live:
-                st.final[i] = self._rr(i, reply, outcome, _REASON[outcome])
+                self._final[i] = self._rr(i, reply, outcome, _REASON[outcome])
         # RFC 2920 §3.1: with nothing accepted, the expected 503/554 ends the transaction.
-        st.ending = Ending.REUSABLE
+        self._ending = Ending.REUSABLE
         return []
 
     def _on_end(self, command: Command, reply: SmtpReply) -> list[Command]:
-        st = self._state
         if command.line is not None:  # the bare "." after an unexpected 354
-            st.ending = Ending.QUIT
+            self._ending = Ending.QUIT
             return []
         # RFC 5321 §4.1.1.4: the reply to end of data applies to every accepted recipient.
         outcome = _outcome(reply)
-        for i in st.accepted:
-            st.final[i] = self._rr(i, reply, outcome, _REASON[outcome])
-        st.ending = Ending.REUSABLE
+        for i in self._accepted:
+            self._final[i] = self._rr(i, reply, outcome, _REASON[outcome])
+        self._ending = Ending.REUSABLE
         return []
 
     # -- helpers -----------------------------------------------------------------------
 
-    def _rcpt(self, index: int) -> _Pending:
+    def _rcpt(self, index: int) -> tuple[Command, int]:
         line = f"RCPT TO:<{self.envelope.recipients[index]}>"
-        return _Pending(Command(Phase.RCPT, line), index)
+        return Command(Phase.RCPT, line), index
 
-    def _queue(self, batch: list[_Pending]) -> list[Command]:
+    def _queue(self, batch: list[tuple[Command, int]]) -> list[Command]:
         self._pending.extend(batch)
-        return [p.command for p in batch]
+        return [command for command, _ in batch]
 
     def _rr(self, index: int, reply: SmtpReply, outcome: Outcome, reason: str) -> RecipientResult:
         return RecipientResult(self.envelope.recipients[index], outcome, reply, "", reason)
 
     def _finish_all(self, outcome: Outcome, reply: SmtpReply, reason: str, end: Ending) -> None:
         for i in range(len(self.envelope.recipients)):
-            self._state.final.setdefault(i, self._rr(i, reply, outcome, reason))
-        self._state.ending = end
+            self._final.setdefault(i, self._rr(i, reply, outcome, reason))
+        self._ending = end
         self._pending.clear()
 
 

@@ -12,6 +12,7 @@ and what was wrong). Pure: no I/O.
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Final
 
 from cryptography import x509
 from cryptography.utils import CryptographyDeprecationWarning
@@ -190,13 +191,21 @@ class Peer:
             raise BadCertificate(self.depth, f"malformed extensions: {exc}") from exc
 
 
+#: id-on-dnsSRV (RFC 4985 §2): an SRV-ID in a subjectAltName otherName.
+SRV_ID_OID: Final = x509.ObjectIdentifier("1.3.6.1.5.5.7.8.7")
+
+
 def presented_names(peer: Peer) -> list[str]:
-    """DNS-IDs of the leaf, or its CN-IDs when it has no DNS-ID (RFC 6125 §6.4.4)."""
+    """DNS-IDs of the leaf, or its CN-IDs when it has no DNS-ID, SRV-ID or URI-ID."""
     san = peer.extension(x509.SubjectAlternativeName)
     if isinstance(san, x509.SubjectAlternativeName):
         dns_ids = san.get_values_for_type(x509.DNSName)
         if dns_ids:
             return dns_ids
+        srv_ids = [n for n in san.get_values_for_type(x509.OtherName) if n.type_id == SRV_ID_OID]
+        # RFC 6125 §6.4.4: the CN is a fallback only when the SAN has no DNS-, SRV- or URI-ID.
+        if srv_ids or san.get_values_for_type(x509.UniformResourceIdentifier):
+            return []
     try:
         attributes = peer.cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     except ValueError as exc:

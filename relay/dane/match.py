@@ -22,15 +22,24 @@ Theory of operation:
        that a record matches, a Cert(0)/Full(0) certificate from DNS that issued one
        (RFC 7671 §5.2), or an SPKI(1)/Full(0) bare key that signed one. Every certificate
        below the anchor must be within its dates, every one above the leaf a CA allowed to
-       sign at its depth, every signature valid and not MD5/SHA-1. Then a leaf DNS-ID (CN
-       only when there is none) must match a reference identifier (RFC 7672 §3.2.3).
+       sign at its depth, every signature valid and not MD5/SHA-1, none with a critical
+       extension it does not process (RFC 5280 §4.2), none with an extendedKeyUsage that
+       excludes serverAuth (OpenSSL's TLS server purpose).
+    4. The name constraints of every CA on the path (the anchor too, when it is a
+       certificate) must allow the leaf's names (RFC 5280 §4.2.1.10). Then a leaf DNS-ID
+       (CN only when the SAN has no DNS-ID, SRV-ID or URI-ID) must match a reference
+       identifier (RFC 7672 §3.2.3); presented names must be ASCII (A-labels).
 
 Depths follow OpenSSL's convention (see the conformance vectors' README): the anchor's
 position in the verified path, leaf = 0; a DNS certificate sits one above the certificate
 it issued, a bare key at the one it signed. For an ordered chain that is the ``chain`` index.
 
-Does not: check revocation, name constraints or policies, nor the trust anchor's own dates
-(a TA is a name and key, RFC 5280 §6.1.1(d)); use PKIX usages; act on the verdict.
+Does not: check revocation or policies (policy extensions are accepted as OpenSSL does with
+its default policy set), the trust anchor's own dates or extensions other than name
+constraints (a TA is a name and key, RFC 5280 §6.1.1(d)); apply name constraints to
+intermediates (only to the leaf), nor check other-type names (IP, e-mail, URI, ...) against
+constraints of that type: a leaf that has any fails; check keyUsage beyond keyCertSign on
+CAs; act on the verdict.
 """
 
 from collections.abc import Sequence
@@ -47,6 +56,7 @@ from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PublicKey
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.padding import PSS, PKCS1v15
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from relay.dane.certificate import (
     BadCertificate,
@@ -67,6 +77,33 @@ MAX_CHAIN_LENGTH: Final = 16
 _SIGNATURE_ERRORS: Final = (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError)
 _WEAK_HASHES: Final = (hashes.MD5, hashes.SHA1)
 _SHOWN_UNUSABLE: Final = 3
+#: Critical extensions a DANE-TA(2) path may carry (RFC 5280 §4.2): those checked here, and
+#: the policy ones, accepted as OpenSSL accepts them with its default (any-policy) set.
+_PROCESSED_EXTENSIONS: Final = frozenset(
+    {
+        ExtensionOID.BASIC_CONSTRAINTS,
+        ExtensionOID.KEY_USAGE,
+        ExtensionOID.EXTENDED_KEY_USAGE,
+        ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
+        ExtensionOID.NAME_CONSTRAINTS,
+        ExtensionOID.SUBJECT_KEY_IDENTIFIER,
+        ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
+        ExtensionOID.CERTIFICATE_POLICIES,
+        ExtensionOID.POLICY_CONSTRAINTS,
+        ExtensionOID.INHIBIT_ANY_POLICY,
+        ExtensionOID.POLICY_MAPPINGS,
+    }
+)
+_SERVER_PURPOSES: Final = (
+    ExtendedKeyUsageOID.SERVER_AUTH,
+    ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE,
+)
+_PROBLEMS: Final = {
+    "expired": "expired",
+    "not-yet-valid": "not yet valid",
+    "unhandled-critical-extension": "marked with a critical extension that is not processed",
+    "bad-purpose": "restricted by extendedKeyUsage to purposes other than serverAuth",
+}
 
 
 class DaneStatus(Enum):
@@ -83,7 +120,8 @@ class DaneVerdict:
 
     ``reason`` is a short stable token for logs and metric labels: ``match``,
     ``no-usable-records``, ``no-chain``, ``chain-too-long``, ``bad-certificate``,
-    ``no-match``, ``chain-invalid``, ``expired``, ``not-yet-valid``, ``name-mismatch``.
+    ``no-match``, ``chain-invalid``, ``expired``, ``not-yet-valid``,
+    ``unhandled-critical-extension``, ``bad-purpose``, ``name-constraints``, ``name-mismatch``.
     ``detail`` is free text for operators. ``matched`` and ``match_depth`` are set exactly
     when ``status`` is ``VERIFIED``.
     """
@@ -184,6 +222,7 @@ class _Anchor:
     depth: int
     path: tuple[int, ...]
     where: str
+    certificate: x509.Certificate | None = None  # the anchor's, when it is a certificate
 
     def describe(self) -> str:
         return f"{self.record.mnemonic} {self.record} matched the {self.where}"
@@ -238,10 +277,31 @@ def _date_problem(peer: Peer, now: datetime) -> str | None:
     return None
 
 
-def _below_anchor_ok(peer: Peer, path_depth: int, now: datetime | None) -> bool:
-    """Checks for a certificate below the trust anchor; ``now=None`` skips the dates."""
+def _usage_problem(peer: Peer) -> str | None:
+    """``unhandled-critical-extension``/``bad-purpose`` for a certificate below the anchor."""
+    try:
+        extensions = list(peer.cert.extensions)
+    except ValueError as exc:
+        raise BadCertificate(peer.depth, f"malformed extensions: {exc}") from exc
+    # RFC 5280 §4.2: a critical extension that is not processed makes the certificate invalid.
+    if any(e.critical and e.oid not in _PROCESSED_EXTENSIONS for e in extensions):
+        return "unhandled-critical-extension"
+    purposes = peer.extension(x509.ExtendedKeyUsage)
+    # RFC 5280 §4.2.1.12 (OpenSSL's TLS server purpose, on the whole chain): serverAuth or any.
+    if isinstance(purposes, x509.ExtendedKeyUsage) and not any(
+        oid in purposes for oid in _SERVER_PURPOSES
+    ):
+        return "bad-purpose"
+    return None
+
+
+def _below_anchor_ok(peer: Peer, path_depth: int, now: datetime | None, strict: bool) -> bool:
+    """Checks for a certificate below the trust anchor; ``now=None`` skips the dates,
+    ``strict=False`` the extension checks of ``_usage_problem``."""
     # RFC 7672 §3.1.2 / RFC 5280 §6.1.3(a)(2): chain certificates must be valid at ``now``.
     if now is not None and _date_problem(peer, now) is not None:
+        return False
+    if strict and _usage_problem(peer) is not None:
         return False
     if path_depth == 0:
         return True
@@ -293,8 +353,9 @@ class _TaSearch:
             for up in self.issuers
         )
 
-    def find(self, now: datetime | None) -> _Anchor | None:
-        """Shallowest anchor reachable from the leaf by a valid path; ``now=None``: no dates."""
+    def find(self, now: datetime | None, strict: bool = True) -> _Anchor | None:
+        """Shallowest anchor reachable from the leaf by a valid path; ``now=None``: no dates,
+        ``strict=False``: no extension checks (``_usage_problem``)."""
         peers, parent = self.peers, {0: -1}
 
         def path_to(index: int) -> tuple[int, ...]:
@@ -311,8 +372,9 @@ class _TaSearch:
                 for record in self.records:
                     if peers[index].matches(record):
                         where = f"presented {peers[index].label()}"
-                        return _Anchor(record, depth, path_to(index)[:-1], where)
-            level = [i for i in level if _below_anchor_ok(peers[i], depth, now)]
+                        path = path_to(index)[:-1]
+                        return _Anchor(record, depth, path, where, peers[index].cert)
+            level = [i for i in level if _below_anchor_ok(peers[i], depth, now, strict)]
             # RFC 7671 §5.2: a bare TA key anchors the certificate it signed, at that depth
             # (unless its own certificate was sent: that is the anchor, one level up).
             for index in level:
@@ -325,7 +387,7 @@ class _TaSearch:
                 for record, cert in self.dns_certs:
                     if record.data != peers[index].der and _issued_by(peers[index].cert, cert):
                         where = f"certificate from DNS that issued {peers[index].label()}"
-                        return _Anchor(record, depth + 1, path_to(index), where)
+                        return _Anchor(record, depth + 1, path_to(index), where, cert)
             # RFC 5280 §6.1: extend the path by presented certificates that issued this level.
             next_level: list[int] = []
             for index in level:
@@ -338,15 +400,17 @@ class _TaSearch:
 
     def explain_failure(self, now: datetime) -> DaneVerdict:
         """The failure verdict when ``find(now)`` found no anchor."""
-        relaxed = self.find(None)
+        relaxed = self.find(None, strict=False)
         for index in relaxed.path if relaxed is not None else ():
-            problem = _date_problem(self.peers[index], now)
+            # RFC 7672 §3.1.2: the chain below a DANE-TA(2) anchor must be within its dates
+            # (RFC 5280 §6.1.3(a)(2)) and carry no extension that forbids its use (§4.2).
+            problem = _date_problem(self.peers[index], now) or _usage_problem(self.peers[index])
             if relaxed is not None and problem is not None:
-                # RFC 7672 §3.1.2: the chain below a DANE-TA(2) anchor must be within its dates.
+                at = f" at {now.isoformat()}" if problem in ("expired", "not-yet-valid") else ""
                 return _fail(
                     problem,
                     f"{relaxed.describe()}, but {self.peers[index].label()} is "
-                    f"{problem.replace('-', ' ')} at {now.isoformat()}",
+                    f"{_PROBLEMS[problem]}{at}",
                 )
         peers = self.peers
         anchored = (
@@ -378,6 +442,15 @@ def _verify_dane_ta(
         return search.explain_failure(now)
     # RFC 7672 §3.2.2: with DANE-TA(2) the leaf must carry a reference identifier.
     presented = presented_names(peers[0])
+    # RFC 5280 §4.2.1.10: the name constraints of the CAs on the path bind the leaf's names.
+    holders = [peers[i].cert for i in anchor.path[1:]]
+    for holder in [*holders, *([anchor.certificate] if anchor.certificate else [])]:
+        problem = _name_constraint_problem(holder, peers[0], presented)
+        if problem is not None:
+            return _fail(
+                "name-constraints",
+                f"{anchor.describe()} at depth {anchor.depth}, but {problem}",
+            )
     for name in presented:
         for reference in ref_names:
             if _name_matches(name, reference):
@@ -394,10 +467,13 @@ def _verify_dane_ta(
 
 def _name_matches(presented: str, reference: str) -> bool:
     """RFC 7672 §3.2.3 / RFC 6125 §6.4: exact, case-insensitive, or a left-most wildcard."""
+    # RFC 6125 §6.4.2: compare A-labels; str.lower() would fold U+212A KELVIN SIGN to "k".
+    if not presented.isascii() or not reference.isascii():
+        return False
     pattern, target = (
         n[:-1].lower() if n.endswith(".") else n.lower() for n in (presented, reference)
     )
-    if not pattern or not target or "*" in target or not target.isascii():
+    if not pattern or not target or "*" in target:
         return False
     if pattern.startswith("*."):
         suffix = pattern[2:]
@@ -414,3 +490,88 @@ def _name_matches(presented: str, reference: str) -> bool:
 def name_matches(presented: str, reference: str) -> bool:
     """A presented DNS-ID matches `reference` (RFC 6125 §6.4; the rules of `verify`)."""
     return _name_matches(presented, reference)
+
+
+def _dns_within(name: str, base: str, excluded: bool) -> bool:
+    """Whether DNS name ``name`` (ASCII) is in the dNSName subtree ``base`` (RFC 5280
+    §4.2.1.10): "example.com" holds it and its sub-domains, ".example.com" only sub-domains.
+    ``excluded``: a wildcard counts as inside when one name it can match is."""
+    if not base.isascii():
+        return excluded  # cannot be compared with an A-label: conservative either way
+    name, base = name.lower().removesuffix("."), base.lower().removesuffix(".")
+    sub_only = base.startswith(".")
+    base = base.removeprefix(".")
+    if not base:
+        return True
+    if name == base:
+        return not sub_only
+    if name.endswith("." + base):
+        return True
+    # "*.example.com" can match "mx.example.com": inside an excluded "mx.example.com".
+    return (
+        excluded and not sub_only and name.startswith("*.") and base.partition(".")[2] == name[2:]
+    )
+
+
+def _dn_within(subject: x509.Name, base: x509.Name) -> bool:
+    """Whether ``subject`` is in the directoryName subtree ``base``: its leading RDNs are
+    ``base``'s (RFC 5280 §4.2.1.10, §7.1; strings compared case-insensitively)."""
+
+    def key(rdn: x509.RelativeDistinguishedName) -> frozenset[tuple[str, object]]:
+        return frozenset(
+            (a.oid.dotted_string, a.value.casefold() if isinstance(a.value, str) else a.value)
+            for a in rdn
+        )
+
+    ours, theirs = subject.rdns, base.rdns
+    return len(theirs) <= len(ours) and all(
+        key(a) == key(b) for a, b in zip(ours, theirs, strict=False)
+    )
+
+
+def _name_constraint_problem(
+    holder: x509.Certificate, leaf: Peer, dns_names: Sequence[str]
+) -> str | None:
+    """Why ``holder``'s nameConstraints do not allow the leaf (``dns_names``: the names
+    the leaf is matched by), or None."""
+    try:
+        constraints = holder.extensions.get_extension_for_class(x509.NameConstraints).value
+    except x509.ExtensionNotFound:
+        return None
+    except ValueError as exc:
+        return f"a CA's nameConstraints cannot be decoded ({exc})"
+    permitted = list(constraints.permitted_subtrees or ())
+    excluded = list(constraints.excluded_subtrees or ())
+    san = leaf.extension(x509.SubjectAlternativeName)
+    san_names = list(san) if isinstance(san, x509.SubjectAlternativeName) else []
+    try:
+        subject = leaf.cert.subject
+        emails = subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS)
+    except ValueError as exc:
+        raise BadCertificate(leaf.depth, f"malformed subject: {exc}") from exc
+    for kind in {type(tree) for tree in permitted + excluded}:
+        allowed = [tree.value for tree in permitted if type(tree) is kind]
+        denied = [tree.value for tree in excluded if type(tree) is kind]
+        if kind is x509.DNSName:
+            for name in dns_names:
+                if not name.isascii():
+                    return f"leaf name {name!r} is not an A-label"
+                if allowed and not any(_dns_within(name, base, False) for base in allowed):
+                    return f"leaf name {name!r} is outside the permitted dNSName subtrees"
+                if any(_dns_within(name, base, True) for base in denied):
+                    return f"leaf name {name!r} is inside an excluded dNSName subtree"
+        elif kind is x509.DirectoryName:
+            # RFC 5280 §4.2.1.10: applies to a non-empty subject and to directoryName SANs.
+            subjects = [subject] if len(subject) else []
+            subjects += [n.value for n in san_names if isinstance(n, x509.DirectoryName)]
+            dn_allowed = [t.value for t in permitted if isinstance(t, x509.DirectoryName)]
+            dn_denied = [t.value for t in excluded if isinstance(t, x509.DirectoryName)]
+            for dn in subjects:
+                if dn_allowed and not any(_dn_within(dn, base) for base in dn_allowed):
+                    return f"leaf name {dn.rfc4514_string()!r} is outside the permitted subtrees"
+                if any(_dn_within(dn, base) for base in dn_denied):
+                    return f"leaf name {dn.rfc4514_string()!r} is inside an excluded subtree"
+        # Other name types are not compared: a leaf that has such names fails (conservative).
+        elif any(type(n) is kind for n in san_names) or (kind is x509.RFC822Name and emails):
+            return f"{kind.__name__} constraints apply to the leaf, and are not checked"
+    return None

@@ -66,10 +66,18 @@ def issue(
     key_ids: bool = True,
     basic_constraints: bool = True,
     key: ec.EllipticCurvePrivateKey | None = None,
+    subject: x509.Name | None = None,
+    other_sans: Sequence[x509.GeneralName] = (),
+    extensions: Sequence[tuple[x509.ExtensionType, bool]] = (),
 ) -> Issued:
-    """One certificate; self-signed when ``issuer`` is None. ``cn=None``: empty subject."""
+    """One certificate; self-signed when ``issuer`` is None. ``cn=None``: empty subject.
+
+    ``subject`` replaces the CN-only subject; ``other_sans`` are SAN entries after the
+    ``sans`` dNSNames; ``extensions`` are extra (extension, critical) pairs.
+    """
     key = key or ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn else [])
+    if subject is None:
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn else [])
     signer_key = issuer.key if issuer else key
     builder = (
         x509.CertificateBuilder()
@@ -97,8 +105,8 @@ def issue(
             ),
             critical=True,
         )
-    if sans:
-        names = [x509.DNSName(name) for name in sans]
+    if sans or other_sans:
+        names = [*(x509.DNSName(name) for name in sans), *other_sans]
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     if key_ids:
         builder = builder.add_extension(
@@ -108,6 +116,8 @@ def issue(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(signer_key.public_key()),
             critical=False,
         )
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
     cert = builder.sign(signer_key, hashes.SHA256())
     return Issued(cert, key)
 

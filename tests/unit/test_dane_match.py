@@ -15,11 +15,12 @@ from certfactory import MX_HOST, NEXT_HOP, NOW, Issued, Pki, _der, _elements, bu
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.dane import MAX_CHAIN_LENGTH, DaneStatus, DaneVerdict, TlsaRecord, verify
+from relay.dane.match import name_matches
 
 VERIFIED, FAILED, UNAUTH = DaneStatus.VERIFIED, DaneStatus.FAILED, DaneStatus.UNAUTHENTICATED
 REFS = (MX_HOST, NEXT_HOP)
@@ -717,3 +718,212 @@ def test_verdict_is_a_frozen_value(pki: Pki) -> None:
     with pytest.raises(AttributeError):
         verdict.reason = "x"  # type: ignore[misc]
     assert verdict == run([pki.leaf.tlsa(3, 1, 1)], [pki.leaf.der])
+
+
+# --- DANE-TA(2) PKIX checks the adversarial tester found missing (DANE-EE(3) ignores them) -
+
+_UNKNOWN_OID = x509.ObjectIdentifier("1.3.6.1.4.1.55555.1")
+_SRV_ID_OID = x509.ObjectIdentifier("1.3.6.1.5.5.7.8.7")
+
+
+def _unknown(critical: bool = True) -> tuple[x509.ExtensionType, bool]:
+    return x509.UnrecognizedExtension(_UNKNOWN_OID, b"\x05\x00"), critical
+
+
+def _eku(*oids: x509.ObjectIdentifier) -> tuple[x509.ExtensionType, bool]:
+    return x509.ExtendedKeyUsage(list(oids)), False
+
+
+def _constraints(
+    permitted: Sequence[x509.GeneralName] | None = None,
+    excluded: Sequence[x509.GeneralName] | None = None,
+) -> tuple[x509.ExtensionType, bool]:
+    return x509.NameConstraints(permitted, excluded), True
+
+
+def _leaf_via_ca(
+    ca_extensions: Sequence[tuple[x509.ExtensionType, bool]] = (), **leaf: object
+) -> tuple[Issued, Issued]:
+    """(leaf, CA issued by ``pki.root`` with ``ca_extensions``); the leaf names MX_HOST."""
+    ca = issue("Constrained CA", issuer=build_pki().root, ca=True, extensions=ca_extensions)
+    options: dict[str, object] = {"sans": [MX_HOST], **leaf}
+    return issue(MX_HOST, issuer=ca, **options), ca  # type: ignore[arg-type]
+
+
+def _ta_paths(pki: Pki, leaf: Issued, ca: Issued) -> Iterator[DaneVerdict]:
+    """The DANE-TA(2) verdicts with the CA (sent and from DNS), the root (same) as anchor."""
+    yield run([ca.tlsa(2, 1, 1)], der(leaf, ca))
+    yield run([ca.tlsa(2, 0, 0)], der(leaf))
+    yield run([pki.root.tlsa(2, 0, 1)], der(leaf, ca, pki.root))
+    yield run([pki.root.tlsa(2, 0, 0)], der(leaf, ca))
+
+
+def test_critical_unknown_extension_on_the_leaf(pki: Pki) -> None:
+    # RFC 5280 §4.2: a certificate with a critical extension that is not processed is invalid.
+    leaf = issue(MX_HOST, issuer=pki.intermediate, sans=[MX_HOST], extensions=[_unknown()])
+    record = pki.intermediate.tlsa(2, 1, 1)
+    check(run([record], der(leaf, pki.intermediate)), FAILED, "unhandled-critical-extension")
+    check(run([leaf.tlsa(3, 1, 1)], der(leaf)), VERIFIED, "match", 0)
+    # Not critical: ignored.
+    plain = issue(MX_HOST, issuer=pki.intermediate, sans=[MX_HOST], extensions=[_unknown(False)])
+    check(run([record], der(plain, pki.intermediate)), VERIFIED, "match", 1)
+
+
+def test_critical_unknown_extension_on_an_intermediate(pki: Pki) -> None:
+    leaf, ca = _leaf_via_ca([_unknown()])
+    check(
+        run([pki.root.tlsa(2, 0, 1)], der(leaf, ca, pki.root)),
+        FAILED,
+        "unhandled-critical-extension",
+    )
+    # The anchor itself is a name and a key: its extensions are not checked.
+    check(run([ca.tlsa(2, 1, 1)], der(leaf, ca)), VERIFIED, "match", 1)
+
+
+def test_critical_policy_extensions_are_accepted(pki: Pki) -> None:
+    policies = x509.CertificatePolicies(
+        [x509.PolicyInformation(x509.ObjectIdentifier("2.5.29.32.0"), None)]
+    )
+    leaf, ca = _leaf_via_ca(
+        [
+            (policies, True),
+            (x509.PolicyConstraints(0, None), True),
+            (x509.InhibitAnyPolicy(0), True),
+        ],
+        extensions=[(policies, True)],
+    )
+    for verdict in _ta_paths(pki, leaf, ca):
+        assert verdict.status is VERIFIED, verdict.detail
+
+
+@pytest.mark.parametrize(
+    ("permitted", "excluded", "ok"),
+    [
+        ([x509.DNSName("example.org")], None, False),
+        ([x509.DNSName("example.net")], None, True),
+        ([x509.DNSName("EXAMPLE.NET")], None, True),  # case-insensitive
+        ([x509.DNSName("mx.example.net")], None, True),  # the name itself
+        ([x509.DNSName(".mx.example.net")], None, False),  # only its sub-domains
+        ([x509.DNSName(".example.net")], None, True),
+        ([x509.DNSName("xample.net")], None, False),  # label boundary
+        ([x509.DNSName("example.org"), x509.DNSName("example.net")], None, True),
+        (None, [x509.DNSName("example.net")], False),
+        (None, [x509.DNSName(".example.net")], False),
+        (None, [x509.DNSName("Mx.Example.Net")], False),
+        (None, [x509.DNSName("example.org")], True),
+        ([x509.DNSName("example.net")], [x509.DNSName("mx.example.net")], False),
+    ],
+)
+def test_dns_name_constraints(
+    pki: Pki,
+    permitted: list[x509.GeneralName] | None,
+    excluded: list[x509.GeneralName] | None,
+    ok: bool,
+) -> None:
+    # RFC 5280 §4.2.1.10: a CA's name constraints bind every name of the leaf.
+    leaf, ca = _leaf_via_ca([_constraints(permitted, excluded)])
+    for verdict in _ta_paths(pki, leaf, ca):
+        if ok:
+            assert (verdict.status, verdict.reason) == (VERIFIED, "match"), verdict.detail
+        else:
+            check(verdict, FAILED, "name-constraints")
+    check(run([leaf.tlsa(3, 1, 1)], der(leaf)), VERIFIED, "match", 0)
+
+
+def test_dns_name_constraints_on_cn_and_wildcards(pki: Pki) -> None:
+    nc = _constraints([x509.DNSName("example.org")])
+    cn_only, ca = _leaf_via_ca([nc], sans=[])
+    check(run([ca.tlsa(2, 1, 1)], der(cn_only, ca)), FAILED, "name-constraints")
+    # "*.example.net" can stand for the excluded "mx.example.net".
+    excluded = _constraints(None, [x509.DNSName("mx.example.net")])
+    wildcard, ca = _leaf_via_ca([excluded], sans=["*.example.net"])
+    check(run([ca.tlsa(2, 1, 1)], der(wildcard, ca)), FAILED, "name-constraints")
+    # Every SAN dNSName counts, not only the one that matches a reference identifier.
+    extra, ca = _leaf_via_ca([nc], sans=["mx.example.org", MX_HOST])
+    check(run([ca.tlsa(2, 1, 1)], der(extra, ca)), FAILED, "name-constraints")
+
+
+def test_other_name_type_constraints_fail_conservatively(pki: Pki) -> None:
+    ip_nc = _constraints([x509.IPAddress(ipaddress.ip_network("192.0.2.0/24"))])
+    with_ip, ca = _leaf_via_ca(
+        [ip_nc], other_sans=[x509.IPAddress(ipaddress.ip_address("192.0.2.1"))]
+    )
+    check(run([ca.tlsa(2, 1, 1)], der(with_ip, ca)), FAILED, "name-constraints")
+    without_ip, ca = _leaf_via_ca([ip_nc])
+    check(run([ca.tlsa(2, 1, 1)], der(without_ip, ca)), VERIFIED, "match", 1)
+
+
+def test_directory_name_constraints(pki: Pki) -> None:
+    acme = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Acme")])
+    nc = _constraints([x509.DirectoryName(acme)])
+    outside, ca = _leaf_via_ca([nc])
+    check(run([ca.tlsa(2, 1, 1)], der(outside, ca)), FAILED, "name-constraints")
+    inside_subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "ACME"),
+            x509.NameAttribute(NameOID.COMMON_NAME, MX_HOST),
+        ]
+    )
+    inside, ca = _leaf_via_ca([nc], subject=inside_subject)
+    check(run([ca.tlsa(2, 1, 1)], der(inside, ca)), VERIFIED, "match", 1)
+    excluded, ca = _leaf_via_ca(
+        [_constraints(None, [x509.DirectoryName(acme)])], subject=inside_subject
+    )
+    check(run([ca.tlsa(2, 1, 1)], der(excluded, ca)), FAILED, "name-constraints")
+
+
+def test_non_ascii_presented_name_is_not_case_folded(pki: Pki) -> None:
+    # RFC 6125 §6.4.2: "mx.\u212aexample.com" (KELVIN SIGN) is not the A-label "mx.kexample.com".
+    leaf = issue("mx.\u212aexample.com", issuer=pki.intermediate)
+    record = pki.intermediate.tlsa(2, 1, 1)
+    check(run([record], der(leaf, pki.intermediate), ["mx.kexample.com"]), FAILED, "name-mismatch")
+    assert not name_matches("mx.\u212aexample.com", "mx.kexample.com")
+    assert not name_matches("mx.kexample.com", "mx.\u212aexample.com")
+    check(run([leaf.tlsa(3, 1, 1)], der(leaf), ["mx.kexample.com"]), VERIFIED, "match", 0)
+
+
+@pytest.mark.parametrize(
+    ("other", "cn_used"),
+    [
+        (x509.UniformResourceIdentifier(f"smtp://{MX_HOST}"), False),
+        (x509.OtherName(_SRV_ID_OID, _der(0x16, f"_smtp.{MX_HOST}".encode())), False),
+        (x509.IPAddress(ipaddress.ip_address("192.0.2.1")), True),
+        (x509.RFC822Name(f"postmaster@{MX_HOST}"), True),
+    ],
+)
+def test_cn_fallback_only_without_dns_srv_or_uri_ids(
+    pki: Pki, other: x509.GeneralName, cn_used: bool
+) -> None:
+    # RFC 6125 §6.4.4: the CN is used only when the SAN has no DNS-ID, SRV-ID or URI-ID.
+    leaf = issue(MX_HOST, issuer=pki.intermediate, other_sans=[other])
+    verdict = run([pki.intermediate.tlsa(2, 1, 1)], der(leaf, pki.intermediate))
+    if cn_used:
+        check(verdict, VERIFIED, "match", 1)
+    else:
+        check(verdict, FAILED, "name-mismatch")
+
+
+@pytest.mark.parametrize(
+    ("purposes", "ok"),
+    [
+        ([ExtendedKeyUsageOID.CLIENT_AUTH], False),
+        ([ExtendedKeyUsageOID.EMAIL_PROTECTION, ExtendedKeyUsageOID.CODE_SIGNING], False),
+        ([ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH], True),
+        ([ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE], True),
+    ],
+)
+def test_leaf_extended_key_usage(pki: Pki, purposes: list[x509.ObjectIdentifier], ok: bool) -> None:
+    leaf = issue(MX_HOST, issuer=pki.intermediate, sans=[MX_HOST], extensions=[_eku(*purposes)])
+    verdict = run([pki.intermediate.tlsa(2, 1, 1)], der(leaf, pki.intermediate))
+    if ok:
+        check(verdict, VERIFIED, "match", 1)
+    else:
+        check(verdict, FAILED, "bad-purpose")
+    check(run([leaf.tlsa(3, 1, 1)], der(leaf)), VERIFIED, "match", 0)
+
+
+def test_intermediate_extended_key_usage(pki: Pki) -> None:
+    leaf, ca = _leaf_via_ca([_eku(ExtendedKeyUsageOID.CLIENT_AUTH)])
+    check(run([pki.root.tlsa(2, 0, 1)], der(leaf, ca, pki.root)), FAILED, "bad-purpose")
+    leaf, ca = _leaf_via_ca([_eku(ExtendedKeyUsageOID.SERVER_AUTH)])
+    check(run([pki.root.tlsa(2, 0, 1)], der(leaf, ca, pki.root)), VERIFIED, "match", 2)

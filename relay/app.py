@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from relay.config import Config, DnsConfig
 from relay.delivery.engine import DeliveryEngine, EngineSettings
+from relay.delivery.policymap import PolicyMap
 from relay.delivery.tls import client_context, pkix_context
 from relay.delivery.transport import SmtpTransport
 from relay.errors import ConfigError
@@ -339,6 +340,13 @@ async def _run(
             helo_name=hostname,
             port=cfg.delivery.port,
             insecure_mx_policy=cfg.tls.insecure_mx_policy,
+            policy=PolicyMap(
+                cfg.tls.level,
+                policy=cfg.tls.policy,
+                transport=cfg.delivery.transport,
+                relayhost=cfg.delivery.relayhost,
+                port=cfg.delivery.port,
+            ),
         ),
         metrics=metrics,
         resolver_status=watch.status,

@@ -30,6 +30,7 @@ __all__ = [
     "Endpoint",
     "LogConfig",
     "MetricsConfig",
+    "NextHop",
     "RelayConfig",
     "ServerConfig",
     "SpoolConfig",
@@ -41,6 +42,7 @@ __all__ = [
     "parse_config",
     "parse_duration",
     "parse_endpoint",
+    "parse_next_hop",
 ]
 
 # Postfix-compatible security level names (DESIGN.md "TLS security levels").
@@ -68,6 +70,23 @@ class Endpoint:
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class NextHop:
+    """Where mail for a domain goes instead of its own MX hosts (Postfix transport syntax).
+
+    `[host]` or `[host]:port`: connect to that host, no MX lookup (`mx` False). `host` or
+    `host:port`: look up the MX records of `host`. `port` None: `delivery.port`.
+    """
+
+    host: str
+    port: int | None = None
+    mx: bool = True
+
+    def __str__(self) -> str:
+        text = self.host if self.mx else f"[{self.host}]"
+        return text if self.port is None else f"{text}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +137,8 @@ class TlsConfig:
     insecure_mx_policy: str = "dane"
     # Levels verify/secure: PEM CA certificates that replace the system trust store.
     ca_file: Path | None = None
+    # [tls.policy]: (domain or ".parent", level) pairs; exact beats ".parent" beats `level`.
+    policy: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +151,10 @@ class DeliveryConfig:
     max_backoff: float = 4000.0
     max_queue_lifetime: float = 5 * 86400.0
     scan_interval: float = 60.0
+    # Smarthost: every domain goes to this next hop unless [delivery.transport] says otherwise.
+    relayhost: NextHop | None = None
+    # [delivery.transport]: (domain or ".parent", next hop) pairs, as for [tls.policy].
+    transport: tuple[tuple[str, NextHop], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +236,64 @@ def _port(text: str) -> int:
 
 
 T = TypeVar("T")
+
+
+def parse_next_hop(value: str) -> NextHop:
+    """Parse "[host]", "[host]:port", "host" or "host:port" (host names only).
+
+    Raises:
+        ValueError: not one of these forms.
+    """
+    what = 'a next hop such as "[mx.example.net]:25" (no MX lookup) or "example.net"'
+    text, mx, port = value, True, None
+    if text.count(":") > 1:
+        raise ValueError(what)
+    if ":" in text:
+        text, port_text = text.rsplit(":", 1)
+        try:
+            port = _port(port_text)
+        except ValueError:
+            raise ValueError(what) from None
+    if text.startswith("[") and text.endswith("]"):
+        text, mx = text[1:-1], False
+    if not _HOSTNAME.fullmatch(text) or "[" in text or _is_ip(text):
+        raise ValueError(what)
+    return NextHop(text.rstrip(".").lower(), port, mx)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _domain_map(
+    file: Path, key: str, value: Callable[[Any], T], expected: str
+) -> Callable[[Any], tuple[tuple[str, T], ...]]:
+    """A table of "domain" or ".parent" keys (A-label form) to converted values."""
+
+    def convert(raw: Any) -> tuple[tuple[str, T], ...]:
+        if not isinstance(raw, Mapping):
+            raise ValueError(f'a table such as {{ "example.com" = {expected} }}')
+        out: list[tuple[str, T]] = []
+        for name, item in raw.items():
+            bare = name[1:] if name.startswith(".") else name
+            if not bare.isascii() or not _HOSTNAME.fullmatch(bare) or bare.endswith("."):
+                raise ConfigError(
+                    f'{file}: {key}.{name}: expected a domain such as "example.com" or '
+                    f'".example.com" (sub-domains), in A-label form, got {_show(name)}'
+                )
+            try:
+                out.append((name.lower(), value(item)))
+            except ValueError as exc:
+                raise ConfigError(
+                    f"{file}: {key}.{name}: expected {exc or expected}, got {_show(item)}"
+                ) from None
+        return tuple(out)
+
+    return convert
 
 
 class _Section:
@@ -346,6 +429,12 @@ def _network(raw: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         return ipaddress.ip_network(raw, strict=False)
     except ValueError:
         raise ValueError('a list of networks such as ["127.0.0.0/8", "::1/128"]') from None
+
+
+def _next_hop(raw: Any) -> NextHop:
+    if not isinstance(raw, str):
+        raise ValueError('a next hop such as "[mx.example.net]:25" or "example.net"')
+    return parse_next_hop(raw)
 
 
 def _metrics_listen(raw: Any) -> Endpoint | None:
@@ -505,6 +594,12 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
             lambda v: Path(_typed(str, "a file path")(v)) if v else _raise("a file path"),
             "a file path",
         ),
+        policy=s.get(
+            "policy",
+            TlsConfig().policy,
+            _domain_map(file, "tls.policy", _choice(TLS_LEVELS), '"dane-only"'),
+            "a table of TLS levels",
+        ),
     )
     s.finish()
 
@@ -521,6 +616,13 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
             "max_queue_lifetime", d_delivery.max_queue_lifetime, dur, "a duration"
         ),
         scan_interval=s.get("scan_interval", d_delivery.scan_interval, dur, "a duration"),
+        relayhost=s.get("relayhost", d_delivery.relayhost, _next_hop, "a next hop"),
+        transport=s.get(
+            "transport",
+            d_delivery.transport,
+            _domain_map(file, "delivery.transport", _next_hop, '"[mx.example.net]:25"'),
+            "a table of next hops",
+        ),
     )
     s.finish()
     if delivery.max_backoff < delivery.min_backoff:

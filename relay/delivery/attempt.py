@@ -38,6 +38,7 @@ class Attempt:
     tlsa_base: str = ""  # RFC 7672 §2.2.2: the name whose TLSA records apply
     dane: str = "none"
     dane_detail: str = ""
+    route_detail: str = ""  # " level=verify nexthop=[h]:587" when a policy map is configured
     started: float = field(default_factory=time.monotonic)
 
 
@@ -126,7 +127,7 @@ class AttemptRecorder:
         dns = f" {attempt.dns_detail}" if attempt.dns_detail else ""
         log.info(
             "queue_id=%s to=%s relay=%s dnssec=%s%s tls=%s%s dane=%s%s delay=%.2f "
-            'attempt_time=%.2f status=%s reply="%s"%s',
+            'attempt_time=%.2f status=%s reply="%s"%s%s',
             attempt.queue_id,
             ",".join(f"<{r}>" for r in rcpts),
             attempt.relay,
@@ -141,6 +142,7 @@ class AttemptRecorder:
             status,
             str(reply).replace('"', "'"),
             extra,
+            attempt.route_detail,
         )
 
 

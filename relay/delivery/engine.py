@@ -39,7 +39,8 @@ from relay.dane.match import DaneStatus
 from relay.dane.policy import DANE_LEVELS, Action, TlsaState, TlsRequirement
 from relay.delivery.attempt import Attempt, AttemptRecorder, as_temporary, outcome_of
 from relay.delivery.planner import MAX_MX_HOSTS, MxHost
-from relay.delivery.route import HostRoute, resolve_host, resolve_mx
+from relay.delivery.policymap import Destination, PolicyMap
+from relay.delivery.route import HostRoute, explicit_route, resolve_host, resolve_mx
 from relay.delivery.secure import Negotiation, TlsSession, negotiate
 from relay.errors import DeliveryError, PermanentFailure, Scope, TemporaryFailure
 from relay.lookup.results import Resolver, ResolverStatus, Security
@@ -106,6 +107,8 @@ class EngineSettings:
     tlsa_port: int = 25  # RFC 7672 §2.2.3: TLSA qname always uses the SMTP port 25
     # RFC 7672 §2.2.1: level dane, secure TLSA via an insecure MX RRset: dane/encrypt/may.
     insecure_mx_policy: str = "dane"
+    # Per-destination level and next hop; None: `level` and the MX hosts for every domain.
+    policy: PolicyMap | None = None
 
 
 class DeliveryEngine:
@@ -125,6 +128,9 @@ class DeliveryEngine:
         self.tls_context = tls_context
         self.pkix_context = pkix_context
         self.settings = settings
+        self.routes = settings.policy or PolicyMap(
+            settings.level, port=settings.port, tlsa_port=settings.tlsa_port
+        )
         self.metrics = metrics
         self.clock = clock
         self.resolver_status = resolver_status  # None: the resolver is trusted to validate
@@ -189,7 +195,15 @@ class DeliveryEngine:
         attempt = Attempt(queue_id, domain, rcpts, smtputf8=smtputf8)
         # One reading per domain, so that every host of the domain is judged alike.
         validating = self.resolver_status is None or self.resolver_status.validating
-        mx = await resolve_mx(self.resolver, domain, validating=validating)
+        dest = self.routes.destination(domain)
+        if self.routes.configured:
+            attempt.route_detail = f" level={dest.level} nexthop={dest.via}"
+        # RFC 7672 §2.2.2: an explicit [host] next hop is used without MX lookup.
+        mx = (
+            await resolve_mx(self.resolver, dest.next_hop, validating=validating)
+            if dest.mx
+            else explicit_route(dest.next_hop)
+        )
         attempt.dnssec = mx.dnssec
         if mx.failure is not None:
             # RFC 7672 §2.1: a failed MX lookup defers, never "no MX"; RFC 7505: null MX bounces.
@@ -216,6 +230,7 @@ class DeliveryEngine:
             try:
                 return await self._try_host(
                     attempt,
+                    dest,
                     host,
                     mx.answer.security,
                     validating,
@@ -254,6 +269,7 @@ class DeliveryEngine:
     async def _try_host(
         self,
         attempt: Attempt,
+        dest: Destination,
         host: MxHost,
         mx_security: Security,
         validating: bool,
@@ -266,12 +282,12 @@ class DeliveryEngine:
         route = await resolve_host(
             self.resolver,
             host,
-            next_hop=attempt.domain,
-            level=settings.level,
+            next_hop=dest.next_hop,
+            level=dest.level,
             mx_security=mx_security,
             insecure_mx_policy=settings.insecure_mx_policy,
             validating=validating,
-            tlsa_port=settings.tlsa_port,
+            tlsa_port=dest.tlsa_port,
         )
         attempt.relay = f"{host.name}[-]"
         attempt.tls, attempt.tls_detail, attempt.dane, attempt.dane_detail = "none", "", "none", ""
@@ -287,7 +303,7 @@ class DeliveryEngine:
             attempt.queue_id,
             host.name,
             route.tlsa_state.value,
-            settings.level,
+            dest.level,
             decision.action.value,
             route.reason,
         )
@@ -303,15 +319,15 @@ class DeliveryEngine:
         connections.untried += len(route.addresses) - len(addresses)
         for address in addresses:
             connections.left -= 1
-            attempt.relay = f"{host.name}[{address}]:{settings.port}"
+            attempt.relay = f"{host.name}[{address}]:{dest.port}"
             attempt.tls, attempt.tls_detail = "none", ""
             attempt.dane, attempt.dane_detail = "none", ""
-            if decision.action is Action.NO_DANE and settings.level in DANE_LEVELS:
+            if decision.action is Action.NO_DANE and dest.level in DANE_LEVELS:
                 # Why DANE did not apply at a DANE level (insecure addresses, no TLSA, ...).
                 attempt.dane_detail = f"reason={decision.reason}"
             try:
                 return await self._transact(
-                    attempt, route, address, decision.requirement, sender, body, received
+                    attempt, route, address, dest.port, decision.requirement, sender, body, received
                 )
             except (TemporaryFailure, PermanentFailure) as exc:
                 self.record.log_failure(attempt, exc, received)
@@ -349,12 +365,12 @@ class DeliveryEngine:
         attempt: Attempt,
         route: HostRoute,
         address: str,
+        port: int,
         requirement: TlsRequirement,
         sender: str,
         body: bytes,
         received: float,
     ) -> list[RecipientResult]:
-        port = self.settings.port
         session = await self.transport.open(address, port)
         # EHLO, STARTTLS and DANE as relay.delivery.secure decides for delivery and probe
         # alike; on a DANE failure QUIT is sent before MAIL FROM (RFC 7672 §3).

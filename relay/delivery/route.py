@@ -62,7 +62,7 @@ from relay.errors import (
 from relay.lookup.results import AnswerKind, DnsAnswer, MxRecord, Resolver, Security
 from relay.smtp.domain import DomainSyntaxError, ascii_domain
 
-__all__ = ["HostRoute", "MxRoute", "TlsaLookup", "resolve_host", "resolve_mx"]
+__all__ = ["HostRoute", "MxRoute", "TlsaLookup", "explicit_route", "resolve_host", "resolve_mx"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +174,18 @@ async def resolve_mx(
         # RFC 7505 §3: a null MX bounces at once.
         failure = NullMx(scope=Scope.DOMAIN)
     return MxRoute(qname, answer, status, plan, failure, validating)
+
+
+def explicit_route(host: str) -> MxRoute:
+    """The route to a configured `[host]` next hop: no MX lookup (RFC 7672 §2.2.2).
+
+    The host stands as its own implicit MX: the name comes from the configuration, not from
+    DNS, so it is the TLSA base domain and the reference identifier for DANE-TA, and a DANE
+    match is "verified" when its addresses and TLSA records are secure.
+    """
+    answer: DnsAnswer[MxRecord] = DnsAnswer(host, AnswerKind.NODATA, Security.SECURE)
+    plan = Plan((MxHost(host, 0, implicit=True),))
+    return MxRoute(host, answer, MxStatus.SECURE, plan, None)
 
 
 def _bad_domain(exc: DomainSyntaxError) -> BadDestinationDomain:

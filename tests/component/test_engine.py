@@ -25,9 +25,11 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 from lab.certs import make_self_signed
 
+from relay.config import parse_next_hop
 from relay.dane.records import TlsaRecord
 from relay.delivery.engine import MAX_CONNECTIONS_PER_DOMAIN, DeliveryEngine, EngineSettings
 from relay.delivery.planner import MAX_MX_HOSTS
+from relay.delivery.policymap import PolicyMap
 from relay.errors import (
     ConnectFailed,
     DeliveryError,
@@ -280,6 +282,7 @@ def world(
     port: int = 25,
     insecure_mx_policy: str = "dane",
     resolver_status: ResolverStatus | None = None,
+    policy: PolicyMap | None = None,
 ) -> World:
     transport = FakeTransport(peers)
     metrics = Metrics()
@@ -292,6 +295,7 @@ def world(
             helo_name="relay.example.net",
             port=port,
             insecure_mx_policy=insecure_mx_policy,
+            policy=policy,
         ),
         metrics,
         clock=lambda: NOW,
@@ -670,6 +674,45 @@ async def test_tlsa_qname_uses_port_25_whatever_the_connection_port() -> None:
     assert r.relay == "mx1.secure.example[192.0.2.1]:2525"
     assert w.transport.log[0] == ("192.0.2.1", "CONNECT", 2525)
     assert w.resolver.tlsa_lookups() == ["_25._tcp.mx1.secure.example"]
+
+
+async def test_explicit_next_hop_skips_mx_and_uses_tlsa_at_its_port(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """RFC 7672 §2.2.2, Postfix: [host]:port has its TLSA records at _port._tcp.host."""
+    resolver = FakeResolver()
+    resolver.address_answers["smart.example"] = answer("smart.example", "192.0.2.9")
+    resolver.tlsa_answers["_587._tcp.smart.example"] = answer(
+        "_587._tcp.smart.example", tlsa_3_1_1(cert_der("smart.example"))
+    )
+    routes = PolicyMap("dane", relayhost=parse_next_hop("[smart.example]:587"))
+    w = world(resolver, {"192.0.2.9": Peer(starttls=[cert_der("smart.example")])}, policy=routes)
+    with caplog.at_level(logging.INFO, logger="relay.delivery"):
+        (r,) = await w.deliver("rcpt@anywhere.example")
+    assert r.outcome is Outcome.DELIVERED
+    assert r.relay == "smart.example[192.0.2.9]:587"
+    assert ("MX", "anywhere.example") not in w.resolver.calls
+    assert [c for c in w.resolver.calls if c[0] == "MX"] == []
+    assert w.resolver.tlsa_lookups() == ["_587._tcp.smart.example"]
+    assert w.transport.log[2] == ("192.0.2.9", "STARTTLS", "smart.example")
+    assert " tls=verified" in caplog.text
+    assert "level=dane nexthop=[smart.example]:587" in caplog.text
+
+
+async def test_policy_map_level_per_domain() -> None:
+    """dane-only for one domain (no TLSA: deferred), the default dane for another."""
+    resolver = FakeResolver()
+    resolver.domain("strict.example", (10, "mx.strict.example", "192.0.2.1"))
+    resolver.domain("loose.example", (10, "mx.loose.example", "192.0.2.2"))
+    resolver.set_tlsa("mx.strict.example", security=Security.INSECURE)
+    resolver.set_tlsa("mx.loose.example", security=Security.INSECURE)
+    routes = PolicyMap("dane", policy=(("strict.example", "dane-only"),))
+    w = world(resolver, {"192.0.2.2": Peer(starttls=[cert_der("mx.loose.example")])}, policy=routes)
+    strict, loose = await w.deliver("a@strict.example", "b@loose.example")
+    assert strict.outcome is Outcome.DEFERRED
+    assert (strict.reply.code, strict.reply.enhanced) == (451, "4.7.5")
+    assert loose.outcome is Outcome.DELIVERED
+    assert w.transport.connections() == ["192.0.2.2"]
 
 
 async def test_implicit_mx_uses_the_domain_as_host_and_tlsa_base() -> None:

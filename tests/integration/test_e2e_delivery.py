@@ -246,7 +246,10 @@ def test_config_check_names_a_typoed_key_and_exits_non_zero(tmp_path: Path) -> N
         timeout=30,
     )
     assert out.returncode == 78
-    expected = "expected one of the keys insecure_mx_policy, level, got unknown key 'levle'"
+    expected = (
+        "expected one of the keys ca_file, insecure_mx_policy, level, policy, "
+        "got unknown key 'levle'"
+    )
     assert f"{bad}: tls.levle: {expected}" in out.stderr
 
 

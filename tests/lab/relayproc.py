@@ -74,11 +74,15 @@ def write_relay_config(
     delivery_port: int = 25,
     hostname: str = "relay.test",
     log_level: str = "debug",
+    tls_ca_file: Path | None = None,
+    relayhost: str | None = None,
     extra: str = "",
 ) -> Path:
     """Write the relay's TOML config to `path` and return `path`.
 
-    `extra` is appended verbatim (for options or tables a test needs beyond these).
+    `extra` is appended verbatim (for options or tables a test needs beyond these, such as
+    `[tls.policy]` or `[delivery.transport]`). `tls_ca_file` and `relayhost` are keys of
+    [tls] and [delivery], which `extra` cannot reach (TOML forbids a second header).
     """
     listen_list = [listen] if isinstance(listen, str) else list(listen)
     text = (
@@ -94,9 +98,11 @@ def write_relay_config(
         "\n[tls]\n"
         f"level = {_toml_str(tls_level)}\n"
         f"insecure_mx_policy = {_toml_str(insecure_mx_policy)}\n"
-        "\n[delivery]\n"
+        + (f"ca_file = {_toml_str(str(tls_ca_file))}\n" if tls_ca_file else "")
+        + "\n[delivery]\n"
         f"port = {delivery_port}\n"
-        "\n[metrics]\n"
+        + (f"relayhost = {_toml_str(relayhost)}\n" if relayhost else "")
+        + "\n[metrics]\n"
         f"listen = {_toml_str(metrics_listen)}\n"
         "\n[log]\n"
         f"level = {_toml_str(log_level)}\n"

@@ -23,6 +23,7 @@ from relay.config import (
     Endpoint,
     LogConfig,
     MetricsConfig,
+    NextHop,
     RelayConfig,
     ServerConfig,
     SpoolConfig,
@@ -48,7 +49,7 @@ SECTIONS: dict[str, type] = {
 
 # Keys that are documented in the shipped file only as a comment because their default
 # is "unset" (None) and cannot be written in TOML.
-COMMENTED_OUT = {("server", "hostname"), ("tls", "ca_file")}
+COMMENTED_OUT = {("server", "hostname"), ("tls", "ca_file"), ("delivery", "relayhost")}
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -503,3 +504,50 @@ def test_probe_settings_are_normalised(tmp_path: Path) -> None:
     cfg = load_config(path)
     assert (cfg.dns.validation_probe_name, cfg.dns.validation_probe_type) == ("example.org", "SOA")
     assert cfg.tls.insecure_mx_policy == "encrypt"
+
+
+# -- policy map, transport map, relayhost (issue 5) -------------------------------------------
+
+
+def test_policy_transport_and_relayhost_are_read(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[tls]\nlevel = "may"\n[tls.policy]\n'
+        '"example.com" = "DANE-ONLY"\n".example.com" = "verify"\n'
+        '[delivery]\nrelayhost = "[smarthost.example]:587"\n'
+        '[delivery.transport]\n"example.org" = "[mx.internal.example]:2525"\n'
+        '"example.net" = "relay.example.net"\n',
+    )
+    cfg = load_config(path)
+    assert cfg.tls.policy == (("example.com", "dane-only"), (".example.com", "verify"))
+    assert cfg.delivery.relayhost == NextHop("smarthost.example", 587, False)
+    assert cfg.delivery.transport == (
+        ("example.org", NextHop("mx.internal.example", 2525, False)),
+        ("example.net", NextHop("relay.example.net", None, True)),
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "expected"),
+    [
+        ('[tls.policy]\n"example.com" = "fortify"\n', "tls.policy.example.com", '"verify"'),
+        ('[tls.policy]\n"bad name" = "may"\n', "tls.policy.bad name", "a domain such as"),
+        ('[tls.policy]\n"..example.com" = "may"\n', "tls.policy...example.com", "a domain"),
+        ('[tls]\npolicy = "may"\n', "tls.policy", "a table such as"),
+        ('[delivery]\nrelayhost = "[1.2.3.4]"\n', "delivery.relayhost", "a next hop such as"),
+        ('[delivery]\nrelayhost = 25\n', "delivery.relayhost", "a next hop such as"),
+        ('[delivery.transport]\n"example.org" = "[mx:99999"\n', "delivery.transport.example.org",
+         "a next hop such as"),
+        ('[delivery.transport]\n"b\u00fccher.example" = "mx.example"\n',
+         "delivery.transport.b\u00fccher.example", "A-label form"),
+    ],
+)  # fmt: skip
+def test_policy_map_errors_name_file_key_and_expected(
+    tmp_path: Path, text: str, key: str, expected: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: {key}: expected "), message
+    assert expected in message and ", got " in message

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import ssl
 import sys
 import time
 from collections.abc import Sequence
@@ -192,7 +193,7 @@ def _lookup(cfg: Config, target: str, as_json: bool) -> int:
 
 def _probe(cfg: Config, args: argparse.Namespace) -> int:
     from relay.app import describe_resolvers, system_hostname
-    from relay.delivery.tls import client_context
+    from relay.delivery.tls import client_context, pkix_context
     from relay.delivery.transport import SmtpTransport
     from relay.lookup.resolver import DnsResolver
     from relay.probe import probe, render_json, render_text
@@ -214,6 +215,11 @@ def _probe(cfg: Config, args: argparse.Namespace) -> int:
             return EX_USAGE
     # The resolvers asked afresh (no cache); the EHLO name and timeouts of delivery.
     dns = replace(dns, cache_size=0)
+    try:
+        pkix = pkix_context(cfg.tls.ca_file)  # levels verify/secure (Postfix smtp_tls_CAfile)
+    except (OSError, ssl.SSLError) as exc:
+        print(f"dane-relay: probe: {cfg.path}: tls.ca_file: cannot be read: {exc}", file=sys.stderr)
+        return EX_CONFIG
     helo_name = cfg.server.hostname or system_hostname()
     transport = SmtpTransport(helo_name, cfg.delivery.connect_timeout, cfg.delivery.command_timeout)
     report = asyncio.run(
@@ -227,6 +233,7 @@ def _probe(cfg: Config, args: argparse.Namespace) -> int:
             helo_name=helo_name,
             port=port,
             resolvers=describe_resolvers(dns),
+            pkix_context=pkix,
         )
     )
     print(render_json(report) if args.json else render_text(report))

@@ -159,11 +159,13 @@ async def probe(
     tlsa_port: int = 25,
     resolvers: str = "",
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    pkix_context: ssl.SSLContext | None = None,
 ) -> ProbeReport:
     """Resolve `domain` as delivery would, then talk to each usable MX address up to QUIT.
 
     `port` is where to connect; `tlsa_port` is the port in TLSA names, always the
     logical SMTP port (RFC 7672 §2.2.3). `clock` gives the time for DANE-TA date checks.
+    `pkix_context` is the trust store of the levels verify/secure (as for delivery).
 
     Raises:
         KeyError: `level` or `insecure_mx_policy` is unknown (the configuration prevents it).
@@ -190,7 +192,9 @@ async def probe(
         addresses = route.addresses[:left]
         left -= len(addresses)
         connections = [
-            await _connect(transport, context, route, address, port, helo_name, clock)
+            await _connect(
+                transport, (context, pkix_context), route, address, port, helo_name, clock
+            )
             for address in addresses
         ]
         hosts.append(HostProbe(route, tuple(connections), tried=True))
@@ -236,7 +240,7 @@ def _conclude(
 
 async def _connect(
     transport: ProbeTransport,
-    context: ssl.SSLContext,
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext | None],
     route: HostRoute,
     address: str,
     port: int,
@@ -253,8 +257,18 @@ async def _connect(
     except DeliveryError as exc:
         return Connection(address, port, failure=exc)
     # The steps delivery takes (relay.delivery.secure); then QUIT instead of MAIL.
+    context, pkix_context = contexts
     setup = await negotiate(
-        transport, session, route, address, port, requirement, helo_name, context, clock
+        transport,
+        session,
+        route,
+        address,
+        port,
+        requirement,
+        helo_name,
+        context,
+        clock,
+        pkix_context,
     )
     failure = setup.failure
     if setup.session is not None:

@@ -464,3 +464,31 @@ def test_delivery_does_what_the_probe_said(
     else:
         assert f'reply="{reply}"' in line
         assert receiver.mail_commands == []
+
+
+def test_level_verify_uses_the_configured_ca_file(
+    dns_lab: DnsLab, receivers: ReceiverPool, tmp_path: Path
+) -> None:
+    """Postfix verify: the probe validates the chain against tls.ca_file, as delivery does."""
+    receivers.start("dane-ok.test")
+    ca_file = tmp_path / "lab-ca.pem"
+    ca_file.write_bytes(dns_lab.ca.cert_pem)
+    config = write_relay_config(
+        tmp_path / "verify.toml",
+        listen=f"{dns_lab.relay_addr}:2525",
+        spool_dir=tmp_path / "spool",
+        resolvers=[dns_lab.resolver_addr],
+        metrics_listen=f"{dns_lab.relay_addr}:9425",
+        tls_level="verify",
+        tls_ca_file=ca_file,
+    )
+    code, lines = _probe(config, "dane-ok.test")
+    assert code == 0, lines
+    assert lines[0] == "domain dane-ok.test: level verify, insecure_mx_policy dane"
+    host = dns_lab.hosts["mx.dane-ok.test"]
+    assert "  TLSA: not looked up (level verify does not use DANE)" in lines
+    assert "    STARTTLS: SNI mx.dane-ok.test: " in "\n".join(lines)
+    assert "    delivery: verified" in lines
+    assert (
+        lines[-1] == f"result: attempt delivery via mx.dane-ok.test[{host.address}]:25 (verified)"
+    )

@@ -8,11 +8,13 @@ receiver saw (messages, MAIL commands and whether they came over TLS).
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from lab import DnsLab, ReceiverPool, RelayProcess
+from lab import DnsLab, ReceiverPool, RelayProcess, write_relay_config
 from lab.hostile import SENDER, submit
 
 RelayFactory = Callable[..., RelayProcess]
@@ -163,3 +165,29 @@ def test_smarthost_with_secure_tlsa_is_verified_and_with_a_wrong_one_deferred(
     assert "dane=fail reason=no-match" in deferred
     assert 'reply="451 4.7.5 Server certificate not verified (no-match)"' in deferred
     assert bad.mail_commands == []
+
+
+def test_an_unreadable_ca_file_refuses_to_start(dns_lab: DnsLab, tmp_path: Path) -> None:
+    """The trust store of verify/secure is read at start-up: fail closed, exit 78."""
+    missing = tmp_path / "no-such-ca.pem"
+    config = write_relay_config(
+        tmp_path / "relay.toml",
+        listen=f"{dns_lab.relay_addr}:2525",
+        spool_dir=tmp_path / "spool",
+        resolvers=[dns_lab.resolver_addr],
+        metrics_listen=f"{dns_lab.relay_addr}:9425",
+        tls_level="verify",
+        tls_ca_file=missing,
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "relay", "run", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 78
+    assert out.stderr.startswith(
+        f"dane-relay: {config}: tls.ca_file: expected a readable PEM file of CA certificates, "
+        f"got '{missing}'"
+    ), out.stderr
+    assert not (tmp_path / "spool").exists()

@@ -30,6 +30,17 @@ def _open(relay: RelayProcess) -> SmtpWire:
     return wire
 
 
+def _start(c: SmtpWire) -> None:
+    """EHLO and MAIL FROM:<SENDER>, both accepted."""
+    assert c.cmd("EHLO client.test").code == 250
+    assert c.cmd(f"MAIL FROM:<{SENDER}>").code == 250
+
+
+def assert_nothing_queued(relay: RelayProcess) -> None:
+    assert spool_entries(relay, "env") == []
+    assert spool_entries(relay, "data") == []
+
+
 def _qid(reply_text: str) -> str:
     assert "queued as " in reply_text, reply_text
     return reply_text.rsplit(" ", 1)[1]
@@ -56,8 +67,7 @@ def test_smuggled_end_of_data_is_not_an_end_of_data(
     (receiver,) = receivers.start("dane-ok.test")
     relay = relay_factory()
     with _open(relay) as c:
-        assert c.cmd("EHLO client.test").code == 250
-        assert c.cmd(f"MAIL FROM:<{SENDER}>").code == 250
+        _start(c)
         assert c.cmd("RCPT TO:<bob@dane-ok.test>").code == 250
         assert c.cmd("DATA").code == 354
         c.send(b"Subject: carrier\r\n\r\nfirst part" + fake_end + SMUGGLED + b"\r\n.\r\n")
@@ -96,8 +106,7 @@ def test_message_over_max_message_size_gets_552_and_nothing_is_queued(
         assert c.reply().code == 552
         # The session is still usable afterwards.
         assert c.cmd("RSET").code == 250
-    assert spool_entries(relay, "env") == []
-    assert spool_entries(relay, "data") == []
+    assert_nothing_queued(relay)
     assert metric(relay, "relay_messages_received_total") == 0
 
 
@@ -106,8 +115,7 @@ def test_overlong_data_line_is_refused_with_500_and_nothing_is_queued(
 ) -> None:
     relay = relay_factory()
     with _open(relay) as c:
-        assert c.cmd("EHLO client.test").code == 250
-        assert c.cmd(f"MAIL FROM:<{SENDER}>").code == 250
+        _start(c)
         assert c.cmd("RCPT TO:<bob@dane-ok.test>").code == 250
         assert c.cmd("DATA").code == 354
         c.send(b"Subject: long\r\n\r\n" + b"y" * 5000 + b"\r\n.\r\n")
@@ -136,8 +144,7 @@ def test_recipients_beyond_max_recipients_get_452_and_the_rest_is_delivered(
     (receiver,) = receivers.start("dane-ok.test")
     relay = start_relay(relay_factory, {"server": {"max_recipients": "3"}})
     with _open(relay) as c:
-        assert c.cmd("EHLO client.test").code == 250
-        assert c.cmd(f"MAIL FROM:<{SENDER}>").code == 250
+        _start(c)
         for i in range(3):
             assert c.cmd(f"RCPT TO:<r{i}@dane-ok.test>").code == 250
         over = c.cmd("RCPT TO:<r3@dane-ok.test>")
@@ -238,8 +245,7 @@ def test_client_that_disconnects_mid_data_leaves_nothing_queued(
     (receiver,) = receivers.start("dane-ok.test")
     relay = relay_factory()
     with _open(relay) as c:
-        assert c.cmd("EHLO client.test").code == 250
-        assert c.cmd(f"MAIL FROM:<{SENDER}>").code == 250
+        _start(c)
         assert c.cmd("RCPT TO:<bob@dane-ok.test>").code == 250
         assert c.cmd("DATA").code == 354
         c.send(b"Subject: cut\r\n\r\nthis message never ends\r\n")
@@ -249,8 +255,7 @@ def test_client_that_disconnects_mid_data_leaves_nothing_queued(
     (msg,) = receiver.wait_for(1, timeout=20)
     assert msg.rcpt_tos == ("carol@dane-ok.test",)
     relay.wait_log(rf"queue_id={qid} removed")
-    assert spool_entries(relay, "env") == []
-    assert spool_entries(relay, "data") == []
+    assert_nothing_queued(relay)
     assert spool_entries(relay, "tmp") == []
     assert metric(relay, "relay_messages_received_total") == 1
 
@@ -263,8 +268,7 @@ def test_recipient_with_invalid_utf8_is_refused_at_rcpt(
 ) -> None:
     relay = relay_factory()
     with _open(relay) as c:
-        assert c.cmd("EHLO client.test").code == 250
-        assert c.cmd(f"MAIL FROM:<{SENDER}>").code == 250
+        _start(c)
         reply = c.cmd(b"RCPT TO:<b\xffob@dane-ok.test>")
     assert reply.code in (501, 553), reply
 
@@ -274,8 +278,7 @@ def test_recipient_with_control_character_is_refused_at_rcpt(
 ) -> None:
     relay = relay_factory()
     with _open(relay) as c:
-        assert c.cmd("EHLO client.test").code == 250
-        assert c.cmd(f"MAIL FROM:<{SENDER}>").code == 250
+        _start(c)
         reply = c.cmd(b'RCPT TO:<"a\x01b"@dane-ok.test>')
     assert reply.code in (501, 553), reply
 
@@ -324,8 +327,7 @@ def test_address_literal_recipient_is_refused_550_with_a_clear_reason(
     """F10: a literal used to be queued and then "Host or domain name not found"."""
     relay = relay_factory()
     with _open(relay) as c:
-        assert c.cmd("EHLO client.test").code == 250
-        assert c.cmd(f"MAIL FROM:<{SENDER}>").code == 250
+        _start(c)
         for rcpt in ("u@[192.0.2.1]", "u@[IPv6:2001:db8::1]"):
             reply = c.cmd(f"RCPT TO:<{rcpt}>")
             assert (reply.code, reply.text) == (
@@ -410,8 +412,7 @@ def test_client_that_stalls_in_data_is_cut_off_after_server_timeout(
     (receiver,) = receivers.start("dane-ok.test")
     relay = start_relay(relay_factory, {"server": {"timeout": '"1s"'}})
     with _open(relay) as c:
-        assert c.cmd("EHLO client.test").code == 250
-        assert c.cmd(f"MAIL FROM:<{SENDER}>").code == 250
+        _start(c)
         assert c.cmd("RCPT TO:<bob@dane-ok.test>").code == 250
         assert c.cmd("DATA").code == 354
         c.send(b"Subject: stalled\r\n\r\nand then nothing more")
@@ -420,7 +421,6 @@ def test_client_that_stalls_in_data_is_cut_off_after_server_timeout(
         while chunk := c.sock.recv(4096):
             received += chunk
     assert b"250" not in received
-    assert spool_entries(relay, "env") == []
-    assert spool_entries(relay, "data") == []
+    assert_nothing_queued(relay)
     assert metric(relay, "relay_messages_received_total") == 0
     assert receiver.messages == []

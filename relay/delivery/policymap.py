@@ -15,6 +15,14 @@ the next hop): an explicit `[host]:port` has its TLSA records at `_port._tcp.hos
 other destination at `_<tlsa_port>._tcp` (25: the logical SMTP port, whatever port the
 connection uses, so that the lab can run on other ports).
 
+Why (`Destination.level_match`/`level_key`, `hop_match`/`hop_key`, and the one-line
+`Destination.why`): "exact" or "parent" with the `[tls.policy]` / `[delivery.transport]`
+key that matched ("next-hop exact"/"next-hop parent" when the level came from the next
+hop's entry), "relayhost", or "default". `dane-relay lookup` and `probe` show them.
+
+`PolicyMap.from_config(tls, delivery)` builds the map from the configuration, the one
+place delivery and the diagnostic commands take it from.
+
 Guarantees: never raises for a domain; names are compared in lower case and A-label form
 (RFC 5891 A-labels). Does no I/O.
 """
@@ -22,13 +30,13 @@ Guarantees: never raises for a domain; names are compared in lower case and A-la
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
-from relay.config import NextHop
+from relay.config import DeliveryConfig, NextHop, TlsConfig
 from relay.smtp.domain import DomainSyntaxError, ascii_domain
 
-__all__ = ["Destination", "PolicyMap", "lookup_domain"]
+__all__ = ["Destination", "PolicyMap", "lookup_domain", "lookup_entry"]
 
 T = TypeVar("T")
 
@@ -41,6 +49,29 @@ class Destination:
     port: int  # TCP port to connect to
     tlsa_port: int  # port in the TLSA qname _port._tcp.<host>
     via: str  # log label: "mx", or the configured next hop as written ("[h]:587")
+    # Why this level and next hop (see the module docstring); not part of equality: two
+    # destinations that route alike are equal however they were configured.
+    # exact / parent / next-hop exact / next-hop parent / default
+    level_match: str = field(default="default", compare=False)
+    level_key: str = field(default="", compare=False)  # the [tls.policy] key, "" for default
+    # exact / parent ([delivery.transport]) / relayhost / default (the domain's own MX)
+    hop_match: str = field(default="default", compare=False)
+    hop_key: str = field(default="", compare=False)  # the [delivery.transport] key
+
+    @property
+    def why(self) -> str:
+        """One line: where the level and the next hop come from."""
+        if self.level_match == "default":
+            level = f"level {self.level} (default tls.level)"
+        else:
+            level = f"level {self.level} ([tls.policy] {self.level_key!r}, {self.level_match})"
+        if self.hop_match == "default":
+            hop = f"next hop {self.next_hop} (the domain's own MX hosts)"
+        elif self.hop_match == "relayhost":
+            hop = f"next hop {self.via} (delivery.relayhost)"
+        else:
+            hop = f"next hop {self.via} ([delivery.transport] {self.hop_key!r}, {self.hop_match})"
+        return f"{level}; {hop}"
 
 
 def _candidates(domain: str) -> Iterator[str]:
@@ -52,12 +83,22 @@ def _candidates(domain: str) -> Iterator[str]:
         yield "." + ".".join(labels[i:])
 
 
-def lookup_domain(table: Mapping[str, T], domain: str) -> T | None:
-    """Exact match beats ".parent", which beats nothing (None)."""
+def lookup_entry(table: Mapping[str, T], domain: str) -> tuple[str, T] | None:
+    """The (key, value) that matches `domain`: exact beats ".parent", closest first."""
     for key in _candidates(domain):
         if key in table:
-            return table[key]
+            return key, table[key]
     return None
+
+
+def lookup_domain(table: Mapping[str, T], domain: str) -> T | None:
+    """Exact match beats ".parent", which beats nothing (None)."""
+    entry = lookup_entry(table, domain)
+    return None if entry is None else entry[1]
+
+
+def _match(key: str) -> str:
+    return "parent" if key.startswith(".") else "exact"
 
 
 class PolicyMap:
@@ -78,6 +119,17 @@ class PolicyMap:
         self.port = port
         self.tlsa_port = tlsa_port
 
+    @classmethod
+    def from_config(cls, tls: TlsConfig, delivery: DeliveryConfig) -> PolicyMap:
+        """The map `[tls]` and `[delivery]` describe (as relay.app gives the engine)."""
+        return cls(
+            tls.level,
+            policy=tls.policy,
+            transport=delivery.transport,
+            relayhost=delivery.relayhost,
+            port=delivery.port,
+        )
+
     @property
     def configured(self) -> bool:
         """Whether anything beyond the default level is configured."""
@@ -89,7 +141,13 @@ class PolicyMap:
             domain = ascii_domain(domain)
         except DomainSyntaxError:
             domain = domain.lower()  # resolve_mx bounces it; the lookup just must not fail
-        hop = lookup_domain(self.transport, domain) or self.relayhost
+        entry = lookup_entry(self.transport, domain)
+        hop_match, hop_key = "default", ""
+        hop = self.relayhost
+        if entry is not None:
+            (hop_key, hop), hop_match = entry, _match(entry[0])
+        elif hop is not None:
+            hop_match = "relayhost"
         if hop is None:
             next_hop, mx, port, tlsa_port, via = (
                 domain.lower(),
@@ -103,7 +161,13 @@ class PolicyMap:
             port = self.port if hop.port is None else hop.port
             # Postfix: TLSA for an explicit [host]:port at _port._tcp.host (RFC 7672 §2.2.2).
             tlsa_port = hop.port if hop.port is not None and not hop.mx else self.tlsa_port
-        level = lookup_domain(self.policy, domain)
-        if level is None and hop is not None:
-            level = lookup_domain(self.policy, next_hop)
-        return Destination(level or self.level, next_hop, mx, port, tlsa_port, via)
+        level_match, level_key, level = "default", "", self.level
+        rule = lookup_entry(self.policy, domain)
+        prefix = ""
+        if rule is None and hop is not None:
+            rule, prefix = lookup_entry(self.policy, next_hop), "next-hop "
+        if rule is not None:
+            (level_key, level), level_match = rule, prefix + _match(rule[0])
+        return Destination(
+            level, next_hop, mx, port, tlsa_port, via, level_match, level_key, hop_match, hop_key
+        )

@@ -112,3 +112,62 @@ def test_parse_next_hop(text: str, expected: NextHop) -> None:
 def test_parse_next_hop_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="a next hop such as"):
         parse_next_hop(text)
+
+
+def test_destination_says_why_for_each_source() -> None:
+    """`dane-relay lookup`/`probe` show where the level and next hop come from."""
+    routes = PolicyMap(
+        "may",
+        policy=(
+            ("exact.example", "encrypt"),
+            (".parent.example", "dane-only"),
+            ("smart.example", "secure"),
+        ),
+        transport=(("exact.example", parse_next_hop("[mx.int.example]:587")),),
+        relayhost=parse_next_hop("[smart.example]"),
+    )
+    exact = routes.destination("exact.example")
+    assert (exact.level_match, exact.level_key, exact.hop_match, exact.hop_key) == (
+        "exact",
+        "exact.example",
+        "exact",
+        "exact.example",
+    )
+    assert "([delivery.transport] 'exact.example', exact)" in exact.why
+    sub = routes.destination("a.parent.example")
+    assert (sub.level, sub.level_match, sub.level_key) == ("dane-only", "parent", ".parent.example")
+    assert (sub.hop_match, sub.via) == ("relayhost", "[smart.example]")
+    other = routes.destination("other.test")
+    assert (other.level, other.level_match, other.level_key) == (
+        "secure",
+        "next-hop exact",
+        "smart.example",
+    )
+    assert other.why == (
+        "level secure ([tls.policy] 'smart.example', next-hop exact); "
+        "next hop [smart.example] (delivery.relayhost)"
+    )
+    plain = PolicyMap("dane").destination("example.org")
+    assert (
+        plain.why
+        == "level dane (default tls.level); next hop example.org (the domain's own MX hosts)"
+    )
+    assert (plain.level_match, plain.hop_match) == ("default", "default")
+
+
+def test_from_config_is_what_the_relay_uses() -> None:
+    from relay.config import DeliveryConfig, TlsConfig
+
+    tls = TlsConfig(level="may", policy=(("example.org", "dane-only"),))
+    delivery = DeliveryConfig(port=2525, relayhost=parse_next_hop("[smart.example]:587"))
+    routes = PolicyMap.from_config(tls, delivery)
+    dest = routes.destination("example.org")
+    assert (dest.level, dest.next_hop, dest.mx, dest.port, dest.tlsa_port) == (
+        "dane-only",
+        "smart.example",
+        False,
+        587,
+        587,
+    )
+    assert routes.destination("x.test").level == "may"
+    assert routes.port == 2525

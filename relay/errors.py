@@ -23,6 +23,8 @@ __all__ = [
     "DeliveryError",
     "DnsTempFail",
     "Fault",
+    "MailLoop",
+    "MailLoopDeferred",
     "MalformedMx",
     "NoSuchDomain",
     "NullMx",
@@ -233,3 +235,23 @@ class NullMx(PermanentFailure):
 
 class RemotePermReject(PermanentFailure):
     reason = "remote_5xx"
+
+
+class MailLoop(PermanentFailure):
+    """The most preferred MX host (or the configured next hop) is the relay itself:
+    sending would loop, so the domain bounces (Postfix: "mail for D loops back to
+    myself", RFC 3463 §3.5 X.4.6 routing loop detected)."""
+
+    default_reply = SmtpReply(554, "5.4.6", "Mail loops back to myself")
+    default_scope = Scope.DOMAIN
+    reason = "mail_loop"
+
+
+class MailLoopDeferred(TemporaryFailure):
+    """The relay is one of the domain's MX hosts, and every host more preferred than it
+    failed: the relay must not hand the mail to itself or a less preferred host, so the
+    domain is deferred (Postfix truncates the MX list at its own preference)."""
+
+    default_reply = SmtpReply(451, "4.4.6", "Mail loops back to myself")
+    default_scope = Scope.DOMAIN
+    reason = "mail_loop"

@@ -24,6 +24,19 @@ Theory of operation for one host (RFC 7672 §2.2.2, §2.2.3):
        a lookup failure stops at once (the host is skipped, never used without DANE).
     4. `relay.dane.policy.decide` turns the statuses into a Decision.
 
+Mail loops (issue 5; Postfix smtp_addr.c "mail for D loops back to myself"): given
+`myself` (the relay's own names and addresses, `Myself.of(server.hostname, server.listen,
+port)`), `resolve_host` refuses a host whose name (or CNAME target) is one of the names, or
+one of whose addresses is one of the addresses. Postfix semantics: the relay is then an MX
+of the domain at that preference, and hosts of that preference or worse would hand the mail
+back (or to another backup): they are not tried. Hosts come in preference order, so the
+failure is scoped to the DOMAIN and stops the engine's host loop:
+    * the host has the best preference of the domain (or is the configured next hop):
+      `MailLoop`, 554 5.4.6, the domain bounces;
+    * more preferred hosts exist (they were tried first and failed): `MailLoopDeferred`,
+      451 4.4.6, the domain is deferred.
+`myself=None` (the default) checks nothing.
+
 Guarantees: both functions return values and never raise `DnsTempFail`: a failed lookup
 becomes a status, a `failure` (a `relay.errors.DeliveryError` scoped to the host or the
 domain, ready to raise) and a reason. They never log; malformed TLSA records are returned
@@ -33,9 +46,12 @@ certificates, or decide anything the policy table does not.
 
 from __future__ import annotations
 
+import ipaddress
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+from relay.config import Endpoint
 from relay.dane.policy import (
     Action,
     AddressStatus,
@@ -52,6 +68,8 @@ from relay.errors import (
     DaneNotAvailable,
     DeliveryError,
     DnsTempFail,
+    MailLoop,
+    MailLoopDeferred,
     MalformedMx,
     NoSuchDomain,
     NullMx,
@@ -62,7 +80,58 @@ from relay.errors import (
 from relay.lookup.results import AnswerKind, DnsAnswer, MxRecord, Resolver, Security
 from relay.smtp.domain import DomainSyntaxError, ascii_domain
 
-__all__ = ["HostRoute", "MxRoute", "TlsaLookup", "explicit_route", "resolve_host", "resolve_mx"]
+__all__ = [
+    "HostRoute",
+    "Myself",
+    "MxRoute",
+    "TlsaLookup",
+    "explicit_route",
+    "resolve_host",
+    "resolve_mx",
+]
+
+
+def _address_key(text: str) -> str:
+    try:
+        return ipaddress.ip_address(text).compressed
+    except ValueError:
+        return text.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class Myself:
+    """The relay's own identity for mail-loop detection: DNS names (A-labels, lower case,
+    no trailing dot) and IP addresses (compressed form)."""
+
+    names: frozenset[str] = frozenset()
+    addresses: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(
+        cls, hostname: str | None, listen: Iterable[Endpoint], port: int | None = None
+    ) -> Myself:
+        """From `server.hostname` and `server.listen`. With `port`, only the addresses the
+        relay listens on at that port count (the port delivery connects to: a relay on
+        127.0.0.1:2525 that delivers to 127.0.0.1:25 talks to another server). Wildcard
+        listen addresses (0.0.0.0, ::) name no address and are left out: finding the
+        host's interface addresses is I/O, not done here."""
+        names = frozenset({_ascii_or_same(hostname).lower().rstrip(".")} if hostname else ())
+        addresses = frozenset(
+            _address_key(ep.host)
+            for ep in listen
+            if (port is None or ep.port == port) and _address_key(ep.host) not in ("0.0.0.0", "::")
+        )
+        return cls(names, addresses)
+
+    def loops(self, host: str, canonical: str, addresses: Iterable[str]) -> str:
+        """Why `host` is the relay itself ("" when it is not)."""
+        for name in (host, canonical):
+            if name and _ascii_or_same(name).lower().rstrip(".") in self.names:
+                return f"host name {name} is this relay (server.hostname)"
+        for address in addresses:
+            if _address_key(address) in self.addresses:
+                return f"address {address} is this relay's (server.listen)"
+        return ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +371,53 @@ def _malformed_mx(
     )
 
 
+def _mail_loop(
+    host: MxHost,
+    next_hop: str,
+    mx_status: MxStatus,
+    addresses: tuple[str, ...],
+    address_status: AddressStatus,
+    failed: tuple[str, ...],
+    canonical: str,
+    loop: str,
+    best_preference: int | None,
+    dnssec: str,
+) -> HostRoute:
+    """The route of a host that is the relay itself: not used, and neither is any host of
+    its preference or worse (Postfix smtp_addr.c; module docstring)."""
+    best = host.preference if best_preference is None else best_preference
+    failure: DeliveryError
+    if host.preference <= best:
+        text = f"mail for {next_hop} loops back to myself ({loop})"
+        failure = MailLoop(text, scope=Scope.DOMAIN)
+    else:
+        text = (
+            f"mail for {next_hop} loops back to myself ({loop}, MX preference "
+            f"{host.preference}); more preferred MX hosts did not take it"
+        )
+        failure = MailLoopDeferred(text, scope=Scope.DOMAIN)
+    decision = Decision(Action.SKIP_HOST, None, "mail_loop", "RFC 5321 §5.1, Postfix", text)
+    return HostRoute(
+        host=host,
+        next_hop=next_hop,
+        mx_status=mx_status,
+        addresses=addresses,
+        address_status=address_status,
+        failed_families=failed,
+        canonical=canonical,
+        tlsa_lookups=(),
+        tlsa_base=host.name,
+        tlsa_state=TlsaState.NOT_LOOKED_UP,
+        tlsa_records=(),
+        usable=(),
+        malformed=(),
+        decision=decision,
+        reason=f"{text} ({decision.rfc})",
+        failure=failure,
+        dnssec=dnssec,
+    )
+
+
 async def resolve_host(
     resolver: Resolver,
     host: MxHost,
@@ -312,8 +428,14 @@ async def resolve_host(
     insecure_mx_policy: str = "dane",
     validating: bool = True,
     tlsa_port: int = 25,
+    myself: Myself | None = None,
+    best_preference: int | None = None,
 ) -> HostRoute:
     """Resolve one MX host and decide how to use it. Never raises DnsTempFail.
+
+    `myself`: the relay's identity for mail-loop detection (module docstring); None: no
+    check. `best_preference`: the lowest MX preference of the domain (the plan's first
+    host); None: this host's own, i.e. a loop at this host bounces.
 
     `mx_security` is the security of the MX answer that named the host (of the NODATA
     answer for the implicit MX). `tlsa_port` is the port in the TLSA name, always the
@@ -358,6 +480,21 @@ async def resolve_host(
             address_status = AddressStatus.INSECURE
         if failed:
             notes.append(f"{'/'.join(failed)} lookup failed, using the other family")
+
+    loop = myself.loops(host.name, canonical, addresses) if myself is not None else ""
+    if loop:
+        return _mail_loop(
+            host,
+            next_hop,
+            mx_status,
+            addresses,
+            address_status,
+            failed,
+            canonical,
+            loop,
+            best_preference,
+            dnssec="unvalidated" if not validating else mx_security.value,
+        )
 
     tlsa = _Tlsa(base=host.name)
     if wants_tlsa(level, address_status):

@@ -7,14 +7,17 @@ import random
 
 import pytest
 
+from relay.config import Endpoint
 from relay.dane.policy import Action, AddressStatus, MxStatus, TlsaState, TlsRequirement
 from relay.dane.records import TlsaRecord
 from relay.delivery.planner import MxHost, Plan
-from relay.delivery.route import HostRoute, resolve_host, resolve_mx
+from relay.delivery.route import HostRoute, Myself, resolve_host, resolve_mx
 from relay.errors import (
     BadDestinationDomain,
     DaneNotAvailable,
     DnsTempFail,
+    MailLoop,
+    MailLoopDeferred,
     MalformedMx,
     NoSuchDomain,
     NullMx,
@@ -544,3 +547,83 @@ async def test_next_hop_reference_name_is_the_a_label() -> None:
     )
     assert hr.next_hop == "xn--strae-oqa.de"
     assert hr.reference_names == ("mx.example.net", "xn--strae-oqa.de")
+
+
+# -- mail loops (issue 5 item 3; Postfix "mail for D loops back to myself") ------------------
+
+ME = Myself.of("Relay.Example.NET.", (Endpoint("192.0.2.25", 25), Endpoint("2001:db8::25", 25)))
+
+
+async def loop_route(
+    resolver: FakeResolver, host: MxHost = HOST, myself: Myself | None = ME, **kw: int
+) -> HostRoute:
+    return await resolve_host(
+        resolver,
+        host,
+        next_hop="example.org",
+        level="dane",
+        mx_security=SECURE,
+        myself=myself,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def test_best_mx_named_as_the_relay_bounces_the_domain_without_tlsa() -> None:
+    r = FakeResolver()
+    r.host("relay.example.net", "198.51.100.7")
+    hr = await loop_route(r, MxHost("relay.example.net", 10))
+
+    assert r.tlsa_calls() == []  # the host is not used: nothing more is looked up
+    assert isinstance(hr.failure, MailLoop)
+    assert hr.failure.scope is Scope.DOMAIN  # stops the engine's host loop: bounce
+    assert str(hr.failure.reply) == (
+        "554 5.4.6 mail for example.org loops back to myself "
+        "(host name relay.example.net is this relay (server.hostname))"
+    )
+    assert (hr.decision.action, hr.decision.reason) == (Action.SKIP_HOST, "mail_loop")
+    assert hr.addresses == ("198.51.100.7",)
+
+
+async def test_an_mx_address_of_the_relay_is_a_loop_in_any_spelling() -> None:
+    r = FakeResolver()
+    r.host("mx.example.net", "192.0.2.9", "2001:0db8:0000::0025")
+    hr = await loop_route(r)
+    assert isinstance(hr.failure, MailLoop)
+    assert "address 2001:0db8:0000::0025 is this relay's (server.listen)" in hr.failure.reply.text
+
+
+async def test_a_cname_to_the_relay_is_a_loop() -> None:
+    r = FakeResolver()
+    r.host("mx.example.net", "192.0.2.9", canonical="relay.example.net")
+    assert isinstance((await loop_route(r)).failure, MailLoop)
+
+
+async def test_a_less_preferred_loop_defers_instead_of_trying_worse_hosts() -> None:
+    """The relay is a backup MX (preference 20); the preferred host (10) was tried first and
+    failed: Postfix truncates the list at its own preference and defers."""
+    r = FakeResolver()
+    r.host("backup.example.net", "192.0.2.25")
+    hr = await loop_route(r, MxHost("backup.example.net", 20), best_preference=10)
+    assert isinstance(hr.failure, MailLoopDeferred)
+    assert hr.failure.scope is Scope.DOMAIN
+    assert hr.failure.reply.code == 451 and hr.failure.reply.enhanced == "4.4.6"
+    # At the best preference (an equal-preference sibling does not save it): bounce.
+    same = await loop_route(r, MxHost("backup.example.net", 10), best_preference=10)
+    assert isinstance(same.failure, MailLoop)
+
+
+async def test_no_identity_or_another_host_is_not_a_loop() -> None:
+    r = FakeResolver()
+    r.host("mx.example.net", "192.0.2.25")
+    r.tlsa_at("mx.example.net", GOOD)
+    assert (await loop_route(r, myself=None)).failure is None  # default: no loop check
+    other = await loop_route(r, myself=Myself.of("relay.example.net", (Endpoint("192.0.2.9", 25),)))
+    assert other.failure is None and other.decision.action is Action.DANE
+
+
+async def test_myself_counts_only_listen_addresses_on_the_delivery_port_and_no_wildcards() -> None:
+    listen = (Endpoint("127.0.0.1", 2525), Endpoint("192.0.2.1", 25), Endpoint("0.0.0.0", 25))
+    assert Myself.of(None, listen, 25) == Myself(frozenset(), frozenset({"192.0.2.1"}))
+    assert Myself.of("h.example", listen).addresses == frozenset({"127.0.0.1", "192.0.2.1"})
+    assert Myself.of("H.Example.", ()).names == frozenset({"h.example"})
+    assert Myself().loops("mx.example.net", "", ("192.0.2.1",)) == ""

@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from relay import __version__, tlsatool
@@ -165,7 +166,9 @@ def _queue_list(cfg: Config) -> int:
 
 
 def _lookup(cfg: Config, target: str, as_json: bool) -> int:
-    from relay.app import describe_resolvers
+    from relay.app import describe_resolvers, system_hostname
+    from relay.delivery.policymap import PolicyMap
+    from relay.delivery.route import Myself
     from relay.lookup.resolver import DnsResolver
     from relay.report import Outcome, lookup, render_json, render_text
 
@@ -181,6 +184,9 @@ def _lookup(cfg: Config, target: str, as_json: bool) -> int:
             level=cfg.tls.level,
             insecure_mx_policy=cfg.tls.insecure_mx_policy,
             resolvers=describe_resolvers(cfg.dns),
+            # Delivery's own per-destination level and next hop, and its loop check.
+            policy=PolicyMap.from_config(cfg.tls, cfg.delivery),
+            myself=partial(Myself.of, cfg.server.hostname or system_hostname(), cfg.server.listen),
         )
     )
     print(render_json(report) if as_json else render_text(report))
@@ -193,6 +199,8 @@ def _lookup(cfg: Config, target: str, as_json: bool) -> int:
 
 def _probe(cfg: Config, args: argparse.Namespace) -> int:
     from relay.app import describe_resolvers, system_hostname
+    from relay.delivery.policymap import PolicyMap
+    from relay.delivery.route import Myself
     from relay.delivery.tls import client_context, pkix_context
     from relay.delivery.transport import SmtpTransport
     from relay.lookup.resolver import DnsResolver
@@ -202,8 +210,9 @@ def _probe(cfg: Config, args: argparse.Namespace) -> int:
     domain = _domain_argument("probe", args.domain)
     if domain is None:
         return EX_USAGE
-    port = cfg.delivery.port if args.port is None else args.port
-    if not 1 <= port <= 65535:
+    # --port overrides the port connected to; else the destination's ([host]:port, delivery.port).
+    port = args.port
+    if port is not None and not 1 <= port <= 65535:
         print(f"dane-relay: probe: --port {port}: expected 1..65535", file=sys.stderr)
         return EX_USAGE
     dns = cfg.dns
@@ -234,6 +243,8 @@ def _probe(cfg: Config, args: argparse.Namespace) -> int:
             port=port,
             resolvers=describe_resolvers(dns),
             pkix_context=pkix,
+            policy=PolicyMap.from_config(cfg.tls, cfg.delivery),
+            myself=partial(Myself.of, helo_name, cfg.server.listen),
         )
     )
     print(render_json(report) if args.json else render_text(report))

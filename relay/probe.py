@@ -46,7 +46,8 @@ from relay.dane import DaneVerdict, verify
 from relay.dane.certificate import certificate_parts
 from relay.delivery.attempt import as_temporary
 from relay.delivery.engine import MAX_CONNECTIONS_PER_DOMAIN
-from relay.delivery.route import HostRoute
+from relay.delivery.policymap import PolicyMap
+from relay.delivery.route import HostRoute, Myself
 from relay.delivery.secure import TlsSession, negotiate
 from relay.errors import DeliveryError, RemotePermReject, RemoteTempReject, Scope
 from relay.report import (
@@ -155,17 +156,23 @@ async def probe(
     level: str,
     helo_name: str,
     insecure_mx_policy: str = "dane",
-    port: int = 25,
+    port: int | None = None,
     tlsa_port: int = 25,
     resolvers: str = "",
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     pkix_context: ssl.SSLContext | None = None,
+    policy: PolicyMap | None = None,
+    myself: Callable[[int], Myself] | None = None,
 ) -> ProbeReport:
     """Resolve `domain` as delivery would, then talk to each usable MX address up to QUIT.
 
-    `port` is where to connect; `tlsa_port` is the port in TLSA names, always the
-    logical SMTP port (RFC 7672 §2.2.3). `clock` gives the time for DANE-TA date checks.
-    `pkix_context` is the trust store of the levels verify/secure (as for delivery).
+    `policy`: the per-destination level, next hop and ports (`PolicyMap.from_config`, as
+    `relay.report.lookup`); None: `level`, the domain's MX hosts, port 25. `port`, when
+    given, overrides the port connected to (`probe --port`); else the destination's port.
+    `tlsa_port` (without `policy`) is the port in TLSA names, the logical SMTP port (RFC
+    7672 §2.2.3). `myself(port)`: the relay's identity for the mail-loop check. `clock`
+    gives the time for DANE-TA date checks. `pkix_context` is the trust store of the
+    levels verify/secure (as for delivery).
 
     Raises:
         KeyError: `level` or `insecure_mx_policy` is unknown (the configuration prevents it).
@@ -177,7 +184,12 @@ async def probe(
         insecure_mx_policy=insecure_mx_policy,
         tlsa_port=tlsa_port,
         resolvers=resolvers,
+        policy=policy or PolicyMap(level, port=25 if port is None else port, tlsa_port=tlsa_port),
+        myself=myself,
     )
+    dest = resolution.destination
+    if port is None:
+        port = dest.port if dest is not None else 25
     hosts: list[HostProbe] = []
     # Delivery makes at most MAX_CONNECTIONS_PER_DOMAIN connection attempts per domain
     # (Postfix smtp_mx_address_limit); the probe spends the same budget in the same order,

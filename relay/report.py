@@ -11,6 +11,13 @@ Owns:
       (`dane-relay probe`) extends with what it sees on the wire, so that both commands
       describe the resolution in the same words.
 
+Per-destination policy: `lookup(..., policy=PolicyMap)` picks the level and next hop with
+`PolicyMap.destination` (relay.delivery.policymap), the engine's own selection: `[tls.policy]`,
+`[delivery.transport]` and `delivery.relayhost` apply, an explicit `[host]:port` next hop is
+used without MX lookup (`relay.delivery.route.explicit_route`), and the report says which
+entry chose them (`Destination.why`). `myself` (the relay's identity per connection port)
+turns on the mail-loop check of `relay.delivery.route.resolve_host`.
+
 The outcome mirrors `relay.delivery.engine` (RFC 7672 §2.2, RFC 5321 §5.1, RFC 7505):
 
     =========  ==============================================================  ====
@@ -33,16 +40,26 @@ import enum
 import json
 import random
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from relay.dane.policy import DANE_LEVELS, Action, AddressStatus
 from relay.dane.records import TlsaRecord
 from relay.delivery.attempt import as_temporary
-from relay.delivery.route import HostRoute, MxRoute, TlsaLookup, resolve_host, resolve_mx
+from relay.delivery.policymap import Destination, PolicyMap
+from relay.delivery.route import (
+    HostRoute,
+    MxRoute,
+    Myself,
+    TlsaLookup,
+    explicit_route,
+    resolve_host,
+    resolve_mx,
+)
 from relay.errors import BadDestinationDomain, DeliveryError, DnsTempFail, PermanentFailure, Scope
 from relay.lookup.results import AnswerKind, ProbeResult, Resolver, Security
+from relay.smtp.domain import DomainSyntaxError, ascii_domain
 
 __all__ = [
     "LookupReport",
@@ -77,7 +94,7 @@ class Outcome(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class LookupReport:
-    domain: str
+    domain: str  # the recipient domain (A-label form); `mx.domain` is the next hop looked up
     level: str
     insecure_mx_policy: str
     tlsa_port: int
@@ -88,6 +105,7 @@ class LookupReport:
     outcome: Outcome
     reply: str  # the deferral or bounce reply; "" for attempt
     usable: tuple[str, ...]  # names of the hosts mail would be sent to, in order
+    destination: Destination | None = None  # the policy map's choice; None: MX of `domain`
 
     @property
     def validating(self) -> bool:
@@ -103,44 +121,64 @@ async def lookup(
     insecure_mx_policy: str = "dane",
     tlsa_port: int = 25,
     resolvers: str = "",
+    policy: PolicyMap | None = None,
+    myself: Callable[[int], Myself] | None = None,
 ) -> LookupReport:
     """Resolve `domain` as the delivery engine would and say what would happen.
 
-    `LookupReport.domain` is the name looked up: the A-label form (RFC 5891) of `domain`,
-    or `domain` itself when it has none (then the outcome is a bounce, nothing looked up).
+    `policy`: the per-destination level and next hop (`PolicyMap.from_config`); None:
+    `level` and the domain's own MX hosts, TLSA at `tlsa_port`. `myself(port)`: the
+    relay's identity for the connection port (`Myself.of(hostname, server.listen, port)`),
+    for the mail-loop check; None: no check.
+
+    `LookupReport.domain` is the recipient domain in its A-label form (RFC 5891), or
+    `domain` itself when it has none; `LookupReport.mx.domain` is the next hop looked up.
 
     Raises:
         KeyError: `level` or `insecure_mx_policy` is unknown (the configuration prevents it).
     """
+    routes = policy or PolicyMap(level, tlsa_port=tlsa_port)
+    dest = routes.destination(domain)
     # RFC 7672 §2.1: answers count as secure only while the resolver is known to validate,
     # exactly as the running relay reads its ResolverStatus.
     probe = await resolver.probe_validation()
     # RFC 7672 §2.1: a probe that got no answer proves nothing; lookups that fail defer.
     validating = probe.ok or not probe.conclusive
-    mx = await resolve_mx(resolver, domain, validating=validating, rng=random.Random(0))
-    # The name looked up: the A-label form (RFC 5891), or `domain` when it has none.
-    domain = mx.domain
+    # As the engine: an explicit [host] next hop is used without MX lookup (RFC 7672 §2.2.2).
+    mx = (
+        await resolve_mx(resolver, dest.next_hop, validating=validating, rng=random.Random(0))
+        if dest.mx
+        else explicit_route(dest.next_hop)
+    )
+    if not routes.configured:
+        domain = mx.domain  # the name looked up: the A-label form, or `domain` when it has none
+    else:
+        domain = _ascii_or_same(domain)
+    identity = myself(dest.port) if myself is not None else None
     hosts: list[HostRoute] = []
     if mx.failure is None and mx.answer is not None:
+        best = mx.plan.hosts[0].preference if mx.plan.hosts else None
         for host in sorted(mx.plan.hosts, key=lambda h: (h.preference, h.name)):
             hosts.append(
                 await resolve_host(
                     resolver,
                     host,
-                    next_hop=domain,
-                    level=level,
+                    next_hop=mx.domain,
+                    level=dest.level,
                     mx_security=mx.answer.security,
                     insecure_mx_policy=insecure_mx_policy,
                     validating=validating,
-                    tlsa_port=tlsa_port,
+                    tlsa_port=dest.tlsa_port,
+                    myself=identity,
+                    best_preference=best,
                 )
             )
     outcome, reply, usable = _outcome(mx, hosts)
     return LookupReport(
         domain=domain,
-        level=level,
+        level=dest.level,
         insecure_mx_policy=insecure_mx_policy,
-        tlsa_port=tlsa_port,
+        tlsa_port=dest.tlsa_port,
         resolvers=resolvers,
         probe=probe,
         mx=mx,
@@ -148,7 +186,15 @@ async def lookup(
         outcome=outcome,
         reply=reply,
         usable=usable,
+        destination=dest,
     )
+
+
+def _ascii_or_same(domain: str) -> str:
+    try:
+        return ascii_domain(domain)
+    except DomainSyntaxError:
+        return domain
 
 
 def failure_outcome(exc: DeliveryError) -> tuple[Outcome, str]:
@@ -231,6 +277,8 @@ def _tls(route: HostRoute) -> str:
     if decision.action is Action.NO_DANE:
         assert decision.requirement is not None
         return decision.requirement.value
+    if decision.reason == "mail_loop":
+        return "mail loop"
     if decision.action is Action.SKIP_HOST:
         return "skip host"
     return "defer domain"
@@ -239,6 +287,8 @@ def _tls(route: HostRoute) -> str:
 def _tlsa_skipped(report: LookupReport, route: HostRoute) -> str:
     if route.decision.reason == "malformed_mx":
         return "the MX target is not a host name"
+    if route.decision.reason == "mail_loop":
+        return "the host is this relay"
     if report.level not in DANE_LEVELS:
         return f"level {report.level} does not use DANE"
     if route.address_status in (AddressStatus.NONE, AddressStatus.FAILED):
@@ -288,10 +338,13 @@ def render_text(report: LookupReport) -> str:
 
 
 def header_lines(report: LookupReport) -> list[str]:
-    """The destination's policy and whether the resolver validates."""
+    """The destination's policy, why, and whether the resolver validates."""
+    dest = report.destination
+    route = [] if dest is None else [f"route: {dest.why}"]
     return [
         f"domain {report.domain}: level {report.level}, "
         f"insecure_mx_policy {report.insecure_mx_policy}",
+        *route,  # "route: level ... (why); next hop ... (why)"
         f"resolver {report.resolvers}: "
         + (
             "validates DNSSEC"
@@ -306,7 +359,10 @@ def header_lines(report: LookupReport) -> list[str]:
 
 def mx_lines(report: LookupReport) -> list[str]:
     """The MX answer: status, null or implicit MX, the records."""
-    mx, domain = report.mx, report.domain
+    mx, domain = report.mx, report.mx.domain
+    dest = report.destination
+    if dest is not None and not dest.mx:
+        return [f"next hop {dest.via}: no MX lookup (explicit next hop, RFC 7672 §2.2.2)"]
     if mx.answer is None:
         exc = mx.failure
         if isinstance(exc, BadDestinationDomain):
@@ -329,8 +385,11 @@ def mx_lines(report: LookupReport) -> list[str]:
 def host_lines(report: LookupReport, route: HostRoute) -> list[str]:
     """One MX host: CNAME, addresses, TLSA lookups and base domain, the TLS decision."""
     host = route.host
+    explicit = report.destination is not None and not report.destination.mx
     lines = [
-        f"host {host.name} (implicit MX)"
+        f"host {host.name} (explicit next hop)"
+        if explicit
+        else f"host {host.name} (implicit MX)"
         if host.implicit
         else f"host {host.name} (MX {host.preference})"
     ]
@@ -385,6 +444,7 @@ def report_dict(report: LookupReport) -> dict[str, Any]:
         "domain": report.domain,
         "level": report.level,
         "insecure_mx_policy": report.insecure_mx_policy,
+        "route": _route_dict(report.destination),
         "resolver": {
             "servers": report.resolvers,
             "validating": report.validating,
@@ -397,6 +457,25 @@ def report_dict(report: LookupReport) -> dict[str, Any]:
             "reply": report.reply or None,
             "hosts": list(report.usable),
         },
+    }
+
+
+def _route_dict(dest: Destination | None) -> dict[str, Any] | None:
+    """The policy map's choice and why (relay.delivery.policymap)."""
+    if dest is None:
+        return None
+    return {
+        "level": dest.level,
+        "level_match": dest.level_match,  # exact / parent / next-hop exact|parent / default
+        "level_key": dest.level_key or None,
+        "next_hop": dest.next_hop,
+        "mx_lookup": dest.mx,
+        "via": dest.via,
+        "next_hop_match": dest.hop_match,  # exact / parent / relayhost / default
+        "next_hop_key": dest.hop_key or None,
+        "port": dest.port,
+        "tlsa_port": dest.tlsa_port,
+        "why": dest.why,
     }
 
 
@@ -419,6 +498,8 @@ def _mx_dict(report: LookupReport) -> dict[str, Any]:
         else _status(answer.security, report.validating),
         "answer": None if answer is None else answer.kind.value,
         "records": [{"preference": p, "exchange": e} for p, e in _mx_records(report)],
+        "domain": mx.domain,
+        "looked_up": report.destination is None or report.destination.mx,
         "null_mx": mx.plan.null_mx,
         "implicit": bool(mx.plan.hosts) and mx.plan.hosts[0].implicit,
         "error": error_dict(mx.failure),

@@ -144,7 +144,7 @@ async def test_a_failed_mx_lookup_asks_nothing_else() -> None:
     assert report.outcome is Outcome.DEFER
     assert report.reply == "451 4.4.3 DNS lookup of example.org/MX failed"
     assert resolver.asked == ["MX example.org"]
-    assert render_text(report).splitlines()[2] == (
+    assert render_text(report).splitlines()[3] == (
         "MX example.org: lookup failed (timeout): DNS lookup of example.org/MX failed"
     )
 
@@ -191,6 +191,6 @@ async def test_report_reads_the_probe_as_the_running_relay_does(
     )
     report = await lookup(resolver, "example.org", level="dane", resolvers="127.0.0.1:53")
     lines = render_text(report).splitlines()
-    assert lines[1] == f"resolver 127.0.0.1:53: {header} ({probe.detail})"
+    assert lines[2] == f"resolver 127.0.0.1:53: {header} ({probe.detail})"
     (line,) = [x for x in lines if x.startswith("  TLS: ")]
     assert line.startswith(tls)

@@ -67,8 +67,8 @@ def test_dane_domain_shows_secure_mx_address_tlsa_and_dane_verified(
     assert code == 0
     lines = out.splitlines()
     assert lines[0] == "domain dane-ok.test: level dane, insecure_mx_policy dane"
-    assert lines[1].startswith(f"resolver {dns_lab.resolver_addr}:53: validates DNSSEC (")
-    assert lines[2:] == [
+    assert lines[2].startswith(f"resolver {dns_lab.resolver_addr}:53: validates DNSSEC (")
+    assert lines[3:] == [
         "MX dane-ok.test: secure",
         "  10 mx.dane-ok.test",
         "host mx.dane-ok.test (MX 10)",
@@ -91,6 +91,8 @@ def test_dane_domain_as_json(dns_lab: DnsLab, config: Path) -> None:
         "status": "secure",
         "answer": "data",
         "records": [{"preference": 10, "exchange": "mx.dane-ok.test"}],
+        "domain": "dane-ok.test",
+        "looked_up": True,
         "null_mx": False,
         "implicit": False,
         "error": None,
@@ -143,7 +145,7 @@ def test_unsigned_domain_gets_no_tlsa_lookup_and_opportunistic_tls(
     code, out = _lookup(config, "unsigned.test")
     assert code == 0
     lines = out.splitlines()
-    assert lines[2:] == [
+    assert lines[3:] == [
         "MX unsigned.test: insecure",
         "  10 mx.unsigned.test",
         "host mx.unsigned.test (MX 10)",
@@ -201,7 +203,7 @@ def test_null_mx_bounces_with_5_1_10(config: Path) -> None:
     code, out = _lookup(config, "nullmx.test")
     assert code == 69
     lines = out.splitlines()
-    assert lines[2:] == [
+    assert lines[3:] == [
         "MX nullmx.test: secure, null MX (RFC 7505): the domain accepts no mail",
         "  0 .",
         "result: bounce: 556 5.1.10 Domain does not accept mail (null MX)",
@@ -216,7 +218,7 @@ def test_null_mx_bounces_with_5_1_10(config: Path) -> None:
 def test_nonexistent_domain_bounces_with_5_1_2(config: Path) -> None:
     code, out = _lookup(config, "no-such-domain.test")
     assert code == 69
-    assert out.splitlines()[2:] == [
+    assert out.splitlines()[3:] == [
         "MX no-such-domain.test: NXDOMAIN (secure): the domain does not exist",
         "result: bounce: 550 5.1.2 Host or domain name not found",
     ]
@@ -226,7 +228,7 @@ def test_implicit_mx_is_the_domain_itself(dns_lab: DnsLab, config: Path) -> None
     code, out = _lookup(config, "implicit.test")
     assert code == 0
     lines = out.splitlines()
-    assert lines[2:5] == [
+    assert lines[3:6] == [
         "MX implicit.test: secure, no MX records: implicit MX implicit.test (RFC 5321 §5.1)",
         "host implicit.test (implicit MX)",
         f"  addresses: secure {dns_lab.hosts['implicit.test'].address}",
@@ -250,7 +252,7 @@ def test_non_validating_resolver_is_shown_and_dane_becomes_opportunistic(
     code, out = _lookup(config, "dane-ok.test")
     assert code == 0
     lines = out.splitlines()
-    assert lines[1] == (
+    assert lines[2] == (
         f"resolver {plain_resolver}:53: does NOT validate DNSSEC "
         f"(./DNSKEY from {plain_resolver}:53 answered without the AD bit)"
     )
@@ -319,3 +321,49 @@ def test_idn_argument_is_looked_up_by_its_a_label(config: Path) -> None:
     assert report["domain"] == "xn--strae-oqa.de"
     assert report["mx"]["answer"] == "nxdomain"
     assert (code, report["result"]["outcome"]) == (69, "bounce")
+
+
+def test_relayhost_and_tls_policy_are_what_lookup_resolves(dns_lab: DnsLab, tmp_path: Path) -> None:
+    """lookup follows [tls.policy] and delivery.relayhost as delivery does, and says why."""
+    config = write_relay_config(
+        tmp_path / "smart.toml",
+        listen=f"{dns_lab.relay_addr}:2525",
+        spool_dir=tmp_path / "spool",
+        resolvers=[dns_lab.resolver_addr],
+        metrics_listen=f"{dns_lab.relay_addr}:9425",
+        tls_level="may",
+        relayhost="[mx.dane-ok.test]",
+        extra='[tls.policy]\n"mx.dane-ok.test" = "dane-only"\n',
+    )
+    code, out = _lookup(config, "nullmx.test")  # its own null MX is never looked up
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[:2] == [
+        "domain nullmx.test: level dane-only, insecure_mx_policy dane",
+        "route: level dane-only ([tls.policy] 'mx.dane-ok.test', next-hop exact); "
+        "next hop [mx.dane-ok.test] (delivery.relayhost)",
+    ]
+    assert "next hop [mx.dane-ok.test]: no MX lookup (explicit next hop, RFC 7672 §2.2.2)" in lines
+    assert lines[-1] == "result: attempt delivery via mx.dane-ok.test"
+    code, report = _lookup_json(config, "nullmx.test")
+    assert (report["route"]["next_hop_match"], report["route"]["level_match"]) == (
+        "relayhost",
+        "next-hop exact",
+    )
+
+
+def test_an_mx_host_that_is_the_relay_bounces_with_5_4_6(dns_lab: DnsLab, tmp_path: Path) -> None:
+    config = write_relay_config(
+        tmp_path / "loop.toml",
+        listen=f"{dns_lab.relay_addr}:2525",
+        spool_dir=tmp_path / "spool",
+        resolvers=[dns_lab.resolver_addr],
+        metrics_listen=f"{dns_lab.relay_addr}:9425",
+        hostname="mx.dane-ok.test",
+    )
+    code, out = _lookup(config, "dane-ok.test")
+    assert code == 69
+    assert out.splitlines()[-1] == (
+        "result: bounce: 554 5.4.6 mail for dane-ok.test loops back to myself "
+        "(host name mx.dane-ok.test is this relay (server.hostname))"
+    )

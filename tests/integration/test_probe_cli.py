@@ -96,7 +96,7 @@ def test_dane_ee_domain_is_verified_at_depth_0(
     assert code == 0
     # The resolution part is `dane-relay lookup`'s report, word for word.
     assert lines[0] == "domain dane-ok.test: level dane, insecure_mx_policy dane"
-    assert lines[2:10] == [
+    assert lines[3:11] == [
         "MX dane-ok.test: secure",
         "  10 mx.dane-ok.test",
         "host mx.dane-ok.test (MX 10)",
@@ -292,7 +292,7 @@ def test_unsigned_domain_gets_opportunistic_tls_without_dane(
 def test_null_mx_bounces_without_connecting_anywhere(receivers: ReceiverPool, config: Path) -> None:
     code, lines = _probe(config, "nullmx.test")
     assert code == 69
-    assert lines[2:] == [
+    assert lines[3:] == [
         "MX nullmx.test: secure, null MX (RFC 7505): the domain accepts no mail",
         "  0 .",
         "result: bounce: 556 5.1.10 Domain does not accept mail (null MX)",
@@ -407,7 +407,7 @@ def test_resolver_option_replaces_the_configured_resolvers_and_must_be_loopback(
     dead = _config(dns_lab, tmp_path / "dead.toml", resolver=dns_lab.plan.spare(UNUSED_SPARE))
     code, lines = _probe(dead, "nullmx.test", "--resolver", dns_lab.resolver_addr)
     assert code == 69
-    assert lines[1].startswith(f"resolver {dns_lab.resolver_addr}:53: validates DNSSEC (")
+    assert lines[2].startswith(f"resolver {dns_lab.resolver_addr}:53: validates DNSSEC (")
     code, doc = _probe_json(dead, "nullmx.test", "--resolver", f"{dns_lab.resolver_addr}:53")
     assert (code, doc["resolver"]["servers"]) == (69, f"{dns_lab.resolver_addr}:53")
 

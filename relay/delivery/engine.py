@@ -19,7 +19,9 @@ Theory of operation, per next-hop domain (recipients are grouped by domain):
    to the host (connect, TLS, DANE, greeting) moves on to the next address or MX host;
    on a DANE failure QUIT is sent before MAIL FROM, so no message data ever reaches an
    unauthenticated peer (RFC 7672 §2.2, §3).
-4. Per-recipient replies come back as `RecipientResult` values.
+4. MAIL/RCPT/DATA: `relay.delivery.client.Transaction` decides (SIZE, SMTPUTF8,
+   per-recipient outcomes); `_drive` only moves its commands and replies. QUIT ends the
+   session (no reuse yet); after a 421 or a lost connection it is just closed (RFC 5321 §3.8).
 
 This module never catches library exceptions: the resolver and transport
 adapters translate them into relay.errors at their boundary.
@@ -31,13 +33,23 @@ import logging
 import ssl
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Protocol
 
 from relay.dane.match import DaneStatus
 from relay.dane.policy import DANE_LEVELS, Action, TlsaState, TlsRequirement
-from relay.delivery.attempt import Attempt, AttemptRecorder, as_temporary, outcome_of
+from relay.delivery.attempt import Attempt, AttemptRecorder, as_temporary
+from relay.delivery.client import (
+    Capabilities,
+    Command,
+    ConnectionLost,
+    Ending,
+    Envelope,
+    PeerReply,
+    Transaction,
+    TransactionResult,
+)
 from relay.delivery.planner import MAX_MX_HOSTS, MxHost
 from relay.delivery.policymap import Destination, PolicyMap
 from relay.delivery.route import HostRoute, explicit_route, resolve_host, resolve_mx
@@ -88,11 +100,13 @@ class _Connections:
 
 
 class Session(TlsSession, Protocol):
+    """An outbound session after setup (relay.delivery.transport.OutboundSession)."""
+
     greeting: SmtpReply
 
-    async def mail(self, sender: str, options: list[str]) -> SmtpReply: ...
-    async def rcpt(self, recipient: str) -> SmtpReply: ...
-    async def data(self, body: bytes) -> SmtpReply: ...
+    def capabilities(self) -> Capabilities: ...
+    async def write(self, command: Command, message: bytes) -> None: ...
+    async def read_reply(self, timeout: float) -> PeerReply | ConnectionLost: ...
 
 
 class Transport(Protocol):
@@ -429,46 +443,37 @@ class DeliveryEngine:
         body: bytes,
         received: float,
     ) -> list[RecipientResult]:
-        options = []
-        if attempt.smtputf8:
-            if session.supports("smtputf8"):
-                options.append("SMTPUTF8")
-            elif not (sender.isascii() and all(r.isascii() for r in attempt.recipients)):
-                # RFC 6531 §3.2: a UTF-8 envelope cannot go to a server without SMTPUTF8.
-                await session.quit()
-                reply = SmtpReply(550, "5.6.7", "SMTPUTF8 is required, but was not offered by host")
-                return self.record.results(
-                    attempt, Outcome.BOUNCED, reply, received, reason="smtputf8_not_offered"
-                )
-        if session.supports("size"):
-            options.append(f"SIZE={len(body)}")
-        if session.supports("8bitmime") and any(b > 127 for b in body):
-            options.append("BODY=8BITMIME")
-        mail = await session.mail(sender, options)
-        if not mail.is_positive:
-            await session.quit()
-            return self.record.results(
-                attempt, outcome_of(mail), mail, received, reason="mail_from"
-            )
-        replies: dict[str, SmtpReply] = {}
-        accepted: list[str] = []
-        for rcpt in attempt.recipients:
-            reply = await session.rcpt(rcpt)
-            replies[rcpt] = reply
-            if reply.is_positive:
-                accepted.append(rcpt)
-        if accepted:
-            data_reply = await session.data(body)
-            for rcpt in accepted:
-                replies[rcpt] = data_reply
-        await session.quit()
-        out: list[RecipientResult] = []
-        for rcpt in attempt.recipients:
-            reply = replies[rcpt]
-            outcome = outcome_of(reply)
-            reason = {"delivered": "sent", "bounced": "remote_5xx", "deferred": "remote_4xx"}[
-                outcome.value
-            ]
-            out.append(RecipientResult(rcpt, outcome, reply, attempt.relay, reason))
+        caps = session.capabilities()
+        # The transport reads one reply per command (aiosmtplib's reader would drop the
+        # replies to a pipelined batch), so PIPELINING is not used for now.
+        caps = replace(caps, pipelining=False)
+        envelope = Envelope(
+            sender,
+            attempt.recipients,
+            size=len(body),
+            eight_bit=any(b > 127 for b in body),
+            # A message that asked for SMTPUTF8 gets it where offered; an ASCII-only
+            # envelope goes without it elsewhere (only a UTF-8 address needs it, RFC 6531
+            # §3.2), so it is not bounced for asking.
+            smtputf8=attempt.smtputf8 and caps.smtputf8,
+        )
+        outcome = await _drive(session, Transaction(envelope, caps), body)
+        if outcome.ending is Ending.CLOSE:
+            session.abort()  # RFC 5321 §3.8: 421 or connection lost: no further command
+        else:
+            await session.quit()  # REUSABLE included: no connection reuse yet
+        out = [replace(r, relay=attempt.relay) for r in outcome.recipients]
         self.record.log_results(attempt, out, received)
         return out
+
+
+async def _drive(session: Session, transaction: Transaction, body: bytes) -> TransactionResult:
+    """Write the transaction's commands and feed it the replies until it is done."""
+    commands = transaction.start()
+    while True:
+        for command in commands:
+            await session.write(command, body)
+        awaiting = transaction.awaiting
+        if awaiting is None:
+            return transaction.result()
+        commands = transaction.receive(await session.read_reply(awaiting.timeout))

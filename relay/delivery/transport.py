@@ -2,10 +2,13 @@
 
 Contract: `SmtpTransport.open()` returns an `OutboundSession` or raises a
 `relay.errors.TemporaryFailure` subclass (ConnectFailed, PeerTimeout,
-RemoteTempReject, RemotePermReject for a refusing greeting). Session methods
-return peer replies as `SmtpReply` values (4xx/5xx included) and raise only
-`TemporaryFailure` subclasses for connection-level trouble. Nothing above this
-module sees aiosmtplib, ssl or OSError exceptions.
+RemoteTempReject, RemotePermReject for a refusing greeting). Session setup methods
+(`ehlo`, `starttls`) return peer replies as `SmtpReply` values (4xx/5xx included) and
+raise only `TemporaryFailure` subclasses for connection-level trouble. The mail
+transaction goes through `write()` and `read_reply()`, which move the bytes of the
+commands `relay.delivery.client.Transaction` decides and never raise for what the peer
+does: a failed write, a closed connection or a timeout becomes `ConnectionLost`. Nothing
+above this module sees aiosmtplib, ssl or OSError exceptions.
 
 `starttls()` returns the peer's certificate chain as the server sent it (DER,
 leaf first) through `peer_chain()`, the one place that touches the private
@@ -14,6 +17,8 @@ leaf first) through `peer_chain()`, the one place that touches the private
 
 from __future__ import annotations
 
+import asyncio
+import re
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +27,15 @@ from typing import Any
 import aiosmtplib
 from aiosmtplib.errors import SMTPConnectResponseError
 
+from relay.delivery.client import (
+    TIMEOUTS,
+    Capabilities,
+    Command,
+    ConnectionLost,
+    PeerReply,
+    Phase,
+    parse_ehlo,
+)
 from relay.errors import (
     ConnectFailed,
     PeerTimeout,
@@ -58,6 +72,25 @@ def peer_chain(ssl_object: Any) -> list[bytes]:
     return out
 
 
+_LINE_ENDINGS = re.compile(rb"(?:\r\n|\n|\r(?!\n))")
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+#: Bytes written per block of message content; each block's write is bounded by
+#: TIMEOUTS[Phase.DATA_BLOCK] (RFC 5321 §4.5.3.2.5).
+_DATA_BLOCK = 64 * 1024
+
+
+def message_data(body: bytes) -> bytes:
+    """The message as written after a 354: CRLF line endings, dot-stuffed, end marker.
+
+    RFC 5321 §4.5.2 (transparency) and §4.1.1.4 (CRLF.CRLF); bare CR and LF become CRLF
+    (as aiosmtplib's own DATA does: no bare LF smuggling, RFC 5321 §2.3.8).
+    """
+    data = _LINE_ENDINGS.sub(b"\r\n", body)
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return _LEADING_DOT.sub(b"..", data) + b".\r\n"
+
+
 def _reply(response: Any) -> SmtpReply:
     return SmtpReply.from_peer(int(response.code), str(response.message))
 
@@ -89,6 +122,8 @@ class OutboundSession:
         self._smtp = smtp
         self.greeting = greeting
         self.tls = False
+        self._capabilities = Capabilities()
+        self._lost: ConnectionLost | None = None  # a write failed: the next read says so
 
     def supports(self, extension: str) -> bool:
         return self._smtp.supports_extension(extension)
@@ -97,15 +132,21 @@ class OutboundSession:
         """EHLO, falling back to HELO when EHLO is refused (RFC 5321 §4.1.4)."""
         with _smtp_errors("after EHLO"):
             response = await self._smtp.execute_command(b"EHLO", name.encode("ascii"))
+            self._capabilities = Capabilities()  # RFC 3207 §4.2: nothing from before TLS
             if response.code == 250:
                 # Let aiosmtplib parse the extensions it uses for supports_extension().
                 self._smtp.last_ehlo_response = response
+                self._capabilities = parse_ehlo(str(response.message))
                 return _reply(response)
             if response.code >= 500:
                 response = await self._smtp.execute_command(b"HELO", name.encode("ascii"))
                 if response.code == 250:
                     self._smtp.last_helo_response = response
             return _reply(response)
+
+    def capabilities(self) -> Capabilities:
+        """What the last EHLO announced; all False after HELO (relay.delivery.client)."""
+        return self._capabilities
 
     async def starttls(self, server_hostname: str, context: ssl.SSLContext) -> list[bytes]:
         """Upgrade to TLS; returns the peer chain (DER, leaf first).
@@ -156,28 +197,66 @@ class OutboundSession:
             return "", ""
         return str(cipher[1]), str(cipher[0])
 
-    async def command(self, verb: bytes, arg: str) -> SmtpReply:
-        """Send one command; an argument that cannot go on the wire (not UTF-8, control
-        characters) is answered locally with 553 5.1.3 and never sent."""
-        if not wire_safe(arg):
-            return SmtpReply(553, "5.1.3", "address contains characters that cannot be sent")
-        with _smtp_errors(f"after {verb.decode()}"):
-            return _reply(await self._smtp.execute_command(verb, arg.encode("utf-8")))
+    async def write(self, command: Command, message: bytes) -> None:
+        """Write one command line, or (`command.line` None) the message as `message_data`.
 
-    async def mail(self, sender: str, options: list[str]) -> SmtpReply:
-        return await self.command(b"MAIL", f"FROM:<{sender}>" + "".join(f" {o}" for o in options))
+        Never raises for connection trouble: a failed or timed-out write is remembered and
+        the next `read_reply()` returns it as `ConnectionLost`. Only one command is written
+        before its reply is read: aiosmtplib's reader drops bytes that arrive while no
+        reply is awaited, so it cannot carry PIPELINING (the engine turns it off).
 
-    async def rcpt(self, recipient: str) -> SmtpReply:
-        return await self.command(b"RCPT", f"TO:<{recipient}>")
+        Raises:
+            ValueError: a command line with a control character (a caller bug: the
+                client never builds one, `relay.smtp.address.wire_safe`).
+        """
+        if self._lost is not None:
+            return
+        protocol = self._smtp.protocol
+        if command.line is not None and not wire_safe(command.line):
+            raise ValueError("command line with a control character")
+        data = command.wire() if command.line is not None else message_data(message)
+        try:
+            if protocol is None:
+                raise aiosmtplib.SMTPServerDisconnected("not connected")
+            blocks = range(0, len(data), _DATA_BLOCK)
+            for start in blocks:
+                protocol.write(data[start : start + _DATA_BLOCK])
+                if start == blocks[-1]:
+                    # Nothing may yield to the loop between the last write and read_reply():
+                    # aiosmtplib drops a reply that arrives before it is awaited. The last
+                    # block is bounded by the reply's timeout instead.
+                    break
+                # FlowControlMixin's drain (asyncio.StreamWriter.drain's helper); it yields
+                # only while the transport's buffer is full (asyncio.timeout adds no task).
+                async with asyncio.timeout(TIMEOUTS[Phase.DATA_BLOCK]):
+                    await protocol._drain_helper()
+        except TimeoutError:
+            self._lost = ConnectionLost(timed_out=True)
+        except (aiosmtplib.SMTPException, OSError):
+            self._lost = ConnectionLost()
 
-    async def data(self, body: bytes) -> SmtpReply:
-        with _smtp_errors("after DATA"):
-            try:
-                return _reply(await self._smtp.data(body))
-            except aiosmtplib.SMTPDataError as exc:
-                return SmtpReply.from_peer(exc.code, exc.message)
-            except aiosmtplib.SMTPResponseException as exc:
-                return SmtpReply.from_peer(exc.code, exc.message)
+    async def read_reply(self, timeout: float) -> PeerReply | ConnectionLost:
+        """The peer's reply to the oldest command written, or why there is none.
+
+        `timeout` is the command's reply timeout (`relay.delivery.client.Command.timeout`).
+        """
+        if self._lost is not None:
+            return self._lost
+        protocol = self._smtp.protocol
+        try:
+            if protocol is None:
+                raise aiosmtplib.SMTPServerDisconnected("not connected")
+            # read_response() marks a reply as awaited before it yields to the loop, so the
+            # reply to the line just written is not taken for unsolicited data.
+            response = await protocol.read_response(timeout=timeout)
+        except (aiosmtplib.SMTPTimeoutError, TimeoutError):
+            self._lost = ConnectionLost(timed_out=True)
+            return self._lost
+        except (aiosmtplib.SMTPException, OSError):
+            # Disconnected, or a reply that is not SMTP (too long, malformed).
+            self._lost = ConnectionLost()
+            return self._lost
+        return PeerReply(int(response.code), str(response.message))
 
     async def quit(self) -> None:
         """Say QUIT politely; errors are irrelevant at this point."""

@@ -27,6 +27,7 @@ from lab.certs import make_self_signed
 
 from relay.config import parse_next_hop
 from relay.dane.records import TlsaRecord
+from relay.delivery.client import Capabilities, Command, ConnectionLost, PeerReply
 from relay.delivery.engine import MAX_CONNECTIONS_PER_DOMAIN, DeliveryEngine, EngineSettings
 from relay.delivery.planner import MAX_MX_HOSTS
 from relay.delivery.policymap import PolicyMap
@@ -56,6 +57,7 @@ GREETING = SmtpReply(220, "2.0.0", "mx ESMTP")
 EHLO_OK = SmtpReply(250, "2.0.0", "mx")
 OK = SmtpReply(250, "2.1.0", "Ok")
 QUEUED = SmtpReply(250, "2.0.0", "Ok: queued as 4ABC")
+START_DATA = SmtpReply(354, "", "End data with <CR><LF>.<CR><LF>")
 
 
 # -- certificates and TLSA records -------------------------------------------------------------
@@ -169,9 +171,11 @@ class Peer:
     extensions: frozenset[str] = frozenset({"starttls", "size", "8bitmime", "pipelining"})
     tls_extensions: frozenset[str] = frozenset({"size", "8bitmime", "pipelining"})
     starttls: Sequence[bytes] | DeliveryError = ()
-    mail: SmtpReply = OK
-    rcpt: dict[str, SmtpReply] = field(default_factory=dict)
-    data: SmtpReply = QUEUED
+    size: int = 0  # the SIZE limit announced with "size" (0: no limit)
+    mail: SmtpReply | ConnectionLost = OK
+    rcpt: dict[str, SmtpReply | ConnectionLost] = field(default_factory=dict)
+    data_start: SmtpReply | ConnectionLost = START_DATA
+    data: SmtpReply | ConnectionLost = QUEUED
 
 
 class FakeSession:
@@ -181,6 +185,7 @@ class FakeSession:
         self.peer = peer
         self.greeting = peer.greeting
         self.in_tls = False
+        self.replies: list[SmtpReply | ConnectionLost] = []
 
     def _log(self, *event: object) -> None:
         self.transport.log.append((self.address, *event))
@@ -204,17 +209,45 @@ class FakeSession:
     def tls_info(self) -> tuple[str, str]:
         return (TLS_VERSION, TLS_CIPHER) if self.in_tls else ("", "")
 
-    async def mail(self, sender: str, options: list[str]) -> SmtpReply:
-        self._log("MAIL", sender, tuple(options))
-        return self.peer.mail
+    def capabilities(self) -> Capabilities:
+        offered = self.peer.tls_extensions if self.in_tls else self.peer.extensions
+        return Capabilities(
+            esmtp=True,
+            pipelining="pipelining" in offered,
+            size=self.peer.size if "size" in offered else None,
+            eightbitmime="8bitmime" in offered,
+            smtputf8="smtputf8" in offered,
+            starttls="starttls" in offered,
+        )
 
-    async def rcpt(self, recipient: str) -> SmtpReply:
-        self._log("RCPT", recipient)
-        return self.peer.rcpt.get(recipient, OK)
+    async def write(self, command: Command, message: bytes) -> None:
+        """Logs MAIL (sender, options), RCPT (recipient) and DATA (the message) as
+        the old one-call-per-command session did; queues the scripted reply."""
+        line = command.line
+        reply: SmtpReply | ConnectionLost
+        if line is None:
+            self._log("DATA", message)
+            reply = self.peer.data
+        elif line.startswith("MAIL FROM:<"):
+            sender, _, options = line.removeprefix("MAIL FROM:<").partition(">")
+            self._log("MAIL", sender, tuple(options.split()))
+            reply = self.peer.mail
+        elif line.startswith("RCPT TO:<"):
+            rcpt = line.removeprefix("RCPT TO:<").removesuffix(">")
+            self._log("RCPT", rcpt)
+            reply = self.peer.rcpt.get(rcpt, OK)
+        elif line == "DATA":
+            reply = self.peer.data_start
+        else:
+            raise AssertionError(f"unexpected command {line!r}")
+        self.replies.append(reply)
 
-    async def data(self, body: bytes) -> SmtpReply:
-        self._log("DATA", body)
-        return self.peer.data
+    async def read_reply(self, timeout: float) -> PeerReply | ConnectionLost:
+        reply = self.replies.pop(0)
+        if isinstance(reply, ConnectionLost):
+            return reply
+        text = f"{reply.enhanced} {reply.text}" if reply.enhanced else reply.text
+        return PeerReply(reply.code, text)
 
     async def quit(self) -> None:
         self._log("QUIT")
@@ -872,6 +905,83 @@ async def test_rcpt_550_for_one_recipient_bounces_it_and_delivers_the_other() ->
     ]  # fmt: skip
     assert w.sample("relay_delivery_attempts_total", result="delivered", reason="sent") == 1
     assert w.sample("relay_delivery_attempts_total", result="bounced", reason="remote_5xx") == 1
+
+
+async def test_rcpt_250_451_550_deliver_defer_and_bounce_in_one_attempt() -> None:
+    busy = SmtpReply(451, "4.2.0", "try later")
+    unknown = SmtpReply(550, "5.1.1", "user unknown")
+    peer = Peer(
+        starttls=[cert_der("mx1.secure.example")],
+        rcpt={"b@secure.example": busy, "c@secure.example": unknown},
+    )
+    w = world(secure_domain(), {"192.0.2.1": peer})
+    results = await w.deliver("a@secure.example", "b@secure.example", "c@secure.example")
+    assert [(r.outcome, r.reply, r.reason) for r in results] == [
+        (Outcome.DELIVERED, QUEUED, "sent"),
+        (Outcome.DEFERRED, busy, "remote_4xx"),
+        (Outcome.BOUNCED, unknown, "remote_5xx"),
+    ]
+    assert {r.relay for r in results} == {"mx1.secure.example[192.0.2.1]:25"}
+    assert w.transport.connections() == ["192.0.2.1"]
+    assert w.transport.verbs().count("DATA") == 1
+
+
+async def test_message_bigger_than_peer_size_bounces_5_3_4_without_mail_from() -> None:
+    peer = Peer(starttls=[cert_der("mx1.secure.example")], size=len(BODY) - 1)
+    w = world(secure_domain(), {"192.0.2.1": peer})
+    (r,) = await w.deliver("a@secure.example")
+    assert (r.outcome, r.reply.code, r.reply.enhanced) == (Outcome.BOUNCED, 552, "5.3.4")
+    assert r.reason == "message_too_big"
+    assert w.transport.verbs() == ["CONNECT", "EHLO", "STARTTLS", "EHLO", "QUIT"]
+    assert (
+        w.sample("relay_delivery_attempts_total", result="bounced", reason="message_too_big") == 1
+    )
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [SmtpReply(421, "4.3.2", "shutting down"), ConnectionLost(), ConnectionLost(timed_out=True)],
+)
+async def test_421_or_lost_connection_mid_transaction_defers_the_rest_and_closes(
+    cut: SmtpReply | ConnectionLost,
+) -> None:
+    unknown = SmtpReply(550, "5.1.1", "user unknown")
+    peer = Peer(
+        starttls=[cert_der("mx1.secure.example")],
+        rcpt={"a@secure.example": unknown, "b@secure.example": cut},
+    )
+    w = world(secure_domain(), {"192.0.2.1": peer})
+    results = await w.deliver("a@secure.example", "b@secure.example", "c@secure.example")
+    assert [r.outcome for r in results] == [Outcome.BOUNCED, Outcome.DEFERRED, Outcome.DEFERRED]
+    reason = "remote_4xx"
+    if isinstance(cut, ConnectionLost):
+        reason = "timeout" if cut.timed_out else "connection_lost"
+    assert {r.reason for r in results[1:]} == {reason}
+    assert all(r.reply.code in (421, 451) for r in results[1:])
+    # RFC 5321 §3.8: no QUIT after a 421 or a lost connection, and no DATA.
+    assert w.transport.verbs()[-3:] == ["RCPT", "RCPT", "ABORT"]
+    assert "QUIT" not in w.transport.verbs()
+
+
+async def test_ascii_message_that_asked_for_smtputf8_goes_without_it() -> None:
+    w = world(secure_domain(), {"192.0.2.1": Peer(starttls=[cert_der("mx1.secure.example")])})
+    (r,) = await w.engine.deliver(
+        "0123456789ABCDEF01234", SENDER, ["a@secure.example"], BODY, RECEIVED, smtputf8=True
+    )
+    assert r.outcome is Outcome.DELIVERED
+    assert ("192.0.2.1", "MAIL", SENDER, (f"SIZE={len(BODY)}",)) in w.transport.log
+
+
+async def test_utf8_address_to_peer_without_smtputf8_bounces_5_6_7() -> None:
+    w = world(secure_domain(), {"192.0.2.1": Peer(starttls=[cert_der("mx1.secure.example")])})
+    (r,) = await w.engine.deliver(
+        "0123456789ABCDEF01234", "jörg@sender.example", ["a@secure.example"], BODY, RECEIVED,
+        smtputf8=True,
+    )  # fmt: skip
+    assert (r.outcome, r.reply.enhanced, r.reason) == (
+        Outcome.BOUNCED, "5.6.7", "smtputf8_not_offered",
+    )  # fmt: skip
+    assert "MAIL" not in w.transport.verbs()
 
 
 async def test_all_recipients_rejected_sends_no_data() -> None:

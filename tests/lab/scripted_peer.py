@@ -36,6 +36,7 @@ class PeerScript:
     greeting: str | None = "220 peer.test ESMTP scripted"  # None: never greet
     close_after_greeting: bool = False
     extensions: Sequence[str] = ("PIPELINING", "SIZE 10240000", "8BITMIME", "STARTTLS")
+    ehlo_reply: str | None = None  # e.g. "502 5.5.2 ...": EHLO refused (HELO still works)
     starttls_reply: str = "220 2.0.0 Ready to start TLS"
     inject_after_starttls: bytes = b""  # sent in the same write as the STARTTLS reply
     mail_reply: str = "250 2.1.0 Ok"
@@ -194,7 +195,9 @@ class ScriptedPeer:
             if s.stall_on is not None and verb == s.stall_on.upper():
                 self._stop.wait()
                 return
-            if verb in ("EHLO", "HELO"):
+            if verb == "EHLO" and s.ehlo_reply is not None:
+                send(s.ehlo_reply.encode() + b"\r\n")
+            elif verb in ("EHLO", "HELO"):
                 exts = [e for e in s.extensions if not (tls and e.upper() == "STARTTLS")]
                 if verb == "HELO" or not exts:
                     send(b"250 peer.test\r\n")

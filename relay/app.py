@@ -31,10 +31,12 @@ import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 
 from relay.config import Config, DnsConfig
 from relay.delivery.engine import DeliveryEngine, EngineSettings
 from relay.delivery.policymap import PolicyMap
+from relay.delivery.route import Myself
 from relay.delivery.tls import client_context, pkix_context
 from relay.delivery.transport import SmtpTransport
 from relay.errors import ConfigError
@@ -340,6 +342,8 @@ async def _run(
             helo_name=hostname,
             port=cfg.delivery.port,
             insecure_mx_policy=cfg.tls.insecure_mx_policy,
+            # Postfix: an MX that is this relay itself is a mail loop (5.4.6), never a hop.
+            myself=partial(Myself.of, hostname, cfg.server.listen),
             policy=PolicyMap(
                 cfg.tls.level,
                 policy=cfg.tls.policy,

@@ -52,7 +52,7 @@ from relay.delivery.client import (
 )
 from relay.delivery.planner import MAX_MX_HOSTS, MxHost
 from relay.delivery.policymap import Destination, PolicyMap
-from relay.delivery.route import HostRoute, explicit_route, resolve_host, resolve_mx
+from relay.delivery.route import HostRoute, Myself, explicit_route, resolve_host, resolve_mx
 from relay.delivery.secure import Negotiation, TlsSession, negotiate
 from relay.errors import DeliveryError, PermanentFailure, Scope, TemporaryFailure
 from relay.lookup.results import Resolver, ResolverStatus, Security
@@ -97,6 +97,7 @@ class _Connections:
 
     left: int = MAX_CONNECTIONS_PER_DOMAIN
     untried: int = 0  # addresses of looked-up hosts left out for want of attempts
+    best_preference: int | None = None  # the domain's lowest MX preference (loop check)
 
 
 class Session(TlsSession, Protocol):
@@ -123,6 +124,8 @@ class EngineSettings:
     insecure_mx_policy: str = "dane"
     # Per-destination level and next hop; None: `level` and the MX hosts for every domain.
     policy: PolicyMap | None = None
+    # The relay's own identity for the port delivery connects to (mail-loop check); None: off.
+    myself: Callable[[int], Myself] | None = None
 
 
 class DeliveryEngine:
@@ -235,7 +238,9 @@ class DeliveryEngine:
                 MAX_MX_HOSTS,
             )
         last: DeliveryError | None = None
-        connections = _Connections()
+        connections = _Connections(
+            best_preference=mx.plan.hosts[0].preference if mx.plan.hosts else None
+        )
         hosts_left = 0
         for index, host in enumerate(mx.plan.hosts):
             if connections.left <= 0:
@@ -302,6 +307,8 @@ class DeliveryEngine:
             insecure_mx_policy=settings.insecure_mx_policy,
             validating=validating,
             tlsa_port=dest.tlsa_port,
+            myself=settings.myself(dest.port) if settings.myself else None,
+            best_preference=connections.best_preference,
         )
         attempt.relay = f"{host.name}[-]"
         attempt.tls, attempt.tls_detail, attempt.dane, attempt.dane_detail = "none", "", "none", ""

@@ -13,9 +13,10 @@ import functools
 import hashlib
 import logging
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 
 import pytest
 from cryptography import x509
@@ -25,12 +26,13 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 from lab.certs import make_self_signed
 
-from relay.config import parse_next_hop
+from relay.config import Endpoint, parse_next_hop
 from relay.dane.records import TlsaRecord
 from relay.delivery.client import Capabilities, Command, ConnectionLost, PeerReply
 from relay.delivery.engine import MAX_CONNECTIONS_PER_DOMAIN, DeliveryEngine, EngineSettings
 from relay.delivery.planner import MAX_MX_HOSTS
 from relay.delivery.policymap import PolicyMap
+from relay.delivery.route import Myself
 from relay.errors import (
     ConnectFailed,
     DeliveryError,
@@ -316,6 +318,7 @@ def world(
     insecure_mx_policy: str = "dane",
     resolver_status: ResolverStatus | None = None,
     policy: PolicyMap | None = None,
+    myself: Callable[[int], Myself] | None = None,
 ) -> World:
     transport = FakeTransport(peers)
     metrics = Metrics()
@@ -329,6 +332,7 @@ def world(
             port=port,
             insecure_mx_policy=insecure_mx_policy,
             policy=policy,
+            myself=myself,
         ),
         metrics,
         clock=lambda: NOW,
@@ -527,6 +531,31 @@ async def test_tlsa_lookup_failure_defers_without_connecting() -> None:
     assert w.transport.log == []
     assert w.resolver.tlsa_lookups() == ["_25._tcp.mx1.secure.example"]
     assert w.sample("relay_delivery_attempts_total", result="deferred", reason="tlsa_lookup") == 1
+
+
+async def test_best_mx_that_is_the_relay_itself_bounces_5_4_6_without_connecting() -> None:
+    # Postfix: the most preferred MX is this relay (by name or by a listen address at the
+    # delivery port): a mail loop, bounced at once, nothing connected.
+    for myself in (
+        partial(Myself.of, "MX1.secure.example.", ()),
+        partial(Myself.of, "relay.example.net", (Endpoint("192.0.2.1", 25),)),
+    ):
+        w = world(secure_domain(), {}, myself=myself)
+        (r,) = await w.deliver("rcpt@secure.example")
+        assert r.outcome is Outcome.BOUNCED
+        assert (r.reply.code, r.reply.enhanced) == (554, "5.4.6")
+        assert r.reply.text.startswith("mail for secure.example loops back to myself")
+        assert w.transport.log == []
+
+
+async def test_a_listen_address_on_another_port_is_not_a_loop() -> None:
+    # A relay listening on 192.0.2.1:2525 that delivers to 192.0.2.1:25 talks to another
+    # server (the host's own MTA), which is no loop.
+    myself = partial(Myself.of, "relay.example.net", (Endpoint("192.0.2.1", 2525),))
+    peer = Peer(starttls=[cert_der("mx1.secure.example")])
+    w = world(secure_domain(), {"192.0.2.1": peer}, myself=myself)
+    (r,) = await w.deliver("rcpt@secure.example")
+    assert r.outcome is Outcome.DELIVERED
 
 
 async def test_insecure_addresses_skip_tlsa_and_use_opportunistic_tls() -> None:

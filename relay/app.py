@@ -30,10 +30,12 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
+from types import MappingProxyType
 
-from relay.config import Config, DnsConfig
+from relay.config import Config, DeliveryConfig, DnsConfig
+from relay.delivery.client import Phase
 from relay.delivery.engine import DeliveryEngine, EngineSettings
 from relay.delivery.policymap import PolicyMap
 from relay.delivery.route import Myself
@@ -321,6 +323,47 @@ def _refusal(resolvers: str, probe: ProbeResult, timeout: float) -> str:
     )
 
 
+def delivery_timeouts(cfg: DeliveryConfig) -> Mapping[Phase, float]:
+    """Reply timeout per phase: `command_timeout` for every phase, then the RFC 5321
+    §4.5.3.2 ones (`mail_timeout`, `rcpt_timeout`, `data_init_timeout`,
+    `data_block_timeout`, `data_done_timeout`)."""
+    return MappingProxyType(
+        {
+            **dict.fromkeys(Phase, cfg.command_timeout),
+            Phase.MAIL: cfg.mail_timeout,
+            Phase.RCPT: cfg.rcpt_timeout,
+            Phase.DATA: cfg.data_init_timeout,
+            Phase.DATA_BLOCK: cfg.data_block_timeout,
+            Phase.DATA_END: cfg.data_done_timeout,
+        }
+    )
+
+
+def engine_settings(
+    cfg: Config, hostname: str, timeouts: Mapping[Phase, float] | None = None
+) -> EngineSettings:
+    """The delivery engine's settings from the configuration."""
+    return EngineSettings(
+        level=cfg.tls.level,
+        helo_name=hostname,
+        port=cfg.delivery.port,
+        insecure_mx_policy=cfg.tls.insecure_mx_policy,
+        # Postfix: an MX that is this relay itself is a mail loop (5.4.6), never a hop.
+        myself=partial(Myself.of, hostname, cfg.server.listen),
+        policy=PolicyMap(
+            cfg.tls.level,
+            policy=cfg.tls.policy,
+            transport=cfg.delivery.transport,
+            relayhost=cfg.delivery.relayhost,
+            port=cfg.delivery.port,
+        ),
+        mx_host_limit=cfg.delivery.mx_host_limit,
+        mx_address_limit=cfg.delivery.mx_address_limit,
+        address_preference=cfg.delivery.address_preference,
+        timeouts=timeouts if timeouts is not None else delivery_timeouts(cfg.delivery),
+    )
+
+
 async def _run(
     cfg: Config,
     hostname: str,
@@ -331,27 +374,14 @@ async def _run(
     watch: ResolverWatch,
     pkix: ssl.SSLContext,
 ) -> None:
+    timeouts = delivery_timeouts(cfg.delivery)
     engine = DeliveryEngine(
         resolver=resolver,
         transport=SmtpTransport(
-            hostname, cfg.delivery.connect_timeout, cfg.delivery.command_timeout
+            hostname, cfg.delivery.connect_timeout, cfg.delivery.command_timeout, timeouts
         ),
         tls_context=client_context(),
-        settings=EngineSettings(
-            level=cfg.tls.level,
-            helo_name=hostname,
-            port=cfg.delivery.port,
-            insecure_mx_policy=cfg.tls.insecure_mx_policy,
-            # Postfix: an MX that is this relay itself is a mail loop (5.4.6), never a hop.
-            myself=partial(Myself.of, hostname, cfg.server.listen),
-            policy=PolicyMap(
-                cfg.tls.level,
-                policy=cfg.tls.policy,
-                transport=cfg.delivery.transport,
-                relayhost=cfg.delivery.relayhost,
-                port=cfg.delivery.port,
-            ),
-        ),
+        settings=engine_settings(cfg, hostname, timeouts),
         metrics=metrics,
         resolver_status=watch.status,
         pkix_context=pkix,

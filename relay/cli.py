@@ -187,6 +187,7 @@ def _lookup(cfg: Config, target: str, as_json: bool) -> int:
             # Delivery's own per-destination level and next hop, and its loop check.
             policy=PolicyMap.from_config(cfg.tls, cfg.delivery),
             myself=partial(Myself.of, cfg.server.hostname or system_hostname(), cfg.server.listen),
+            host_limit=cfg.delivery.mx_host_limit,
         )
     )
     print(render_json(report) if as_json else render_text(report))
@@ -245,6 +246,9 @@ def _probe(cfg: Config, args: argparse.Namespace) -> int:
             pkix_context=pkix,
             policy=PolicyMap.from_config(cfg.tls, cfg.delivery),
             myself=partial(Myself.of, helo_name, cfg.server.listen),
+            host_limit=cfg.delivery.mx_host_limit,
+            address_limit=cfg.delivery.mx_address_limit,
+            address_preference=cfg.delivery.address_preference,
         )
     )
     print(render_json(report) if args.json else render_text(report))

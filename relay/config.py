@@ -34,6 +34,7 @@ __all__ = [
     "RelayConfig",
     "ServerConfig",
     "SpoolConfig",
+    "ADDRESS_PREFERENCES",
     "INSECURE_MX_POLICIES",
     "PROBE_TYPES",
     "TLS_LEVELS",
@@ -50,6 +51,8 @@ TLS_LEVELS = ("none", "may", "encrypt", "dane", "dane-only", "verify", "secure")
 # What level "dane" means for a host with secure TLSA reached through an insecure MX RRset
 # (RFC 7672 §2.2.1; Postfix smtp_tls_dane_insecure_mx_policy).
 INSECURE_MX_POLICIES = ("dane", "encrypt", "may")
+# Which address family of an MX host is tried first (Postfix smtp_address_preference).
+ADDRESS_PREFERENCES = ("any", "ipv6", "ipv4")
 # Record types the resolver validation probe may ask for.
 PROBE_TYPES = ("DNSKEY", "SOA", "NS", "DS", "A", "AAAA", "MX", "TXT", "TLSA")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -146,7 +149,27 @@ class DeliveryConfig:
     port: int = 25
     concurrency: int = 20
     connect_timeout: float = 30.0
+    # The general reply timeout (greeting, EHLO/HELO, STARTTLS, RSET, QUIT).
     command_timeout: float = 300.0
+    # RFC 5321 §4.5.3.2 per-command reply timeouts (relay.delivery.client.TIMEOUTS holds the
+    # same values; Postfix smtp_mail_timeout, smtp_rcpt_timeout, smtp_data_init_timeout,
+    # smtp_data_xfer_timeout, smtp_data_done_timeout).
+    mail_timeout: float = 300.0  # §4.5.3.2.2 MAIL
+    rcpt_timeout: float = 300.0  # §4.5.3.2.3 RCPT
+    data_init_timeout: float = 120.0  # §4.5.3.2.4 DATA initiation (the 354)
+    data_block_timeout: float = 180.0  # §4.5.3.2.5 each block of message content written
+    data_done_timeout: float = 600.0  # §4.5.3.2.6 the reply after the final "."
+    # MX hosts considered per delivery attempt, most preferred first (the default of
+    # relay.delivery.planner.MAX_MX_HOSTS). Postfix has no direct twin: it bounds the same
+    # work with smtp_mx_address_limit and smtp_mx_session_limit.
+    mx_host_limit: int = 10
+    # Connection attempts (addresses tried) per next-hop domain and delivery attempt, over
+    # all its MX hosts (relay.delivery.engine.MAX_CONNECTIONS_PER_DOMAIN; Postfix
+    # smtp_mx_address_limit, default 5).
+    mx_address_limit: int = 5
+    # "any": each host's addresses as DNS gave them (A before AAAA); "ipv6"/"ipv4": that
+    # family first (Postfix smtp_address_preference, default "any").
+    address_preference: str = "any"
     min_backoff: float = 300.0
     max_backoff: float = 4000.0
     max_queue_lifetime: float = 5 * 86400.0
@@ -610,6 +633,29 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
         concurrency=s.get("concurrency", d_delivery.concurrency, _int_range(1, 1000), "an integer"),
         connect_timeout=s.get("connect_timeout", d_delivery.connect_timeout, dur, "a duration"),
         command_timeout=s.get("command_timeout", d_delivery.command_timeout, dur, "a duration"),
+        mail_timeout=s.get("mail_timeout", d_delivery.mail_timeout, dur, "a duration"),
+        rcpt_timeout=s.get("rcpt_timeout", d_delivery.rcpt_timeout, dur, "a duration"),
+        data_init_timeout=s.get(
+            "data_init_timeout", d_delivery.data_init_timeout, dur, "a duration"
+        ),
+        data_block_timeout=s.get(
+            "data_block_timeout", d_delivery.data_block_timeout, dur, "a duration"
+        ),
+        data_done_timeout=s.get(
+            "data_done_timeout", d_delivery.data_done_timeout, dur, "a duration"
+        ),
+        mx_host_limit=s.get(
+            "mx_host_limit", d_delivery.mx_host_limit, _int_range(1, 1000), "an integer"
+        ),
+        mx_address_limit=s.get(
+            "mx_address_limit", d_delivery.mx_address_limit, _int_range(1, 1000), "an integer"
+        ),
+        address_preference=s.get(
+            "address_preference",
+            d_delivery.address_preference,
+            _choice(ADDRESS_PREFERENCES),
+            "an address preference",
+        ),
         min_backoff=s.get("min_backoff", d_delivery.min_backoff, dur, "a duration"),
         max_backoff=s.get("max_backoff", d_delivery.max_backoff, dur, "a duration"),
         max_queue_lifetime=s.get(

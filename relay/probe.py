@@ -46,6 +46,7 @@ from relay.dane import DaneVerdict, verify
 from relay.dane.certificate import certificate_parts
 from relay.delivery.attempt import as_temporary
 from relay.delivery.engine import MAX_CONNECTIONS_PER_DOMAIN
+from relay.delivery.planner import MAX_MX_HOSTS, order_addresses
 from relay.delivery.policymap import PolicyMap
 from relay.delivery.route import HostRoute, Myself
 from relay.delivery.secure import TlsSession, negotiate
@@ -145,6 +146,8 @@ class ProbeReport:
     reply: str  # the deferral or bounce reply; "" for attempt
     via_host: str = ""  # the host and connection delivery would use, for attempt
     via: Connection | None = None
+    address_limit: int = MAX_CONNECTIONS_PER_DOMAIN  # delivery.mx_address_limit
+    address_preference: str = "any"  # delivery.address_preference
 
 
 async def probe(
@@ -163,6 +166,9 @@ async def probe(
     pkix_context: ssl.SSLContext | None = None,
     policy: PolicyMap | None = None,
     myself: Callable[[int], Myself] | None = None,
+    host_limit: int = MAX_MX_HOSTS,
+    address_limit: int = MAX_CONNECTIONS_PER_DOMAIN,
+    address_preference: str = "any",
 ) -> ProbeReport:
     """Resolve `domain` as delivery would, then talk to each usable MX address up to QUIT.
 
@@ -186,22 +192,23 @@ async def probe(
         resolvers=resolvers,
         policy=policy or PolicyMap(level, port=25 if port is None else port, tlsa_port=tlsa_port),
         myself=myself,
+        host_limit=host_limit,
     )
     dest = resolution.destination
     if port is None:
         port = dest.port if dest is not None else 25
     hosts: list[HostProbe] = []
-    # Delivery makes at most MAX_CONNECTIONS_PER_DOMAIN connection attempts per domain
-    # (Postfix smtp_mx_address_limit); the probe spends the same budget in the same order,
-    # so it cannot report a host that delivery would never reach.
-    left = MAX_CONNECTIONS_PER_DOMAIN
+    # Delivery makes at most `address_limit` connection attempts per domain
+    # (delivery.mx_address_limit, Postfix smtp_mx_address_limit); the probe spends the same
+    # budget in the same order, so it cannot report a host that delivery would never reach.
+    left = address_limit
     for route in resolution.hosts:
         # Only hosts the engine would connect to: the policy uses them and the domain
         # was not stopped by an earlier host (RFC 7672 §2.2).
         if route.failure is not None or resolution.outcome is not Outcome.ATTEMPT or not left:
             hosts.append(HostProbe(route, (), tried=False))
             continue
-        addresses = route.addresses[:left]
+        addresses = order_addresses(route.addresses, address_preference)[:left]
         left -= len(addresses)
         connections = [
             await _connect(
@@ -220,6 +227,8 @@ async def probe(
         reply=reply,
         via_host=via_host,
         via=via,
+        address_limit=address_limit,
+        address_preference=address_preference,
     )
 
 
@@ -354,16 +363,17 @@ def render_text(report: ProbeReport) -> str:
                 if host.route.failure
                 else "the domain stops first"
                 if report.resolution.outcome is not Outcome.ATTEMPT
-                else f"connection limit of {MAX_CONNECTIONS_PER_DOMAIN} per domain reached"
+                else f"connection limit of {report.address_limit} per domain reached"
             )
             lines.append(f"  connect: not tried ({why})")
         for conn in host.connections:
             lines += _connection_text(conn, host.route)
         if host.tried and len(host.connections) < len(host.route.addresses):
-            untried = ", ".join(host.route.addresses[len(host.connections) :])
+            ordered = order_addresses(host.route.addresses, report.address_preference)
+            untried = ", ".join(ordered[len(host.connections) :])
             lines.append(
                 f"  connect: {untried} not tried (connection limit of "
-                f"{MAX_CONNECTIONS_PER_DOMAIN} per domain reached)"
+                f"{report.address_limit} per domain reached)"
             )
     if report.outcome is Outcome.ATTEMPT and report.via is not None:
         where = f"{report.via_host}[{report.via.address}]:{report.via.port}"

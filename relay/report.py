@@ -47,6 +47,7 @@ from typing import Any, Protocol
 from relay.dane.policy import DANE_LEVELS, Action, AddressStatus
 from relay.dane.records import TlsaRecord
 from relay.delivery.attempt import as_temporary
+from relay.delivery.planner import MAX_MX_HOSTS
 from relay.delivery.policymap import Destination, PolicyMap
 from relay.delivery.route import (
     HostRoute,
@@ -123,8 +124,11 @@ async def lookup(
     resolvers: str = "",
     policy: PolicyMap | None = None,
     myself: Callable[[int], Myself] | None = None,
+    host_limit: int = MAX_MX_HOSTS,
 ) -> LookupReport:
     """Resolve `domain` as the delivery engine would and say what would happen.
+
+    `host_limit`: the MX hosts considered, most preferred first (`delivery.mx_host_limit`).
 
     `policy`: the per-destination level and next hop (`PolicyMap.from_config`); None:
     `level` and the domain's own MX hosts, TLSA at `tlsa_port`. `myself(port)`: the
@@ -146,7 +150,13 @@ async def lookup(
     validating = probe.ok or not probe.conclusive
     # As the engine: an explicit [host] next hop is used without MX lookup (RFC 7672 §2.2.2).
     mx = (
-        await resolve_mx(resolver, dest.next_hop, validating=validating, rng=random.Random(0))
+        await resolve_mx(
+            resolver,
+            dest.next_hop,
+            validating=validating,
+            rng=random.Random(0),
+            host_limit=host_limit,
+        )
         if dest.mx
         else explicit_route(dest.next_hop)
     )

@@ -5,15 +5,16 @@ Theory of operation, per next-hop domain (recipients are grouped by domain):
 1. `route.resolve_mx` (RFC 7672 §2.2.1). A lookup failure defers every recipient of
    the domain; NXDOMAIN and a null MX (RFC 7505) bounce them; no MX means the domain
    itself is the implicit MX (RFC 5321 §5.1).
-2. For each MX host in preference order (at most `planner.MAX_MX_HOSTS`), while
-   connection attempts are left (`MAX_CONNECTIONS_PER_DOMAIN`), `route.resolve_host`:
+2. For each MX host in preference order (at most `EngineSettings.mx_host_limit`), while
+   connection attempts are left (`EngineSettings.mx_address_limit`), `route.resolve_host`:
    addresses, TLSA (first
    at the CNAME-expanded name) and the `relay.dane.policy` decision. A host the policy
    skips (failed address or TLSA lookup, dane-only without usable TLSA, ...) moves on to
    the next MX; a TLSA lookup failure never becomes "no TLSA" (RFC 7672 §2.1). When the
    resolver is known not to validate (`ResolverStatus.validating` False), every answer
    counts as insecure: dane becomes opportunistic TLS and dane-only defers.
-3. For each address: connect, then `relay.delivery.secure.negotiate` (EHLO, STARTTLS
+3. For each address (family first per `EngineSettings.address_preference`): connect,
+   then `relay.delivery.secure.negotiate` (EHLO, STARTTLS
    as required, DANE verification of the peer chain with the pure `relay.dane.verify`,
    EHLO again; shared with `dane-relay probe`), then MAIL/RCPT/DATA. A failure scoped
    to the host (connect, TLS, DANE, greeting) moves on to the next address or MX host;
@@ -32,8 +33,8 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -41,16 +42,18 @@ from relay.dane.match import DaneStatus
 from relay.dane.policy import DANE_LEVELS, Action, TlsaState, TlsRequirement
 from relay.delivery.attempt import Attempt, AttemptRecorder, as_temporary
 from relay.delivery.client import (
+    TIMEOUTS,
     Capabilities,
     Command,
     ConnectionLost,
     Ending,
     Envelope,
     PeerReply,
+    Phase,
     Transaction,
     TransactionResult,
 )
-from relay.delivery.planner import MAX_MX_HOSTS, MxHost
+from relay.delivery.planner import MAX_MX_HOSTS, MxHost, order_addresses
 from relay.delivery.policymap import Destination, PolicyMap
 from relay.delivery.route import HostRoute, Myself, explicit_route, resolve_host, resolve_mx
 from relay.delivery.secure import Negotiation, TlsSession, negotiate
@@ -77,8 +80,8 @@ _DANE_SKIPS = frozenset({"tlsa_lookup", "tlsa_malformed", "dane_required"})
 #: all its MX hosts; once they are used up no further host is looked up either. Without it
 #: 20 MX hosts of 60 addresses each cost 1,200 connection attempts. Postfix bounds the same
 #: work with smtp_mx_address_limit (default 5 addresses) and smtp_mx_session_limit (default
-#: 2 sessions); MX hosts are capped by relay.delivery.planner.MAX_MX_HOSTS. Issue 5 makes
-#: both configurable.
+#: 2 sessions); MX hosts are capped by relay.delivery.planner.MAX_MX_HOSTS. The default of
+#: the configurable `delivery.mx_address_limit` (relay.config.DeliveryConfig, equal by test).
 MAX_CONNECTIONS_PER_DOMAIN = 5
 # Records quoted in one log line; a hostile RRset can hold thousands.
 _LOGGED_RECORDS = 3
@@ -95,7 +98,7 @@ def _some(items: Iterable[object]) -> str:
 class _Connections:
     """What is left of one domain's connection attempts in one delivery attempt."""
 
-    left: int = MAX_CONNECTIONS_PER_DOMAIN
+    left: int
     untried: int = 0  # addresses of looked-up hosts left out for want of attempts
     best_preference: int | None = None  # the domain's lowest MX preference (loop check)
 
@@ -126,6 +129,13 @@ class EngineSettings:
     policy: PolicyMap | None = None
     # The relay's own identity for the port delivery connects to (mail-loop check); None: off.
     myself: Callable[[int], Myself] | None = None
+    # MX hosts considered and addresses tried per domain (delivery.mx_host_limit,
+    # delivery.mx_address_limit) and which family first (delivery.address_preference).
+    mx_host_limit: int = MAX_MX_HOSTS
+    mx_address_limit: int = MAX_CONNECTIONS_PER_DOMAIN
+    address_preference: str = "any"
+    # Reply timeout per phase (RFC 5321 §4.5.3.2; delivery.*_timeout).
+    timeouts: Mapping[Phase, float] = field(default_factory=lambda: TIMEOUTS)
 
 
 class DeliveryEngine:
@@ -217,7 +227,12 @@ class DeliveryEngine:
             attempt.route_detail = f" level={dest.level} nexthop={dest.via}"
         # RFC 7672 §2.2.2: an explicit [host] next hop is used without MX lookup.
         mx = (
-            await resolve_mx(self.resolver, dest.next_hop, validating=validating)
+            await resolve_mx(
+                self.resolver,
+                dest.next_hop,
+                validating=validating,
+                host_limit=self.settings.mx_host_limit,
+            )
             if dest.mx
             else explicit_route(dest.next_hop)
         )
@@ -235,11 +250,12 @@ class DeliveryEngine:
                 domain,
                 len(mx.plan.hosts) + mx.plan.dropped,
                 len(mx.plan.hosts),
-                MAX_MX_HOSTS,
+                self.settings.mx_host_limit,
             )
         last: DeliveryError | None = None
+        limit = self.settings.mx_address_limit
         connections = _Connections(
-            best_preference=mx.plan.hosts[0].preference if mx.plan.hosts else None
+            left=limit, best_preference=mx.plan.hosts[0].preference if mx.plan.hosts else None
         )
         hosts_left = 0
         for index, host in enumerate(mx.plan.hosts):
@@ -268,10 +284,10 @@ class DeliveryEngine:
                 "%d address(es) and %d MX host(s) not tried (limit %d)",
                 queue_id,
                 domain,
-                MAX_CONNECTIONS_PER_DOMAIN - connections.left,
+                limit - connections.left,
                 connections.untried,
                 hosts_left,
-                MAX_CONNECTIONS_PER_DOMAIN,
+                limit,
             )
         if last is None:
             last = TemporaryFailure("No MX host could be tried", scope=Scope.DOMAIN)
@@ -336,8 +352,9 @@ class DeliveryEngine:
         assert decision.requirement is not None
 
         last: DeliveryError | None = None
-        addresses = route.addresses[: connections.left]
-        connections.untried += len(route.addresses) - len(addresses)
+        ordered = order_addresses(route.addresses, settings.address_preference)
+        addresses = ordered[: connections.left]
+        connections.untried += len(ordered) - len(addresses)
         for address in addresses:
             connections.left -= 1
             attempt.relay = f"{host.name}[{address}]:{dest.port}"
@@ -464,7 +481,7 @@ class DeliveryEngine:
             # §3.2), so it is not bounced for asking.
             smtputf8=attempt.smtputf8 and caps.smtputf8,
         )
-        outcome = await _drive(session, Transaction(envelope, caps), body)
+        outcome = await _drive(session, Transaction(envelope, caps), body, self.settings.timeouts)
         if outcome.ending is Ending.CLOSE:
             session.abort()  # RFC 5321 §3.8: 421 or connection lost: no further command
         else:
@@ -474,8 +491,14 @@ class DeliveryEngine:
         return out
 
 
-async def _drive(session: Session, transaction: Transaction, body: bytes) -> TransactionResult:
-    """Write the transaction's commands and feed it the replies until it is done."""
+async def _drive(
+    session: Session,
+    transaction: Transaction,
+    body: bytes,
+    timeouts: Mapping[Phase, float] = TIMEOUTS,
+) -> TransactionResult:
+    """Write the transaction's commands and feed it the replies until it is done; each
+    reply is awaited for its phase's timeout in `timeouts` (RFC 5321 §4.5.3.2)."""
     commands = transaction.start()
     while True:
         for command in commands:
@@ -483,4 +506,4 @@ async def _drive(session: Session, transaction: Transaction, body: bytes) -> Tra
         awaiting = transaction.awaiting
         if awaiting is None:
             return transaction.result()
-        commands = transaction.receive(await session.read_reply(awaiting.timeout))
+        commands = transaction.receive(await session.read_reply(timeouts[awaiting.phase]))

@@ -62,7 +62,7 @@ from relay.dane.policy import (
     wants_tlsa,
 )
 from relay.dane.records import TlsaRecord, select_usable
-from relay.delivery.planner import MxHost, Plan, plan_hosts
+from relay.delivery.planner import MAX_MX_HOSTS, MxHost, Plan, plan_hosts
 from relay.errors import (
     BadDestinationDomain,
     DaneNotAvailable,
@@ -215,8 +215,10 @@ async def resolve_mx(
     *,
     validating: bool = True,
     rng: random.Random | None = None,
+    host_limit: int = MAX_MX_HOSTS,
 ) -> MxRoute:
-    """Look up and plan the MX hosts of `domain`. Never raises DnsTempFail.
+    """Look up and plan the MX hosts of `domain` (at most `host_limit`, the most preferred).
+    Never raises DnsTempFail.
 
     `domain` is looked up by its ASCII form (`relay.smtp.domain.ascii_domain`), which is
     also `MxRoute.domain` and the implicit MX. A domain that has none (bad syntax, an
@@ -235,7 +237,7 @@ async def resolve_mx(
         return MxRoute(qname, None, MxStatus.FAILED, Plan(()), exc, validating)
     # RFC 7672 §2.1: without a validating resolver nothing is secure.
     status = MxStatus.SECURE if answer.secure and validating else MxStatus.INSECURE
-    plan = plan_hosts(qname, answer, rng)
+    plan = plan_hosts(qname, answer, rng, host_limit)
     failure: DeliveryError | None = None
     if plan.no_domain:
         failure = NoSuchDomain(scope=Scope.DOMAIN)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -75,7 +75,7 @@ def peer_chain(ssl_object: Any) -> list[bytes]:
 _LINE_ENDINGS = re.compile(rb"(?:\r\n|\n|\r(?!\n))")
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 #: Bytes written per block of message content; each block's write is bounded by
-#: TIMEOUTS[Phase.DATA_BLOCK] (RFC 5321 §4.5.3.2.5).
+#: the DATA_BLOCK timeout (RFC 5321 §4.5.3.2.5; `delivery.data_block_timeout`).
 _DATA_BLOCK = 64 * 1024
 
 
@@ -118,8 +118,14 @@ def _smtp_errors(where: str) -> Iterator[None]:
 
 
 class OutboundSession:
-    def __init__(self, smtp: aiosmtplib.SMTP, greeting: SmtpReply) -> None:
+    def __init__(
+        self,
+        smtp: aiosmtplib.SMTP,
+        greeting: SmtpReply,
+        data_block_timeout: float = TIMEOUTS[Phase.DATA_BLOCK],
+    ) -> None:
         self._smtp = smtp
+        self._data_block_timeout = data_block_timeout
         self.greeting = greeting
         self.tls = False
         self._capabilities = Capabilities()
@@ -228,7 +234,7 @@ class OutboundSession:
                     break
                 # FlowControlMixin's drain (asyncio.StreamWriter.drain's helper); it yields
                 # only while the transport's buffer is full (asyncio.timeout adds no task).
-                async with asyncio.timeout(TIMEOUTS[Phase.DATA_BLOCK]):
+                async with asyncio.timeout(self._data_block_timeout):
                     await protocol._drain_helper()
         except TimeoutError:
             self._lost = ConnectionLost(timed_out=True)
@@ -278,10 +284,20 @@ def _short(exc: BaseException) -> str:
 class SmtpTransport:
     """Opens outbound SMTP sessions (satisfies relay.delivery.engine.Transport)."""
 
-    def __init__(self, local_hostname: str, connect_timeout: float, command_timeout: float) -> None:
+    def __init__(
+        self,
+        local_hostname: str,
+        connect_timeout: float,
+        command_timeout: float,
+        timeouts: Mapping[Phase, float] = TIMEOUTS,
+    ) -> None:
+        """`command_timeout` bounds the session setup commands (greeting, EHLO, STARTTLS,
+        QUIT); `timeouts[Phase.DATA_BLOCK]` each block of message content written. The
+        MAIL/RCPT/DATA reply timeouts come with each `read_reply()` call."""
         self.local_hostname = local_hostname
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
+        self.timeouts = timeouts
 
     async def open(self, address: str, port: int) -> OutboundSession:
         smtp = aiosmtplib.SMTP(
@@ -301,4 +317,4 @@ class SmtpTransport:
             # RFC 5321 §3.1: a 554 greeting means "no service here": try the next host.
             cls = RemotePermReject if reply.is_permanent else RemoteTempReject
             raise cls(reply=reply, scope=Scope.HOST) from exc
-        return OutboundSession(smtp, _reply(response))
+        return OutboundSession(smtp, _reply(response), self.timeouts[Phase.DATA_BLOCK])

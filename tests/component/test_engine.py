@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
+from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -26,9 +28,10 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 from lab.certs import make_self_signed
 
-from relay.config import Endpoint, parse_next_hop
+from relay.app import engine_settings
+from relay.config import Endpoint, parse_config, parse_next_hop
 from relay.dane.records import TlsaRecord
-from relay.delivery.client import Capabilities, Command, ConnectionLost, PeerReply
+from relay.delivery.client import TIMEOUTS, Capabilities, Command, ConnectionLost, PeerReply, Phase
 from relay.delivery.engine import MAX_CONNECTIONS_PER_DOMAIN, DeliveryEngine, EngineSettings
 from relay.delivery.planner import MAX_MX_HOSTS
 from relay.delivery.policymap import PolicyMap
@@ -188,6 +191,7 @@ class FakeSession:
         self.greeting = peer.greeting
         self.in_tls = False
         self.replies: list[SmtpReply | ConnectionLost] = []
+        self.phases: list[Phase] = []  # of the commands written and not yet answered
 
     def _log(self, *event: object) -> None:
         self.transport.log.append((self.address, *event))
@@ -227,6 +231,7 @@ class FakeSession:
         the old one-call-per-command session did; queues the scripted reply."""
         line = command.line
         reply: SmtpReply | ConnectionLost
+        self.phases.append(command.phase)
         if line is None:
             self._log("DATA", message)
             reply = self.peer.data
@@ -245,6 +250,7 @@ class FakeSession:
         self.replies.append(reply)
 
     async def read_reply(self, timeout: float) -> PeerReply | ConnectionLost:
+        self.transport.read_timeouts.append((self.phases.pop(0), timeout))
         reply = self.replies.pop(0)
         if isinstance(reply, ConnectionLost):
             return reply
@@ -267,6 +273,8 @@ class FakeTransport:
             for address, p in (peers or {}).items()
         }
         self.log: list[tuple[object, ...]] = []
+        # (phase of the command, timeout) of every read_reply(), in order.
+        self.read_timeouts: list[tuple[Phase, float]] = []
         self.expected_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 
     async def open(self, address: str, port: int) -> FakeSession:
@@ -319,14 +327,17 @@ def world(
     resolver_status: ResolverStatus | None = None,
     policy: PolicyMap | None = None,
     myself: Callable[[int], Myself] | None = None,
+    settings: EngineSettings | None = None,
 ) -> World:
+    """`settings`, when given, replaces the EngineSettings built from the other arguments."""
     transport = FakeTransport(peers)
     metrics = Metrics()
     engine = DeliveryEngine(
         resolver,
         transport,
         transport.expected_context,
-        EngineSettings(
+        settings
+        or EngineSettings(
             level=level,
             helo_name="relay.example.net",
             port=port,
@@ -1592,3 +1603,114 @@ async def test_hosts_without_connections_are_looked_up_at_most_ten() -> None:
     assert w.transport.connections() == []
     assert address_lookups(resolver) == [f"mx{h}.plain.example" for h in range(1, 11)]
     assert len(resolver.calls) == 1 + MAX_MX_HOSTS
+
+
+# -- configured limits, address preference and timeouts (issue 5 items 3 and 4) ---------------
+
+
+def configured(
+    resolver: FakeResolver, peers: dict[str, Peer | list[Peer]], **delivery: Any
+) -> World:
+    """A world whose EngineSettings come from a [delivery] section, as relay.app builds them."""
+    cfg = parse_config({"delivery": delivery}, Path("relay.toml"))
+    return world(resolver, peers, settings=engine_settings(cfg, "relay.example.net"))
+
+
+async def test_mx_address_limit_two_makes_exactly_two_connection_attempts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    resolver = many_hosts(3, 2)
+    w = configured(resolver, refusing(resolver), mx_address_limit=2)
+    with caplog.at_level(logging.INFO, logger="relay.delivery"):
+        (r,) = await w.deliver("rcpt@plain.example")
+    assert r.outcome is Outcome.DEFERRED
+    assert w.transport.connections() == ["10.1.0.0", "10.1.0.1"]
+    assert address_lookups(resolver) == ["mx1.plain.example"]
+    assert any(
+        "connection limit reached: 2 attempts made; 0 address(es) and 2 MX host(s) not tried "
+        "(limit 2)" in rec.getMessage()
+        for rec in caplog.records
+    )
+
+
+async def test_mx_host_limit_bounds_the_hosts_looked_up() -> None:
+    resolver = many_hosts(20, 1, failing_lookups=True)
+    w = configured(resolver, {}, mx_host_limit=3)
+    (r,) = await w.deliver("rcpt@plain.example")
+    assert r.outcome is Outcome.DEFERRED
+    assert address_lookups(resolver) == [f"mx{h}.plain.example" for h in range(1, 4)]
+
+
+def dual_stack() -> FakeResolver:
+    """plain.example: one MX host with an A and an AAAA address (A first, as the resolver)."""
+    resolver = FakeResolver()
+    resolver.mx_answers["plain.example"] = answer("plain.example", MxRecord(10, "mx.plain.example"))
+    resolver.address_answers["mx.plain.example"] = answer(
+        "mx.plain.example", "192.0.2.1", "2001:db8::1", security=Security.INSECURE
+    )
+    return resolver
+
+
+@pytest.mark.parametrize(
+    ("preference", "first"),
+    [("ipv6", "2001:db8::1"), ("any", "192.0.2.1"), ("ipv4", "192.0.2.1")],
+)
+async def test_address_preference_orders_the_addresses_tried(preference: str, first: str) -> None:
+    peers: dict[str, Peer | list[Peer]] = {
+        "192.0.2.1": Peer(extensions=frozenset()),
+        "2001:db8::1": Peer(extensions=frozenset()),
+    }
+    w = configured(dual_stack(), peers, address_preference=preference)
+    (r,) = await w.deliver("rcpt@plain.example")
+    assert r.outcome is Outcome.DELIVERED
+    assert w.transport.connections() == [first]
+    assert r.relay == f"mx.plain.example[{first}]:25"
+
+
+async def test_ipv6_preference_falls_back_to_the_a_address() -> None:
+    refused = Peer(connect_error=ConnectFailed("refused", scope=Scope.HOST))
+    peers: dict[str, Peer | list[Peer]] = {
+        "2001:db8::1": refused,
+        "192.0.2.1": Peer(extensions=frozenset()),
+    }
+    w = configured(dual_stack(), peers, address_preference="ipv6")
+    (r,) = await w.deliver("rcpt@plain.example")
+    assert r.outcome is Outcome.DELIVERED
+    assert w.transport.connections() == ["2001:db8::1", "192.0.2.1"]
+
+
+async def test_configured_rcpt_timeout_reaches_the_read_of_each_rcpt_reply() -> None:
+    resolver = FakeResolver()
+    resolver.domain(
+        "plain.example", (10, "mx.plain.example", "192.0.2.9"), address_security=Security.INSECURE
+    )
+    w = configured(
+        resolver,
+        {"192.0.2.9": Peer(extensions=frozenset())},
+        rcpt_timeout="7s",
+        mail_timeout="2m",
+        data_init_timeout=30,
+        data_done_timeout="15m",
+    )
+    results = await w.deliver("a@plain.example", "b@plain.example")
+    assert [r.outcome for r in results] == [Outcome.DELIVERED] * 2
+    assert w.transport.read_timeouts == [
+        (Phase.MAIL, 120.0),
+        (Phase.RCPT, 7.0),
+        (Phase.RCPT, 7.0),
+        (Phase.DATA, 30.0),
+        (Phase.DATA_END, 900.0),
+    ]
+
+
+async def test_without_configured_timeouts_the_rfc_5321_values_apply() -> None:
+    resolver = FakeResolver()
+    resolver.domain(
+        "plain.example", (10, "mx.plain.example", "192.0.2.9"), address_security=Security.INSECURE
+    )
+    w = world(resolver, {"192.0.2.9": Peer(extensions=frozenset())})
+    (r,) = await w.deliver("a@plain.example")
+    assert r.outcome is Outcome.DELIVERED
+    assert w.transport.read_timeouts == [
+        (phase, TIMEOUTS[phase]) for phase in (Phase.MAIL, Phase.RCPT, Phase.DATA, Phase.DATA_END)
+    ]

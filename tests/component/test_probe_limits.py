@@ -66,3 +66,29 @@ async def test_probe_stops_at_the_per_domain_connection_limit_like_delivery() ->
     text = render_text(report).splitlines()
     assert "  connect: 192.0.2.6 not tried (connection limit of 5 per domain reached)" in text
     assert "  connect: not tried (connection limit of 5 per domain reached)" in text
+
+
+async def test_probe_uses_the_configured_address_limit_and_preference() -> None:
+    """delivery.mx_address_limit and delivery.address_preference, as the engine uses them."""
+
+    class DualStack(Resolver):
+        async def addresses(self, host: str) -> DnsAnswer[str]:
+            addrs = ("192.0.2.1", "192.0.2.2", "2001:db8::1")
+            return DnsAnswer(host, AnswerKind.DATA, S, addrs)
+
+    transport = RefusingTransport()
+    report = await probe(
+        DualStack(),
+        transport,  # type: ignore[arg-type]
+        ssl.create_default_context(),
+        "example.org",
+        level="dane",
+        helo_name="relay.test",
+        address_limit=2,
+        address_preference="ipv6",
+    )
+    assert transport.opened == ["2001:db8::1", "192.0.2.1"]
+    assert report.outcome is Outcome.DEFER
+    text = render_text(report).splitlines()
+    assert "  connect: 192.0.2.2 not tried (connection limit of 2 per domain reached)" in text
+    assert "  connect: not tried (connection limit of 2 per domain reached)" in text

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.app import delivery_timeouts
 from relay.cli import main
 from relay.config import (
     Config,
@@ -32,6 +33,9 @@ from relay.config import (
     parse_duration,
     parse_endpoint,
 )
+from relay.delivery.client import TIMEOUTS, Phase
+from relay.delivery.engine import MAX_CONNECTIONS_PER_DOMAIN
+from relay.delivery.planner import MAX_MX_HOSTS
 from relay.errors import ConfigError
 
 SHIPPED = Path(__file__).resolve().parents[2] / "config" / "relay.toml"
@@ -132,6 +136,11 @@ def test_default_values_are_the_documented_ones() -> None:
     assert (cfg.delivery.min_backoff, cfg.delivery.max_backoff) == (300.0, 4000.0)
     assert cfg.delivery.max_queue_lifetime == 432000.0
     assert cfg.delivery.scan_interval == 60.0
+    assert (cfg.delivery.mx_host_limit, cfg.delivery.mx_address_limit) == (10, 5)
+    assert cfg.delivery.address_preference == "any"
+    assert (cfg.delivery.mail_timeout, cfg.delivery.rcpt_timeout) == (300.0, 300.0)
+    assert cfg.delivery.data_init_timeout == 120.0
+    assert (cfg.delivery.data_block_timeout, cfg.delivery.data_done_timeout) == (180.0, 600.0)
     assert cfg.metrics.listen == Endpoint("127.0.0.1", 9425)
     assert cfg.log.level == "info"
 
@@ -551,3 +560,61 @@ def test_policy_map_errors_name_file_key_and_expected(
     message = str(info.value)
     assert message.startswith(f"{path}: {key}: expected "), message
     assert expected in message and ", got " in message
+
+
+# -- MX limits, address preference, per-command timeouts (issue 5 items 3 and 4) --------------
+
+
+def test_delivery_defaults_are_the_engine_and_client_constants() -> None:
+    """One set of values: the constants the code falls back to equal the config defaults."""
+    d = DeliveryConfig()
+    assert d.mx_host_limit == MAX_MX_HOSTS
+    assert d.mx_address_limit == MAX_CONNECTIONS_PER_DOMAIN
+    assert delivery_timeouts(d) == TIMEOUTS
+
+
+def test_delivery_limits_preference_and_timeouts_are_read(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[delivery]\nmx_host_limit = 3\nmx_address_limit = 2\n"
+        'address_preference = "IPv6"\ncommand_timeout = "1m"\nmail_timeout = "2m"\n'
+        'rcpt_timeout = "45s"\ndata_init_timeout = 30\ndata_block_timeout = "1m"\n'
+        'data_done_timeout = "15m"\n',
+    )
+    d = load_config(path).delivery
+    assert (d.mx_host_limit, d.mx_address_limit, d.address_preference) == (3, 2, "ipv6")
+    timeouts = delivery_timeouts(d)
+    assert timeouts[Phase.MAIL] == 120.0 and timeouts[Phase.RCPT] == 45.0
+    assert timeouts[Phase.DATA] == 30.0 and timeouts[Phase.DATA_BLOCK] == 60.0
+    assert timeouts[Phase.DATA_END] == 900.0
+    # command_timeout stays the general one: every phase without its own key.
+    assert timeouts[Phase.GREETING] == timeouts[Phase.HELLO] == timeouts[Phase.QUIT] == 60.0
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "expected", "got"),
+    [
+        ("mx_host_limit = 0", "delivery.mx_host_limit", "an integer from 1 to 1000", "0"),
+        ("mx_host_limit = 1001", "delivery.mx_host_limit", "an integer from 1 to 1000", "1001"),
+        ('mx_host_limit = "10"', "delivery.mx_host_limit", "an integer from 1", "'10'"),
+        ("mx_address_limit = 0", "delivery.mx_address_limit", "an integer from 1 to 1000", "0"),
+        ("mx_address_limit = true", "delivery.mx_address_limit", "an integer", "true"),
+        ('address_preference = "ipv5"', "delivery.address_preference",
+         '"any", "ipv6", "ipv4"', "'ipv5'"),
+        ("address_preference = 6", "delivery.address_preference", '"any"', "6"),
+        ('mail_timeout = "0s"', "delivery.mail_timeout", "a positive duration", "'0s'"),
+        ('rcpt_timeout = "soon"', "delivery.rcpt_timeout", "a duration such as", "'soon'"),
+        ("data_init_timeout = -1", "delivery.data_init_timeout", "a non-negative duration", "-1"),
+        ("data_block_timeout = 0", "delivery.data_block_timeout", "a positive duration", "0"),
+        ("data_done_timeout = false", "delivery.data_done_timeout", "a duration", "false"),
+    ],
+)  # fmt: skip
+def test_delivery_limit_and_timeout_errors_name_file_key_and_expected(
+    tmp_path: Path, text: str, key: str, expected: str, got: str
+) -> None:
+    path = write(tmp_path, f"[delivery]\n{text}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: {key}: expected "), message
+    assert_error(message, path, key, expected, got)

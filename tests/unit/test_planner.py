@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import random
 
-from relay.delivery.planner import MAX_MX_HOSTS, MxHost, Plan, plan_hosts
+from relay.delivery.planner import MAX_MX_HOSTS, MxHost, Plan, order_addresses, plan_hosts
 from relay.lookup.results import AnswerKind, DnsAnswer, MxRecord, Security
 
 
@@ -132,3 +132,46 @@ def test_up_to_max_mx_hosts_nothing_is_dropped() -> None:
     answer = mx_answer(*((10, f"mx{i}.example.org") for i in range(MAX_MX_HOSTS)))
     plan = plan_hosts("example.org", answer, random.Random(1))
     assert (len(plan.hosts), plan.dropped) == (MAX_MX_HOSTS, 0)
+
+
+def test_a_configured_host_limit_replaces_max_mx_hosts() -> None:
+    answer = mx_answer(*((i, f"mx{i}.example.org") for i in range(1, 21)))
+    plan = plan_hosts("example.org", answer, random.Random(1), limit=3)
+    assert names(plan) == ["mx1.example.org", "mx2.example.org", "mx3.example.org"]
+    assert plan.dropped == 17
+
+
+# -- address order (delivery.address_preference, Postfix smtp_address_preference) --------
+
+MIXED = ("192.0.2.1", "192.0.2.2", "2001:db8::1", "2001:db8::2")
+
+
+def test_any_keeps_the_order_dns_gave() -> None:
+    assert order_addresses(MIXED, "any") == MIXED
+    assert order_addresses(("2001:db8::1", "192.0.2.1"), "any") == ("2001:db8::1", "192.0.2.1")
+
+
+def test_ipv6_first_keeps_each_family_in_order() -> None:
+    assert order_addresses(MIXED, "ipv6") == (
+        "2001:db8::1",
+        "2001:db8::2",
+        "192.0.2.1",
+        "192.0.2.2",
+    )
+
+
+def test_ipv4_first() -> None:
+    given = ("2001:db8::1", "192.0.2.1", "2001:db8::2", "192.0.2.2")
+    assert order_addresses(given, "ipv4") == (
+        "192.0.2.1",
+        "192.0.2.2",
+        "2001:db8::1",
+        "2001:db8::2",
+    )
+
+
+def test_one_family_or_none_is_unchanged() -> None:
+    for preference in ("any", "ipv6", "ipv4"):
+        assert order_addresses((), preference) == ()
+        assert order_addresses(("192.0.2.1",), preference) == ("192.0.2.1",)
+        assert order_addresses(("2001:db8::1",), preference) == ("2001:db8::1",)

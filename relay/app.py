@@ -350,13 +350,7 @@ def engine_settings(
         insecure_mx_policy=cfg.tls.insecure_mx_policy,
         # Postfix: an MX that is this relay itself is a mail loop (5.4.6), never a hop.
         myself=partial(Myself.of, hostname, cfg.server.listen),
-        policy=PolicyMap(
-            cfg.tls.level,
-            policy=cfg.tls.policy,
-            transport=cfg.delivery.transport,
-            relayhost=cfg.delivery.relayhost,
-            port=cfg.delivery.port,
-        ),
+        policy=PolicyMap.from_config(cfg.tls, cfg.delivery),
         mx_host_limit=cfg.delivery.mx_host_limit,
         mx_address_limit=cfg.delivery.mx_address_limit,
         address_preference=cfg.delivery.address_preference,

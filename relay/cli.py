@@ -23,10 +23,14 @@ from collections.abc import Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from relay import __version__, tlsatool
 from relay.config import Config, DnsConfig, load_config, parse_endpoint
 from relay.errors import ConfigError, SpoolError
+
+if TYPE_CHECKING:
+    from relay.report import Outcome
 
 __all__ = ["main"]
 
@@ -165,12 +169,21 @@ def _queue_list(cfg: Config) -> int:
     return EX_OK
 
 
+def _exit_status(outcome: Outcome) -> int:
+    """`lookup` and `probe`: 0 mail would be attempted, 75 deferred, 69 bounced."""
+    from relay.report import Outcome
+
+    return {Outcome.ATTEMPT: EX_OK, Outcome.DEFER: EX_TEMPFAIL, Outcome.BOUNCE: EX_UNAVAILABLE}[
+        outcome
+    ]
+
+
 def _lookup(cfg: Config, target: str, as_json: bool) -> int:
     from relay.app import describe_resolvers, system_hostname
     from relay.delivery.policymap import PolicyMap
     from relay.delivery.route import Myself
     from relay.lookup.resolver import DnsResolver
-    from relay.report import Outcome, lookup, render_json, render_text
+    from relay.report import lookup, render_json, render_text
 
     domain = _domain_argument("lookup", target)
     if domain is None:
@@ -191,11 +204,7 @@ def _lookup(cfg: Config, target: str, as_json: bool) -> int:
         )
     )
     print(render_json(report) if as_json else render_text(report))
-    return {
-        Outcome.ATTEMPT: EX_OK,
-        Outcome.DEFER: EX_TEMPFAIL,
-        Outcome.BOUNCE: EX_UNAVAILABLE,
-    }[report.outcome]
+    return _exit_status(report.outcome)
 
 
 def _probe(cfg: Config, args: argparse.Namespace) -> int:
@@ -206,7 +215,6 @@ def _probe(cfg: Config, args: argparse.Namespace) -> int:
     from relay.delivery.transport import SmtpTransport
     from relay.lookup.resolver import DnsResolver
     from relay.probe import probe, render_json, render_text
-    from relay.report import Outcome
 
     domain = _domain_argument("probe", args.domain)
     if domain is None:
@@ -252,11 +260,7 @@ def _probe(cfg: Config, args: argparse.Namespace) -> int:
         )
     )
     print(render_json(report) if args.json else render_text(report))
-    return {
-        Outcome.ATTEMPT: EX_OK,
-        Outcome.DEFER: EX_TEMPFAIL,
-        Outcome.BOUNCE: EX_UNAVAILABLE,
-    }[report.outcome]
+    return _exit_status(report.outcome)
 
 
 def _domain_argument(command: str, target: str) -> str | None:

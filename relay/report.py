@@ -110,8 +110,15 @@ class LookupReport:
 
     @property
     def validating(self) -> bool:
-        # As the running relay: only a conclusive probe answer without AD turns DANE off.
-        return self.probe.ok or not self.probe.conclusive
+        return _trusts_ad(self.probe)
+
+
+def _trusts_ad(probe: ProbeResult) -> bool:
+    """As the running relay: only a conclusive probe answer without AD turns DANE off.
+
+    RFC 7672 §2.1: a probe that got no answer proves nothing; lookups that fail defer.
+    """
+    return probe.ok or not probe.conclusive
 
 
 async def lookup(
@@ -146,8 +153,7 @@ async def lookup(
     # RFC 7672 §2.1: answers count as secure only while the resolver is known to validate,
     # exactly as the running relay reads its ResolverStatus.
     probe = await resolver.probe_validation()
-    # RFC 7672 §2.1: a probe that got no answer proves nothing; lookups that fail defer.
-    validating = probe.ok or not probe.conclusive
+    validating = _trusts_ad(probe)
     # As the engine: an explicit [host] next hop is used without MX lookup (RFC 7672 §2.2.2).
     mx = (
         await resolve_mx(

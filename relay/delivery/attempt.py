@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from relay.errors import DeliveryError, PermanentFailure, Scope
 from relay.metrics import Metrics
@@ -86,6 +86,14 @@ class AttemptRecorder:
         else:
             for _ in out:
                 self.metrics.delivery_attempts.labels(outcome.value, reason).inc()
+        return out
+
+    def finish(
+        self, attempt: Attempt, results: Sequence[RecipientResult], received: float
+    ) -> list[RecipientResult]:
+        """The per-recipient results of a mail transaction on `attempt.relay`, logged."""
+        out = [replace(r, relay=attempt.relay) for r in results]
+        self.log_results(attempt, out, received)
         return out
 
     def log_failure(self, attempt: Attempt, exc: DeliveryError, received: float) -> None:

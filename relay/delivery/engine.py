@@ -486,9 +486,7 @@ class DeliveryEngine:
             session.abort()  # RFC 5321 §3.8: 421 or connection lost: no further command
         else:
             await session.quit()  # REUSABLE included: no connection reuse yet
-        out = [replace(r, relay=attempt.relay) for r in outcome.recipients]
-        self.record.log_results(attempt, out, received)
-        return out
+        return self.record.finish(attempt, outcome.recipients, received)
 
 
 async def _drive(

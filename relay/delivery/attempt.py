@@ -3,6 +3,13 @@
 Contract: `AttemptRecorder` turns outcomes into `RecipientResult` values, counts them in
 `relay_delivery_attempts_total`, and writes the one key=value line per attempt that
 docs/metrics.md describes (logger `relay.delivery`). It decides nothing about delivery.
+
+Attempt history: every host-scoped failure given to `log_failure` (MX1 failed DANE, then
+MX2 ...) becomes a `relay.model.Step` on the `Attempt`, stamped with the recorder's clock;
+`results`, `fail_all` and `finish` give each recipient those steps plus the final one
+(`RecipientResult.history`). A final step that repeats the last logged one but for its
+time (`fail_all` right after `log_failure` of the same error, or every host having
+failed with the last host's reply) is that step, not a second one.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from dataclasses import dataclass, field, replace
 
 from relay.errors import DeliveryError, PermanentFailure, Scope
 from relay.metrics import Metrics
-from relay.model import Outcome, RecipientResult
+from relay.model import Outcome, RecipientResult, Step
 from relay.smtp.reply import SmtpReply
 
 __all__ = ["OUTCOME_STATUS", "Attempt", "AttemptRecorder", "as_temporary", "outcome_of"]
@@ -40,6 +47,7 @@ class Attempt:
     dane_detail: str = ""
     route_detail: str = ""  # " level=verify nexthop=[h]:587" when a policy map is configured
     started: float = field(default_factory=time.monotonic)
+    steps: list[Step] = field(default_factory=list)  # host-scoped failures, in order
 
 
 OUTCOME_STATUS = {
@@ -78,8 +86,10 @@ class AttemptRecorder:
         reason: str,
         log_it: bool = True,
     ) -> list[RecipientResult]:
+        history = self._history(attempt, outcome, reply)
         out = [
-            RecipientResult(r, outcome, reply, attempt.relay, reason) for r in attempt.recipients
+            RecipientResult(r, outcome, reply, attempt.relay, reason, history)
+            for r in attempt.recipients
         ]
         if log_it:
             self.log_results(attempt, out, received)
@@ -92,19 +102,42 @@ class AttemptRecorder:
         self, attempt: Attempt, results: Sequence[RecipientResult], received: float
     ) -> list[RecipientResult]:
         """The per-recipient results of a mail transaction on `attempt.relay`, logged."""
-        out = [replace(r, relay=attempt.relay) for r in results]
+        out = [
+            replace(r, relay=attempt.relay, history=self._history(attempt, r.outcome, r.reply))
+            for r in results
+        ]
         self.log_results(attempt, out, received)
         return out
 
     def log_failure(self, attempt: Attempt, exc: DeliveryError, received: float) -> None:
-        status = (
-            "bounced"
-            if isinstance(exc, PermanentFailure) and exc.scope is not Scope.HOST
-            else "deferred"
-        )
+        """Log a failure on `attempt.relay` and add it to the attempt's steps."""
+        bounced = isinstance(exc, PermanentFailure) and exc.scope is not Scope.HOST
+        status = "bounced" if bounced else "deferred"
+        outcome = Outcome.BOUNCED if bounced else Outcome.DEFERRED
+        attempt.steps.append(self.step(attempt, outcome, exc.reply))
         self.log_line(
             attempt, attempt.recipients, status, exc.reply, received, extra=f" error={exc.reason}"
         )
+
+    def step(self, attempt: Attempt, outcome: Outcome, reply: SmtpReply) -> Step:
+        """What `attempt` stands at now, as one step with this outcome and reply."""
+        host, address, port = _where(attempt.relay)
+        return Step(
+            time=self.clock(),
+            outcome=outcome,
+            reply=str(reply),
+            host=host,
+            address=address,
+            port=port,
+            tls=attempt.tls,
+            dane=_dane(attempt),
+        )
+
+    def _history(self, attempt: Attempt, outcome: Outcome, reply: SmtpReply) -> tuple[Step, ...]:
+        final = self.step(attempt, outcome, reply)
+        if attempt.steps and replace(attempt.steps[-1], time=final.time) == final:
+            return tuple(attempt.steps)
+        return (*attempt.steps, final)
 
     def log_results(
         self, attempt: Attempt, results: Sequence[RecipientResult], received: float
@@ -152,6 +185,26 @@ class AttemptRecorder:
             extra,
             attempt.route_detail,
         )
+
+
+def _where(relay: str) -> tuple[str, str, int]:
+    """("host", "address", port) from "host[address]:port"; "host[-]" and "none" give
+    empty parts (no connection made, no host chosen)."""
+    if not relay or relay == "none":
+        return "", "", 0
+    host, bracket, rest = relay.partition("[")
+    if not bracket:
+        return host, "", 0
+    address, _, port = rest.rpartition("]")
+    if address == "-":
+        return host, "", 0
+    return host, address, int(port[1:]) if port[1:].isdigit() else 0
+
+
+def _dane(attempt: Attempt) -> str:
+    """The DANE result with its reason only: "fail reason=no-match", "pass reason=match"."""
+    reason = attempt.dane_detail.split(" ", 1)[0]
+    return f"{attempt.dane} {reason}" if reason.startswith("reason=") else attempt.dane
 
 
 def as_temporary(exc: DeliveryError) -> SmtpReply:

@@ -3,19 +3,29 @@
 Pure: builds the bytes of a multipart/report message from values; the runner
 queues it with the null reverse-path so that it can never cause another bounce
 (RFC 5321 §4.5.5).
+
+Each failed recipient gets a Last-Attempt-Date (RFC 3464 §2.3.7) and, in the
+human-readable part, the last `DSN_STEPS` steps of its attempt history (time,
+host[address]:port, TLS, DANE, reply), so the sender can see e.g. that the first MX
+failed DANE and the second refused the recipient.
 """
 
 from __future__ import annotations
 
 import email.utils
 import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["FailedRecipient", "build_dsn", "original_headers"]
+from relay.model import Step
+
+__all__ = ["DSN_STEPS", "FailedRecipient", "build_dsn", "original_headers"]
 
 _MAX_HEADERS = 64 * 1024
 _MAX_BOUNDARY = 70
+#: Steps of a recipient's attempt history told in a DSN (the most recent ones).
+DSN_STEPS = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +34,9 @@ class FailedRecipient:
     status: str  # enhanced status code, e.g. "5.1.1"
     diagnostic: str  # the reply, e.g. "550 5.1.1 user unknown"
     remote_mta: str = ""  # host name of the MX that said so, or ""
+    last_attempt: float | None = None  # epoch seconds of the last attempt (Last-Attempt-Date)
+    history: tuple[Step, ...] = ()  # the recipient's attempt history, oldest first
+    history_dropped: int = 0  # steps the queue record no longer holds
 
 
 def original_headers(body: bytes) -> bytes:
@@ -71,6 +84,7 @@ def build_dsn(
     for f in failed:
         where = f" (from {f.remote_mta})" if f.remote_mta else ""
         lines.append(f"<{f.address}>: {f.diagnostic}{where}")
+        lines += _history_lines(f)
     lines += [
         "",
         f"--{boundary}",
@@ -90,6 +104,10 @@ def build_dsn(
         if f.remote_mta:
             lines.append(f"Remote-MTA: dns; {f.remote_mta}")
         lines.append(f"Diagnostic-Code: smtp; {f.diagnostic}")
+        if f.last_attempt is not None:
+            lines.append(
+                f"Last-Attempt-Date: {email.utils.formatdate(f.last_attempt, localtime=False)}"
+            )
     lines += [
         "",
         f"--{boundary}",
@@ -100,3 +118,19 @@ def build_dsn(
     if not out.endswith(b"\r\n"):
         out += b"\r\n"
     return out + f"\r\n--{boundary}--\r\n".encode()
+
+
+def _history_lines(f: FailedRecipient) -> list[str]:
+    """The most recent DSN_STEPS steps, one line each, for the human-readable part."""
+    if not f.history:
+        return []
+    shown = f.history[-DSN_STEPS:]
+    lines = ["    Delivery attempts (oldest first):"]
+    earlier = f.history_dropped + len(f.history) - len(shown)
+    if earlier:
+        lines.append(f"    ({earlier} earlier not shown)")
+    for step in shown:
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(step.time))
+        reply = " ".join(step.reply.split())  # one line, whatever the reply held
+        lines.append(f"    {when} {step.where} tls={step.tls} dane={step.dane}: {reply}")
+    return lines

@@ -5,6 +5,14 @@ immutable data file; only the envelope changes after acceptance. `dump` and
 `load` are exact inverses; `load` rejects anything it does not understand with
 `ValueError` so that recovery can quarantine the file instead of guessing.
 Pure: no I/O.
+
+Each recipient keeps its attempt history (`relay.model.Step`, one per connection or
+failed host, oldest first), bounded: the first step and the most recent `HISTORY_KEPT`
+are kept and `history_dropped` counts the ones dropped between them, so a message
+retried for days does not grow without limit. The keys "history" and
+"history_dropped" (and "last_relay") were added within version 1: a record without
+them loads with an empty history. docs/operations.md "Queue record format" describes
+the JSON.
 """
 
 from __future__ import annotations
@@ -12,11 +20,15 @@ from __future__ import annotations
 import enum
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from relay.model import Outcome, Step
+
 __all__ = [
     "FORMAT_VERSION",
+    "HISTORY_KEPT",
     "QueuedMessage",
     "RecipientState",
     "RecipientStatus",
@@ -26,6 +38,8 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
+#: Most recent steps kept per recipient, besides the first one (RecipientState.with_steps).
+HISTORY_KEPT = 20
 _QID = re.compile(r"^[0-9A-F]{10,32}$")
 
 
@@ -47,6 +61,21 @@ class RecipientState:
     attempts: int = 0
     last_reply: str = ""
     last_relay: str = ""
+    history: tuple[Step, ...] = ()  # the first step and the most recent ones, oldest first
+    history_dropped: int = 0  # steps dropped between the first and the kept recent ones
+
+    def with_steps(self, steps: Iterable[Step]) -> RecipientState:
+        """This state with `steps` appended to its history, bounded to the first step and
+        the most recent HISTORY_KEPT; the steps dropped are counted in history_dropped."""
+        history = self.history + tuple(steps)
+        excess = len(history) - 1 - HISTORY_KEPT
+        if excess <= 0:
+            return replace(self, history=history)
+        return replace(
+            self,
+            history=history[:1] + history[1 + excess :],
+            history_dropped=self.history_dropped + excess,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +116,8 @@ def dump(msg: QueuedMessage) -> bytes:
                 "attempts": r.attempts,
                 "last_reply": r.last_reply,
                 "last_relay": r.last_relay,
+                "history": [_dump_step(step) for step in r.history],
+                "history_dropped": r.history_dropped,
             }
             for r in msg.recipients
         ],
@@ -126,6 +157,8 @@ def load(raw: bytes) -> QueuedMessage:
                 attempts=_int(r["attempts"]),
                 last_reply=_str(r["last_reply"]),
                 last_relay=_str(r.get("last_relay", "")),
+                history=tuple(_load_step(step) for step in _list(r.get("history", []))),
+                history_dropped=_count(r.get("history_dropped", 0)),
             )
             for r in doc["recipients"]
         )
@@ -150,6 +183,50 @@ def load(raw: bytes) -> QueuedMessage:
         )
     except (KeyError, TypeError) as exc:
         raise ValueError(f"malformed envelope record: {exc!r}") from exc
+
+
+def _dump_step(step: Step) -> dict[str, Any]:
+    return {
+        "time": step.time,
+        "outcome": step.outcome.value,
+        "reply": step.reply,
+        "host": step.host,
+        "address": step.address,
+        "port": step.port,
+        "tls": step.tls,
+        "dane": step.dane,
+    }
+
+
+def _load_step(doc: object) -> Step:
+    if not isinstance(doc, dict):
+        raise TypeError(f"expected a history step object, got {doc!r}")
+    port = _int(doc["port"])
+    if not 0 <= port <= 65535:
+        raise ValueError(f"bad port in history step: {port}")
+    return Step(
+        time=_num(doc["time"]),
+        outcome=Outcome(doc["outcome"]),
+        reply=_str(doc["reply"]),
+        host=_str(doc["host"]),
+        address=_str(doc["address"]),
+        port=port,
+        tls=_str(doc["tls"]),
+        dane=_str(doc["dane"]),
+    )
+
+
+def _list(v: object) -> list[object]:
+    if not isinstance(v, list):
+        raise TypeError(f"expected a list, got {v!r}")
+    return v
+
+
+def _count(v: object) -> int:
+    n = _int(v)
+    if n < 0:
+        raise ValueError(f"expected a count, got {n}")
+    return n
 
 
 def _is_version(v: object) -> bool:

@@ -5,6 +5,8 @@ Contract:
   `submit` after inbound commit) and is retried until each recipient is delivered
   or bounced. Deferred recipients are retried with exponential backoff
   (relay.spool.schedule); after `max_queue_lifetime` they bounce with 5.4.7.
+- Each attempt's steps (`RecipientResult.history`) are appended to the recipient's
+  bounded attempt history in its record (relay.spool.records) and told in the DSN.
 - A DSN for bounced recipients is committed to the spool *before* the original's
   state is updated, so a crash can duplicate a DSN but never lose one. Messages
   from the null sender never produce a DSN (RFC 5321 §4.5.5).
@@ -201,6 +203,13 @@ class QueueRunner:
                     state.address,
                     reply,
                 )
+            updated_state = replace(
+                state,
+                status=status,
+                attempts=state.attempts + 1,
+                last_reply=str(reply),
+                last_relay=result.relay,
+            ).with_steps(result.history)
             if status is RecipientStatus.BOUNCED:
                 failed.append(
                     FailedRecipient(
@@ -208,17 +217,13 @@ class QueueRunner:
                         reply.enhanced or "5.0.0",
                         str(reply),
                         result.relay.partition("[")[0] if result.relay != "none" else "",
+                        # RFC 3464 §2.3.7: this attempt's last step (it just happened).
+                        last_attempt=result.history[-1].time if result.history else now,
+                        history=updated_state.history,
+                        history_dropped=updated_state.history_dropped,
                     )
                 )
-            states.append(
-                replace(
-                    state,
-                    status=status,
-                    attempts=state.attempts + 1,
-                    last_reply=str(reply),
-                    last_relay=result.relay,
-                )
-            )
+            states.append(updated_state)
         attempts = msg.attempts + 1
         updated = replace(
             msg,

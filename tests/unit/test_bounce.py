@@ -7,7 +7,8 @@ import email.message
 import email.utils
 import re
 
-from relay.spool.bounce import FailedRecipient, build_dsn, original_headers
+from relay.model import Outcome, Step
+from relay.spool.bounce import DSN_STEPS, FailedRecipient, build_dsn, original_headers
 
 ORIGINAL = (
     b"From: Alice <alice@example.org>\r\n"
@@ -148,3 +149,118 @@ def test_dsn_boundary_is_valid_for_a_long_host_name() -> None:
     assert boundary is not None
     assert 1 <= len(boundary) <= 70
     assert len(payload) == 3
+
+
+# -- attempt history (RFC 3464 §2.3.7 Last-Attempt-Date, the story in the text part) ----------
+
+MX1_DANE = Step(
+    time=1700086390.0,  # 2023-11-15 22:13:10 UTC
+    outcome=Outcome.DEFERRED,
+    reply="451 4.7.5 Server certificate not verified (no-match)",
+    host="mx1.y",
+    address="192.0.2.1",
+    port=25,
+    tls="encrypted",
+    dane="fail reason=no-match",
+)
+MX2_REFUSED = Step(
+    time=1700086391.0,
+    outcome=Outcome.BOUNCED,
+    reply="550 5.1.1 user unknown",
+    host="mx2.y",
+    address="2001:db8::2",
+    port=25,
+    tls="verified",
+    dane="pass reason=match",
+)
+
+
+def refused(**changes: object) -> FailedRecipient:
+    fields: dict[str, object] = {
+        "address": "x@y",
+        "status": "5.1.1",
+        "diagnostic": "550 5.1.1 user unknown",
+        "remote_mta": "mx2.y",
+        "last_attempt": 1700086391.0,
+        "history": (MX1_DANE, MX2_REFUSED),
+    }
+    fields.update(changes)
+    return FailedRecipient(**fields)  # type: ignore[arg-type]
+
+
+def text_part(raw: bytes) -> str:
+    _, payload = parts(raw)
+    text = payload[0].get_payload(decode=True)
+    assert isinstance(text, bytes)
+    return text.decode("ascii")
+
+
+def test_dsn_last_attempt_date_per_recipient() -> None:
+    _, payload = parts(dsn([refused()]))
+    per_message, per_recipient = messages(payload[1].get_payload())
+    assert per_recipient["Last-Attempt-Date"] == "Wed, 15 Nov 2023 22:13:11 -0000"
+    parsed = email.utils.parsedate_to_datetime(per_recipient["Last-Attempt-Date"])
+    assert parsed.timestamp() == 1700086391.0
+    assert per_message["Last-Attempt-Date"] is None
+    # Remote-MTA and Diagnostic-Code are as before.
+    assert per_recipient["Remote-MTA"] == "dns; mx2.y"
+    assert per_recipient["Diagnostic-Code"] == "smtp; 550 5.1.1 user unknown"
+    assert per_recipient["Status"] == "5.1.1"
+
+
+def test_dsn_without_a_last_attempt_has_no_last_attempt_date() -> None:
+    _, payload = parts(dsn())
+    _, per_recipient = messages(payload[1].get_payload())
+    assert per_recipient["Last-Attempt-Date"] is None
+
+
+def test_dsn_tells_the_attempt_history_in_the_text_part() -> None:
+    text = text_part(dsn([refused()]))
+    assert (
+        "<x@y>: 550 5.1.1 user unknown (from mx2.y)\r\n"
+        "    Delivery attempts (oldest first):\r\n"
+        "    2023-11-15 22:13:10 UTC mx1.y[192.0.2.1]:25 tls=encrypted dane=fail reason=no-match:"
+        " 451 4.7.5 Server certificate not verified (no-match)\r\n"
+        "    2023-11-15 22:13:11 UTC mx2.y[2001:db8::2]:25 tls=verified dane=pass reason=match:"
+        " 550 5.1.1 user unknown\r\n"
+    ) in text
+
+
+def test_dsn_history_steps_without_a_connection() -> None:
+    lookup = Step(1700086391.0, Outcome.BOUNCED, "550 5.1.2 Domain not found")
+    tlsa = Step(1700086390.0, Outcome.DEFERRED, "451 4.7.5 TLSA lookup error", host="mx1.y")
+    text = text_part(dsn([refused(history=(tlsa, lookup))]))
+    assert "    2023-11-15 22:13:10 UTC mx1.y tls=none dane=none: 451 4.7.5 TLSA" in text
+    assert "    2023-11-15 22:13:11 UTC - tls=none dane=none: 550 5.1.2 Domain not found" in text
+
+
+def test_dsn_history_shows_only_the_most_recent_steps() -> None:
+    history = tuple(
+        Step(1700000000.0 + n, Outcome.DEFERRED, f"451 4.4.1 refused #{n}", "mx.y", "192.0.2.9", 25)
+        for n in range(21)
+    )
+    text = text_part(dsn([refused(history=history, history_dropped=9)]))
+    assert DSN_STEPS == 6
+    assert "    (24 earlier not shown)\r\n" in text
+    assert [n for n in range(21) if f"refused #{n}\r\n" in text] == list(range(15, 21))
+
+
+def test_dsn_history_reply_stays_on_one_line() -> None:
+    step = Step(1700086391.0, Outcome.BOUNCED, "550-5.1.1 first\r\n550 5.1.1 second", "mx2.y")
+    raw = dsn([refused(history=(step,))])
+    assert "mx2.y tls=none dane=none: 550-5.1.1 first 550 5.1.1 second\r\n" in text_part(raw)
+    assert b"\n" not in raw.replace(b"\r\n", b"")
+
+
+def test_dsn_with_history_parses_back_for_every_recipient() -> None:
+    raw = dsn([refused(), refused(address="z@y", history=())])
+    msg, payload = parts(raw)
+    assert not msg.defects
+    blocks = messages(payload[1].get_payload())[1:]
+    assert [(b["Final-Recipient"], b["Last-Attempt-Date"]) for b in blocks] == [
+        ("rfc822; x@y", "Wed, 15 Nov 2023 22:13:11 -0000"),
+        ("rfc822; z@y", "Wed, 15 Nov 2023 22:13:11 -0000"),
+    ]
+    text = text_part(raw)
+    assert text.count("Delivery attempts") == 1
+    assert "<z@y>: 550 5.1.1 user unknown (from mx2.y)\r\n" in text

@@ -10,8 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from relay.model import Outcome, Step
 from relay.spool.records import (
     FORMAT_VERSION,
+    HISTORY_KEPT,
     QueuedMessage,
     RecipientState,
     RecipientStatus,
@@ -22,6 +24,26 @@ from relay.spool.records import (
 
 SPOOL_V1 = Path(__file__).resolve().parents[1] / "data" / "spool_v1"
 QID = "0123456789ABCDEF01234567"
+DANE_FAILED = Step(
+    time=1700000000.5,
+    outcome=Outcome.DEFERRED,
+    reply="451 4.7.5 Server certificate not verified (no-match)",
+    host="mx1.example.com",
+    address="192.0.2.1",
+    port=25,
+    tls="encrypted",
+    dane="fail reason=no-match",
+)
+SENT = Step(
+    time=1700000001.0,
+    outcome=Outcome.DELIVERED,
+    reply="250 2.0.0 Ok",
+    host="mx2.example.com",
+    address="2001:db8::2",
+    port=25,
+    tls="verified",
+    dane="pass reason=match",
+)
 
 
 def message(**changes: Any) -> QueuedMessage:
@@ -35,7 +57,8 @@ def message(**changes: Any) -> QueuedMessage:
                 RecipientStatus.DELIVERED,
                 attempts=1,
                 last_reply="250 2.0.0 Ok",
-                last_relay="mx.example.com[192.0.2.1]:25",
+                last_relay="mx2.example.com[2001:db8::2]:25",
+                history=(DANE_FAILED, SENT),
             ),
         ),
         "received": 1700000000.25,
@@ -74,13 +97,38 @@ def test_dump_is_the_documented_json() -> None:
                 "attempts": 0,
                 "last_reply": "",
                 "last_relay": "",
+                "history": [],
+                "history_dropped": 0,
             },
             {
                 "address": "carol@example.com",
                 "status": "delivered",
                 "attempts": 1,
                 "last_reply": "250 2.0.0 Ok",
-                "last_relay": "mx.example.com[192.0.2.1]:25",
+                "last_relay": "mx2.example.com[2001:db8::2]:25",
+                "history": [
+                    {
+                        "time": 1700000000.5,
+                        "outcome": "deferred",
+                        "reply": "451 4.7.5 Server certificate not verified (no-match)",
+                        "host": "mx1.example.com",
+                        "address": "192.0.2.1",
+                        "port": 25,
+                        "tls": "encrypted",
+                        "dane": "fail reason=no-match",
+                    },
+                    {
+                        "time": 1700000001.0,
+                        "outcome": "delivered",
+                        "reply": "250 2.0.0 Ok",
+                        "host": "mx2.example.com",
+                        "address": "2001:db8::2",
+                        "port": 25,
+                        "tls": "verified",
+                        "dane": "pass reason=match",
+                    },
+                ],
+                "history_dropped": 0,
             },
         ],
         "received": 1700000000.25,
@@ -145,6 +193,7 @@ def test_frozen_v1_records_still_load() -> None:
                 "mx.other.example[198.51.100.7]:25",
             ),
             # last_relay was added after v1's first records: it may be missing.
+            # So may history and history_dropped (added later still): an empty history.
             RecipientState("c@other.example", RecipientStatus.BOUNCED, 1, "550 5.1.1 user unknown"),
         ),
         received=1700000000.0,
@@ -174,6 +223,17 @@ json_value = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
     max_leaves=12,
 )
+steps = st.builds(
+    Step,
+    time=st.floats(allow_nan=False, allow_infinity=False),
+    outcome=st.sampled_from(Outcome),
+    reply=st.text(),
+    host=st.text(),
+    address=st.text(),
+    port=st.integers(min_value=0, max_value=65535),
+    tls=st.text(),
+    dane=st.text(),
+)
 recipient_states = st.builds(
     RecipientState,
     address=st.text(),
@@ -181,6 +241,8 @@ recipient_states = st.builds(
     attempts=st.integers(min_value=0, max_value=2**40),
     last_reply=st.text(),
     last_relay=st.text(),
+    history=st.lists(steps, max_size=3).map(tuple),
+    history_dropped=st.integers(min_value=0, max_value=2**40),
 )
 messages = st.builds(
     QueuedMessage,
@@ -308,3 +370,116 @@ def test_valid_queue_ids(qid: str) -> None:
 
 def test_format_version_is_1() -> None:
     assert FORMAT_VERSION == 1
+
+
+# -- attempt history -------------------------------------------------------------------------
+
+
+def carol(**changes: Any) -> dict[str, Any]:
+    """The record's second recipient (with a two-step history), changed."""
+    recipient: dict[str, Any] = document()["recipients"][1]
+    recipient.update(changes)
+    return recipient
+
+
+def step_doc(**changes: Any) -> dict[str, Any]:
+    step: dict[str, Any] = carol()["history"][0]
+    step.update(changes)
+    return step
+
+
+def test_history_round_trips_in_order() -> None:
+    msg = load(dump(message()))
+    assert msg.recipients[1].history == (DANE_FAILED, SENT)
+    assert msg.recipients[1].history[0].where == "mx1.example.com[192.0.2.1]:25"
+    assert msg.recipients[1].history[1].where == "mx2.example.com[2001:db8::2]:25"
+
+
+def test_step_without_a_connection_round_trips() -> None:
+    lookup = Step(1700000000.0, Outcome.DEFERRED, "451 4.4.3 MX lookup failed")
+    tlsa = Step(1700000000.0, Outcome.DEFERRED, "451 4.7.5 TLSA lookup error", host="mx.x.test")
+    msg = message(recipients=(RecipientState("a@x.test", history=(lookup, tlsa)),))
+    assert load(dump(msg)) == msg
+    assert (lookup.where, lookup.port, tlsa.where) == ("-", 0, "mx.x.test")
+
+
+def test_record_without_history_keys_loads_with_an_empty_history() -> None:
+    doc = document()
+    for recipient in doc["recipients"]:
+        del recipient["history"], recipient["history_dropped"]
+    loaded = load(encode(doc))
+    assert [(r.history, r.history_dropped) for r in loaded.recipients] == [((), 0), ((), 0)]
+
+
+@pytest.mark.parametrize(
+    "recipient",
+    [
+        carol(history="mx1"),
+        carol(history={"time": 1}),
+        carol(history=None),
+        carol(history=["mx1"]),
+        carol(history=[step_doc(time="1700000000")]),
+        carol(history=[step_doc(time=True)]),
+        carol(history=[step_doc(outcome="lost")]),
+        carol(history=[step_doc(outcome=None)]),
+        carol(history=[step_doc(reply=451)]),
+        carol(history=[step_doc(host=None)]),
+        carol(history=[step_doc(address=["192.0.2.1"])]),
+        carol(history=[step_doc(port="25")]),
+        carol(history=[step_doc(port=25.0)]),
+        carol(history=[step_doc(port=-1)]),
+        carol(history=[step_doc(port=65536)]),
+        carol(history=[step_doc(tls=1)]),
+        carol(history=[step_doc(dane=False)]),
+        carol(history_dropped="3"),
+        carol(history_dropped=-1),
+        carol(history_dropped=1.0),
+        carol(history_dropped=None),
+    ],
+)
+def test_rejects_malformed_history(recipient: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        load(encode(document(recipients=[recipient])))
+
+
+@pytest.mark.parametrize(
+    "key", ["time", "outcome", "reply", "host", "address", "port", "tls", "dane"]
+)
+def test_rejects_a_step_without_a_field(key: str) -> None:
+    step = step_doc()
+    del step[key]
+    with pytest.raises(ValueError, match="malformed envelope record"):
+        load(encode(document(recipients=[carol(history=[step])])))
+
+
+def numbered(n: int) -> Step:
+    return Step(1700000000.0 + n, Outcome.DEFERRED, f"451 4.4.1 refused #{n}", host="mx.x.test")
+
+
+def test_history_is_kept_whole_up_to_the_bound() -> None:
+    assert HISTORY_KEPT == 20
+    state = RecipientState("a@x.test").with_steps(numbered(n) for n in range(21))
+    assert [s.reply for s in state.history] == [f"451 4.4.1 refused #{n}" for n in range(21)]
+    assert state.history_dropped == 0
+
+
+def test_history_keeps_the_first_and_the_most_recent_steps() -> None:
+    state = RecipientState("a@x.test")
+    for attempt in range(5):  # five attempts of ten steps each
+        state = state.with_steps(numbered(10 * attempt + n) for n in range(10))
+    assert len(state.history) == 21
+    assert state.history[0] == numbered(0)
+    assert state.history[1:] == tuple(numbered(n) for n in range(30, 50))
+    assert state.history_dropped == 29
+    # The bound holds on disk too, and the count survives a round trip.
+    msg = load(dump(message(recipients=(state,))))
+    assert msg.recipients[0].history_dropped == 29
+    again = msg.recipients[0].with_steps([numbered(50)])
+    assert again.history[0] == numbered(0)
+    assert again.history[-2:] == (numbered(49), numbered(50))
+    assert again.history_dropped == 30
+
+
+def test_no_steps_change_nothing() -> None:
+    state = RecipientState("a@x.test", history=(DANE_FAILED,))
+    assert state.with_steps([]) == state

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.message
+import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -19,9 +20,15 @@ import pytest
 
 from relay.config import DeliveryConfig
 from relay.metrics import Metrics
-from relay.model import Outcome, RecipientResult
+from relay.model import Outcome, RecipientResult, Step
 from relay.smtp.reply import SmtpReply
-from relay.spool.records import QueuedMessage, RecipientState, RecipientStatus, load
+from relay.spool.records import (
+    HISTORY_KEPT,
+    QueuedMessage,
+    RecipientState,
+    RecipientStatus,
+    load,
+)
 from relay.spool.runner import QueueRunner
 from relay.spool.store import SpoolStore
 
@@ -515,3 +522,131 @@ async def test_dsn_is_stamped_with_the_runner_clock(tmp_path: Path) -> None:
         # DSN by now, which moves next_attempt on disk.
         dsn = store.committed[dsn_id]
         assert (dsn.received, dsn.next_attempt) == (NOW, NOW)
+
+
+# -- attempt history -----------------------------------------------------------------------------
+
+MX1_DANE = Step(
+    time=NOW + 10,
+    outcome=Outcome.DEFERRED,
+    reply="451 4.7.5 Server certificate not verified (no-match)",
+    host="mx1.example.net",
+    address="192.0.2.1",
+    port=25,
+    tls="encrypted",
+    dane="fail reason=no-match",
+)
+
+
+def mx2_step(time: float, reply: SmtpReply, outcome: Outcome) -> Step:
+    return Step(time, outcome, str(reply), "mx2.example.net", "192.0.2.2", 25, "verified", "pass")
+
+
+def with_history(outcome: Outcome, reply: SmtpReply, clock: Clock) -> Script:
+    """MX1 fails DANE, MX2 gives `reply`: the history the engine would report."""
+
+    def script(qid: str, sender: str, rcpts: Sequence[str]) -> list[RecipientResult]:
+        if sender == "":
+            return DSN_DEFERRED(qid, sender, rcpts)
+        steps = (replace(MX1_DANE, time=clock.now), mx2_step(clock.now + 1, reply, outcome))
+        relay = "mx2.example.net[192.0.2.2]:25"
+        return [RecipientResult(r, outcome, reply, relay, "x", steps) for r in rcpts]
+
+    return script
+
+
+async def test_attempt_history_is_written_to_the_envelope_record(tmp_path: Path) -> None:
+    clock = Clock(NOW + 10)
+    busy = SmtpReply(451, "4.2.0", "Try later")
+    async with running(tmp_path, with_history(Outcome.DEFERRED, busy, clock), clock=clock) as (
+        runner,
+        store,
+        _deliverer,
+        _metrics,
+        _,
+    ):
+        msg = commit(store, "bob@example.net")
+        runner.submit(msg)
+        await store.until(lambda: ("update", msg.queue_id) in store.ops)
+        (state,) = store.envelope(msg.queue_id).recipients
+        assert state.history == (MX1_DANE, mx2_step(NOW + 11, busy, Outcome.DEFERRED))
+        assert state.history_dropped == 0
+        assert (state.last_reply, state.last_relay) == (
+            "451 4.2.0 Try later",
+            "mx2.example.net[192.0.2.2]:25",
+        )
+        raw = json.loads((store.env / msg.queue_id).read_bytes())
+        assert raw["recipients"][0]["history"][0] == {
+            "time": NOW + 10,
+            "outcome": "deferred",
+            "reply": "451 4.7.5 Server certificate not verified (no-match)",
+            "host": "mx1.example.net",
+            "address": "192.0.2.1",
+            "port": 25,
+            "tls": "encrypted",
+            "dane": "fail reason=no-match",
+        }
+
+        # The next attempt appends its steps after the first attempt's.
+        clock.now = NOW + 10 + 300.0
+        runner.load([])
+        await store.until(lambda: store.ops.count(("update", msg.queue_id)) == 2)
+        (state,) = store.envelope(msg.queue_id).recipients
+        assert [(s.time, s.host) for s in state.history] == [
+            (NOW + 10, "mx1.example.net"),
+            (NOW + 11, "mx2.example.net"),
+            (NOW + 310, "mx1.example.net"),
+            (NOW + 311, "mx2.example.net"),
+        ]
+
+
+async def test_attempt_history_in_the_record_is_bounded(tmp_path: Path) -> None:
+    clock = Clock(NOW + 10)
+    busy = SmtpReply(451, "4.2.0", "Try later")
+    async with running(tmp_path, with_history(Outcome.DEFERRED, busy, clock), clock=clock) as (
+        runner,
+        store,
+        _deliverer,
+        _metrics,
+        _,
+    ):
+        msg = commit(store, "bob@example.net")
+        runner.submit(msg)
+        for attempt in range(1, 13):  # 12 attempts of 2 steps: 24 steps
+            await store.until(lambda n=attempt: store.ops.count(("update", msg.queue_id)) == n)
+            clock.now = store.envelope(msg.queue_id).next_attempt
+            runner.load([])
+        (state,) = store.envelope(msg.queue_id).recipients
+        assert len(state.history) == 1 + HISTORY_KEPT
+        assert state.history_dropped == 24 - 1 - HISTORY_KEPT
+        assert state.history[0] == MX1_DANE  # the first step of the first attempt
+        assert state.attempts >= 12
+
+
+async def test_dsn_tells_the_attempt_history(tmp_path: Path) -> None:
+    clock = Clock(NOW + 10)
+    async with running(tmp_path, with_history(Outcome.BOUNCED, UNKNOWN, clock), clock=clock) as (
+        runner,
+        store,
+        _deliverer,
+        _metrics,
+        _,
+    ):
+        msg = commit(store, "bob@example.net")
+        runner.submit(msg)
+        await store.until(lambda: ("remove", msg.queue_id) in store.ops)
+        (dsn_id,) = [qid for op, qid in store.ops if op == "commit" and qid != msg.queue_id]
+        _msg, text, *_rest, per_rcpt = dsn_parts(store.read_body(dsn_id))
+        assert per_rcpt["Last-Attempt-Date"] == "Tue, 14 Nov 2023 22:13:31 -0000"  # NOW + 11
+        assert per_rcpt["Remote-MTA"] == "dns; mx2.example.net"
+        assert per_rcpt["Diagnostic-Code"] == "smtp; 550 5.1.1 <bob@example.net>: user unknown"
+        told = text.get_payload(decode=True)
+        assert isinstance(told, bytes)
+        assert (
+            b"mx1.example.net[192.0.2.1]:25 tls=encrypted dane=fail reason=no-match: "
+            b"451 4.7.5 Server certificate not verified (no-match)\r\n"
+        ) in told
+        assert (
+            b"mx2.example.net[192.0.2.2]:25 tls=verified dane=pass: "
+            b"550 5.1.1 <bob@example.net>: user unknown\r\n"
+        ) in told

@@ -35,7 +35,7 @@ class Step:
     address: str = ""  # "" when no connection was made (e.g. TLSA lookup failure)
     port: int = 0  # 0 when no connection was made
     tls: str = "none"  # verified / trusted / encrypted / none
-    dane: str = "none"  # "pass reason=match", "fail reason=no-match", "none reason=no-tlsa", "none"
+    dane: str = "none"  # "pass reason=match", "fail reason=no-match", "none reason=no_tlsa", "none"
 
     @property
     def where(self) -> str:

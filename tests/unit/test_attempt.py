@@ -203,9 +203,9 @@ def test_dane_none_keeps_why_dane_did_not_apply() -> None:
     rec, _ = recorder()
     a = attempt()
     a.relay = "mx.insecure.example[192.0.2.7]:25"
-    a.tls, a.dane_detail = "encrypted", "reason=no-tlsa"
+    a.tls, a.dane_detail = "encrypted", "reason=no_tlsa"
     (r,) = rec.finish(a, [RecipientResult("a@secure.example", Outcome.DEFERRED, BUSY)], RECEIVED)
-    assert (r.history[-1].tls, r.history[-1].dane) == ("encrypted", "none reason=no-tlsa")
+    assert (r.history[-1].tls, r.history[-1].dane) == ("encrypted", "none reason=no_tlsa")
     assert r.history[-1].reply == "451 4.2.0 Try later"
 
 

@@ -354,6 +354,10 @@ def engine_settings(
         mx_host_limit=cfg.delivery.mx_host_limit,
         mx_address_limit=cfg.delivery.mx_address_limit,
         address_preference=cfg.delivery.address_preference,
+        destination_concurrency=cfg.delivery.destination_concurrency,
+        connection_cache_time=cfg.delivery.connection_cache_time,
+        connection_reuse_time=cfg.delivery.connection_reuse_time,
+        connection_reuse_limit=cfg.delivery.connection_reuse_limit,
         timeouts=timeouts if timeouts is not None else delivery_timeouts(cfg.delivery),
     )
 
@@ -408,6 +412,7 @@ async def _run(
         server.close()
     watch_task.cancel()
     await runner.stop()
+    await engine.close()
     runner_task.cancel()
     await asyncio.gather(runner_task, watch_task, return_exceptions=True)
     log.info("stopped")

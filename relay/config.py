@@ -170,6 +170,16 @@ class DeliveryConfig:
     # "any": each host's addresses as DNS gave them (A before AAAA); "ipv6"/"ipv4": that
     # family first (Postfix smtp_address_preference, default "any").
     address_preference: str = "any"
+    # Deliveries in progress at once to one destination (next hop and level); Postfix
+    # default_destination_concurrency_limit (20).
+    destination_concurrency: int = 20
+    # Connection reuse: an idle verified connection is kept this long for the next message
+    # to the same destination (0: no reuse; Postfix smtp_connection_cache_time_limit, 2s),
+    # used for at most connection_reuse_time seconds (smtp_connection_reuse_time_limit,
+    # 300s) and connection_reuse_limit messages (smtp_connection_reuse_count_limit).
+    connection_cache_time: float = 5.0
+    connection_reuse_time: float = 300.0
+    connection_reuse_limit: int = 100
     min_backoff: float = 300.0
     max_backoff: float = 4000.0
     max_queue_lifetime: float = 5 * 86400.0
@@ -655,6 +665,27 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
             d_delivery.address_preference,
             _choice(ADDRESS_PREFERENCES),
             "an address preference",
+        ),
+        destination_concurrency=s.get(
+            "destination_concurrency",
+            d_delivery.destination_concurrency,
+            _int_range(1, 1000),
+            "an integer",
+        ),
+        connection_cache_time=s.get(
+            "connection_cache_time",
+            d_delivery.connection_cache_time,
+            _duration,
+            "a duration (0 turns connection reuse off)",
+        ),
+        connection_reuse_time=s.get(
+            "connection_reuse_time", d_delivery.connection_reuse_time, dur, "a duration"
+        ),
+        connection_reuse_limit=s.get(
+            "connection_reuse_limit",
+            d_delivery.connection_reuse_limit,
+            _int_range(1, 1_000_000),
+            "an integer",
         ),
         min_backoff=s.get("min_backoff", d_delivery.min_backoff, dur, "a duration"),
         max_backoff=s.get("max_backoff", d_delivery.max_backoff, dur, "a duration"),

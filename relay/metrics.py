@@ -60,6 +60,13 @@ class Metrics:
             ["level"],
             registry=r,
         )
+        self.connection_reuse = Counter(
+            "relay_connection_reuse",
+            "Cached outbound connections taken for a message: hit (RSET answered 250, the "
+            "message went on it) or stale (closed, a new connection was needed)",
+            ["result"],
+            registry=r,
+        )
         self.dns_lookups = Counter(
             "relay_dns_lookups",
             "Upstream DNS queries by record type and result (secure, insecure, servfail, "

@@ -21,8 +21,15 @@ Theory of operation, per next-hop domain (recipients are grouped by domain):
    on a DANE failure QUIT is sent before MAIL FROM, so no message data ever reaches an
    unauthenticated peer (RFC 7672 §2.2, §3).
 4. MAIL/RCPT/DATA: `relay.delivery.client.Transaction` decides (SIZE, SMTPUTF8,
-   per-recipient outcomes); `_drive` only moves its commands and replies. QUIT ends the
-   session (no reuse yet); after a 421 or a lost connection it is just closed (RFC 5321 §3.8).
+   per-recipient outcomes); `_drive` only moves its commands and replies. After a 421 or a
+   lost connection the session is just closed (RFC 5321 §3.8); after a completed
+   transaction it goes to the `relay.delivery.pool.ConnectionCache` under its
+   destination's key, with the TLS and DANE outcome of its setup.
+5. Connection reuse: before step 1, a cached session for the same destination key (next
+   hop, level, port) is taken and checked with RSET (RFC 5321 §4.1.1.5); a 250 means the
+   next message goes on it, with the verdict its setup earned (logged `conn=reused:N`);
+   anything else closes it and the next cached one or a new connection is tried.
+   Deliveries in progress per destination key are bounded by `destination_concurrency`.
 
 This module never catches library exceptions: the resolver and transport
 adapters translate them into relay.errors at their boundary.
@@ -55,6 +62,7 @@ from relay.delivery.client import (
 )
 from relay.delivery.planner import MAX_MX_HOSTS, MxHost, order_addresses
 from relay.delivery.policymap import Destination, PolicyMap
+from relay.delivery.pool import Channel, ConnectionCache, DestinationSlots
 from relay.delivery.route import HostRoute, Myself, explicit_route, resolve_host, resolve_mx
 from relay.delivery.secure import Negotiation, TlsSession, negotiate
 from relay.errors import DeliveryError, PermanentFailure, Scope, TemporaryFailure
@@ -136,6 +144,60 @@ class EngineSettings:
     address_preference: str = "any"
     # Reply timeout per phase (RFC 5321 §4.5.3.2; delivery.*_timeout).
     timeouts: Mapping[Phase, float] = field(default_factory=lambda: TIMEOUTS)
+    # Deliveries in progress per destination (delivery.destination_concurrency).
+    destination_concurrency: int = 20
+    # Connection reuse (delivery.connection_cache_time, connection_reuse_time,
+    # connection_reuse_limit); a cache time of 0 turns reuse off.
+    connection_cache_time: float = 5.0
+    connection_reuse_time: float = 300.0
+    connection_reuse_limit: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class _Verdict:
+    """What a connection's setup established, carried over to every reuse of it."""
+
+    relay: str
+    dnssec: str
+    dns_detail: str
+    tls: str
+    tls_detail: str
+    tlsa_base: str
+    dane: str
+    dane_detail: str
+
+    @classmethod
+    def of(cls, attempt: Attempt) -> _Verdict:
+        return cls(
+            attempt.relay,
+            attempt.dnssec,
+            attempt.dns_detail,
+            attempt.tls,
+            attempt.tls_detail,
+            attempt.tlsa_base,
+            attempt.dane,
+            attempt.dane_detail,
+        )
+
+    def apply(self, attempt: Attempt) -> None:
+        attempt.relay, attempt.dnssec, attempt.dns_detail = self.relay, self.dnssec, self.dns_detail
+        attempt.tls, attempt.tls_detail = self.tls, self.tls_detail
+        attempt.tlsa_base, attempt.dane, attempt.dane_detail = (
+            self.tlsa_base,
+            self.dane,
+            self.dane_detail,
+        )
+
+
+#: A cached connection serves only the destination its setup was checked for, under the
+#: resolver trust it was checked with: a session set up without DANE while the resolver did
+#: not validate is never reused once it does (RFC 7672 §2.2: DANE needs validated TLSA).
+_Key = tuple[bool, str, str, bool, int, int]
+
+
+def _key(dest: Destination, validating: bool) -> _Key:
+    hop = dest.next_hop.lower().rstrip(".")
+    return (validating, dest.level, hop, dest.mx, dest.port, dest.tlsa_port)
 
 
 class DeliveryEngine:
@@ -162,6 +224,16 @@ class DeliveryEngine:
         self.clock = clock
         self.resolver_status = resolver_status  # None: the resolver is trusted to validate
         self.record = AttemptRecorder(metrics, clock)
+        self.cache: ConnectionCache[Session, _Verdict] = ConnectionCache(
+            settings.connection_cache_time,
+            settings.connection_reuse_time,
+            settings.connection_reuse_limit,
+        )
+        self.slots = DestinationSlots(settings.destination_concurrency)
+
+    async def close(self) -> None:
+        """QUIT the cached connections (shutdown)."""
+        await self.cache.close()
 
     async def deliver(
         self,
@@ -220,11 +292,54 @@ class DeliveryEngine:
         smtputf8: bool = False,
     ) -> list[RecipientResult]:
         attempt = Attempt(queue_id, domain, rcpts, smtputf8=smtputf8)
-        # One reading per domain, so that every host of the domain is judged alike.
-        validating = self.resolver_status is None or self.resolver_status.validating
         dest = self.routes.destination(domain)
         if self.routes.configured:
             attempt.route_detail = f" level={dest.level} nexthop={dest.via}"
+        # One reading per domain, so that every host of the domain is judged alike.
+        validating = self.resolver_status is None or self.resolver_status.validating
+        key = _key(dest, validating)
+        async with self.slots.hold(key[1:]):
+            channel = await self._cached(key)
+            if channel is not None:
+                channel.verdict.apply(attempt)
+                attempt.route_detail += f" conn=reused:{channel.uses}"
+                channel.uses += 1
+                try:
+                    return await self._mail_transaction(
+                        channel.session, attempt, sender, body, received, key, channel
+                    )
+                except BaseException:
+                    channel.session.abort()
+                    raise
+            return await self._route_domain(
+                attempt, dest, key, validating, sender, body, received
+            )
+
+    async def _cached(self, key: _Key) -> Channel[Session, _Verdict] | None:
+        """A cached session for `key` that answered RSET with 250, or None."""
+        while (channel := self.cache.take(key)) is not None:
+            session = channel.session
+            # RFC 5321 §4.1.1.5: RSET clears any state and proves the peer still listens.
+            await session.write(Command(Phase.RSET, "RSET"), b"")
+            reply = await session.read_reply(self.settings.timeouts[Phase.RSET])
+            if isinstance(reply, PeerReply) and reply.code == 250:
+                self.metrics.connection_reuse.labels("hit").inc()
+                return channel
+            self.metrics.connection_reuse.labels("stale").inc()
+            session.abort()
+        return None
+
+    async def _route_domain(
+        self,
+        attempt: Attempt,
+        dest: Destination,
+        key: _Key,
+        validating: bool,
+        sender: str,
+        body: bytes,
+        received: float,
+    ) -> list[RecipientResult]:
+        queue_id, domain = attempt.queue_id, attempt.domain
         # RFC 7672 §2.2.2: an explicit [host] next hop is used without MX lookup.
         mx = (
             await resolve_mx(
@@ -273,6 +388,7 @@ class DeliveryEngine:
                     body,
                     received,
                     connections,
+                    key,
                 )
             except (TemporaryFailure, PermanentFailure) as exc:
                 if exc.scope is not Scope.HOST:
@@ -312,6 +428,7 @@ class DeliveryEngine:
         body: bytes,
         received: float,
         connections: _Connections,
+        key: _Key,
     ) -> list[RecipientResult]:
         settings = self.settings
         route = await resolve_host(
@@ -365,7 +482,15 @@ class DeliveryEngine:
                 attempt.dane_detail = f"reason={decision.reason}"
             try:
                 return await self._transact(
-                    attempt, route, address, dest.port, decision.requirement, sender, body, received
+                    attempt,
+                    route,
+                    address,
+                    dest.port,
+                    decision.requirement,
+                    sender,
+                    body,
+                    received,
+                    key,
                 )
             except (TemporaryFailure, PermanentFailure) as exc:
                 self.record.log_failure(attempt, exc, received)
@@ -408,7 +533,9 @@ class DeliveryEngine:
         sender: str,
         body: bytes,
         received: float,
+        key: _Key,
     ) -> list[RecipientResult]:
+        opened = time.monotonic()
         session = await self.transport.open(address, port)
         # EHLO, STARTTLS and DANE as relay.delivery.secure decides for delivery and probe
         # alike; on a DANE failure QUIT is sent before MAIL FROM (RFC 7672 §3).
@@ -430,8 +557,11 @@ class DeliveryEngine:
         assert setup.session is not None
         session = setup.session
         self.metrics.tls_sessions.labels(attempt.tls).inc()
+        channel = Channel(session, _Verdict.of(attempt), opened)
         try:
-            return await self._mail_transaction(session, attempt, sender, body, received)
+            return await self._mail_transaction(
+                session, attempt, sender, body, received, key, channel
+            )
         except BaseException:
             session.abort()
             raise
@@ -466,6 +596,8 @@ class DeliveryEngine:
         sender: str,
         body: bytes,
         received: float,
+        key: _Key,
+        channel: Channel[Session, _Verdict],
     ) -> list[RecipientResult]:
         caps = session.capabilities()
         # The transport reads one reply per command (aiosmtplib's reader would drop the
@@ -484,8 +616,8 @@ class DeliveryEngine:
         outcome = await _drive(session, Transaction(envelope, caps), body, self.settings.timeouts)
         if outcome.ending is Ending.CLOSE:
             session.abort()  # RFC 5321 §3.8: 421 or connection lost: no further command
-        else:
-            await session.quit()  # REUSABLE included: no connection reuse yet
+        elif outcome.ending is not Ending.REUSABLE or not self.cache.put(key, channel):
+            await session.quit()
         return self.record.finish(attempt, outcome.recipients, received)
 
 

@@ -181,6 +181,7 @@ class Peer:
     rcpt: dict[str, SmtpReply | ConnectionLost] = field(default_factory=dict)
     data_start: SmtpReply | ConnectionLost = START_DATA
     data: SmtpReply | ConnectionLost = QUEUED
+    rset: SmtpReply | ConnectionLost = SmtpReply(250, "2.0.0", "Ok")  # a reused connection
 
 
 class FakeSession:
@@ -245,6 +246,9 @@ class FakeSession:
             reply = self.peer.rcpt.get(rcpt, OK)
         elif line == "DATA":
             reply = self.peer.data_start
+        elif line == "RSET":
+            self._log("RSET")
+            reply = self.peer.rset
         else:
             raise AssertionError(f"unexpected command {line!r}")
         self.replies.append(reply)
@@ -344,6 +348,9 @@ def world(
             insecure_mx_policy=insecure_mx_policy,
             policy=policy,
             myself=myself,
+            # Connection reuse off: each test sees its sessions end with QUIT (the reuse
+            # tests are in test_connection_reuse.py).
+            connection_cache_time=0.0,
         ),
         metrics,
         clock=lambda: NOW,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.app import delivery_timeouts
+from relay.app import delivery_timeouts, engine_settings
 from relay.cli import main
 from relay.config import (
     Config,
@@ -34,7 +34,7 @@ from relay.config import (
     parse_endpoint,
 )
 from relay.delivery.client import TIMEOUTS, Phase
-from relay.delivery.engine import MAX_CONNECTIONS_PER_DOMAIN
+from relay.delivery.engine import MAX_CONNECTIONS_PER_DOMAIN, EngineSettings
 from relay.delivery.planner import MAX_MX_HOSTS
 from relay.errors import ConfigError
 
@@ -141,6 +141,9 @@ def test_default_values_are_the_documented_ones() -> None:
     assert (cfg.delivery.mail_timeout, cfg.delivery.rcpt_timeout) == (300.0, 300.0)
     assert cfg.delivery.data_init_timeout == 120.0
     assert (cfg.delivery.data_block_timeout, cfg.delivery.data_done_timeout) == (180.0, 600.0)
+    assert cfg.delivery.destination_concurrency == 20
+    assert (cfg.delivery.connection_cache_time, cfg.delivery.connection_reuse_time) == (5.0, 300.0)
+    assert cfg.delivery.connection_reuse_limit == 100
     assert cfg.metrics.listen == Endpoint("127.0.0.1", 9425)
     assert cfg.log.level == "info"
 
@@ -571,6 +574,28 @@ def test_delivery_defaults_are_the_engine_and_client_constants() -> None:
     assert d.mx_host_limit == MAX_MX_HOSTS
     assert d.mx_address_limit == MAX_CONNECTIONS_PER_DOMAIN
     assert delivery_timeouts(d) == TIMEOUTS
+    s = EngineSettings(level="dane", helo_name="h")
+    assert s.destination_concurrency == d.destination_concurrency
+    assert (s.connection_cache_time, s.connection_reuse_time) == (
+        d.connection_cache_time,
+        d.connection_reuse_time,
+    )
+    assert s.connection_reuse_limit == d.connection_reuse_limit
+
+
+def test_connection_reuse_and_destination_concurrency_are_read(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[delivery]\ndestination_concurrency = 4\nconnection_cache_time = "0s"\n'
+        'connection_reuse_time = "1m"\nconnection_reuse_limit = 7\n',
+    )
+    cfg = load_config(path)
+    d = cfg.delivery
+    assert (d.destination_concurrency, d.connection_cache_time) == (4, 0.0)
+    assert (d.connection_reuse_time, d.connection_reuse_limit) == (60.0, 7)
+    settings = engine_settings(cfg, "relay.example")
+    assert (settings.destination_concurrency, settings.connection_cache_time) == (4, 0.0)
+    assert (settings.connection_reuse_time, settings.connection_reuse_limit) == (60.0, 7)
 
 
 def test_delivery_limits_preference_and_timeouts_are_read(tmp_path: Path) -> None:
@@ -607,6 +632,14 @@ def test_delivery_limits_preference_and_timeouts_are_read(tmp_path: Path) -> Non
         ("data_init_timeout = -1", "delivery.data_init_timeout", "a non-negative duration", "-1"),
         ("data_block_timeout = 0", "delivery.data_block_timeout", "a positive duration", "0"),
         ("data_done_timeout = false", "delivery.data_done_timeout", "a duration", "false"),
+        ("destination_concurrency = 0", "delivery.destination_concurrency",
+         "an integer from 1 to 1000", "0"),
+        ('connection_cache_time = "-5s"', "delivery.connection_cache_time",
+         "a duration such as", "'-5s'"),
+        ("connection_reuse_time = 0", "delivery.connection_reuse_time", "a positive duration",
+         "0"),
+        ("connection_reuse_limit = 0", "delivery.connection_reuse_limit", "an integer from 1",
+         "0"),
     ],
 )  # fmt: skip
 def test_delivery_limit_and_timeout_errors_name_file_key_and_expected(

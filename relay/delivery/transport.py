@@ -1,4 +1,4 @@
-"""aiosmtplib adapter: one outbound SMTP session, with exceptions mapped once.
+"""asyncio streams adapter: one outbound SMTP session, with exceptions mapped once.
 
 Contract: `SmtpTransport.open()` returns an `OutboundSession` or raises a
 `relay.errors.TemporaryFailure` subclass (ConnectFailed, PeerTimeout,
@@ -7,12 +7,24 @@ RemoteTempReject, RemotePermReject for a refusing greeting). Session setup metho
 raise only `TemporaryFailure` subclasses for connection-level trouble. The mail
 transaction goes through `write()` and `read_reply()`, which move the bytes of the
 commands `relay.delivery.client.Transaction` decides and never raise for what the peer
-does: a failed write, a closed connection or a timeout becomes `ConnectionLost`. Nothing
-above this module sees aiosmtplib, ssl or OSError exceptions.
+does: a failed write, a closed connection, a reply that is not SMTP or a timeout becomes
+`ConnectionLost`. Nothing above this module sees asyncio, ssl or OSError exceptions.
 
 `starttls()` returns the peer's certificate chain as the server sent it (DER,
 leaf first) through `peer_chain()`, the one place that touches the private
 `_sslobj` on Python < 3.13 (STYLE.md project decision).
+
+Theory of operation: the session owns one `asyncio.StreamReader`/`StreamWriter` pair
+(stdlib loop and uvloop alike; TLS through `StreamWriter.start_tls`). Command lines
+given to `write()` are collected and sent as one batch when the next reply is read or
+the message content is written, so a PIPELINING batch (RFC 2920 §3.1) leaves in one
+write. Replies are read from the stream's buffer in order: nothing the peer sends is
+dropped while no reply is awaited, so the replies to a pipelined batch are returned one
+per `read_reply()`. The reply reader bounds what a peer can make it hold: `MAX_LINE_LENGTH`
+bytes per line, `MAX_REPLY_LINES` lines per reply.
+
+Does not: verify certificates (the caller's SSLContext and `relay.dane` do), decide
+which command comes next (`relay.delivery.client`), or reuse connections.
 """
 
 from __future__ import annotations
@@ -20,12 +32,8 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any
-
-import aiosmtplib
-from aiosmtplib.errors import SMTPConnectResponseError
 
 from relay.delivery.client import (
     TIMEOUTS,
@@ -42,14 +50,31 @@ from relay.errors import (
     RemotePermReject,
     RemoteTempReject,
     Scope,
-    TemporaryFailure,
     TlsHandshakeFailed,
 )
 from relay.smtp.address import wire_safe
 from relay.smtp.domain import DomainSyntaxError, ascii_domain
 from relay.smtp.reply import SmtpReply
 
-__all__ = ["OutboundSession", "SmtpTransport", "peer_chain"]
+__all__ = [
+    "MAX_LINE_LENGTH",
+    "MAX_REPLY_LINES",
+    "OutboundSession",
+    "SmtpTransport",
+    "message_data",
+    "peer_chain",
+]
+
+#: Longest reply line accepted, line ending included. RFC 5321 §4.5.3.1.5 allows 512;
+#: real servers exceed it, so this is lenient but bounded (also the stream's buffer unit).
+MAX_LINE_LENGTH = 4096
+#: Most lines in one (multi-line) reply; an EHLO reply has one per extension.
+MAX_REPLY_LINES = 100
+#: Bytes written per block of message content; each block's write is bounded by
+#: the DATA_BLOCK timeout (RFC 5321 §4.5.3.2.5; `delivery.data_block_timeout`).
+_DATA_BLOCK = 64 * 1024
+# More than the stream ever buffers (about 2 * MAX_LINE_LENGTH plus one socket read).
+_DISCARD_CHUNK = 1 << 20
 
 
 def peer_chain(ssl_object: Any) -> list[bytes]:
@@ -74,16 +99,13 @@ def peer_chain(ssl_object: Any) -> list[bytes]:
 
 _LINE_ENDINGS = re.compile(rb"(?:\r\n|\n|\r(?!\n))")
 _LEADING_DOT = re.compile(rb"(?m)^\.")
-#: Bytes written per block of message content; each block's write is bounded by
-#: the DATA_BLOCK timeout (RFC 5321 §4.5.3.2.5; `delivery.data_block_timeout`).
-_DATA_BLOCK = 64 * 1024
 
 
 def message_data(body: bytes) -> bytes:
     """The message as written after a 354: CRLF line endings, dot-stuffed, end marker.
 
     RFC 5321 §4.5.2 (transparency) and §4.1.1.4 (CRLF.CRLF); bare CR and LF become CRLF
-    (as aiosmtplib's own DATA does: no bare LF smuggling, RFC 5321 §2.3.8).
+    (no bare LF smuggling, RFC 5321 §2.3.8).
     """
     data = _LINE_ENDINGS.sub(b"\r\n", body)
     if not data.endswith(b"\r\n"):
@@ -91,64 +113,120 @@ def message_data(body: bytes) -> bytes:
     return _LEADING_DOT.sub(b"..", data) + b".\r\n"
 
 
-def _reply(response: Any) -> SmtpReply:
-    return SmtpReply.from_peer(int(response.code), str(response.message))
+class _NotSmtp(Exception):
+    """The peer sent something that is not an SMTP reply (RFC 5321 §4.2)."""
 
 
-@contextmanager
-def _smtp_errors(where: str) -> Iterator[None]:
-    try:
-        yield
-    except (TemporaryFailure, SMTPConnectResponseError):
-        raise
-    except aiosmtplib.SMTPTimeoutError as exc:
-        raise PeerTimeout(f"timeout {where}") from exc
-    except aiosmtplib.SMTPServerDisconnected as exc:
-        raise ConnectFailed(f"lost connection {where}") from exc
-    except aiosmtplib.SMTPConnectTimeoutError as exc:
-        raise PeerTimeout(f"timeout {where}") from exc
-    except aiosmtplib.SMTPConnectError as exc:
-        raise ConnectFailed(f"cannot connect: {exc}") from exc
-    except TimeoutError as exc:
-        raise PeerTimeout(f"timeout {where}") from exc
-    except aiosmtplib.SMTPException as exc:
-        raise ConnectFailed(f"SMTP protocol error {where}: {exc}") from exc
-    except OSError as exc:
-        raise ConnectFailed(f"connection error {where}: {exc.strerror or exc}") from exc
+class _Closed(Exception):
+    """The peer closed the connection before a whole reply arrived."""
+
+
+def _parse_line(raw: bytes) -> tuple[int, bool, str]:
+    """(code, last line?, text) of one reply line, its line ending already removed."""
+    # RFC 5321 §4.2: Reply-code [ SP textstring ] CRLF, "-" instead of SP on all but the
+    # last line of a multi-line reply; the code is three digits.
+    code, separator = raw[:3], raw[3:4]
+    if len(code) != 3 or not code.isdigit() or separator not in (b"", b" ", b"-"):
+        raise _NotSmtp(f"not an SMTP reply line: {raw[:40]!r}")
+    return int(code), separator != b"-", raw[4:].decode("utf-8", "surrogateescape")
+
+
+async def _read_reply(reader: asyncio.StreamReader) -> PeerReply:
+    """One whole reply from `reader`; the lines of a multi-line reply joined with "\\n".
+
+    Raises:
+        _NotSmtp: a line too long, too many lines, a malformed line or mixed codes.
+        _Closed: end of stream before the last line.
+        OSError: the connection failed (ssl.SSLError included).
+    """
+    code: int | None = None
+    texts: list[str] = []
+    while True:
+        if len(texts) == MAX_REPLY_LINES:
+            raise _NotSmtp(f"reply longer than {MAX_REPLY_LINES} lines")
+        try:
+            # Bare LF is accepted as a line end (lenient reading); CR before it is dropped.
+            raw = await reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError as exc:
+            raise _NotSmtp(f"reply line longer than {MAX_LINE_LENGTH} bytes") from exc
+        except asyncio.IncompleteReadError as exc:
+            raise _Closed("connection closed by the peer") from exc
+        line = raw[:-1]
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        line_code, last, text = _parse_line(line)
+        if code is not None and line_code != code:
+            # RFC 5321 §4.2.1: every line of a multi-line reply carries the same code.
+            raise _NotSmtp(f"reply code {line_code} inside a {code} reply")
+        code = line_code
+        texts.append(text)
+        if last:
+            return PeerReply(code, "\n".join(texts))
+
+
+def _command_bytes(line: str) -> bytes:
+    if not wire_safe(line):
+        # RFC 5321 §4.1.1: a command line ends at CRLF; a control character would smuggle.
+        raise ValueError("command line with a control character")
+    return line.encode("utf-8") + b"\r\n"
+
+
+def _clip(text: str) -> str:
+    return text if len(text) < 120 else text[:117] + "..."
+
+
+def _short(exc: BaseException) -> str:
+    return _clip(str(exc) or type(exc).__name__)
 
 
 class OutboundSession:
+    """One SMTP connection after its 220 greeting."""
+
     def __init__(
         self,
-        smtp: aiosmtplib.SMTP,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
         greeting: SmtpReply,
+        command_timeout: float,
         data_block_timeout: float = TIMEOUTS[Phase.DATA_BLOCK],
     ) -> None:
-        self._smtp = smtp
+        self._reader = reader
+        self._writer = writer
+        self._command_timeout = command_timeout
         self._data_block_timeout = data_block_timeout
         self.greeting = greeting
         self.tls = False
         self._capabilities = Capabilities()
-        self._lost: ConnectionLost | None = None  # a write failed: the next read says so
+        self._extensions: frozenset[str] = frozenset()
+        self._outgoing = bytearray()  # command lines written, not yet sent
+        self._lost: ConnectionLost | None = None  # no further reply can be read
+        self._closing = False  # the peer said 421: no further command (RFC 5321 §3.8)
 
     def supports(self, extension: str) -> bool:
-        return self._smtp.supports_extension(extension)
+        """Whether the last EHLO reply announced `extension` (case-insensitive)."""
+        return extension.upper() in self._extensions
 
     async def ehlo(self, name: str) -> SmtpReply:
-        """EHLO, falling back to HELO when EHLO is refused (RFC 5321 §4.1.4)."""
-        with _smtp_errors("after EHLO"):
-            response = await self._smtp.execute_command(b"EHLO", name.encode("ascii"))
-            self._capabilities = Capabilities()  # RFC 3207 §4.2: nothing from before TLS
-            if response.code == 250:
-                # Let aiosmtplib parse the extensions it uses for supports_extension().
-                self._smtp.last_ehlo_response = response
-                self._capabilities = parse_ehlo(str(response.message))
-                return _reply(response)
-            if response.code >= 500:
-                response = await self._smtp.execute_command(b"HELO", name.encode("ascii"))
-                if response.code == 250:
-                    self._smtp.last_helo_response = response
-            return _reply(response)
+        """EHLO, falling back to HELO when EHLO is refused (RFC 5321 §4.1.4).
+
+        Raises:
+            PeerTimeout: no whole reply within the command timeout.
+            ConnectFailed: the connection failed or the peer sent something not SMTP.
+            ValueError: `name` holds a control character (a caller bug).
+        """
+        # RFC 3207 §4.2: nothing learnt before this EHLO counts (after STARTTLS above all).
+        self._capabilities = Capabilities()
+        self._extensions = frozenset()
+        reply = await self._setup_command(f"EHLO {name}", "after EHLO")
+        if reply.code == 250:
+            self._capabilities = parse_ehlo(reply.message)
+            self._extensions = frozenset(
+                line.split(" ", 1)[0].strip().upper() for line in reply.message.split("\n")[1:]
+            )
+        elif reply.code >= 500:
+            # RFC 5321 §3.2: a server refusing EHLO gets HELO (no extensions after it).
+            reply = await self._setup_command(f"HELO {name}", "after EHLO")
+        return reply.parsed()
 
     def capabilities(self) -> Capabilities:
         """What the last EHLO announced; all False after HELO (relay.delivery.client)."""
@@ -159,8 +237,9 @@ class OutboundSession:
 
         Raises:
             TlsHandshakeFailed: `server_hostname` is not a host name (checked before
-                STARTTLS is sent), the peer refused STARTTLS or the handshake failed.
-            PeerTimeout, ConnectFailed: as for any command.
+                STARTTLS is sent), the peer refused STARTTLS, the connection failed or
+                the handshake failed.
+            PeerTimeout: no reply to STARTTLS, or no handshake, within the command timeout.
         """
         try:
             # RFC 7672 §8.1, RFC 6066 §3: SNI is the TLSA base domain, an ASCII host name
@@ -172,33 +251,63 @@ class OutboundSession:
                 f"Cannot start TLS: SNI {exc}: not a host name", scope=Scope.HOST
             ) from exc
         try:
-            with _smtp_errors("during STARTTLS"):
-                await self._smtp.starttls(server_hostname=sni, tls_context=context)
-        except ValueError as exc:
-            # UnicodeError included: preparing the handshake (ssl's encoding of the name)
-            # failed. A host-scoped TLS failure, never an internal error (defence in depth).
-            why = _short(exc).encode("ascii", "backslashreplace").decode("ascii")
-            raise TlsHandshakeFailed(
-                f"Cannot start TLS: cannot prepare the handshake ({why})", scope=Scope.HOST
-            ) from exc
-        except (ssl.SSLError, aiosmtplib.SMTPResponseException) as exc:
-            raise TlsHandshakeFailed(
-                f"Cannot start TLS: handshake failure ({_short(exc)})", scope=Scope.HOST
-            ) from exc
+            reply = await self._setup_command("STARTTLS", "during STARTTLS")
         except ConnectFailed as exc:
             raise TlsHandshakeFailed(
                 f"Cannot start TLS: {exc.reply.text}", scope=Scope.HOST
             ) from exc
+        if reply.code != 220:
+            said = _clip(" ".join(f"{reply.code} {reply.message}".split()))
+            raise TlsHandshakeFailed(
+                f"Cannot start TLS: STARTTLS refused ({said})", scope=Scope.HOST
+            )
+        self._capabilities = Capabilities()  # RFC 3207 §4.2: forget the pre-TLS EHLO
+        self._extensions = frozenset()
+        try:
+            async with asyncio.timeout(self._command_timeout):
+                await self._writer.start_tls(
+                    context, server_hostname=sni, ssl_handshake_timeout=self._command_timeout
+                )
+                # RFC 3207 §5 (STARTTLS command injection, CVE-2011-0411): whatever the peer
+                # sent after its 220 came before the handshake and is discarded unread.
+                await self._discard_buffered()
+        except TimeoutError as exc:
+            self._lost = ConnectionLost(timed_out=True)
+            raise PeerTimeout("timeout during STARTTLS") from exc
+        except ValueError as exc:
+            # UnicodeError included: preparing the handshake (ssl's encoding of the name)
+            # failed. A host-scoped TLS failure, never an internal error (defence in depth).
+            self._lost = ConnectionLost()
+            why = _short(exc).encode("ascii", "backslashreplace").decode("ascii")
+            raise TlsHandshakeFailed(
+                f"Cannot start TLS: cannot prepare the handshake ({why})", scope=Scope.HOST
+            ) from exc
+        except ssl.SSLError as exc:
+            self._lost = ConnectionLost()
+            raise TlsHandshakeFailed(
+                f"Cannot start TLS: handshake failure ({_short(exc)})", scope=Scope.HOST
+            ) from exc
+        except OSError as exc:
+            self._lost = ConnectionLost()
+            raise TlsHandshakeFailed(
+                "Cannot start TLS: lost connection during STARTTLS", scope=Scope.HOST
+            ) from exc
         self.tls = True
-        ssl_object = self._smtp.get_transport_info("ssl_object")
+        ssl_object = self._writer.get_extra_info("ssl_object")
         return peer_chain(ssl_object) if ssl_object is not None else []
+
+    async def _discard_buffered(self) -> None:
+        """Drop what the stream holds without waiting for more (asyncio.timeout(0) fires
+        only if the read has to wait; a buffered read returns first)."""
+        try:
+            async with asyncio.timeout(0):
+                await self._reader.read(_DISCARD_CHUNK)
+        except TimeoutError:
+            pass  # nothing was buffered
 
     def tls_info(self) -> tuple[str, str]:
         """(protocol version, cipher name) of the TLS session, or ("", "")."""
-        try:
-            cipher = self._smtp.get_transport_info("cipher")
-        except aiosmtplib.SMTPException:
-            return "", ""
+        cipher = self._writer.get_extra_info("cipher")
         if not cipher:
             return "", ""
         return str(cipher[1]), str(cipher[0])
@@ -206,79 +315,116 @@ class OutboundSession:
     async def write(self, command: Command, message: bytes) -> None:
         """Write one command line, or (`command.line` None) the message as `message_data`.
 
-        Never raises for connection trouble: a failed or timed-out write is remembered and
-        the next `read_reply()` returns it as `ConnectionLost`. Only one command is written
-        before its reply is read: aiosmtplib's reader drops bytes that arrive while no
-        reply is awaited, so it cannot carry PIPELINING (the engine turns it off).
+        Command lines are queued and sent together before the next reply is read (a
+        PIPELINING batch goes in one write, RFC 2920 §3.1). The message content is
+        written in `_DATA_BLOCK` blocks, each bounded by the DATA_BLOCK timeout. Never
+        raises for connection trouble: a failed or timed-out write is remembered and the
+        next `read_reply()` returns it as `ConnectionLost`.
 
         Raises:
             ValueError: a command line with a control character (a caller bug: the
                 client never builds one, `relay.smtp.address.wire_safe`).
         """
-        if self._lost is not None:
+        if command.line is not None:
+            line = _command_bytes(command.line)
+            if self._lost is None and not self._closing:
+                self._outgoing += line
             return
-        protocol = self._smtp.protocol
-        if command.line is not None and not wire_safe(command.line):
-            raise ValueError("command line with a control character")
-        data = command.wire() if command.line is not None else message_data(message)
+        if self._lost is not None or self._closing:
+            return
+        data = message_data(message)
         try:
-            if protocol is None:
-                raise aiosmtplib.SMTPServerDisconnected("not connected")
-            blocks = range(0, len(data), _DATA_BLOCK)
-            for start in blocks:
-                protocol.write(data[start : start + _DATA_BLOCK])
-                if start == blocks[-1]:
-                    # Nothing may yield to the loop between the last write and read_reply():
-                    # aiosmtplib drops a reply that arrives before it is awaited. The last
-                    # block is bounded by the reply's timeout instead.
-                    break
-                # FlowControlMixin's drain (asyncio.StreamWriter.drain's helper); it yields
-                # only while the transport's buffer is full (asyncio.timeout adds no task).
+            self._flush()
+            for start in range(0, len(data), _DATA_BLOCK):
+                self._writer.write(data[start : start + _DATA_BLOCK])
                 async with asyncio.timeout(self._data_block_timeout):
-                    await protocol._drain_helper()
+                    await self._writer.drain()
         except TimeoutError:
             self._lost = ConnectionLost(timed_out=True)
-        except (aiosmtplib.SMTPException, OSError):
+        except OSError:
             self._lost = ConnectionLost()
+
+    def _flush(self) -> bool:
+        """Send the queued command lines; False if there were none."""
+        if not self._outgoing:
+            return False
+        self._writer.write(bytes(self._outgoing))
+        self._outgoing.clear()
+        return True
 
     async def read_reply(self, timeout: float) -> PeerReply | ConnectionLost:
         """The peer's reply to the oldest command written, or why there is none.
 
-        `timeout` is the command's reply timeout (`relay.delivery.client.Command.timeout`).
+        Sends the queued command lines first. `timeout` is the command's reply timeout
+        (`relay.delivery.client.Command.timeout`); it bounds sending and the whole reply.
         """
         if self._lost is not None:
             return self._lost
-        protocol = self._smtp.protocol
-        try:
-            if protocol is None:
-                raise aiosmtplib.SMTPServerDisconnected("not connected")
-            # read_response() marks a reply as awaited before it yields to the loop, so the
-            # reply to the line just written is not taken for unsolicited data.
-            response = await protocol.read_response(timeout=timeout)
-        except (aiosmtplib.SMTPTimeoutError, TimeoutError):
-            self._lost = ConnectionLost(timed_out=True)
-            return self._lost
-        except (aiosmtplib.SMTPException, OSError):
-            # Disconnected, or a reply that is not SMTP (too long, malformed).
+        if self._closing:
             self._lost = ConnectionLost()
             return self._lost
-        return PeerReply(int(response.code), str(response.message))
+        try:
+            async with asyncio.timeout(timeout):
+                if self._flush():
+                    # Only after a write: replies the peer sent before it closed are still
+                    # read, in order, from the buffer.
+                    await self._writer.drain()
+                reply = await _read_reply(self._reader)
+        except TimeoutError:
+            self._lost = ConnectionLost(timed_out=True)
+            return self._lost
+        except (_NotSmtp, _Closed, OSError):
+            self._lost = ConnectionLost()
+            return self._lost
+        if reply.code == 421:
+            self._closing = True
+        return reply
+
+    async def _setup_command(self, line: str, where: str) -> PeerReply:
+        """Send one setup command and read its reply within the command timeout.
+
+        Raises:
+            PeerTimeout, ConnectFailed: as `ehlo`; ConnectFailed also after a 421 or a
+                lost connection (no command is sent then, RFC 5321 §3.8).
+            ValueError: a control character in `line`.
+        """
+        data = _command_bytes(line)
+        if self._lost is not None or self._closing:
+            raise ConnectFailed(f"lost connection {where}")
+        try:
+            async with asyncio.timeout(self._command_timeout):
+                self._writer.write(data)
+                await self._writer.drain()
+                reply = await _read_reply(self._reader)
+        except TimeoutError as exc:
+            self._lost = ConnectionLost(timed_out=True)
+            raise PeerTimeout(f"timeout {where}") from exc
+        except _NotSmtp as exc:
+            self._lost = ConnectionLost()
+            raise ConnectFailed(f"SMTP protocol error {where}: {exc}") from exc
+        except (_Closed, OSError) as exc:
+            self._lost = ConnectionLost()
+            raise ConnectFailed(f"lost connection {where}") from exc
+        if reply.code == 421:
+            self._closing = True
+        return reply
 
     async def quit(self) -> None:
-        """Say QUIT politely; errors are irrelevant at this point."""
-        try:
-            await self._smtp.execute_command(b"QUIT")
-        except (aiosmtplib.SMTPException, OSError, TimeoutError):
-            pass
-        self._smtp.close()
+        """Say QUIT politely (not after a 421 or a lost connection) and close; errors are
+        irrelevant at this point."""
+        if self._lost is None and not self._closing:
+            try:
+                await self._setup_command("QUIT", "after QUIT")
+            except (ConnectFailed, PeerTimeout):
+                pass
+        # Not waiting for the close: a TLS peer may never answer our close_notify, and
+        # after QUIT's reply nothing it could send matters (the loop finishes the close).
+        self._writer.close()
 
     def abort(self) -> None:
-        self._smtp.close()
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text if len(text) < 120 else text[:117] + "..."
+        """Close the connection now, without another command."""
+        self._lost = self._lost or ConnectionLost()
+        self._writer.transport.abort()
 
 
 class SmtpTransport:
@@ -300,21 +446,40 @@ class SmtpTransport:
         self.timeouts = timeouts
 
     async def open(self, address: str, port: int) -> OutboundSession:
-        smtp = aiosmtplib.SMTP(
-            hostname=address,
-            port=port,
-            local_hostname=self.local_hostname,
-            timeout=self.command_timeout,
-            use_tls=False,
-            start_tls=False,
-            validate_certs=False,
-        )
+        """Connect and read the greeting.
+
+        Raises:
+            ConnectFailed: refused, unreachable, closed or not SMTP before the greeting.
+            PeerTimeout: no connection within the connect timeout, or no greeting within
+                the command timeout.
+            RemoteTempReject, RemotePermReject: a greeting other than 220 (scope HOST).
+        """
         try:
-            with _smtp_errors("while connecting"):
-                response = await smtp.connect(timeout=self.connect_timeout)
-        except SMTPConnectResponseError as exc:
-            reply = SmtpReply.from_peer(exc.code, exc.message)
-            # RFC 5321 §3.1: a 554 greeting means "no service here": try the next host.
+            async with asyncio.timeout(self.connect_timeout):
+                reader, writer = await asyncio.open_connection(address, port, limit=MAX_LINE_LENGTH)
+        except TimeoutError as exc:
+            raise PeerTimeout("timeout while connecting") from exc
+        except OSError as exc:
+            raise ConnectFailed(f"cannot connect: {_short(exc)}") from exc
+        try:
+            async with asyncio.timeout(self.command_timeout):
+                greeting = await _read_reply(reader)
+        except TimeoutError as exc:
+            writer.transport.abort()
+            raise PeerTimeout("timeout waiting for the greeting") from exc
+        except _NotSmtp as exc:
+            writer.transport.abort()
+            raise ConnectFailed(f"SMTP protocol error in the greeting: {exc}") from exc
+        except (_Closed, OSError) as exc:
+            writer.transport.abort()
+            raise ConnectFailed("lost connection before the greeting") from exc
+        reply = greeting.parsed()
+        if greeting.code != 220:
+            # RFC 5321 §3.1: 554 means "no service here", 421 "not now": try the next host;
+            # RFC 5321 §3.8: no command (not even QUIT) after a 421.
+            writer.transport.abort()
             cls = RemotePermReject if reply.is_permanent else RemoteTempReject
-            raise cls(reply=reply, scope=Scope.HOST) from exc
-        return OutboundSession(smtp, _reply(response), self.timeouts[Phase.DATA_BLOCK])
+            raise cls(reply=reply, scope=Scope.HOST)
+        return OutboundSession(
+            reader, writer, reply, self.command_timeout, self.timeouts[Phase.DATA_BLOCK]
+        )

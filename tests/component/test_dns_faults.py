@@ -1,7 +1,7 @@
 """Issue 3 acceptance: DNS faults on MX, A, AAAA and TLSA, end to end, with real DANE.
 
 Nothing is faked: the real `DnsResolver` asks `lab.scripted_dns.ScriptedDns` on 127.0.0.1,
-the real `DeliveryEngine` plans and decides, and the real `SmtpTransport` (aiosmtplib)
+the real `DeliveryEngine` plans and decides, and the real `SmtpTransport` (asyncio streams)
 talks STARTTLS to lab `Receiver`s (aiosmtpd) on 127.0.0.11-13, all on one port. The TLSA
 records are 3 1 1 digests of the receivers' own certificates, so DANE verifies for real.
 

@@ -35,6 +35,7 @@ __all__ = [
     "ServerConfig",
     "SpoolConfig",
     "ADDRESS_PREFERENCES",
+    "BARE_LINE_ENDINGS",
     "INSECURE_MX_POLICIES",
     "PROBE_TYPES",
     "TLS_LEVELS",
@@ -51,6 +52,8 @@ TLS_LEVELS = ("none", "may", "encrypt", "dane", "dane-only", "verify", "secure")
 # What level "dane" means for a host with secure TLSA reached through an insecure MX RRset
 # (RFC 7672 §2.2.1; Postfix smtp_tls_dane_insecure_mx_policy).
 INSECURE_MX_POLICIES = ("dane", "encrypt", "may")
+# What the inbound listener does with a bare CR or LF in DATA (RFC 5321 §2.3.8).
+BARE_LINE_ENDINGS = ("reject", "accept")
 # Which address family of an MX host is tried first (Postfix smtp_address_preference).
 ADDRESS_PREFERENCES = ("any", "ipv6", "ipv4")
 # Record types the resolver validation probe may ask for.
@@ -100,6 +103,13 @@ class ServerConfig:
     max_recipients: int = 1000
     # RFC 5321 §4.5.3.2.7: a server should wait at least 5 minutes for the next command.
     timeout: float = 300.0
+    # RFC 5321 §2.3.8/§4.1.1.4: a bare CR or LF in DATA ("reject": 550 5.5.2, nothing
+    # queued; "accept": stored as received, delivery writes CRLF) - SMTP smuggling defence.
+    bare_line_endings: str = "reject"
+    # Simultaneous SMTP connections overall and from one client address; more get
+    # 421 4.7.0 (Postfix smtpd_client_connection_count_limit, default_process_limit).
+    max_connections: int = 100
+    max_connections_per_client: int = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -517,8 +527,29 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
         timeout=s.get(
             "timeout", d_server.timeout, _positive_float("a positive duration"), "a duration"
         ),
+        bare_line_endings=s.get(
+            "bare_line_endings",
+            d_server.bare_line_endings,
+            _choice(BARE_LINE_ENDINGS),
+            "a choice",
+        ),
+        max_connections=s.get(
+            "max_connections", d_server.max_connections, _int_range(1, 100000), "an integer"
+        ),
+        max_connections_per_client=s.get(
+            "max_connections_per_client",
+            d_server.max_connections_per_client,
+            _int_range(1, 100000),
+            "an integer",
+        ),
     )
     s.finish()
+    if server.max_connections_per_client > server.max_connections:
+        raise ConfigError(
+            f"{file}: server.max_connections_per_client: expected an integer <= "
+            f"server.max_connections ({server.max_connections}), "
+            f"got {server.max_connections_per_client}"
+        )
 
     if len(set(server.listen)) != len(server.listen):
         dup = next(ep for ep in server.listen if server.listen.count(ep) > 1)

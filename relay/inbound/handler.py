@@ -11,6 +11,12 @@ Contract:
 - DATA is answered 250 only after `SpoolStore.commit` has fsync'ed the body and
   the envelope and their directories (the durability point). If that fails the
   client gets 451 4.3.0 and nothing is queued.
+- DATA containing a bare CR or LF (any CR not followed by LF, any LF not preceded by CR)
+  is refused with 550 5.5.2 and nothing is queued, unless `server.bare_line_endings` is
+  "accept" (then it is stored as received; delivery writes CRLF). aiosmtpd itself ends
+  DATA only at CRLF.CRLF, so a smuggled `<LF>.<CR><LF>` or `<CR><LF>.<LF>` stays inside
+  the one message, and rejecting it means one message can never become two (SMTP
+  smuggling, RFC 5321 §2.3.8, §4.1.1.4). Logged and counted as `bare_line_ending`.
 - Unexpected exceptions become 451 4.3.0, never a 500 with exception text.
 """
 
@@ -32,7 +38,7 @@ from relay.smtp.domain import DomainSyntaxError, ascii_domain, is_address_litera
 from relay.spool.records import QueuedMessage
 from relay.spool.store import SpoolStore, new_queue_id
 
-__all__ = ["RelayHandler"]
+__all__ = ["RelayHandler", "has_bare_line_ending"]
 
 log = logging.getLogger("relay.smtpd")
 
@@ -154,6 +160,16 @@ class RelayHandler:
         content = envelope.original_content or envelope.content or b""
         if isinstance(content, str):
             content = content.encode("utf-8", "surrogateescape")
+        # RFC 5321 §2.3.8: CR and LF only as CRLF; a bare one is how SMTP smuggling starts.
+        if self.server_cfg.bare_line_endings == "reject" and has_bare_line_ending(content):
+            self.metrics.inbound_rejections.labels("bare_line_ending").inc()
+            log.warning(
+                "reject=DATA client=%s from=<%s> to=%s reply=550 5.5.2 reason=bare-line-ending",
+                client,
+                escaped(_sender(envelope)),
+                ",".join(f"<{escaped(r)}>" for r in envelope.rcpt_tos),
+            )
+            return "550 5.5.2 Message contains bare CR or LF characters (RFC 5321 section 2.3.8)"
         body = self._received_header(session, envelope, qid) + content
         try:
             msg = await asyncio.to_thread(
@@ -206,6 +222,12 @@ class RelayHandler:
             f"\tby {self.hostname} (dane-relay) with {proto} id {qid}{rcpt};\r\n"
             f"\t{date}\r\n"
         ).encode("utf-8", "replace")
+
+
+def has_bare_line_ending(content: bytes) -> bool:
+    """True when `content` has a CR not followed by LF or an LF not preceded by CR."""
+    rest = content.replace(b"\r\n", b"")
+    return b"\r" in rest or b"\n" in rest
 
 
 def _sender(envelope: Any) -> str:

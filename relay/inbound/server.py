@@ -1,17 +1,146 @@
-"""Inbound SMTP listeners: aiosmtpd protocol instances on the configured addresses."""
+"""Inbound SMTP listeners: aiosmtpd protocol instances on the configured addresses.
+
+Contract:
+- Every listener shares one `ConnectionLimiter`: at most `server.max_connections`
+  connections at once, and `server.max_connections_per_client` from one client address
+  (Postfix smtpd_client_connection_count_limit). A connection over either limit gets
+  `421 4.7.0` instead of the greeting and is closed (RFC 5321 §3.8); it is logged and
+  counted as `too_many_connections` / `too_many_connections_from_client`. The handler
+  never sees it.
+- Messages larger than `server.max_message_size` are refused by aiosmtpd: `SIZE=` too big
+  at MAIL and DATA beyond the limit both get `552`, and the data beyond the limit is
+  discarded as it arrives (nothing is stored).
+- Lines longer than 1000 octets with CRLF (RFC 5321 §4.5.3.1.6) are refused by aiosmtpd
+  with `500`: in DATA after the end of data (the message is dropped), in commands at once.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import Callable
+from typing import Any
 
 from aiosmtpd.smtp import SMTP
 
 from relay.config import Endpoint, ServerConfig
 from relay.inbound.handler import RelayHandler
+from relay.metrics import Metrics
 
-__all__ = ["start_listeners"]
+__all__ = ["ConnectionLimiter", "start_listeners"]
+
+log = logging.getLogger("relay.smtpd")
+
+
+class ConnectionLimiter:
+    """Counts open connections overall and per client address (no I/O)."""
+
+    def __init__(self, total: int, per_client: int) -> None:
+        self.total_limit = total
+        self.per_client_limit = per_client
+        self.total = 0
+        self.by_client: dict[str, int] = {}
+
+    def acquire(self, client: str) -> str | None:
+        """Take a slot for `client`; None when taken, else the refusal reason."""
+        if self.total >= self.total_limit:
+            return "too_many_connections"
+        if self.by_client.get(client, 0) >= self.per_client_limit:
+            return "too_many_connections_from_client"
+        self.total += 1
+        self.by_client[client] = self.by_client.get(client, 0) + 1
+        return None
+
+    def release(self, client: str) -> None:
+        self.total -= 1
+        left = self.by_client[client] - 1
+        if left:
+            self.by_client[client] = left
+        else:
+            del self.by_client[client]
+
+
+# aiosmtpd's fixed refusals, given the enhanced status codes (RFC 3463) and wording Postfix
+# uses, with the reason each is counted under.
+_ENHANCED = {
+    "552 Error: message size exceeds fixed maximum message size": (
+        "552 5.3.4 Message size exceeds fixed limit",
+        "message_too_big",
+    ),
+    "552 Error: Too much mail data": ("552 5.3.4 Error: message file too big", "message_too_big"),
+    "500 Line too long (see RFC5321 4.5.3.1.6)": (
+        "500 5.5.2 Error: line too long (RFC 5321 section 4.5.3.1.6)",
+        "line_too_long",
+    ),
+    "500 Command line too long": ("500 5.5.2 Error: command line too long", "command_too_long"),
+}
+
+
+class LimitedSMTP(SMTP):
+    """aiosmtpd's SMTP with the connection limits applied before the greeting."""
+
+    def __init__(
+        self, handler: RelayHandler, limiter: ConnectionLimiter, metrics: Metrics, **kw: Any
+    ) -> None:
+        super().__init__(handler, **kw)
+        self._limiter = limiter
+        self._metrics = metrics
+        self._client: str | None = None  # holds a limiter slot while set
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._original_transport is not None or self.transport is not None:
+            super().connection_made(transport)  # the TLS layer after STARTTLS
+            return
+        peer = transport.get_extra_info("peername")
+        client = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+        reason = self._limiter.acquire(client)
+        if reason is not None:
+            self._refused = True
+            self._metrics.inbound_rejections.labels(reason).inc()
+            log.warning(
+                "reject=CONNECT client=%s reply=421 4.7.0 reason=%s open=%d from_client=%d",
+                client,
+                reason.replace("_", "-"),
+                self._limiter.total,
+                self._limiter.by_client.get(client, 0),
+            )
+            # RFC 5321 §3.8: a server that cannot serve the client may answer 421 and close.
+            text = f"421 4.7.0 {self.hostname} Error: too many connections"
+            if reason == "too_many_connections_from_client":
+                text += f" from {client}"
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(text.encode("ascii", "replace") + b"\r\n")
+            transport.close()
+            return
+        self._client = client
+        super().connection_made(transport)
+
+    async def push(self, status: Any) -> None:
+        if isinstance(status, str) and status in _ENHANCED:
+            status, reason = _ENHANCED[status]
+            self._metrics.inbound_rejections.labels(reason).inc()
+            log.warning(
+                "reject client=%s reply=%s reason=%s",
+                self._client,
+                status[:9],
+                reason.replace("_", "-"),
+            )
+        await super().push(status)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        if self._client is not None:
+            self._limiter.release(self._client)
+            self._client = None
+        super().connection_lost(error)
+
+    def eof_received(self) -> bool | None:
+        if self._refused:
+            return False
+        return super().eof_received()
 
 
 async def start_listeners(
@@ -19,10 +148,13 @@ async def start_listeners(
 ) -> list[asyncio.Server]:
     """Bind every listen address; raises OSError if one cannot be bound."""
     loop = asyncio.get_running_loop()
+    limiter = ConnectionLimiter(cfg.max_connections, cfg.max_connections_per_client)
 
     def factory() -> SMTP:
-        return SMTP(
+        return LimitedSMTP(
             handler,
+            limiter,
+            handler.metrics,
             hostname=hostname,
             ident="dane-relay",
             data_size_limit=cfg.max_message_size,

@@ -116,6 +116,9 @@ def test_default_values_are_the_documented_ones() -> None:
     assert cfg.server.hostname is None
     assert cfg.server.max_message_size == 26214400
     assert cfg.server.max_recipients == 1000
+    assert cfg.server.bare_line_endings == "reject"
+    assert cfg.server.max_connections == 100
+    assert cfg.server.max_connections_per_client == 10
     assert cfg.relay.networks == (
         ipaddress.ip_network("127.0.0.0/8"),
         ipaddress.ip_network("::1/128"),
@@ -335,6 +338,10 @@ BAD_VALUES = [
     ("delivery", "concurrency", "false", "an integer from 1 to 1000", "false"),
     ("server", "max_recipients", '"1000"', "an integer from 1 to 100000", "'1000'"),
     ("server", "max_message_size", "1023", "an integer from 1024 to", "1023"),
+    ("server", "bare_line_endings", '"strip"', '"reject", "accept"', "'strip'"),
+    ("server", "bare_line_endings", "true", '"reject", "accept"', "true"),
+    ("server", "max_connections", "0", "an integer from 1 to 100000", "0"),
+    ("server", "max_connections_per_client", '"10"', "an integer from 1 to 100000", "'10'"),
     ("server", "listen", '"127.0.0.1:25"', "a list of addresses", "'127.0.0.1:25'"),
     ("server", "listen", "[25]", "a list of addresses", "[25]"),
     ("server", "listen", "[]", "a list of addresses", "[]"),
@@ -651,3 +658,20 @@ def test_delivery_limit_and_timeout_errors_name_file_key_and_expected(
     message = str(info.value)
     assert message.startswith(f"{path}: {key}: expected "), message
     assert_error(message, path, key, expected, got)
+
+
+def test_per_client_connection_limit_above_the_overall_one_is_an_error(tmp_path: Path) -> None:
+    text = "[server]\nmax_connections = 5\nmax_connections_per_client = 6\n"
+    message = config_error(tmp_path, text)
+    assert_error(
+        message,
+        tmp_path / "relay.toml",
+        "server.max_connections_per_client",
+        "an integer <= server.max_connections (5)",
+        "6",
+    )
+
+
+def test_bare_line_endings_accept_is_read(tmp_path: Path) -> None:
+    path = write(tmp_path, '[server]\nbare_line_endings = "accept"\n')
+    assert load_config(path).server.bare_line_endings == "accept"

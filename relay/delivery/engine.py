@@ -41,7 +41,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -599,10 +599,8 @@ class DeliveryEngine:
         key: _Key,
         channel: Channel[Session, _Verdict],
     ) -> list[RecipientResult]:
+        # RFC 2920 §3.1: with PIPELINING, MAIL, every RCPT and DATA go in one batch.
         caps = session.capabilities()
-        # The transport reads one reply per command (aiosmtplib's reader would drop the
-        # replies to a pipelined batch), so PIPELINING is not used for now.
-        caps = replace(caps, pipelining=False)
         envelope = Envelope(
             sender,
             attempt.recipients,

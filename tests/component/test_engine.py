@@ -63,6 +63,8 @@ EHLO_OK = SmtpReply(250, "2.0.0", "mx")
 OK = SmtpReply(250, "2.1.0", "Ok")
 QUEUED = SmtpReply(250, "2.0.0", "Ok: queued as 4ABC")
 START_DATA = SmtpReply(354, "", "End data with <CR><LF>.<CR><LF>")
+NEED_MAIL = SmtpReply(503, "5.5.1", "Error: need MAIL command")
+NO_RECIPIENTS = SmtpReply(554, "5.5.1", "Error: no valid recipients")
 
 
 # -- certificates and TLSA records -------------------------------------------------------------
@@ -193,6 +195,10 @@ class FakeSession:
         self.in_tls = False
         self.replies: list[SmtpReply | ConnectionLost] = []
         self.phases: list[Phase] = []  # of the commands written and not yet answered
+        # Transaction state, as a server keeps it: a pipelined RCPT after a refused MAIL
+        # and a pipelined DATA without an accepted recipient are refused (RFC 2920 §3.1).
+        self.mail_ok = False
+        self.rcpt_ok = 0
 
     def _log(self, *event: object) -> None:
         self.transport.log.append((self.address, *event))
@@ -233,6 +239,7 @@ class FakeSession:
         line = command.line
         reply: SmtpReply | ConnectionLost
         self.phases.append(command.phase)
+        self.transport.io.append(("write", command.phase))
         if line is None:
             self._log("DATA", message)
             reply = self.peer.data
@@ -240,20 +247,25 @@ class FakeSession:
             sender, _, options = line.removeprefix("MAIL FROM:<").partition(">")
             self._log("MAIL", sender, tuple(options.split()))
             reply = self.peer.mail
+            self.mail_ok = isinstance(reply, SmtpReply) and reply.is_positive
+            self.rcpt_ok = 0
         elif line.startswith("RCPT TO:<"):
             rcpt = line.removeprefix("RCPT TO:<").removesuffix(">")
             self._log("RCPT", rcpt)
-            reply = self.peer.rcpt.get(rcpt, OK)
+            reply = self.peer.rcpt.get(rcpt, OK) if self.mail_ok else NEED_MAIL
+            self.rcpt_ok += isinstance(reply, SmtpReply) and reply.is_positive
         elif line == "DATA":
-            reply = self.peer.data_start
+            reply = self.peer.data_start if self.rcpt_ok else NO_RECIPIENTS
         elif line == "RSET":
             self._log("RSET")
             reply = self.peer.rset
+            self.mail_ok, self.rcpt_ok = False, 0
         else:
             raise AssertionError(f"unexpected command {line!r}")
         self.replies.append(reply)
 
     async def read_reply(self, timeout: float) -> PeerReply | ConnectionLost:
+        self.transport.io.append(("read", self.phases[0]))
         self.transport.read_timeouts.append((self.phases.pop(0), timeout))
         reply = self.replies.pop(0)
         if isinstance(reply, ConnectionLost):
@@ -279,6 +291,8 @@ class FakeTransport:
         self.log: list[tuple[object, ...]] = []
         # (phase of the command, timeout) of every read_reply(), in order.
         self.read_timeouts: list[tuple[Phase, float]] = []
+        # ("write" | "read", phase) of every command written and reply read, in order.
+        self.io: list[tuple[str, Phase]] = []
         self.expected_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 
     async def open(self, address: str, port: int) -> FakeSession:
@@ -1069,7 +1083,35 @@ async def test_mail_from_rejected_bounces_without_rcpt() -> None:
     )
     (r,) = await w.deliver("a@secure.example")
     assert (r.outcome, r.reply, r.reason) == (Outcome.BOUNCED, refused, "mail_from")
-    assert "RCPT" not in w.transport.verbs()
+    # RFC 2920 §3.1: RCPT went in the same batch as MAIL; the content never followed.
+    assert w.transport.verbs()[4:] == ["MAIL", "RCPT", "QUIT"]
+
+
+async def test_mail_from_rejected_without_pipelining_sends_no_rcpt() -> None:
+    refused = SmtpReply(553, "5.7.1", "sender refused")
+    peer = Peer(
+        starttls=[cert_der("mx1.secure.example")],
+        mail=refused,
+        tls_extensions=frozenset({"size", "8bitmime"}),
+    )
+    w = world(secure_domain(), {"192.0.2.1": peer})
+    (r,) = await w.deliver("a@secure.example")
+    assert (r.outcome, r.reply, r.reason) == (Outcome.BOUNCED, refused, "mail_from")
+    assert w.transport.verbs()[4:] == ["MAIL", "QUIT"]
+
+
+async def test_pipelining_sends_mail_rcpts_and_data_in_one_batch() -> None:
+    """RFC 2920 §3.1: with PIPELINING the replies are read only after the whole batch."""
+    w = world(secure_domain(), {"192.0.2.1": Peer(starttls=[cert_der("mx1.secure.example")])})
+    results = await w.deliver("a@secure.example", "b@secure.example")
+    assert [r.outcome for r in results] == [Outcome.DELIVERED, Outcome.DELIVERED]
+    batch = [Phase.MAIL, Phase.RCPT, Phase.RCPT, Phase.DATA]
+    assert w.transport.io == [
+        *(("write", phase) for phase in batch),
+        *(("read", phase) for phase in batch),
+        ("write", Phase.DATA_END),  # the content, after the 354
+        ("read", Phase.DATA_END),
+    ]
 
 
 async def test_eight_bit_body_announces_8bitmime() -> None:

@@ -164,6 +164,7 @@ class ScriptedPeer:
         s = self.script
         buf = bytearray()
         tls = False
+        accepted = 0  # recipients accepted in the current transaction
 
         def send(data: bytes) -> None:
             sock.sendall(data)
@@ -218,11 +219,17 @@ class ScriptedPeer:
                     self._handshakes += 1
                     self._socks.append(sock)
             elif verb == "MAIL":
+                accepted = 0
                 send(s.mail_reply.encode() + b"\r\n")
             elif verb == "RCPT":
                 addr = line.partition(":")[2].strip()
                 addr = addr.split(" ", 1)[0].strip("<>")
-                send(s.rcpt_replies.get(addr, "250 2.1.5 Ok").encode() + b"\r\n")
+                reply = s.rcpt_replies.get(addr, "250 2.1.5 Ok")
+                accepted += reply.startswith("2")
+                send(reply.encode() + b"\r\n")
+            elif verb == "DATA" and not accepted:
+                # RFC 2920 §3.1: a pipelined DATA after every RCPT failed is refused.
+                send(b"554 5.5.1 Error: no valid recipients\r\n")
             elif verb == "DATA":
                 send(s.data_reply.encode() + b"\r\n")
                 if not s.data_reply.startswith("354"):
@@ -243,6 +250,7 @@ class ScriptedPeer:
                 send(b"221 2.0.0 Bye\r\n")
                 return
             elif verb in ("RSET", "NOOP"):
+                accepted = 0 if verb == "RSET" else accepted
                 send(b"250 2.0.0 Ok\r\n")
             else:
                 send(b"502 5.5.2 Error: command not recognized\r\n")

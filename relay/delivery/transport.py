@@ -40,9 +40,9 @@ from relay.delivery.client import (
     Capabilities,
     Command,
     ConnectionLost,
+    Hello,
     PeerReply,
     Phase,
-    parse_ehlo,
 )
 from relay.errors import (
     ConnectFailed,
@@ -217,15 +217,23 @@ class OutboundSession:
         # RFC 3207 §4.2: nothing learnt before this EHLO counts (after STARTTLS above all).
         self._capabilities = Capabilities()
         self._extensions = frozenset()
-        reply = await self._setup_command(f"EHLO {name}", "after EHLO")
-        if reply.code == 250:
-            self._capabilities = parse_ehlo(reply.message)
-            self._extensions = frozenset(
-                line.split(" ", 1)[0].strip().upper() for line in reply.message.split("\n")[1:]
-            )
-        elif reply.code >= 500:
-            # RFC 5321 §3.2: a server refusing EHLO gets HELO (no extensions after it).
-            reply = await self._setup_command(f"HELO {name}", "after EHLO")
+        # relay.delivery.client.Hello decides (HELO after a refused EHLO); this moves bytes.
+        hello = Hello(name)
+        command = hello.start()
+        while True:
+            assert command.line is not None
+            reply = await self._setup_command(command.line, "after EHLO")
+            step = hello.receive(reply)
+            if not isinstance(step, Command):
+                break
+            command = step
+        if isinstance(step, Capabilities):
+            self._capabilities = step
+            if step.esmtp:
+                self._extensions = frozenset(
+                    line.split(" ", 1)[0].strip().upper()
+                    for line in reply.message.split("\n")[1:]
+                )
         return reply.parsed()
 
     def capabilities(self) -> Capabilities:

@@ -261,14 +261,14 @@ class DeliveryEngine:
             by_domain.setdefault(key, (domain, []))[1].append(rcpt)
         results: dict[str, RecipientResult] = {}
         for domain, rcpts in by_domain.values():
+            attempt = Attempt(queue_id, domain, rcpts, smtputf8=smtputf8)
             try:
-                domain_results = await self._deliver_domain(
-                    queue_id, sender, domain, rcpts, body, received, smtputf8
-                )
+                domain_results = await self._deliver_domain(attempt, sender, body, received)
             except Exception:
                 log.exception("queue_id=%s domain=%s internal error; deferring", queue_id, domain)
+                # The steps already recorded for the domain stay in the history.
                 domain_results = self.record.results(
-                    Attempt(queue_id, domain, rcpts),
+                    attempt,
                     Outcome.DEFERRED,
                     SmtpReply(451, "4.3.0", "Internal error while delivering, will retry"),
                     received,
@@ -282,17 +282,9 @@ class DeliveryEngine:
     # -- one domain -----------------------------------------------------------------
 
     async def _deliver_domain(
-        self,
-        queue_id: str,
-        sender: str,
-        domain: str,
-        rcpts: list[str],
-        body: bytes,
-        received: float,
-        smtputf8: bool = False,
+        self, attempt: Attempt, sender: str, body: bytes, received: float
     ) -> list[RecipientResult]:
-        attempt = Attempt(queue_id, domain, rcpts, smtputf8=smtputf8)
-        dest = self.routes.destination(domain)
+        dest = self.routes.destination(attempt.domain)
         if self.routes.configured:
             attempt.route_detail = f" level={dest.level} nexthop={dest.via}"
         # One reading per domain, so that every host of the domain is judged alike.

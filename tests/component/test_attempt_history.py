@@ -153,3 +153,22 @@ async def test_mx_lookup_failure_is_one_step_without_a_host() -> None:
     (r,) = await w.deliver("rcpt@secure.example")
 
     assert r.history == (Step(NOW, Outcome.DEFERRED, "451 4.4.3 DNS lookup failed"),)
+
+
+async def test_an_internal_error_keeps_the_steps_made_before_it() -> None:
+    """mx1 fails DANE; looking up mx2 then raises something unexpected (the fake resolver's
+    AssertionError for an unscripted name): the domain is deferred 4.3.0 and the history
+    still tells that mx1 failed DANE."""
+    resolver = two_mx()
+    del resolver.address_answers["mx2.secure.example"]
+    w = world(resolver, {"192.0.2.1": Peer(starttls=[cert_der("attacker.example")])})
+    (r,) = await w.deliver("rcpt@secure.example")
+    assert (r.outcome, r.reply.code, r.reply.enhanced, r.reason) == (
+        Outcome.DEFERRED,
+        451,
+        "4.3.0",
+        "internal",
+    )
+    assert r.history[0] == MX1_DANE_FAILED
+    assert len(r.history) == 2
+    assert r.history[-1].reply == "451 4.3.0 Internal error while delivering, will retry"

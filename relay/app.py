@@ -44,6 +44,7 @@ from relay.delivery.transport import SmtpTransport
 from relay.errors import ConfigError
 from relay.inbound.handler import RelayHandler
 from relay.inbound.server import start_listeners
+from relay.inbound.tls import TlsContextHolder, TlsFileError
 from relay.lookup.resolver import DnsResolver
 from relay.lookup.results import ProbeResult, ResolverStatus
 from relay.metrics import Metrics, MetricsServer
@@ -51,7 +52,14 @@ from relay.spool.records import QueuedMessage
 from relay.spool.runner import QueueRunner
 from relay.spool.store import SpoolStore
 
-__all__ = ["ResolverNotValidating", "ResolverWatch", "serve", "system_hostname"]
+__all__ = [
+    "ResolverNotValidating",
+    "ResolverWatch",
+    "inbound_tls",
+    "reload_tls",
+    "serve",
+    "system_hostname",
+]
 
 log = logging.getLogger("relay")
 
@@ -263,6 +271,7 @@ async def serve(cfg: Config) -> None:
     """
     hostname = cfg.server.hostname or system_hostname()
     pkix = _pkix_context(cfg)  # before the spool: a bad CA file refuses to start
+    tls = inbound_tls(cfg)  # likewise a bad STARTTLS certificate or key
     store = SpoolStore(cfg.spool.directory)
     store.open()
     try:
@@ -292,9 +301,36 @@ async def serve(cfg: Config) -> None:
                 )
                 metrics_server.start()
                 stack.callback(metrics_server.stop)
-            await _run(cfg, hostname, store, messages, metrics, resolver, watch, pkix)
+            await _run(cfg, hostname, store, messages, metrics, resolver, watch, pkix, tls)
     finally:
         store.close()
+
+
+def inbound_tls(cfg: Config) -> TlsContextHolder | None:
+    """The STARTTLS context of the listeners, None when server.tls_cert_file is unset.
+
+    Raises:
+        ConfigError: the certificate or key cannot be loaded or do not match (names the
+            file and the key).
+    """
+    if cfg.server.tls_cert_file is None or cfg.server.tls_key_file is None:
+        return None
+    try:
+        return TlsContextHolder(cfg.server.tls_cert_file, cfg.server.tls_key_file)
+    except TlsFileError as exc:
+        raise ConfigError(
+            f"{cfg.path}: server.{exc.key}: {exc.why}, got {str(exc.path)!r}"
+        ) from exc
+
+
+def reload_tls(holder: TlsContextHolder | None) -> None:
+    """SIGHUP: new connections get the certificate and key as they are now on disk; a
+    broken pair is refused (logged) and the old one stays. Issue 7 extends this to the
+    whole configuration."""
+    if holder is None:
+        log.info("SIGHUP: no server.tls_cert_file configured, nothing to reload")
+        return
+    holder.reload()
 
 
 def _pkix_context(cfg: Config) -> ssl.SSLContext:
@@ -371,6 +407,7 @@ async def _run(
     resolver: DnsResolver,
     watch: ResolverWatch,
     pkix: ssl.SSLContext,
+    tls: TlsContextHolder | None = None,
 ) -> None:
     timeouts = delivery_timeouts(cfg.delivery)
     engine = DeliveryEngine(
@@ -387,17 +424,18 @@ async def _run(
     runner = QueueRunner(store, engine, cfg.delivery, metrics, hostname)
     runner.load(messages)
     handler = RelayHandler(store, cfg.server, cfg.relay, hostname, metrics, runner.submit)
-    servers = await start_listeners(handler, cfg.server, hostname)
+    servers = await start_listeners(handler, cfg.server, hostname, tls)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_tls, tls)
     runner_task = asyncio.create_task(runner.run(), name="queue-runner")
     watch_task = asyncio.create_task(watch.run(), name="resolver-watch")
     log.info(
         "started listen=%s spool=%s queued=%d tls_level=%s resolvers=%s "
-        "resolver_validating=%s metrics=%s",
+        "resolver_validating=%s metrics=%s starttls=%s",
         ",".join(str(ep) for ep in cfg.server.listen),
         cfg.spool.directory,
         len(messages),
@@ -405,6 +443,7 @@ async def _run(
         describe_resolvers(cfg.dns),
         watch.state,
         cfg.metrics.listen or "off",
+        "on" if tls is not None else "off",
     )
     await stop.wait()
     log.info("stopping")

@@ -100,6 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "config":
             cfg = _load(args.file)
+            from relay.app import inbound_tls
+
+            inbound_tls(cfg)  # the STARTTLS certificate and key load and match
             print(
                 f"{args.file}: ok (listen={','.join(str(e) for e in cfg.server.listen)}, "
                 f"tls level={cfg.tls.level})"
@@ -133,7 +136,7 @@ def _run(cfg: Config) -> int:
     except SpoolError as exc:
         print(f"dane-relay: {exc}", file=sys.stderr)
         return EX_CANTCREAT
-    except ConfigError as exc:  # tls.ca_file unreadable (read when the relay starts)
+    except ConfigError as exc:  # tls.ca_file or the STARTTLS files (read at start-up)
         print(f"dane-relay: {exc}", file=sys.stderr)
         return EX_CONFIG
     except ResolverNotValidating as exc:

@@ -28,6 +28,7 @@ __all__ = [
     "DeliveryConfig",
     "DnsConfig",
     "Endpoint",
+    "Listener",
     "LogConfig",
     "MetricsConfig",
     "NextHop",
@@ -79,6 +80,18 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class Listener(Endpoint):
+    """A listen address written as a table, with its own options.
+
+    `require_tls`: MAIL before STARTTLS gets 530 5.7.0 (RFC 3207 §4). `auth`: AUTH is
+    offered here (after STARTTLS, when `server.auth_file` is set).
+    """
+
+    require_tls: bool = False
+    auth: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class NextHop:
     """Where mail for a domain goes instead of its own MX hosts (Postfix transport syntax).
 
@@ -110,6 +123,9 @@ class ServerConfig:
     # 421 4.7.0 (Postfix smtpd_client_connection_count_limit, default_process_limit).
     max_connections: int = 100
     max_connections_per_client: int = 10
+    # STARTTLS (RFC 3207) is offered when both are set: PEM certificate chain and key.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -480,6 +496,65 @@ def _next_hop(raw: Any) -> NextHop:
     return parse_next_hop(raw)
 
 
+_LISTEN_WHAT = (
+    'a list of addresses such as ["127.0.0.1:25"] or tables such as '
+    '{ address = "127.0.0.1:587", require_tls = true, auth = true }'
+)
+_LISTENER_KEYS = ("address", "auth", "require_tls")
+
+
+def _listen_list(file: Path) -> Callable[[Any], tuple[Endpoint, ...]]:
+    """server.listen: "host:port" strings (plain Endpoints) or inline tables (Listeners)."""
+
+    def convert(raw: Any) -> tuple[Endpoint, ...]:
+        if not isinstance(raw, list) or not raw:
+            raise ValueError(_LISTEN_WHAT)
+        out: list[Endpoint] = []
+        for i, item in enumerate(raw):
+            if isinstance(item, str):
+                out.append(parse_endpoint(item, 25))
+            elif isinstance(item, Mapping):
+                out.append(_listener(file, i, item))
+            else:
+                raise ValueError(_LISTEN_WHAT)
+        return tuple(out)
+
+    return convert
+
+
+def _listener(file: Path, index: int, table: Mapping[str, Any]) -> Listener:
+    key = f"server.listen[{index}]"
+    for name in table:
+        if name not in _LISTENER_KEYS:
+            raise ConfigError(
+                f"{file}: {key}.{name}: expected one of the keys {', '.join(_LISTENER_KEYS)}, "
+                f"got unknown key {name!r}"
+            )
+    address = table.get("address")
+    if not isinstance(address, str):
+        raise ConfigError(
+            f'{file}: {key}.address: expected an address such as "127.0.0.1:587", '
+            f"got {_show(address) if 'address' in table else 'nothing'}"
+        )
+    try:
+        ep = parse_endpoint(address, 25)
+    except ValueError as exc:
+        raise ConfigError(f"{file}: {key}.address: expected {exc}, got {_show(address)}") from None
+    flags = {}
+    for name in ("require_tls", "auth"):
+        value = table.get(name, False)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{file}: {key}.{name}: expected true or false, got {_show(value)}")
+        flags[name] = value
+    return Listener(ep.host, ep.port, require_tls=flags["require_tls"], auth=flags["auth"])
+
+
+def _file_path(raw: Any) -> Path:
+    if not isinstance(raw, str) or not raw:
+        raise ValueError("a file path")
+    return Path(raw)
+
+
 def _metrics_listen(raw: Any) -> Endpoint | None:
     if not isinstance(raw, str):
         raise ValueError('an address such as "127.0.0.1:9425", or "" to disable')
@@ -509,14 +584,7 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
 
     s = section("server")
     server = ServerConfig(
-        listen=s.get(
-            "listen",
-            d_server.listen,
-            _list_of(
-                lambda v: parse_endpoint(v, 25), 'a list of addresses such as ["127.0.0.1:25"]'
-            ),
-            'a list of addresses such as ["127.0.0.1:25"]',
-        ),
+        listen=s.get("listen", d_server.listen, _listen_list(file), _LISTEN_WHAT),
         hostname=s.get("hostname", d_server.hostname, _hostname, "a host name"),
         max_message_size=s.get(
             "max_message_size", d_server.max_message_size, _int_range(1024, 2**31), "an integer"
@@ -542,8 +610,26 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
             _int_range(1, 100000),
             "an integer",
         ),
+        tls_cert_file=s.get("tls_cert_file", d_server.tls_cert_file, _file_path, "a file path"),
+        tls_key_file=s.get("tls_key_file", d_server.tls_key_file, _file_path, "a file path"),
     )
     s.finish()
+    if (server.tls_cert_file is None) != (server.tls_key_file is None):
+        given, missing = (
+            ("tls_cert_file", "tls_key_file")
+            if server.tls_key_file is None
+            else ("tls_key_file", "tls_cert_file")
+        )
+        raise ConfigError(
+            f"{file}: server.{missing}: expected a file path (server.{given} is set, STARTTLS "
+            f"needs both), got nothing"
+        )
+    for ep in server.listen:
+        if isinstance(ep, Listener) and ep.require_tls and server.tls_cert_file is None:
+            raise ConfigError(
+                f"{file}: server.listen: expected server.tls_cert_file and server.tls_key_file "
+                f"for a listener with require_tls = true, got none for {str(ep)!r}"
+            )
     if server.max_connections_per_client > server.max_connections:
         raise ConfigError(
             f"{file}: server.max_connections_per_client: expected an integer <= "
@@ -551,8 +637,9 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
             f"got {server.max_connections_per_client}"
         )
 
-    if len(set(server.listen)) != len(server.listen):
-        dup = next(ep for ep in server.listen if server.listen.count(ep) > 1)
+    bound = [(ep.host, ep.port) for ep in server.listen]
+    if len(set(bound)) != len(bound):
+        dup = next(ep for ep in server.listen if bound.count((ep.host, ep.port)) > 1)
         raise ConfigError(
             f"{file}: server.listen: expected distinct addresses, got {str(dup)!r} twice"
         )
@@ -745,7 +832,7 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
     )
     s.finish()
 
-    if metrics.listen is not None and metrics.listen in server.listen:
+    if metrics.listen is not None and (metrics.listen.host, metrics.listen.port) in bound:
         raise ConfigError(
             f"{file}: metrics.listen: expected an address other than the SMTP listeners, "
             f"got {str(metrics.listen)!r} (also in server.listen)"

@@ -10,6 +10,11 @@ Contract:
 - Messages larger than `server.max_message_size` are refused by aiosmtpd: `SIZE=` too big
   at MAIL and DATA beyond the limit both get `552`, and the data beyond the limit is
   discarded as it arrives (nothing is stored).
+- STARTTLS (RFC 3207) is offered when a `TlsContextHolder` is given; each new connection
+  takes the holder's current context (so a reload on SIGHUP reaches new connections only).
+  On a listener with `require_tls`, every command but EHLO/HELO, STARTTLS, NOOP and QUIT
+  gets `530 5.7.0 Must issue a STARTTLS command first` until TLS is up (counted as
+  `tls_required`).
 - Lines longer than 1000 octets with CRLF (RFC 5321 §4.5.3.1.6) are refused by aiosmtpd
   with `500`: in DATA after the end of data (the message is dropped), in commands at once.
 """
@@ -24,8 +29,9 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP
 
-from relay.config import Endpoint, ServerConfig
+from relay.config import Endpoint, Listener, ServerConfig
 from relay.inbound.handler import RelayHandler
+from relay.inbound.tls import TlsContextHolder
 from relay.metrics import Metrics
 
 __all__ = ["ConnectionLimiter", "start_listeners"]
@@ -74,6 +80,11 @@ _ENHANCED = {
         "line_too_long",
     ),
     "500 Command line too long": ("500 5.5.2 Error: command line too long", "command_too_long"),
+    # RFC 3207 §4: a server that requires TLS answers 530 until STARTTLS.
+    "530 Must issue a STARTTLS command first": (
+        "530 5.7.0 Must issue a STARTTLS command first",
+        "tls_required",
+    ),
 }
 
 
@@ -144,28 +155,38 @@ class LimitedSMTP(SMTP):
 
 
 async def start_listeners(
-    handler: RelayHandler, cfg: ServerConfig, hostname: str
+    handler: RelayHandler,
+    cfg: ServerConfig,
+    hostname: str,
+    tls: TlsContextHolder | None = None,
 ) -> list[asyncio.Server]:
     """Bind every listen address; raises OSError if one cannot be bound."""
     loop = asyncio.get_running_loop()
     limiter = ConnectionLimiter(cfg.max_connections, cfg.max_connections_per_client)
 
-    def factory() -> SMTP:
-        return LimitedSMTP(
-            handler,
-            limiter,
-            handler.metrics,
-            hostname=hostname,
-            ident="dane-relay",
-            data_size_limit=cfg.max_message_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            timeout=cfg.timeout,
-        )
+    def factory_for(ep: Endpoint) -> Callable[[], SMTP]:
+        require_tls = isinstance(ep, Listener) and ep.require_tls
+
+        def factory() -> SMTP:
+            return LimitedSMTP(
+                handler,
+                limiter,
+                handler.metrics,
+                hostname=hostname,
+                ident="dane-relay",
+                data_size_limit=cfg.max_message_size,
+                enable_SMTPUTF8=True,
+                decode_data=False,
+                timeout=cfg.timeout,
+                tls_context=tls.context if tls is not None else None,
+                require_starttls=require_tls,
+            )
+
+        return factory
 
     servers = []
     for ep in cfg.listen:
-        servers.append(await _bind(loop, factory, ep))
+        servers.append(await _bind(loop, factory_for(ep), ep))
     return servers
 
 

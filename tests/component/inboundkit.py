@@ -21,11 +21,12 @@ from typing import Any, NamedTuple
 from relay.config import Endpoint, RelayConfig, ServerConfig
 from relay.inbound.handler import RelayHandler
 from relay.inbound.server import start_listeners
+from relay.inbound.tls import TlsContextHolder
 from relay.metrics import Metrics
 from relay.spool.records import QueuedMessage
 from relay.spool.store import SpoolStore
 
-__all__ = ["Frontend", "RawClient", "Reply", "frontend"]
+__all__ = ["Frontend", "RawClient", "Reply", "frontend", "insecure_client"]
 
 READ_TIMEOUT = 10.0
 
@@ -44,6 +45,7 @@ class Frontend:
     port: int
     handler: RelayHandler
     queued: list[QueuedMessage] = field(default_factory=list)
+    ports: list[int] = field(default_factory=list)
 
     def files(self, sub: str) -> list[str]:
         directory = self.spool / sub
@@ -55,29 +57,41 @@ class Frontend:
         )
         return value or 0.0
 
-    async def connect(self, source: str | None = None) -> RawClient:
-        return await RawClient.open(self.host, self.port, source)
+    async def connect(self, source: str | None = None, port: int | None = None) -> RawClient:
+        return await RawClient.open(self.host, port or self.port, source)
 
 
 @asynccontextmanager
 async def frontend(tmp_path: Path, **server: Any) -> Any:
     """A running front end; `server` overrides ServerConfig fields (listen is port 0)."""
     relay_cfg = server.pop("relay_cfg", RelayConfig())
-    cfg = replace(ServerConfig(), listen=(Endpoint("127.0.0.1", 0),), **server)
+    tls: TlsContextHolder | None = server.pop("tls", None)
+    listen = server.pop("listen", (Endpoint("127.0.0.1", 0),))
+    cfg = replace(ServerConfig(), listen=listen, **server)
     spool = tmp_path / "spool"
     store = SpoolStore(spool)
     store.open()
     metrics = Metrics()
     queued: list[QueuedMessage] = []
     handler = RelayHandler(store, cfg, relay_cfg, "relay.test", metrics, queued.append)
-    servers = await start_listeners(handler, cfg, "relay.test")
+    servers = await start_listeners(handler, cfg, "relay.test", tls)
     host, port = servers[0].sockets[0].getsockname()[:2]
     try:
-        yield Frontend(store, spool, metrics, host, port, handler, queued)
+        fe = Frontend(store, spool, metrics, host, port, handler, queued)
+        fe.ports = [srv.sockets[0].getsockname()[1] for srv in servers]
+        yield fe
     finally:
         for srv in servers:
             srv.close()
         store.close()
+
+
+def insecure_client() -> ssl.SSLContext:
+    """A client context that takes any certificate (the tests compare it themselves)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
 
 
 class RawClient:
@@ -114,8 +128,22 @@ class RawClient:
         await self.send((line.encode() if isinstance(line, str) else line) + b"\r\n")
         return await self.reply()
 
-    async def starttls(self, context: ssl.SSLContext, server_hostname: str) -> None:
-        await self.writer.start_tls(context, server_hostname=server_hostname)
+    async def starttls(self, context: ssl.SSLContext | None = None) -> None:
+        """STARTTLS (220 expected) and the handshake; by default no verification."""
+        reply = await self.cmd("STARTTLS")
+        assert reply.code == 220, reply
+        await self.writer.start_tls(context or insecure_client(), server_hostname="relay.test")
+
+    def peer_cert(self) -> bytes:
+        ssl_object = self.writer.get_extra_info("ssl_object")
+        assert ssl_object is not None
+        der = ssl_object.getpeercert(binary_form=True)
+        assert der is not None
+        return bytes(der)
+
+    def tls_version(self) -> str:
+        ssl_object = self.writer.get_extra_info("ssl_object")
+        return str(ssl_object.version())
 
     async def closed(self) -> bool:
         """True when the server closes the connection with nothing more to read."""

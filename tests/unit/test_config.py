@@ -53,7 +53,13 @@ SECTIONS: dict[str, type] = {
 
 # Keys that are documented in the shipped file only as a comment because their default
 # is "unset" (None) and cannot be written in TOML.
-COMMENTED_OUT = {("server", "hostname"), ("tls", "ca_file"), ("delivery", "relayhost")}
+COMMENTED_OUT = {
+    ("server", "hostname"),
+    ("server", "tls_cert_file"),
+    ("server", "tls_key_file"),
+    ("tls", "ca_file"),
+    ("delivery", "relayhost"),
+}
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -42,8 +42,9 @@ from relay.delivery.route import Myself
 from relay.delivery.tls import client_context, pkix_context
 from relay.delivery.transport import SmtpTransport
 from relay.errors import ConfigError
+from relay.inbound.auth import Credentials, CredentialsError, FailureLimiter
 from relay.inbound.handler import RelayHandler
-from relay.inbound.server import start_listeners
+from relay.inbound.server import AuthGate, start_listeners
 from relay.inbound.tls import TlsContextHolder, TlsFileError
 from relay.lookup.resolver import DnsResolver
 from relay.lookup.results import ProbeResult, ResolverStatus
@@ -55,6 +56,7 @@ from relay.spool.store import SpoolStore
 __all__ = [
     "ResolverNotValidating",
     "ResolverWatch",
+    "inbound_auth",
     "inbound_tls",
     "reload_tls",
     "serve",
@@ -272,6 +274,7 @@ async def serve(cfg: Config) -> None:
     hostname = cfg.server.hostname or system_hostname()
     pkix = _pkix_context(cfg)  # before the spool: a bad CA file refuses to start
     tls = inbound_tls(cfg)  # likewise a bad STARTTLS certificate or key
+    auth = inbound_auth(cfg)  # and an unreadable or malformed credentials file
     store = SpoolStore(cfg.spool.directory)
     store.open()
     try:
@@ -301,7 +304,9 @@ async def serve(cfg: Config) -> None:
                 )
                 metrics_server.start()
                 stack.callback(metrics_server.stop)
-            await _run(cfg, hostname, store, messages, metrics, resolver, watch, pkix, tls)
+            await _run(
+                cfg, hostname, store, messages, metrics, resolver, watch, pkix, tls, auth
+            )
     finally:
         store.close()
 
@@ -321,6 +326,30 @@ def inbound_tls(cfg: Config) -> TlsContextHolder | None:
         raise ConfigError(
             f"{cfg.path}: server.{exc.key}: {exc.why}, got {str(exc.path)!r}"
         ) from exc
+
+
+def inbound_auth(cfg: Config) -> AuthGate | None:
+    """The AUTH credentials and failure limit, None when server.auth_file is unset.
+
+    Raises:
+        ConfigError: the file cannot be read or has a malformed line (named).
+    """
+    if cfg.server.auth_file is None:
+        return None
+    try:
+        credentials = Credentials(cfg.server.auth_file)
+    except OSError as exc:
+        raise ConfigError(
+            f"{cfg.path}: server.auth_file: expected a readable credentials file, "
+            f"got {str(cfg.server.auth_file)!r} ({exc.strerror or exc})"
+        ) from exc
+    except (CredentialsError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"{cfg.path}: server.auth_file: expected lines user:scrypt$N$r$p$SALT$KEY "
+            f"(dane-relay passwd), got {exc}"
+        ) from exc
+    limiter = FailureLimiter(cfg.server.auth_failure_limit, cfg.server.auth_failure_window)
+    return AuthGate(credentials, limiter)
 
 
 def reload_tls(holder: TlsContextHolder | None) -> None:
@@ -408,6 +437,7 @@ async def _run(
     watch: ResolverWatch,
     pkix: ssl.SSLContext,
     tls: TlsContextHolder | None = None,
+    auth: AuthGate | None = None,
 ) -> None:
     timeouts = delivery_timeouts(cfg.delivery)
     engine = DeliveryEngine(
@@ -424,7 +454,7 @@ async def _run(
     runner = QueueRunner(store, engine, cfg.delivery, metrics, hostname)
     runner.load(messages)
     handler = RelayHandler(store, cfg.server, cfg.relay, hostname, metrics, runner.submit)
-    servers = await start_listeners(handler, cfg.server, hostname, tls)
+    servers = await start_listeners(handler, cfg.server, hostname, tls, auth)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,4 +1,6 @@
-"""Command line: `dane-relay` run, lookup, probe, tlsa verify|generate, config check, queue list.
+"""Command line: `dane-relay` run, lookup, probe, tlsa verify|generate, config check, queue list,
+passwd FILE USER (AUTH credentials; exit 64 for a bad user or password, 78 for a malformed
+file, 73 when it cannot be written).
 
 Exit codes follow sysexits(3): 0 ok, 64 usage, 78 configuration error,
 73 spool cannot be created or is locked, 71 a listen address cannot be bound,
@@ -82,6 +84,12 @@ def _parser() -> argparse.ArgumentParser:
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
     check = cfg_sub.add_parser("check", help="validate a configuration file and exit")
     check.add_argument("file", type=Path)
+    pw = sub.add_parser(
+        "passwd",
+        help="add or replace USER in the AUTH credentials FILE (password read from stdin)",
+    )
+    pw.add_argument("file", type=Path, help="the credentials file (server.auth_file)")
+    pw.add_argument("user", help="the user name clients give to AUTH")
     queue = sub.add_parser("queue", help="inspect the queue")
     queue_sub = queue.add_subparsers(dest="queue_command", required=True)
     qlist = queue_sub.add_parser("list", help="list queued messages and their state")
@@ -97,12 +105,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "tlsa":
         return tlsatool.run(args)
+    if args.command == "passwd":
+        return _passwd(args.file, args.user)
     try:
         if args.command == "config":
             cfg = _load(args.file)
-            from relay.app import inbound_tls
+            from relay.app import inbound_auth, inbound_tls
 
             inbound_tls(cfg)  # the STARTTLS certificate and key load and match
+            inbound_auth(cfg)  # the credentials file reads
             print(
                 f"{args.file}: ok (listen={','.join(str(e) for e in cfg.server.listen)}, "
                 f"tls level={cfg.tls.level})"
@@ -147,6 +158,48 @@ def _run(cfg: Config) -> int:
         return EX_OSERR
     except KeyboardInterrupt:  # pragma: no cover
         return EX_OK
+    return EX_OK
+
+
+def _read_password() -> str | None:
+    """From a terminal: asked twice, without echo. Otherwise: the first line of stdin."""
+    if sys.stdin.isatty():
+        import getpass
+
+        first = getpass.getpass("Password: ")
+        if getpass.getpass("Password again: ") != first:
+            print("dane-relay: passwd: the passwords differ", file=sys.stderr)
+            return None
+        return first
+    line = sys.stdin.readline()
+    return line[:-1] if line.endswith("\n") else line
+
+
+def _passwd(path: Path, user: str) -> int:
+    from relay.inbound.auth import CredentialsError, valid_user, write_entry
+
+    if not valid_user(user):
+        print(
+            f"dane-relay: passwd: expected a user name without ':' or white space, "
+            f"got {user!r}",
+            file=sys.stderr,
+        )
+        return EX_USAGE
+    password = _read_password()
+    if password is None:
+        return EX_USAGE
+    if not password:
+        print("dane-relay: passwd: expected a password, got an empty one", file=sys.stderr)
+        return EX_USAGE
+    try:
+        replaced = write_entry(path, user, password.encode("utf-8"))
+    except CredentialsError as exc:
+        print(f"dane-relay: passwd: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except OSError as exc:
+        print(f"dane-relay: passwd: {path}: {exc.strerror or exc}", file=sys.stderr)
+        return EX_CANTCREAT
+    print(f"{path}: {'replaced' if replaced else 'added'} {user}")
     return EX_OK
 
 

@@ -126,6 +126,14 @@ class ServerConfig:
     # STARTTLS (RFC 3207) is offered when both are set: PEM certificate chain and key.
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    # AUTH PLAIN/LOGIN (RFC 4954), after STARTTLS, on listeners with auth = true: the
+    # "user:scrypt$…" file (dane-relay passwd), and the per-client failure limit.
+    auth_file: Path | None = None
+    auth_failure_limit: int = 5
+    auth_failure_window: float = 600.0
+    # SIGTERM: listeners close at once; open SMTP sessions and running deliveries get this
+    # long to finish, then whatever is left stays queued.
+    shutdown_grace: float = 20.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +217,9 @@ class DeliveryConfig:
     min_backoff: float = 300.0
     max_backoff: float = 4000.0
     max_queue_lifetime: float = 5 * 86400.0
+    # A delay warning DSN (RFC 3464, Action: delayed) goes to the sender once a recipient
+    # has been deferred this long (0: never; Postfix delay_warning_time, default off).
+    delay_warning_after: float = 0.0
     scan_interval: float = 60.0
     # Smarthost: every domain goes to this next hop unless [delivery.transport] says otherwise.
     relayhost: NextHop | None = None
@@ -612,6 +623,19 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
         ),
         tls_cert_file=s.get("tls_cert_file", d_server.tls_cert_file, _file_path, "a file path"),
         tls_key_file=s.get("tls_key_file", d_server.tls_key_file, _file_path, "a file path"),
+        auth_file=s.get("auth_file", d_server.auth_file, _file_path, "a file path"),
+        auth_failure_limit=s.get(
+            "auth_failure_limit", d_server.auth_failure_limit, _int_range(1, 1000), "an integer"
+        ),
+        auth_failure_window=s.get(
+            "auth_failure_window",
+            d_server.auth_failure_window,
+            _positive_float("a positive duration"),
+            "a duration",
+        ),
+        shutdown_grace=s.get(
+            "shutdown_grace", d_server.shutdown_grace, _duration, "a duration"
+        ),
     )
     s.finish()
     if (server.tls_cert_file is None) != (server.tls_key_file is None):
@@ -629,6 +653,19 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
             raise ConfigError(
                 f"{file}: server.listen: expected server.tls_cert_file and server.tls_key_file "
                 f"for a listener with require_tls = true, got none for {str(ep)!r}"
+            )
+    for ep in server.listen:
+        if isinstance(ep, Listener) and ep.auth and server.auth_file is None:
+            raise ConfigError(
+                f"{file}: server.auth_file: expected a credentials file for the listener "
+                f"{str(ep)!r} with auth = true, got nothing"
+            )
+        if isinstance(ep, Listener) and ep.auth and server.tls_cert_file is None:
+            # RFC 4954 §4: AUTH PLAIN/LOGIN only over TLS, so it needs STARTTLS.
+            raise ConfigError(
+                f"{file}: server.tls_cert_file: expected a certificate for the listener "
+                f"{str(ep)!r} with auth = true (AUTH is offered only after STARTTLS), "
+                "got nothing"
             )
     if server.max_connections_per_client > server.max_connections:
         raise ConfigError(
@@ -809,6 +846,12 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
         max_backoff=s.get("max_backoff", d_delivery.max_backoff, dur, "a duration"),
         max_queue_lifetime=s.get(
             "max_queue_lifetime", d_delivery.max_queue_lifetime, dur, "a duration"
+        ),
+        delay_warning_after=s.get(
+            "delay_warning_after",
+            d_delivery.delay_warning_after,
+            _duration,
+            "a duration (0 turns delay warnings off)",
         ),
         scan_interval=s.get("scan_interval", d_delivery.scan_interval, dur, "a duration"),
         relayhost=s.get("relayhost", d_delivery.relayhost, _next_hop, "a next hop"),

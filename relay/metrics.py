@@ -42,6 +42,11 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.auth_failures = Counter(
+            "relay_auth_failures",
+            "Failed SMTP AUTH attempts (wrong user or password)",
+            registry=r,
+        )
         self.delivery_attempts = Counter(
             "relay_delivery_attempts",
             "Per-recipient delivery attempt outcomes",
@@ -115,7 +120,6 @@ class Metrics:
             buckets=_DELAY_BUCKETS,
             registry=r,
         )
-
 
     # relay.lookup.results.LookupObserver
     def dns_lookup(self, rrtype: str, result: str, seconds: float) -> None:

@@ -60,6 +60,15 @@ class RelayHandler:
         self.metrics = metrics
         self.on_queued = on_queued
 
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if not getattr(server, "auth_offered", False):
+            # AUTH only on listeners with auth = true (RFC 4954 §3: offered per listener).
+            responses = [r for r in responses if not r[4:].upper().startswith("AUTH")]
+        return responses
+
     def _may_relay(self, peer: Any) -> bool:
         try:
             addr = ipaddress.ip_address(peer[0] if isinstance(peer, tuple) else str(peer))
@@ -92,7 +101,7 @@ class RelayHandler:
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
     ) -> str:
         client = _peer_text(session.peer)
-        if not self._may_relay(session.peer):
+        if not (session.authenticated or self._may_relay(session.peer)):
             self.metrics.inbound_rejections.labels("relay_denied").inc()
             log.warning(
                 "reject=RCPT client=%s from=<%s> to=<%s> reply=554 5.7.1 reason=relay-denied",

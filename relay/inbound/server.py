@@ -25,16 +25,18 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 from relay.config import Endpoint, Listener, ServerConfig
+from relay.inbound.auth import Credentials, FailureLimiter
 from relay.inbound.handler import RelayHandler
 from relay.inbound.tls import TlsContextHolder
 from relay.metrics import Metrics
 
-__all__ = ["ConnectionLimiter", "start_listeners"]
+__all__ = ["AuthGate", "ConnectionLimiter", "start_listeners"]
 
 log = logging.getLogger("relay.smtpd")
 
@@ -88,17 +90,73 @@ _ENHANCED = {
 }
 
 
+@dataclass
+class AuthGate:
+    """What AUTH checks against: the credentials file and the per-client failure limit."""
+
+    credentials: Credentials
+    failures: FailureLimiter
+
+
 class LimitedSMTP(SMTP):
-    """aiosmtpd's SMTP with the connection limits applied before the greeting."""
+    """aiosmtpd's SMTP with the connection limits applied before the greeting, and AUTH
+    only where `auth` is given (a listener with auth = true and server.auth_file set)."""
 
     def __init__(
-        self, handler: RelayHandler, limiter: ConnectionLimiter, metrics: Metrics, **kw: Any
+        self,
+        handler: RelayHandler,
+        limiter: ConnectionLimiter,
+        metrics: Metrics,
+        auth: AuthGate | None = None,
+        **kw: Any,
     ) -> None:
-        super().__init__(handler, **kw)
+        # RFC 4954 §4 / RFC 4616 §6: PLAIN and LOGIN send the password in the clear, so
+        # AUTH is offered and accepted only after STARTTLS (aiosmtpd's auth_require_tls).
+        super().__init__(handler, auth_require_tls=True, **kw)
         self._limiter = limiter
         self._metrics = metrics
         self._client: str | None = None  # holds a limiter slot while set
         self._refused = False
+        self._auth = auth
+        self.auth_offered = auth is not None  # read by RelayHandler.handle_EHLO
+        if auth is not None:
+            self._authenticator = self._check_login
+
+    def _check_login(
+        self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        assert self._auth is not None and isinstance(auth_data, LoginPassword)
+        user = auth_data.login.decode("utf-8", "backslashreplace")
+        if self._auth.credentials.check(user, auth_data.password):
+            log.info("auth client=%s mechanism=%s user=%s status=ok", self._client, mechanism, user)
+            return AuthResult(success=True, auth_data=auth_data)
+        failures = self._auth.failures.failed(self._client or "")
+        self._metrics.auth_failures.inc()
+        log.warning(
+            "auth client=%s mechanism=%s user=%s status=failed failures=%d",
+            self._client,
+            mechanism,
+            user.encode("unicode_escape").decode("ascii")[:64],
+            failures,
+        )
+        return AuthResult(success=False, handled=False)
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        if self._auth is None:
+            await self.push("503 5.5.1 Error: authentication not enabled")
+            return
+        client = self._client or ""
+        if self._auth.failures.blocked(client):
+            self._metrics.inbound_rejections.labels("auth_rate_limited").inc()
+            log.warning("reject=AUTH client=%s reply=421 4.7.0 reason=auth-rate-limited", client)
+            # RFC 4954 §4 leaves throttling to the server; Postfix answers 421 and closes.
+            await self.push(
+                f"421 4.7.0 {self.hostname} Error: too many failed authentication attempts"
+            )
+            assert self.transport is not None
+            self.transport.close()
+            return
+        await super().smtp_AUTH(arg)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._original_transport is not None or self.transport is not None:
@@ -159,19 +217,25 @@ async def start_listeners(
     cfg: ServerConfig,
     hostname: str,
     tls: TlsContextHolder | None = None,
+    auth: AuthGate | None = None,
 ) -> list[asyncio.Server]:
-    """Bind every listen address; raises OSError if one cannot be bound."""
+    """Bind every listen address; raises OSError if one cannot be bound.
+
+    AUTH is offered (after STARTTLS) on the listeners with auth = true when `auth` is given.
+    """
     loop = asyncio.get_running_loop()
     limiter = ConnectionLimiter(cfg.max_connections, cfg.max_connections_per_client)
 
     def factory_for(ep: Endpoint) -> Callable[[], SMTP]:
         require_tls = isinstance(ep, Listener) and ep.require_tls
+        gate = auth if isinstance(ep, Listener) and ep.auth else None
 
         def factory() -> SMTP:
             return LimitedSMTP(
                 handler,
                 limiter,
                 handler.metrics,
+                gate,
                 hostname=hostname,
                 ident="dane-relay",
                 data_size_limit=cfg.max_message_size,

@@ -57,6 +57,7 @@ COMMENTED_OUT = {
     ("server", "hostname"),
     ("server", "tls_cert_file"),
     ("server", "tls_key_file"),
+    ("server", "auth_file"),
     ("tls", "ca_file"),
     ("delivery", "relayhost"),
 }

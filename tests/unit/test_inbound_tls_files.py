@@ -117,7 +117,7 @@ def test_listen_mixes_strings_and_tables(tmp_path: Path) -> None:
     path = tmp_path / "relay.toml"
     path.write_text(
         "[server]\n"
-        'tls_cert_file = "/x/c.pem"\ntls_key_file = "/x/k.pem"\n'
+        'tls_cert_file = "/x/c.pem"\ntls_key_file = "/x/k.pem"\nauth_file = "/x/passwd"\n'
         'listen = ["127.0.0.1:25", { address = "127.0.0.1:587", require_tls = true, '
         'auth = true }, { address = "[::1]:2525" }]\n'
     )

@@ -1,7 +1,7 @@
-"""Hostile SMTP clients against the relay's listener: smuggling, size and line limits,
-out-of-order commands, pipelined garbage, addresses the relay cannot relay, clients that
-vanish mid-DATA. Each test asserts the reply codes (RFC 5321) and what did, or did not,
-reach the queue and the lab receiver.
+"""Hostile SMTP clients against the relay's listener: size and line limits, out-of-order
+commands, pipelined garbage, addresses the relay cannot relay, clients that vanish
+mid-DATA (SMTP smuggling is in test_inbound_acceptance.py). Each test asserts the reply
+codes (RFC 5321) and what did, or did not, reach the queue and the lab receiver.
 """
 
 from __future__ import annotations
@@ -44,46 +44,6 @@ def assert_nothing_queued(relay: RelayProcess) -> None:
 def _qid(reply_text: str) -> str:
     assert "queued as " in reply_text, reply_text
     return reply_text.rsplit(" ", 1)[1]
-
-
-# --- SMTP smuggling ---------------------------------------------------------------------
-
-SMUGGLED = (
-    b"MAIL FROM:<evil@sender.example>\r\n"
-    b"RCPT TO:<victim@dane-ok.test>\r\n"
-    b"DATA\r\n"
-    b"Subject: smuggled\r\n\r\nsmuggled message\r\n"
-)
-
-
-@pytest.mark.parametrize(
-    "fake_end",
-    [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r.\r\n", b"\r\n.\n", b"\r\n.\r"],
-    ids=["LF.LF", "CR.CR", "LF.CRLF", "CR.CRLF", "CRLF.LF", "CRLF.CR"],
-)
-def test_smuggled_end_of_data_is_not_an_end_of_data(
-    dns_lab: DnsLab, receivers: ReceiverPool, relay_factory: RelayFactory, fake_end: bytes
-) -> None:
-    (receiver,) = receivers.start("dane-ok.test")
-    relay = relay_factory()
-    with _open(relay) as c:
-        _start(c)
-        assert c.cmd("RCPT TO:<bob@dane-ok.test>").code == 250
-        assert c.cmd("DATA").code == 354
-        c.send(b"Subject: carrier\r\n\r\nfirst part" + fake_end + SMUGGLED + b"\r\n.\r\n")
-        reply = c.reply()
-        assert reply.code == 250
-        qid = _qid(reply.text)
-        # Exactly one reply for the whole DATA: nothing else is waiting.
-        assert c.cmd("NOOP").code == 250
-        assert c.pending_bytes() == b""
-    relay.wait_log(rf"queue_id={qid} .*status=sent", timeout=20)
-    relay.wait_log(rf"queue_id={qid} removed")
-    (msg,) = receiver.messages
-    assert msg.rcpt_tos == ("bob@dane-ok.test",)
-    assert [addr for addr, _ in receiver.mail_commands] == [SENDER]
-    assert b"smuggled message" in msg.content  # carried as text, not as a second message
-    assert metric(relay, "relay_messages_received_total") == 1
 
 
 # --- limits --------------------------------------------------------------------------------

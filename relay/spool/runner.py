@@ -3,8 +3,9 @@
 Contract:
 - Every queued message is in memory (loaded by `load` from recovery, or added by
   `submit` after inbound commit) and is retried until each recipient is delivered
-  or bounced. Deferred recipients are retried with exponential backoff
-  (relay.spool.schedule); after `max_queue_lifetime` they bounce with 5.4.7.
+  or bounced. Deferred recipients are retried with exponential backoff and random
+  jitter (relay.spool.schedule.retry_delay; `rand` is the random source, injectable
+  for tests); after `max_queue_lifetime` they bounce with 5.4.7.
 - Each attempt's steps (`RecipientResult.history`) are appended to the recipient's
   bounded attempt history in its record (relay.spool.records) and told in the DSN.
 - A DSN for bounced recipients is committed to the spool *before* the original's
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -30,7 +32,7 @@ from relay.model import Outcome, RecipientResult
 from relay.smtp.reply import SmtpReply
 from relay.spool.bounce import FailedRecipient, build_dsn, original_headers
 from relay.spool.records import QueuedMessage, RecipientState, RecipientStatus
-from relay.spool.schedule import backoff, expired
+from relay.spool.schedule import expired, retry_delay
 
 __all__ = ["Deliverer", "QueueRunner", "Store"]
 
@@ -75,6 +77,7 @@ class QueueRunner:
         metrics: Metrics,
         hostname: str,
         clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
     ) -> None:
         self.store = store
         self.engine = engine
@@ -82,6 +85,7 @@ class QueueRunner:
         self.metrics = metrics
         self.hostname = hostname
         self.clock = clock
+        self.rand = rand
         self._queue: dict[str, QueuedMessage] = {}
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
@@ -229,7 +233,8 @@ class QueueRunner:
             msg,
             recipients=tuple(states),
             attempts=attempts,
-            next_attempt=now + backoff(attempts, self.cfg.min_backoff, self.cfg.max_backoff),
+            next_attempt=now
+            + retry_delay(attempts, self.cfg.min_backoff, self.cfg.max_backoff, self.rand),
         )
         try:
             if failed:

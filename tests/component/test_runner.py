@@ -159,13 +159,18 @@ async def running(
     *,
     cfg: DeliveryConfig = CFG,
     clock: Clock | None = None,
+    rand: Callable[[], float] = lambda: 0.0,
 ) -> AsyncIterator[tuple[QueueRunner, ObservedStore, FakeDeliverer, Metrics, Clock]]:
+    """A runner on a real spool; `rand` is its jitter source (default: the low end of
+    each retry window, relay.spool.schedule.retry_window)."""
     clock = clock or Clock()
     store = ObservedStore(tmp_path / "spool", asyncio.get_running_loop())
     store.open()
     deliverer = FakeDeliverer(script)
     metrics = Metrics()
-    runner = QueueRunner(store, deliverer, cfg, metrics, "relay.example.net", clock=clock)
+    runner = QueueRunner(
+        store, deliverer, cfg, metrics, "relay.example.net", clock=clock, rand=rand
+    )
     task = asyncio.create_task(runner.run())
     try:
         yield runner, store, deliverer, metrics, clock
@@ -265,16 +270,38 @@ async def test_deferred_message_is_rescheduled_with_backoff(tmp_path: Path) -> N
         assert (store.data / msg.queue_id).read_bytes() == BODY
         assert len(deliverer.calls) == 1
 
-        # The second failure doubles the wait (Postfix-style backoff).
+        # The second failure doubles the nominal wait to 600s (Postfix-style backoff); the
+        # jitter source at 0.0 picks the low end of its window [450, 600].
         clock.now = NOW + 10 + 300.0
         runner.load([])  # wakes the loop
         await store.until(lambda: store.ops.count(("update", msg.queue_id)) == 2)
         stored = store.envelope(msg.queue_id)
         assert (stored.attempts, stored.recipients[0].attempts) == (2, 2)
-        assert stored.next_attempt == NOW + 10 + 300.0 + 600.0
+        assert stored.next_attempt == NOW + 10 + 300.0 + 450.0
         assert len(deliverer.calls) == 2
     assert metrics.registry.get_sample_value("relay_queue_messages") == 1
     assert metrics.registry.get_sample_value("relay_queue_deferred_messages") == 1
+
+
+async def test_retry_delay_is_jittered_by_the_runner_random_source(tmp_path: Path) -> None:
+    draws = iter([0.5, 0.25])
+    async with running(tmp_path, every(Outcome.DEFERRED, DANE_FAIL), rand=lambda: next(draws)) as (
+        runner,
+        store,
+        _deliverer,
+        _metrics,
+        clock,
+    ):
+        msg = commit(store, "bob@example.net")
+        runner.submit(msg)
+        await store.until(lambda: ("update", msg.queue_id) in store.ops)
+        # First retry window [300, 375] (relay.spool.schedule.retry_window), point 0.5.
+        assert store.envelope(msg.queue_id).next_attempt == NOW + 337.5
+        clock.now = NOW + 337.5
+        runner.load([])
+        await store.until(lambda: store.ops.count(("update", msg.queue_id)) == 2)
+        # Second retry window [450, 600], point 0.25.
+        assert store.envelope(msg.queue_id).next_attempt == NOW + 337.5 + 487.5
 
 
 async def test_only_pending_recipients_are_retried(tmp_path: Path) -> None:

@@ -11,8 +11,12 @@ failed host, oldest first), bounded: the first step and the most recent `HISTORY
 are kept and `history_dropped` counts the ones dropped between them, so a message
 retried for days does not grow without limit. The keys "history" and
 "history_dropped" (and "last_relay") were added within version 1: a record without
-them loads with an empty history. docs/operations.md "Queue record format" describes
-the JSON.
+them loads with an empty history. The optional keys "held" (an operator put the message
+on hold: the runner never delivers it) and "delay_warned" (the one delay DSN was sent)
+were added within version 1 as well: written only when true, so a record without them
+is byte-identical to what older relays wrote and loads as false. docs/operations.md
+"Queue record format" describes the JSON; `to_doc`/`from_doc` give it as a JSON object
+(the control socket speaks it).
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ __all__ = [
     "RecipientState",
     "RecipientStatus",
     "dump",
+    "from_doc",
     "load",
+    "to_doc",
     "valid_queue_id",
 ]
 
@@ -91,6 +97,8 @@ class QueuedMessage:
     attempts: int = 0
     is_bounce: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    held: bool = False  # on hold by the operator (queue hold): never delivered until released
+    delay_warned: bool = False  # the delay DSN (delivery.delay_warning_after) was sent
 
     @property
     def pending(self) -> tuple[RecipientState, ...]:
@@ -105,7 +113,12 @@ class QueuedMessage:
 
 
 def dump(msg: QueuedMessage) -> bytes:
-    doc = {
+    return json.dumps(to_doc(msg), sort_keys=True, separators=(",", ":")).encode()
+
+
+def to_doc(msg: QueuedMessage) -> dict[str, Any]:
+    """The record as a JSON-ready object (what `dump` encodes)."""
+    doc: dict[str, Any] = {
         "version": FORMAT_VERSION,
         "queue_id": msg.queue_id,
         "sender": msg.sender,
@@ -130,7 +143,12 @@ def dump(msg: QueuedMessage) -> bytes:
         "is_bounce": msg.is_bounce,
         "extra": msg.extra,
     }
-    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    # Optional within version 1: present only when true (older records stay unchanged).
+    if msg.held:
+        doc["held"] = True
+    if msg.delay_warned:
+        doc["delay_warned"] = True
+    return doc
 
 
 def load(raw: bytes) -> QueuedMessage:
@@ -143,6 +161,15 @@ def load(raw: bytes) -> QueuedMessage:
         doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"not a JSON envelope record: {exc}") from exc
+    return from_doc(doc)
+
+
+def from_doc(doc: object) -> QueuedMessage:
+    """Parse a record given as a decoded JSON value (the inverse of `to_doc`).
+
+    Raises:
+        ValueError: not a version-1 record or a field has the wrong type.
+    """
     if not isinstance(doc, dict) or not _is_version(doc.get("version")):
         raise ValueError(
             f"unsupported envelope record version: {doc.get('version')!r}"
@@ -180,6 +207,8 @@ def load(raw: bytes) -> QueuedMessage:
             attempts=_int(doc["attempts"]),
             is_bounce=_bool(doc["is_bounce"]),
             extra=extra,
+            held=_bool(doc.get("held", False)),
+            delay_warned=_bool(doc.get("delay_warned", False)),
         )
     except (KeyError, TypeError) as exc:
         raise ValueError(f"malformed envelope record: {exc!r}") from exc

@@ -12,6 +12,12 @@ Contract:
   state is updated, so a crash can duplicate a DSN but never lose one. Messages
   from the null sender never produce a DSN (RFC 5321 §4.5.5).
 - At most `concurrency` messages are in delivery at once.
+- A message on hold (`QueuedMessage.held`) is never delivered. Operator actions
+  (`hold`, `release`, `delete`, `flush`, used by relay.control) are serialised, change
+  the record on disk before the in-memory queue where the disk matters, and refuse a
+  message that is being delivered right now (relay.spool.admin.MessageBusy): its
+  attempt is about to rewrite the record, and an action in between would be lost or
+  would undo the attempt's results.
 - Store I/O (blocking fsyncs) runs in worker threads.
 """
 
@@ -30,6 +36,14 @@ from relay.errors import SpoolError
 from relay.metrics import Metrics
 from relay.model import Outcome, RecipientResult
 from relay.smtp.reply import SmtpReply
+from relay.spool.admin import (
+    MessageBusy,
+    MessageHeld,
+    UnknownMessage,
+    flushable,
+    on_hold,
+    released,
+)
 from relay.spool.bounce import FailedRecipient, build_dsn, original_headers
 from relay.spool.records import QueuedMessage, RecipientState, RecipientStatus
 from relay.spool.schedule import expired, retry_delay
@@ -91,6 +105,7 @@ class QueueRunner:
         self._wake = asyncio.Event()
         self._stopping = False
         self._slots = asyncio.Semaphore(cfg.concurrency)
+        self._admin = asyncio.Lock()
 
     # -- feeding the queue ---------------------------------------------------------
 
@@ -109,6 +124,109 @@ class QueueRunner:
     def snapshot(self) -> list[QueuedMessage]:
         return list(self._queue.values())
 
+    # -- operator actions (relay.control) ---------------------------------------------------
+
+    def message(self, qid: str) -> QueuedMessage | None:
+        return self._queue.get(qid)
+
+    def in_delivery(self, qid: str) -> bool:
+        return qid in self._in_flight
+
+    def _idle(self, qid: str) -> QueuedMessage:
+        msg = self._queue.get(qid)
+        if msg is None:
+            raise UnknownMessage(qid)
+        if qid in self._in_flight:
+            raise MessageBusy(qid)
+        return msg
+
+    async def hold(self, qid: str) -> QueuedMessage:
+        """Put a message on hold: it stays queued and is not delivered until released.
+
+        Raises:
+            UnknownMessage, MessageBusy; SpoolError: the hold could not be stored (the
+            message is not held).
+        """
+        async with self._admin:
+            msg = self._idle(qid)
+            held = on_hold(msg)
+            self._queue[qid] = held  # before the await: the loop must not pick it meanwhile
+            try:
+                await asyncio.to_thread(self.store.update, held)
+            except SpoolError:
+                self._queue[qid] = msg
+                raise
+            log.info("queue_id=%s held by operator", qid)
+            self._update_gauges()
+            return held
+
+    async def release(self, qid: str) -> QueuedMessage:
+        """Release a held message (or any queued one): due now.
+
+        Raises:
+            UnknownMessage, MessageBusy; SpoolError: the release could not be stored.
+        """
+        async with self._admin:
+            msg = self._idle(qid)
+            free = released(msg, self.clock())
+            await asyncio.to_thread(self.store.update, free)
+            self._queue[qid] = free
+            log.info("queue_id=%s released by operator", qid)
+            self._wake.set()
+            return free
+
+    async def delete(self, qid: str) -> QueuedMessage:
+        """Take a message out of the queue without a bounce.
+
+        Raises:
+            UnknownMessage, MessageBusy; SpoolError: the envelope could not be removed.
+        """
+        async with self._admin:
+            msg = self._idle(qid)
+            del self._queue[qid]  # before the await: the loop must not pick it meanwhile
+            try:
+                await asyncio.to_thread(self.store.remove, qid)
+            except SpoolError:
+                self._queue[qid] = msg
+                raise
+            log.info(
+                "queue_id=%s deleted by operator from=<%s> pending=%s (no bounce)",
+                qid,
+                msg.sender,
+                ",".join(f"<{r.address}>" for r in msg.pending),
+            )
+            self._update_gauges()
+            return msg
+
+    def flush(self, qid: str | None = None) -> list[str]:
+        """Make deferred messages that are not held due now: every one, or `qid` only.
+        Only the in-memory schedule changes (a restart retries every message anyway).
+        Returns the ids made due.
+
+        Raises:
+            UnknownMessage; MessageHeld: `qid` is on hold.
+        """
+        now = self.clock()
+        if qid is not None:
+            msg = self._queue.get(qid)
+            if msg is None:
+                raise UnknownMessage(qid)
+            if msg.held:
+                raise MessageHeld(qid)
+            candidates = [msg]
+        else:
+            candidates = list(self._queue.values())
+        due = [
+            m.queue_id
+            for m in candidates
+            if m.queue_id not in self._in_flight and flushable(m, now)
+        ]
+        for each in due:
+            self._queue[each] = replace(self._queue[each], next_attempt=now)
+        log.info("queue flushed by operator messages=%d", len(due))
+        self._wake.set()
+        return due
+
     # -- the loop ------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -116,7 +234,7 @@ class QueueRunner:
             now = self.clock()
             next_due = now + self.cfg.scan_interval
             for msg in sorted(self._queue.values(), key=lambda m: m.next_attempt):
-                if msg.queue_id in self._in_flight:
+                if msg.queue_id in self._in_flight or msg.held:
                     continue
                 if msg.next_attempt <= now:
                     task = asyncio.create_task(self._process(msg.queue_id), name=msg.queue_id)
@@ -136,17 +254,25 @@ class QueueRunner:
             log.error("queue_id=%s runner error: %r", task.get_name(), task.exception())
         self._wake.set()
 
-    async def stop(self, grace: float = 10.0) -> None:
-        """Stop picking messages; let running deliveries finish for `grace` seconds."""
+    async def stop(self, grace: float = 10.0) -> int:
+        """Stop picking messages; let running deliveries finish for `grace` seconds.
+
+        Deliveries still running then are cancelled: their messages stay queued as the
+        spool has them (at-least-once: one the peer already took may be sent again after
+        the restart). Returns how many were cancelled.
+        """
         self._stopping = True
         self._wake.set()
         tasks = list(self._in_flight.values())
-        if tasks:
-            _done, pending = await asyncio.wait(tasks, timeout=grace)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=2.0)
+        if not tasks:
+            return 0
+        _done, pending = await asyncio.wait(tasks, timeout=grace)
+        for task in pending:
+            log.info("queue_id=%s delivery cut off by the stop, stays queued", task.get_name())
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=2.0)
+        return len(pending)
 
     # -- one message ---------------------------------------------------------------------
 

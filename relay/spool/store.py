@@ -222,6 +222,25 @@ class SpoolStore:
         with _spool_errors(f"cannot read message {qid}"):
             return (self.data / qid).read_bytes()
 
+    def get(self, qid: str) -> QueuedMessage | None:
+        """The envelope of one queued message, or None when there is none (or the id is
+        not a queue id, or the record is unreadable: recovery deals with those).
+
+        Raises:
+            SpoolError: the spool cannot be read.
+        """
+        if not valid_queue_id(qid):
+            return None
+        with _spool_errors(f"cannot read message {qid}"):
+            path = self.env / qid
+            try:
+                if not _regular_file(path):
+                    return None
+                msg = load(path.read_bytes())
+            except (ValueError, FileNotFoundError):
+                return None
+        return msg if msg.queue_id == qid else None
+
     def scan(self) -> list[QueuedMessage]:
         """Read every envelope without changing anything (for `queue list`).
 

@@ -22,6 +22,7 @@ from relay.config import DeliveryConfig
 from relay.metrics import Metrics
 from relay.model import Outcome, RecipientResult, Step
 from relay.smtp.reply import SmtpReply
+from relay.spool.admin import MessageBusy, MessageHeld, UnknownMessage
 from relay.spool.records import (
     HISTORY_KEPT,
     QueuedMessage,
@@ -677,3 +678,136 @@ async def test_dsn_tells_the_attempt_history(tmp_path: Path) -> None:
             b"mx2.example.net[192.0.2.2]:25 tls=verified dane=pass: "
             b"550 5.1.1 <bob@example.net>: user unknown\r\n"
         ) in told
+
+
+# -- operator actions (hold, release, delete, flush) ------------------------------------------
+
+
+async def test_held_message_is_never_delivered_and_release_makes_it_due(tmp_path: Path) -> None:
+    async with running(tmp_path, every(Outcome.DELIVERED, SENT)) as (
+        runner,
+        store,
+        deliverer,
+        _metrics,
+        clock,
+    ):
+        held = commit(store, "held@example.net")
+        other = commit(store, "other@example.net")
+        runner.load([replace(held, next_attempt=NOW + 1000)])
+        assert (await runner.hold(held.queue_id)).held
+        assert store.envelope(held.queue_id).held
+        assert json.loads((store.env / held.queue_id).read_bytes())["held"] is True
+        clock.now = NOW + 5000  # long past its schedule: still not picked
+        runner.submit(other)
+        await store.until(lambda: ("remove", other.queue_id) in store.ops)
+        assert [c[0] for c in deliverer.calls] == [other.queue_id]
+        assert store.envelope(held.queue_id).held
+
+        freed = await runner.release(held.queue_id)
+        assert (freed.held, freed.next_attempt) == (False, NOW + 5000)
+        await store.until(lambda: ("remove", held.queue_id) in store.ops)
+        assert [c[0] for c in deliverer.calls] == [other.queue_id, held.queue_id]
+
+
+async def test_release_is_written_to_the_record(tmp_path: Path) -> None:
+    async with running(tmp_path, every(Outcome.DELIVERED, SENT)) as (runner, store, _, _m, clock):
+        msg = commit(store, "bob@example.net")
+        runner.load([replace(msg, next_attempt=NOW + 1000)])
+        await runner.hold(msg.queue_id)
+        await runner.stop()  # nothing is delivered from here on
+        clock.now = NOW + 7
+        await runner.release(msg.queue_id)
+        record = store.envelope(msg.queue_id)
+        assert (record.held, record.next_attempt) == (False, NOW + 7)
+        assert "held" not in json.loads((store.env / msg.queue_id).read_bytes())
+
+
+async def test_delete_removes_the_message_without_a_bounce(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="relay.queue")
+    async with running(tmp_path, every(Outcome.DELIVERED, SENT)) as (
+        runner,
+        store,
+        deliverer,
+        _m,
+        _c,
+    ):
+        msg = commit(store, "bob@example.net")
+        runner.load([replace(msg, next_attempt=NOW + 1000)])
+        gone = await runner.delete(msg.queue_id)
+        assert gone.queue_id == msg.queue_id
+        assert store.queued_ids() == []
+        assert sorted(p.name for p in store.data.iterdir()) == []
+        assert runner.snapshot() == []
+        assert [op for op, _ in store.ops].count("commit") == 1  # no DSN
+        assert deliverer.calls == []
+    assert (
+        f"queue_id={msg.queue_id} deleted by operator from=<alice@example.org> "
+        "pending=<bob@example.net> (no bounce)"
+    ) in caplog.messages
+
+
+async def test_unknown_ids_are_refused(tmp_path: Path) -> None:
+    async with running(tmp_path, every(Outcome.DELIVERED, SENT)) as (runner, _s, _d, _m, _c):
+        for action in (runner.hold, runner.release, runner.delete):
+            with pytest.raises(UnknownMessage, match="no queued message with id 0123456789"):
+                await action("0123456789")
+        with pytest.raises(UnknownMessage):
+            runner.flush("0123456789")
+
+
+async def test_actions_on_a_message_in_delivery_are_refused(tmp_path: Path) -> None:
+    gate = asyncio.Event()
+    started = asyncio.Event()
+
+    class Blocking(FakeDeliverer):
+        async def deliver(self, *args: Any, **kwargs: Any) -> list[RecipientResult]:
+            started.set()
+            await gate.wait()
+            return await super().deliver(*args, **kwargs)
+
+    store = ObservedStore(tmp_path / "spool", asyncio.get_running_loop())
+    store.open()
+    runner = QueueRunner(
+        store, Blocking(every(Outcome.DELIVERED, SENT)), CFG, Metrics(), "relay", clock=Clock()
+    )
+    task = asyncio.create_task(runner.run())
+    try:
+        msg = commit(store, "bob@example.net")
+        runner.submit(msg)
+        await asyncio.wait_for(started.wait(), 10)
+        assert runner.in_delivery(msg.queue_id)
+        for action in (runner.hold, runner.release, runner.delete):
+            with pytest.raises(MessageBusy, match="being delivered right now"):
+                await action(msg.queue_id)
+        assert runner.flush(msg.queue_id) == []
+        gate.set()
+        await store.until(lambda: ("remove", msg.queue_id) in store.ops)
+    finally:
+        gate.set()
+        await runner.stop(grace=5.0)
+        await asyncio.wait_for(task, 5.0)
+        store.close()
+
+
+async def test_flush_makes_deferred_messages_that_are_not_held_due_now(tmp_path: Path) -> None:
+    async with running(tmp_path, every(Outcome.DELIVERED, SENT)) as (
+        runner,
+        store,
+        deliverer,
+        _m,
+        _c,
+    ):
+        one, two, held = (commit(store, f"{n}@example.net") for n in ("one", "two", "held"))
+        runner.load([replace(m, next_attempt=NOW + 1000, attempts=1) for m in (one, two, held)])
+        await runner.hold(held.queue_id)
+        with pytest.raises(MessageHeld, match="on hold; release it"):
+            runner.flush(held.queue_id)
+        assert runner.flush(one.queue_id) == [one.queue_id]
+        await store.until(lambda: ("remove", one.queue_id) in store.ops)
+        assert runner.flush() == [two.queue_id]
+        await store.until(lambda: ("remove", two.queue_id) in store.ops)
+        assert [c[0] for c in deliverer.calls] == [one.queue_id, two.queue_id]
+        assert store.queued_ids() == [held.queue_id]
+        assert runner.flush() == []

@@ -17,14 +17,23 @@ Contract:
   `tls_required`).
 - Lines longer than 1000 octets with CRLF (RFC 5321 §4.5.3.1.6) are refused by aiosmtpd
   with `500`: in DATA after the end of data (the message is dropped), in commands at once.
+- Graceful stop: every open session is in the `Sessions` given to `start_listeners`.
+  After `Sessions.begin_shutdown()` an idle session gets `421 4.3.2 <host> Service shutting
+  down` and is closed at once; a session in a transaction (after MAIL, in DATA) finishes
+  it normally (its message is committed and answered 250) and then gets the 421; a
+  connection that arrives late gets the 421 instead of the greeting. `Sessions.drain()`
+  waits for the sessions to end and closes those still open after the grace with the 421
+  (a message that got no 250 is still the client's to retry).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +45,7 @@ from relay.inbound.handler import RelayHandler
 from relay.inbound.tls import TlsContextHolder
 from relay.metrics import Metrics
 
-__all__ = ["AuthGate", "ConnectionLimiter", "start_listeners"]
+__all__ = ["AuthGate", "ConnectionLimiter", "Sessions", "start_listeners"]
 
 log = logging.getLogger("relay.smtpd")
 
@@ -67,6 +76,48 @@ class ConnectionLimiter:
             self.by_client[client] = left
         else:
             del self.by_client[client]
+
+
+class Sessions:
+    """The open SMTP sessions of every listener, for the graceful stop (SIGTERM)."""
+
+    def __init__(self) -> None:
+        self.closing = False
+        self._open: set[LimitedSMTP] = set()
+        self._empty = asyncio.Event()
+        self._empty.set()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def add(self, session: LimitedSMTP) -> None:
+        self._open.add(session)
+        self._empty.clear()
+
+    def discard(self, session: LimitedSMTP) -> None:
+        self._open.discard(session)
+        if not self._open:
+            self._empty.set()
+
+    def begin_shutdown(self) -> int:
+        """Close the idle sessions with 421 now; the others when their transaction ends.
+        Returns how many are left to finish."""
+        self.closing = True
+        return sum(not session.shut_down_if_idle() for session in list(self._open))
+
+    async def drain(self, grace: float) -> int:
+        """Wait up to `grace` seconds for the sessions to end, then close the rest with
+        421. Returns how many were cut off."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._empty.wait(), grace)
+        cut = list(self._open)
+        for session in cut:
+            session.shut_down("cut-off")
+        if cut:
+            # Closed transports report connection_lost on the next loop iterations.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._empty.wait(), 2.0)
+        return len(cut)
 
 
 # aiosmtpd's fixed refusals, given the enhanced status codes (RFC 3463) and wording Postfix
@@ -108,6 +159,7 @@ class LimitedSMTP(SMTP):
         limiter: ConnectionLimiter,
         metrics: Metrics,
         auth: AuthGate | None = None,
+        sessions: Sessions | None = None,
         **kw: Any,
     ) -> None:
         # RFC 4954 §4 / RFC 4616 §6: PLAIN and LOGIN send the password in the clear, so
@@ -121,6 +173,58 @@ class LimitedSMTP(SMTP):
         self.auth_offered = auth is not None  # read by RelayHandler.handle_EHLO
         if auth is not None:
             self._authenticator = self._check_login
+        self._sessions = sessions
+        self._busy = False  # a command is being handled
+        self._smtp_methods = {
+            verb: method if verb == "QUIT" else self._guarded(method)
+            for verb, method in self._smtp_methods.items()
+        }
+
+    def _guarded(
+        self, method: Callable[[Any], Awaitable[None]]
+    ) -> Callable[[Any], Awaitable[None]]:
+        """`method` (an smtp_* command), answered with 421 instead while shutting down
+        outside a transaction, and followed by 421 when it ends a transaction then."""
+
+        @functools.wraps(method)  # keeps the __smtp_syntax__ HELP reads
+        async def command(arg: Any) -> None:
+            if self._shutting_down():
+                self.shut_down("idle")
+                return
+            in_transaction = self._in_transaction()
+            self._busy = True
+            try:
+                await method(arg)
+            finally:
+                self._busy = False
+            if self._shutting_down():
+                self.shut_down("after-transaction" if in_transaction else "after-command")
+
+        return command
+
+    def _in_transaction(self) -> bool:
+        """After an accepted MAIL and until the end of DATA (or RSET)."""
+        return self.envelope is not None and self.envelope.mail_from is not None
+
+    def _shutting_down(self) -> bool:
+        return self._sessions is not None and self._sessions.closing and not self._in_transaction()
+
+    def shut_down_if_idle(self) -> bool:
+        """421 and close unless a command or a transaction is under way; True if closed."""
+        if self._busy or self._in_transaction():
+            return False
+        self.shut_down("idle")
+        return True
+
+    def shut_down(self, state: str) -> None:
+        """Say 421 and close (`state` says when, for the log)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        log.info("shutdown client=%s reply=421 4.3.2 state=%s", self._client, state)
+        # RFC 5321 §3.8: a server that has to stop answers 421 and closes the channel.
+        self._writer.write(f"421 4.3.2 {self.hostname} Service shutting down\r\n".encode())
+        transport.close()
 
     def _check_login(
         self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
@@ -164,6 +268,14 @@ class LimitedSMTP(SMTP):
             return
         peer = transport.get_extra_info("peername")
         client = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+        if self._sessions is not None and self._sessions.closing:
+            # Accepted just before the listener closed: RFC 5321 §3.8, 421 and close.
+            self._refused = True
+            log.info("reject=CONNECT client=%s reply=421 4.3.2 reason=shutting-down", client)
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(f"421 4.3.2 {self.hostname} Service shutting down\r\n".encode())
+            transport.close()
+            return
         reason = self._limiter.acquire(client)
         if reason is not None:
             self._refused = True
@@ -184,6 +296,8 @@ class LimitedSMTP(SMTP):
             transport.close()
             return
         self._client = client
+        if self._sessions is not None:
+            self._sessions.add(self)
         super().connection_made(transport)
 
     async def push(self, status: Any) -> None:
@@ -204,6 +318,8 @@ class LimitedSMTP(SMTP):
         if self._client is not None:
             self._limiter.release(self._client)
             self._client = None
+            if self._sessions is not None:
+                self._sessions.discard(self)
         super().connection_lost(error)
 
     def eof_received(self) -> bool | None:
@@ -218,10 +334,12 @@ async def start_listeners(
     hostname: str,
     tls: TlsContextHolder | None = None,
     auth: AuthGate | None = None,
+    sessions: Sessions | None = None,
 ) -> list[asyncio.Server]:
     """Bind every listen address; raises OSError if one cannot be bound.
 
     AUTH is offered (after STARTTLS) on the listeners with auth = true when `auth` is given.
+    Every session is kept in `sessions` (when given) for the graceful stop.
     """
     loop = asyncio.get_running_loop()
     limiter = ConnectionLimiter(cfg.max_connections, cfg.max_connections_per_client)
@@ -236,6 +354,7 @@ async def start_listeners(
                 limiter,
                 handler.metrics,
                 gate,
+                sessions,
                 hostname=hostname,
                 ident="dane-relay",
                 data_size_limit=cfg.max_message_size,

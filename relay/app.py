@@ -1,9 +1,12 @@
 """Composition root: builds every component from the Config and runs them.
 
 Start order: spool (lock + recovery) -> resolver validation probe -> metrics ->
-delivery -> runner -> listeners. Stop order (SIGTERM/SIGINT): listeners close, running
-deliveries get a grace period, then the spool lock is released. Nothing here decides
-delivery policy.
+delivery -> runner -> listeners. Stop order (SIGTERM/SIGINT): the listening sockets close
+at once and idle SMTP sessions get 421 (relay.inbound.server.Sessions); sessions in a
+transaction and running deliveries then share one `server.shutdown_grace`, after which
+the sessions left get 421 and the deliveries left are cancelled (their messages stay
+queued); the cached outbound connections are closed, then the spool lock is released.
+Nothing here decides delivery policy.
 
 Resolver trust (RFC 7672 §2.1): the relay reads DNSSEC status from the AD bit, which
 means something only if the resolver validates. Before anything is delivered, and then
@@ -44,7 +47,7 @@ from relay.delivery.transport import SmtpTransport
 from relay.errors import ConfigError
 from relay.inbound.auth import Credentials, CredentialsError, FailureLimiter
 from relay.inbound.handler import RelayHandler
-from relay.inbound.server import AuthGate, start_listeners
+from relay.inbound.server import AuthGate, Sessions, start_listeners
 from relay.inbound.tls import TlsContextHolder, TlsFileError
 from relay.lookup.resolver import DnsResolver
 from relay.lookup.results import ProbeResult, ResolverStatus
@@ -304,9 +307,7 @@ async def serve(cfg: Config) -> None:
                 )
                 metrics_server.start()
                 stack.callback(metrics_server.stop)
-            await _run(
-                cfg, hostname, store, messages, metrics, resolver, watch, pkix, tls, auth
-            )
+            await _run(cfg, hostname, store, messages, metrics, resolver, watch, pkix, tls, auth)
     finally:
         store.close()
 
@@ -454,12 +455,19 @@ async def _run(
     runner = QueueRunner(store, engine, cfg.delivery, metrics, hostname)
     runner.load(messages)
     handler = RelayHandler(store, cfg.server, cfg.relay, hostname, metrics, runner.submit)
-    servers = await start_listeners(handler, cfg.server, hostname, tls, auth)
+    sessions = Sessions()
+    servers = await start_listeners(handler, cfg.server, hostname, tls, auth, sessions)
 
     stop = asyncio.Event()
+    signalled: list[signal.Signals] = []
+
+    def on_stop_signal(sig: signal.Signals) -> None:
+        signalled.append(sig)
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop_signal, sig)
     loop.add_signal_handler(signal.SIGHUP, reload_tls, tls)
     runner_task = asyncio.create_task(runner.run(), name="queue-runner")
     watch_task = asyncio.create_task(watch.run(), name="resolver-watch")
@@ -476,12 +484,25 @@ async def _run(
         "on" if tls is not None else "off",
     )
     await stop.wait()
-    log.info("stopping")
+    grace = cfg.server.shutdown_grace
     for server in servers:
-        server.close()
+        server.close()  # no new connections from here on
+    finishing = sessions.begin_shutdown()  # idle sessions: 421 and closed now
+    log.info(
+        "stopping signal=%s grace=%gs sessions=%d deliveries=%d",
+        signalled[0].name,
+        grace,
+        finishing,
+        sum(runner.in_delivery(m.queue_id) for m in runner.snapshot()),
+    )
     watch_task.cancel()
-    await runner.stop()
+    sessions_cut, deliveries_cut = await asyncio.gather(sessions.drain(grace), runner.stop(grace))
     await engine.close()
     runner_task.cancel()
     await asyncio.gather(runner_task, watch_task, return_exceptions=True)
-    log.info("stopped")
+    log.info(
+        "stopped sessions_cut=%d deliveries_cut=%d left_queued=%d",
+        sessions_cut,
+        deliveries_cut,
+        len(runner.snapshot()),
+    )

@@ -34,9 +34,13 @@ from typing import IO
 from relay.errors import SpoolError
 from relay.spool.records import QueuedMessage, RecipientState, dump, load, valid_queue_id
 
-__all__ = ["SpoolStore", "new_queue_id"]
+__all__ = ["SpoolLocked", "SpoolStore", "new_queue_id"]
 
 log = logging.getLogger("relay.spool")
+
+
+class SpoolLocked(SpoolError):
+    """Another process (a running relay, or a queue tool) holds the spool lock."""
 
 
 def new_queue_id(now: float | None = None) -> str:
@@ -87,7 +91,7 @@ class SpoolStore:
                     fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     fh.close()
-                    raise SpoolError(
+                    raise SpoolLocked(
                         0, f"spool: {self.directory} is in use by another running relay"
                     ) from None
                 self._lock_file = fh

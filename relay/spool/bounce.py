@@ -1,4 +1,7 @@
-"""Delivery status notifications (RFC 3464) for recipients that failed permanently.
+"""Delivery status notifications (RFC 3464) for recipients that failed permanently
+(`build_dsn`, Action: failed) and, once per message, for recipients still being retried
+after `delivery.delay_warning_after` (`build_delay_dsn`, Action: delayed, with the last
+reply and Will-Retry-Until).
 
 Pure: builds the bytes of a multipart/report message from values; the runner
 queues it with the null reverse-path so that it can never cause another bounce
@@ -20,7 +23,15 @@ from dataclasses import dataclass
 
 from relay.model import Step
 
-__all__ = ["DSN_STEPS", "FailedRecipient", "build_dsn", "original_headers"]
+__all__ = [
+    "DSN_STEPS",
+    "DelayedRecipient",
+    "FailedRecipient",
+    "build_delay_dsn",
+    "build_dsn",
+    "delay_status",
+    "original_headers",
+]
 
 _MAX_HEADERS = 64 * 1024
 _MAX_BOUNDARY = 70
@@ -37,6 +48,15 @@ class FailedRecipient:
     last_attempt: float | None = None  # epoch seconds of the last attempt (Last-Attempt-Date)
     history: tuple[Step, ...] = ()  # the recipient's attempt history, oldest first
     history_dropped: int = 0  # steps the queue record no longer holds
+
+
+@dataclass(frozen=True, slots=True)
+class DelayedRecipient:
+    address: str
+    status: str  # enhanced status code of the last attempt, 4.x.x (RFC 3464 §2.3.4)
+    diagnostic: str  # the last reply, e.g. "451 4.7.5 Server certificate not verified"
+    remote_mta: str = ""  # host name of the MX that said so, or ""
+    last_attempt: float | None = None  # epoch seconds of the last attempt
 
 
 def original_headers(body: bytes) -> bytes:
@@ -118,6 +138,91 @@ def build_dsn(
     if not out.endswith(b"\r\n"):
         out += b"\r\n"
     return out + f"\r\n--{boundary}--\r\n".encode()
+
+
+def build_delay_dsn(
+    *,
+    reporting_mta: str,
+    queue_id: str,
+    sender: str,
+    arrival: float,
+    now: float,
+    delayed: Sequence[DelayedRecipient],
+    will_retry_until: float,
+    headers: bytes,
+) -> bytes:
+    """A delay warning: the message is still queued and will be retried until
+    `will_retry_until` (epoch seconds; the end of the queue lifetime)."""
+    boundary = f"{queue_id}.{secrets.token_hex(8)}/{reporting_mta}"[:_MAX_BOUNDARY]
+    until = email.utils.formatdate(will_retry_until, localtime=False)
+    lines = [
+        f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
+        f"To: <{sender}>",
+        "Subject: Delayed Mail (still being retried)",
+        f"Date: {email.utils.formatdate(now, localtime=False)}",
+        f"Message-ID: {email.utils.make_msgid(domain=reporting_mta)}",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
+        "",
+        "This is a MIME-encapsulated delivery status notification.",
+        "",
+        f"--{boundary}",
+        "Content-Type: text/plain; charset=us-ascii",
+        "",
+        f"This is the mail system at host {reporting_mta}.",
+        "",
+        "####################################################################",
+        "# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #",
+        "####################################################################",
+        "",
+        "Your message could not be delivered yet to the recipients below.",
+        f"It is still queued and will be retried until {until}.",
+        "",
+    ]
+    for d in delayed:
+        where = f" (from {d.remote_mta})" if d.remote_mta else ""
+        lines.append(f"<{d.address}>: {d.diagnostic}{where}")
+    lines += [
+        "",
+        f"--{boundary}",
+        "Content-Type: message/delivery-status",
+        "",
+        f"Reporting-MTA: dns; {reporting_mta}",
+        f"X-Queue-ID: {queue_id}",
+        f"Arrival-Date: {email.utils.formatdate(arrival, localtime=False)}",
+    ]
+    for d in delayed:
+        lines += [
+            "",
+            f"Final-Recipient: rfc822; {d.address}",
+            "Action: delayed",  # RFC 3464 §2.3.3
+            f"Status: {d.status}",
+        ]
+        if d.remote_mta:
+            lines.append(f"Remote-MTA: dns; {d.remote_mta}")
+        lines.append(f"Diagnostic-Code: smtp; {d.diagnostic}")
+        if d.last_attempt is not None:
+            lines.append(
+                f"Last-Attempt-Date: {email.utils.formatdate(d.last_attempt, localtime=False)}"
+            )
+        lines.append(f"Will-Retry-Until: {until}")  # RFC 3464 §2.3.9: for "delayed" DSNs only
+    lines += [
+        "",
+        f"--{boundary}",
+        "Content-Type: text/rfc822-headers",
+        "",
+    ]
+    out = "\r\n".join(lines).encode("utf-8", "replace") + b"\r\n" + headers
+    if not out.endswith(b"\r\n"):
+        out += b"\r\n"
+    return out + f"\r\n--{boundary}--\r\n".encode()
+
+
+def delay_status(enhanced: str) -> str:
+    """The Status of a delayed recipient: its last reply's enhanced code when that is a
+    4.x.x, else 4.0.0 (RFC 3464 §2.3.4: a delayed DSN carries a transient status)."""
+    return enhanced if enhanced.startswith("4.") else "4.0.0"
 
 
 def _history_lines(f: FailedRecipient) -> list[str]:

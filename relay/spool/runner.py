@@ -11,6 +11,11 @@ Contract:
 - A DSN for bounced recipients is committed to the spool *before* the original's
   state is updated, so a crash can duplicate a DSN but never lose one. Messages
   from the null sender never produce a DSN (RFC 5321 §4.5.5).
+- Delay warning: when `delay_warning_after` > 0, the first attempt that leaves
+  recipients deferred at least that long after arrival queues ONE delay DSN (RFC 3464,
+  Action: delayed) to the sender, then marks the record `delay_warned` (the DSN is
+  committed first: a crash may repeat the warning, never lose it). Not for the null
+  sender, nor when the attempt bounces the message for its age.
 - At most `concurrency` messages are in delivery at once.
 - A message on hold (`QueuedMessage.held`) is never delivered. Operator actions
   (`hold`, `release`, `delete`, `flush`, used by relay.control) are serialised, change
@@ -44,7 +49,14 @@ from relay.spool.admin import (
     on_hold,
     released,
 )
-from relay.spool.bounce import FailedRecipient, build_dsn, original_headers
+from relay.spool.bounce import (
+    DelayedRecipient,
+    FailedRecipient,
+    build_delay_dsn,
+    build_dsn,
+    delay_status,
+    original_headers,
+)
 from relay.spool.records import QueuedMessage, RecipientState, RecipientStatus
 from relay.spool.schedule import expired, retry_delay
 
@@ -313,6 +325,7 @@ class QueueRunner:
         too_old = expired(msg.received, now, self.cfg.max_queue_lifetime)
         states: list[RecipientState] = []
         failed: list[FailedRecipient] = []
+        delayed: list[DelayedRecipient] = []
         for state in msg.recipients:
             result = by_rcpt.get(state.address)
             if state.status is not RecipientStatus.PENDING or result is None:
@@ -353,6 +366,16 @@ class QueueRunner:
                         history_dropped=updated_state.history_dropped,
                     )
                 )
+            elif status is RecipientStatus.PENDING:
+                delayed.append(
+                    DelayedRecipient(
+                        state.address,
+                        delay_status(reply.enhanced),
+                        str(reply),
+                        result.relay.partition("[")[0] if result.relay != "none" else "",
+                        last_attempt=result.history[-1].time if result.history else now,
+                    )
+                )
             states.append(updated_state)
         attempts = msg.attempts + 1
         updated = replace(
@@ -362,9 +385,13 @@ class QueueRunner:
             next_attempt=now
             + retry_delay(attempts, self.cfg.min_backoff, self.cfg.max_backoff, self.rand),
         )
+        warn = bool(delayed) and self._delay_warning_due(msg, now)
         try:
             if failed:
                 await self._bounce(msg, failed, body, now)
+            if warn:
+                await self._warn(msg, delayed, body, now)
+                updated = replace(updated, delay_warned=True)
             if updated.done:
                 await asyncio.to_thread(self.store.remove, msg.queue_id)
                 self._queue.pop(msg.queue_id, None)
@@ -414,6 +441,47 @@ class QueueRunner:
         )
         self.metrics.bounces.inc()
         log.info("queue_id=%s sender non-delivery notification: %s", msg.queue_id, notice.queue_id)
+        self.submit(notice)
+
+    def _delay_warning_due(self, msg: QueuedMessage, now: float) -> bool:
+        after = self.cfg.delay_warning_after
+        if after <= 0 or msg.delay_warned or now - msg.received < after:
+            return False
+        if msg.is_bounce or not msg.sender:
+            # RFC 5321 §4.5.5 / RFC 3461 §6.2: no notification about a notification.
+            log.info("queue_id=%s delay warning skipped reason=null_sender", msg.queue_id)
+            return False
+        return True
+
+    async def _warn(
+        self, msg: QueuedMessage, delayed: list[DelayedRecipient], body: bytes, now: float
+    ) -> None:
+        """Queue the one delay DSN (RFC 3464 Action: delayed) for `msg`'s sender."""
+        dsn = build_delay_dsn(
+            reporting_mta=self.hostname,
+            queue_id=msg.queue_id,
+            sender=msg.sender,
+            arrival=msg.received,
+            now=now,
+            delayed=delayed,
+            will_retry_until=msg.received + self.cfg.max_queue_lifetime,
+            headers=original_headers(body),
+        )
+        notice = await asyncio.to_thread(
+            self.store.commit,
+            sender="",
+            recipients=[msg.sender],
+            body=dsn,
+            is_bounce=True,
+            now=now,
+        )
+        log.info(
+            "queue_id=%s sender delay notification: %s delayed=%s queued_for=%.0fs",
+            msg.queue_id,
+            notice.queue_id,
+            ",".join(f"<{d.address}>" for d in delayed),
+            now - msg.received,
+        )
         self.submit(notice)
 
     def _retry_later(self, msg: QueuedMessage, now: float) -> None:

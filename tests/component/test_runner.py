@@ -811,3 +811,104 @@ async def test_flush_makes_deferred_messages_that_are_not_held_due_now(tmp_path:
         assert [c[0] for c in deliverer.calls] == [one.queue_id, two.queue_id]
         assert store.queued_ids() == [held.queue_id]
         assert runner.flush() == []
+
+
+# -- delay warnings ------------------------------------------------------------------------------
+
+WARN_CFG = replace(CFG, delay_warning_after=3600.0)
+
+
+def delay_notices(store: ObservedStore) -> list[QueuedMessage]:
+    return [m for m in store.committed.values() if m.is_bounce]
+
+
+async def test_one_delay_warning_once_the_message_is_deferred_long_enough(
+    tmp_path: Path,
+) -> None:
+    clock = Clock(NOW + 3600.0)
+    async with running(
+        tmp_path,
+        per_recipient({"bob@example.net": (Outcome.DEFERRED, DANE_FAIL)}, DSN_DEFERRED),
+        cfg=WARN_CFG,
+        clock=clock,
+    ) as (runner, store, _deliverer, _metrics, _clock):
+        msg = commit(store, "bob@example.net")
+        runner.submit(msg)
+        await store.until(lambda: ("update", msg.queue_id) in store.ops)
+        (notice,) = delay_notices(store)
+        assert (notice.sender, [r.address for r in notice.recipients]) == (
+            "",
+            ["alice@example.org"],
+        )
+        assert store.envelope(msg.queue_id).delay_warned
+        # The warning is committed before the original's record says so.
+        assert store.ops.index(("commit", notice.queue_id)) < store.ops.index(
+            ("update", msg.queue_id)
+        )
+        top, _text, status, *_rest = dsn_parts(store.read_body(notice.queue_id))
+        assert top["Subject"] == "Delayed Mail (still being retried)"
+        per_rcpt = status.get_payload()[1]
+        assert per_rcpt["Final-Recipient"] == "rfc822; bob@example.net"
+        assert per_rcpt["Action"] == "delayed"
+        assert per_rcpt["Status"] == "4.7.5"
+        assert per_rcpt["Diagnostic-Code"] == f"smtp; {DANE_FAIL}"
+        assert per_rcpt["Remote-MTA"] == "dns; mx.example.net"
+        assert per_rcpt["Will-Retry-Until"] == "Sun, 19 Nov 2023 22:13:20 -0000"  # NOW + 5 days
+
+        # Later deferrals do not warn again.
+        clock.now = store.envelope(msg.queue_id).next_attempt
+        runner.load([])
+        await store.until(lambda: store.ops.count(("update", msg.queue_id)) == 2)
+        assert len(delay_notices(store)) == 1
+        assert store.envelope(msg.queue_id).delay_warned
+
+
+async def test_no_delay_warning_before_the_threshold(tmp_path: Path) -> None:
+    async with running(
+        tmp_path, every(Outcome.DEFERRED, DANE_FAIL), cfg=WARN_CFG, clock=Clock(NOW + 3599.0)
+    ) as (runner, store, _d, _m, _c):
+        msg = commit(store, "bob@example.net")
+        runner.submit(msg)
+        await store.until(lambda: ("update", msg.queue_id) in store.ops)
+        assert delay_notices(store) == []
+        assert not store.envelope(msg.queue_id).delay_warned
+
+
+async def test_no_delay_warning_when_switched_off(tmp_path: Path) -> None:
+    async with running(
+        tmp_path, every(Outcome.DEFERRED, DANE_FAIL), clock=Clock(NOW + LIFETIME - 1)
+    ) as (runner, store, _d, _m, _c):
+        msg = commit(store, "bob@example.net")
+        runner.submit(msg)
+        await store.until(lambda: ("update", msg.queue_id) in store.ops)
+        assert delay_notices(store) == []
+
+
+async def test_no_delay_warning_for_the_null_sender(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="relay.queue")
+    async with running(
+        tmp_path, every(Outcome.DEFERRED, DANE_FAIL), cfg=WARN_CFG, clock=Clock(NOW + 7200.0)
+    ) as (runner, store, _d, _m, _c):
+        msg = commit(store, "bob@example.net", sender="", is_bounce=True)
+        runner.submit(msg)
+        await store.until(lambda: ("update", msg.queue_id) in store.ops)
+        assert [op for op, _ in store.ops].count("commit") == 1
+        assert not store.envelope(msg.queue_id).delay_warned
+    assert f"queue_id={msg.queue_id} delay warning skipped reason=null_sender" in caplog.messages
+
+
+async def test_expiry_bounces_without_a_delay_warning(tmp_path: Path) -> None:
+    async with running(
+        tmp_path,
+        per_recipient({"bob@example.net": (Outcome.DEFERRED, DANE_FAIL)}, DSN_DEFERRED),
+        cfg=WARN_CFG,
+        clock=Clock(NOW + LIFETIME),
+    ) as (runner, store, _d, _m, _c):
+        msg = commit(store, "bob@example.net")
+        runner.submit(msg)
+        await store.until(lambda: ("remove", msg.queue_id) in store.ops)
+        (notice,) = delay_notices(store)
+        _top, _text, status, *_rest = dsn_parts(store.read_body(notice.queue_id))
+        assert status.get_payload()[1]["Action"] == "failed"

@@ -7,8 +7,18 @@ import email.message
 import email.utils
 import re
 
+import pytest
+
 from relay.model import Outcome, Step
-from relay.spool.bounce import DSN_STEPS, FailedRecipient, build_dsn, original_headers
+from relay.spool.bounce import (
+    DSN_STEPS,
+    DelayedRecipient,
+    FailedRecipient,
+    build_delay_dsn,
+    build_dsn,
+    delay_status,
+    original_headers,
+)
 
 ORIGINAL = (
     b"From: Alice <alice@example.org>\r\n"
@@ -264,3 +274,94 @@ def test_dsn_with_history_parses_back_for_every_recipient() -> None:
     text = text_part(raw)
     assert text.count("Delivery attempts") == 1
     assert "<z@y>: 550 5.1.1 user unknown (from mx2.y)\r\n" in text
+
+
+# -- delay warnings (Action: delayed) ------------------------------------------------------------
+
+DELAYED = DelayedRecipient(
+    "bob@example.net",
+    "4.7.5",
+    "451 4.7.5 Server certificate not verified (no-match)",
+    "mx1.example.net",
+    last_attempt=1700003600.0,
+)
+
+
+def delay_dsn(delayed: list[DelayedRecipient] | None = None) -> bytes:
+    return build_delay_dsn(
+        reporting_mta="relay.example.net",
+        queue_id="0123456789ABCDEF01234",
+        sender="alice@example.org",
+        arrival=1700000000.0,
+        now=1700003700.0,
+        delayed=delayed or [DELAYED],
+        will_retry_until=1700432000.0,
+        headers=original_headers(ORIGINAL),
+    )
+
+
+def test_delay_dsn_is_a_multipart_report_with_three_parts() -> None:
+    msg, payload = parts(delay_dsn())
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    assert msg["To"] == "<alice@example.org>"
+    assert msg["Subject"] == "Delayed Mail (still being retried)"
+    assert msg["Auto-Submitted"] == "auto-replied"
+    assert [p.get_content_type() for p in payload] == [
+        "text/plain",
+        "message/delivery-status",
+        "text/rfc822-headers",
+    ]
+
+
+def test_delay_dsn_per_recipient_fields() -> None:
+    _msg, payload = parts(delay_dsn())
+    per_message, per_rcpt = messages(payload[1].get_payload())
+    assert per_message["Reporting-MTA"] == "dns; relay.example.net"
+    assert per_message["Arrival-Date"] == "Tue, 14 Nov 2023 22:13:20 -0000"
+    assert dict(per_rcpt.items()) == {
+        "Final-Recipient": "rfc822; bob@example.net",
+        "Action": "delayed",
+        "Status": "4.7.5",
+        "Remote-MTA": "dns; mx1.example.net",
+        "Diagnostic-Code": "smtp; 451 4.7.5 Server certificate not verified (no-match)",
+        "Last-Attempt-Date": "Tue, 14 Nov 2023 23:13:20 -0000",
+        "Will-Retry-Until": "Sun, 19 Nov 2023 22:13:20 -0000",
+    }
+
+
+def test_delay_dsn_one_block_per_delayed_recipient_and_readable_text() -> None:
+    carol = DelayedRecipient("carol@example.com", "4.4.1", "451 4.4.1 Connection refused")
+    raw = delay_dsn([DELAYED, carol])
+    _msg, payload = parts(raw)
+    _per_message, bob_block, carol_block = messages(payload[1].get_payload())
+    assert bob_block["Final-Recipient"] == "rfc822; bob@example.net"
+    assert (carol_block["Status"], carol_block["Remote-MTA"]) == ("4.4.1", None)
+    assert carol_block["Last-Attempt-Date"] is None
+    text = payload[0].get_payload(decode=True)
+    assert isinstance(text, bytes)
+    told = text.decode("ascii")
+    assert "THIS IS A WARNING ONLY" in told
+    assert "will be retried until Sun, 19 Nov 2023 22:13:20 -0000" in told
+    assert (
+        "<bob@example.net>: 451 4.7.5 Server certificate not verified (no-match) "
+        "(from mx1.example.net)"
+    ) in told
+    assert "<carol@example.com>: 451 4.4.1 Connection refused\r\n" in told
+
+
+def test_delay_dsn_returns_headers_only_and_uses_crlf() -> None:
+    raw = delay_dsn()
+    assert b"Secret body text" not in raw
+    assert b"Message-ID: <m1@example.org>" in raw
+    assert re.search(rb"(?<!\r)\n", raw) is None
+    _msg, payload = parts(raw)
+    assert payload[2].get_payload().startswith("From: Alice <alice@example.org>")
+
+
+@pytest.mark.parametrize(
+    ("enhanced", "status"),
+    [("4.7.5", "4.7.5"), ("4.4.1", "4.4.1"), ("", "4.0.0"), ("5.1.1", "4.0.0")],
+)
+def test_delay_status_is_always_transient(enhanced: str, status: str) -> None:
+    assert delay_status(enhanced) == status

@@ -222,7 +222,8 @@ class LimitedSMTP(SMTP):
         if transport is None or transport.is_closing():
             return
         log.info("shutdown client=%s reply=421 4.3.2 state=%s", self._client, state)
-        # RFC 5321 §3.8: a server that has to stop answers 421 and closes the channel.
+        # RFC 5321 §3.8 and §4.2.3: 421 may answer any command when the service must shut
+        # down; the server then closes the channel.
         self._writer.write(f"421 4.3.2 {self.hostname} Service shutting down\r\n".encode())
         transport.close()
 

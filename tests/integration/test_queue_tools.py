@@ -1,6 +1,7 @@
 """`dane-relay queue ...` against a running relay (issue 6 queue item 5): hold, list shows
 it held, flush leaves it alone, release delivers it; delete removes a message without a
-bounce; flush delivers a deferred message once its receiver is back.
+bounce; flush delivers a deferred message once its receiver is back. With the relay
+stopped, the same tools edit the spool, and the restarted relay honours the edits.
 
 The tools are real subprocesses (`python -m relay queue ... -c CONFIG`) talking to the
 relay's control socket (<spool>/control.sock); they must not fall back to the spool
@@ -29,7 +30,9 @@ SENDER = "alice@sender.example"
 BODY = b"Subject: queue tools\r\n\r\nHello.\r\n"
 
 
-def queue(relay: RelayProcess, *argv: str) -> subprocess.CompletedProcess[str]:
+def queue(
+    relay: RelayProcess, *argv: str, running: bool = True
+) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(
         [sys.executable, "-m", "relay", "queue", *argv, "-c", str(relay.config_path)],
         capture_output=True,
@@ -37,7 +40,8 @@ def queue(relay: RelayProcess, *argv: str) -> subprocess.CompletedProcess[str]:
         timeout=60,
         check=False,
     )
-    assert "relay not running" not in done.stderr, done.stderr  # it used the socket
+    if running:
+        assert "relay not running" not in done.stderr, done.stderr  # it used the socket
     return done
 
 
@@ -97,4 +101,36 @@ def test_queue_tools_act_on_a_running_relay(
     assert gone.stderr == f"dane-relay: queue show: no queued message with id {held}\n"
     empty = queue(relay, "list")
     assert (empty.returncode, empty.stdout) == (0, "-- 0 message(s) in queue\n")
+    assert len(receiver.messages) == 2
+
+
+def test_queue_tools_edit_the_spool_of_a_stopped_relay(
+    receivers: ReceiverPool, relay_factory: RelayFactory
+) -> None:
+    relay = start_relay(relay_factory, {"delivery": {"min_backoff": '"1h"', "max_backoff": '"2h"'}})
+    kept = deferred(relay, "bob@dane-ok.test")
+    freed = deferred(relay, "dave@dane-ok.test")
+    assert relay.stop() == 0
+    assert "control.sock" not in spool_entries(relay, "")  # removed on the way out
+
+    flush = queue(relay, "flush", running=False)
+    assert flush.returncode == 0
+    assert flush.stderr == "relay not running: acting on the spool directly\n"
+    assert flush.stdout == f"flushed 2 message(s)\n{kept}\n{freed}\n"
+    hold = queue(relay, "hold", kept, running=False)
+    assert (hold.returncode, hold.stdout) == (0, f"{kept}: held\n")
+    shown = json.loads(queue(relay, "show", kept, "--json", running=False).stdout)
+    assert shown["record"]["held"] is True
+
+    (receiver,) = receivers.start("dane-ok.test")
+    relay.start()
+    (first,) = receiver.wait_for(1, timeout=20)  # the flushed one, at once
+    assert first.rcpt_tos == ("dave@dane-ok.test",)
+    relay.wait_log(rf"queue_id={freed} removed", timeout=20)
+    # Due but held since before the restart: still queued, and not being delivered.
+    release = queue(relay, "release", kept)
+    assert (release.returncode, release.stdout) == (0, f"{kept}: released (due now)\n")
+    _first, second = receiver.wait_for(2, timeout=20)
+    assert second.rcpt_tos == ("bob@dane-ok.test",)
+    relay.wait_log(rf"queue_id={kept} removed", timeout=20)
     assert len(receiver.messages) == 2

@@ -1,5 +1,6 @@
 """Acceptance (issue 6): a message to a 550 receiver bounces ONCE to its sender with a valid
-RFC 3464 report, which the test receives and parses back.
+RFC 3464 report, which the test receives and parses back; and a message that stays
+deferred past delivery.delay_warning_after gets ONE delay warning (Action: delayed).
 
 The recipient's MX is a scripted peer on mx1.hostile2.test (DANE-EE TLSA matching its lab
 certificate) that answers RCPT with 550; the sender's domain is the lab's dane-ok.test,
@@ -13,13 +14,16 @@ from __future__ import annotations
 import email
 import email.message
 import email.utils
+import json
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from lab import DnsLab, ReceiverPool, RelayProcess
-from lab.hostile import spool_entries, submit
+from lab.hostile import spool_entries, start_relay, submit
 from lab.scripted_peer import PeerScript, ScriptedPeer
+from lab.waiting import poll_until
 
 pytestmark = pytest.mark.lab
 
@@ -111,3 +115,75 @@ def test_550_bounces_once_with_a_valid_rfc3464_report(
     told = text.get_payload(decode=True)
     assert isinstance(told, bytes)
     assert f"<bob@hostile2.test>: {REFUSAL} (from mx1.hostile2.test)" in told.decode("ascii")
+
+
+BUSY = "451 4.2.0 Mailbox busy, try later"
+
+
+@pytest.fixture
+def busy_mxes(dns_lab: DnsLab, tmp_path: Path) -> Iterator[list[ScriptedPeer]]:
+    """Both MX hosts of hostile2.test answer RCPT for bob with 451, every time."""
+    made = []
+    for host in ("mx1.hostile2.test", "mx2.hostile2.test"):
+        mx = dns_lab.hosts[host]
+        chain, key = mx.leaf.write(tmp_path, f"{host}-451")
+        script = PeerScript(rcpt_replies={"bob@hostile2.test": BUSY})
+        made.append(ScriptedPeer(mx.address, script, cert_chain=chain, key=key))
+    try:
+        yield made
+    finally:
+        for peer in made:
+            peer.close()
+
+
+def test_deferred_message_gets_one_delay_warning(
+    receivers: ReceiverPool, busy_mxes: list[ScriptedPeer], relay_factory: RelayFactory
+) -> None:
+    (sender_mx,) = receivers.start("dane-ok.test")
+    relay = start_relay(
+        relay_factory,
+        {
+            "delivery": {
+                "min_backoff": '"1s"',
+                "max_backoff": '"1s"',
+                "delay_warning_after": '"1s"',
+            }
+        },
+    )
+    qid = submit(relay, "bob@hostile2.test", BODY, sender=SENDER)
+    warning_id = relay.wait_log(
+        rf"queue_id={qid} sender delay notification: ([0-9A-F]+) delayed=<bob@hostile2\.test>",
+        timeout=30,
+    ).group(1)
+    relay.wait_log(rf"queue_id={warning_id} removed", timeout=20)
+
+    def deferrals() -> int:
+        return relay.log_path.read_text().count(f"queue_id={qid} deferred pending=1")
+
+    # Two more attempts after the warning: still one warning.
+    after_warning = deferrals()
+    poll_until(lambda: deferrals() >= after_warning + 2, timeout=30, what="two more attempts")
+    assert relay.log_path.read_text().count(f"queue_id={qid} sender delay notification") == 1
+    record = json.loads((spool_dir(relay) / "env" / qid).read_bytes())
+    assert record["delay_warned"] is True
+
+    (received,) = sender_mx.messages
+    assert (received.mail_from, received.rcpt_tos) == ("", (SENDER,))
+    report = email.message_from_bytes(received.content)
+    assert report.get_content_type() == "multipart/report"
+    assert report.get_param("report-type") == "delivery-status"
+    assert report["Subject"] == "Delayed Mail (still being retried)"
+    _text, status, headers = parts(report.get_payload())
+    per_message, per_rcpt = parts(status.get_payload())
+    assert per_rcpt["Final-Recipient"] == "rfc822; bob@hostile2.test"
+    assert per_rcpt["Action"] == "delayed"
+    assert per_rcpt["Status"] == "4.2.0"
+    assert per_rcpt["Diagnostic-Code"] == f"smtp; {BUSY}"
+    arrival = email.utils.parsedate_to_datetime(per_message["Arrival-Date"])
+    until = email.utils.parsedate_to_datetime(per_rcpt["Will-Retry-Until"])
+    assert (until - arrival).total_seconds() == 5 * 86400  # max_queue_lifetime default
+    assert "Message-ID: <bounce-once@dane-ok.test>" in str(headers.get_payload())
+
+
+def spool_dir(relay: RelayProcess) -> Path:
+    return Path(tomllib.loads(relay.config_path.read_text())["spool"]["directory"])

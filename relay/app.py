@@ -38,6 +38,7 @@ from functools import partial
 from types import MappingProxyType
 
 from relay.config import Config, DeliveryConfig, DnsConfig
+from relay.control import ControlServer
 from relay.delivery.client import Phase
 from relay.delivery.engine import DeliveryEngine, EngineSettings
 from relay.delivery.policymap import PolicyMap
@@ -454,6 +455,8 @@ async def _run(
     )
     runner = QueueRunner(store, engine, cfg.delivery, metrics, hostname)
     runner.load(messages)
+    control = ControlServer(runner, store)
+    await control.start()  # `dane-relay queue ...` talks to the live runner through it
     handler = RelayHandler(store, cfg.server, cfg.relay, hostname, metrics, runner.submit)
     sessions = Sessions()
     servers = await start_listeners(handler, cfg.server, hostname, tls, auth, sessions)
@@ -496,6 +499,7 @@ async def _run(
         sum(runner.in_delivery(m.queue_id) for m in runner.snapshot()),
     )
     watch_task.cancel()
+    await control.close()  # from here the queue tools find no relay and wait for the lock
     sessions_cut, deliveries_cut = await asyncio.gather(sessions.drain(grace), runner.stop(grace))
     await engine.close()
     runner_task.cancel()

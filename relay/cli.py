@@ -1,4 +1,5 @@
-"""Command line: `dane-relay` run, lookup, probe, tlsa verify|generate, config check, queue list,
+"""Command line: `dane-relay` run, lookup, probe, tlsa verify|generate, config check,
+queue list|show|flush|hold|release|delete (relay.queuetool),
 passwd FILE USER (AUTH credentials; exit 64 for a bad user or password, 78 for a malformed
 file, 73 when it cannot be written).
 
@@ -20,14 +21,13 @@ import asyncio
 import ipaddress
 import ssl
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from relay import __version__, tlsatool
+from relay import __version__, queuetool, tlsatool
 from relay.config import Config, DnsConfig, load_config, parse_endpoint
 from relay.errors import ConfigError, SpoolError
 
@@ -90,10 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     pw.add_argument("file", type=Path, help="the credentials file (server.auth_file)")
     pw.add_argument("user", help="the user name clients give to AUTH")
-    queue = sub.add_parser("queue", help="inspect the queue")
-    queue_sub = queue.add_subparsers(dest="queue_command", required=True)
-    qlist = queue_sub.add_parser("list", help="list queued messages and their state")
-    qlist.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG)
+    queuetool.add_queue_parser(sub)
     return p
 
 
@@ -124,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dane-relay: {exc}", file=sys.stderr)
         return EX_CONFIG
     if args.command == "queue":
-        return _queue_list(cfg)
+        return queuetool.run_queue_command(args, cfg)
     if args.command == "lookup":
         return _lookup(cfg, args.domain, args.json)
     if args.command == "probe":
@@ -180,8 +177,7 @@ def _passwd(path: Path, user: str) -> int:
 
     if not valid_user(user):
         print(
-            f"dane-relay: passwd: expected a user name without ':' or white space, "
-            f"got {user!r}",
+            f"dane-relay: passwd: expected a user name without ':' or white space, got {user!r}",
             file=sys.stderr,
         )
         return EX_USAGE
@@ -200,28 +196,6 @@ def _passwd(path: Path, user: str) -> int:
         print(f"dane-relay: passwd: {path}: {exc.strerror or exc}", file=sys.stderr)
         return EX_CANTCREAT
     print(f"{path}: {'replaced' if replaced else 'added'} {user}")
-    return EX_OK
-
-
-def _queue_list(cfg: Config) -> int:
-    from relay.spool.store import SpoolStore
-
-    try:
-        messages = SpoolStore(cfg.spool.directory).scan()
-    except SpoolError as exc:
-        print(f"dane-relay: {exc}", file=sys.stderr)
-        return EX_CANTCREAT
-    now = time.time()
-    for m in messages:
-        when = "now" if m.next_attempt <= now else f"in {m.next_attempt - now:.0f}s"
-        print(
-            f"{m.queue_id} size={m.size} from=<{m.sender}> attempts={m.attempts} "
-            f"next_attempt={when}"
-        )
-        for r in m.recipients:
-            last = f' last="{r.last_reply}"' if r.last_reply else ""
-            print(f"    <{r.address}> status={r.status.value}{last}")
-    print(f"-- {len(messages)} message(s) in queue")
     return EX_OK
 
 

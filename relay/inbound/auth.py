@@ -9,9 +9,10 @@ Contract:
 - `Credentials.check(user, password)` is True only for a listed user with that password;
   the comparison is constant-time (hmac.compare_digest) and an unknown user costs one
   scrypt as well, so timing tells nothing about which users exist. The file is read
-  again when its modification time or size changes (so `dane-relay passwd` takes effect
-  without a restart); a file that became unreadable or malformed keeps the last good
-  entries and logs an ERROR once per change.
+  again when its inode, modification time or size changes (so `dane-relay passwd`, which
+  renames a new file into place, takes effect without a restart even within one clock
+  tick); a file that became unreadable or malformed keeps the last good entries and logs
+  an ERROR once per change.
 - `write_entry(path, user, password)` adds or replaces one entry atomically (temporary
   file, fsync, rename, directory fsync; mode 0600).
 - `FailureLimiter`: `limit` failures within `window` seconds from one client address block
@@ -140,6 +141,15 @@ def parse_credentials(text: str, source: str) -> dict[str, str]:
     return users
 
 
+_Stamp = tuple[int, int, int]
+_MISSING: _Stamp = (-1, -1, -1)
+
+
+def _stamp(st: os.stat_result) -> _Stamp:
+    # The inode as well: a same-size file renamed into place within one coarse mtime tick.
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 _DUMMY = hash_password(b"dummy password", salt=b"\0" * _SALT_BYTES)
 
 
@@ -148,9 +158,9 @@ class Credentials:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._stamp: tuple[float, int] | None = None
+        self._stamp: _Stamp | None = None
         self._users: dict[str, str] = {}
-        self._failed_stamp: tuple[float, int] | None = None
+        self._failed_stamp: _Stamp | None = None
         self.load()
 
     def load(self) -> None:
@@ -159,18 +169,18 @@ class Credentials:
         Raises:
             OSError: unreadable. CredentialsError: malformed (names the line).
         """
-        st = os.stat(self.path)
-        text = self.path.read_text(encoding="utf-8")
+        with self.path.open(encoding="utf-8") as fh:
+            stamp = _stamp(os.fstat(fh.fileno()))
+            text = fh.read()
         self._users = parse_credentials(text, str(self.path))
-        self._stamp = (st.st_mtime, st.st_size)
+        self._stamp = stamp
 
     def _refresh(self) -> None:
         try:
-            st = os.stat(self.path)
+            stamp = _stamp(os.stat(self.path))
         except OSError as exc:
-            self._report(None, f"cannot read: {exc.strerror or exc}")
+            self._report(_MISSING, f"cannot read: {exc.strerror or exc}")
             return
-        stamp = (st.st_mtime, st.st_size)
         if stamp == self._stamp or stamp == self._failed_stamp:
             return
         try:
@@ -178,10 +188,11 @@ class Credentials:
         except (OSError, UnicodeDecodeError, CredentialsError) as exc:
             self._report(stamp, str(exc))
         else:
+            self._failed_stamp = None
             log.info("auth_file=%s reloaded users=%d", self.path, len(self._users))
 
-    def _report(self, stamp: tuple[float, int] | None, why: str) -> None:
-        if self._failed_stamp != stamp or stamp is None:
+    def _report(self, stamp: _Stamp, why: str) -> None:
+        if self._failed_stamp != stamp:
             log.error("auth_file=%s not reloaded, the previous entries stay: %s", self.path, why)
         self._failed_stamp = stamp
 

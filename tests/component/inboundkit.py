@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 from relay.config import Endpoint, RelayConfig, ServerConfig
 from relay.inbound.handler import RelayHandler
-from relay.inbound.server import start_listeners
+from relay.inbound.server import AuthGate, start_listeners
 from relay.inbound.tls import TlsContextHolder
 from relay.metrics import Metrics
 from relay.spool.records import QueuedMessage
@@ -63,9 +63,14 @@ class Frontend:
 
 @asynccontextmanager
 async def frontend(tmp_path: Path, **server: Any) -> Any:
-    """A running front end; `server` overrides ServerConfig fields (listen is port 0)."""
+    """A running front end; `server` overrides ServerConfig fields (listen is port 0).
+
+    Also `relay_cfg` (a RelayConfig), `tls` (a TlsContextHolder) and `auth` (an AuthGate,
+    offered on the listeners with auth = true).
+    """
     relay_cfg = server.pop("relay_cfg", RelayConfig())
     tls: TlsContextHolder | None = server.pop("tls", None)
+    auth: AuthGate | None = server.pop("auth", None)
     listen = server.pop("listen", (Endpoint("127.0.0.1", 0),))
     cfg = replace(ServerConfig(), listen=listen, **server)
     spool = tmp_path / "spool"
@@ -74,7 +79,7 @@ async def frontend(tmp_path: Path, **server: Any) -> Any:
     metrics = Metrics()
     queued: list[QueuedMessage] = []
     handler = RelayHandler(store, cfg, relay_cfg, "relay.test", metrics, queued.append)
-    servers = await start_listeners(handler, cfg, "relay.test", tls)
+    servers = await start_listeners(handler, cfg, "relay.test", tls, auth)
     host, port = servers[0].sockets[0].getsockname()[:2]
     try:
         fe = Frontend(store, spool, metrics, host, port, handler, queued)

@@ -14,7 +14,7 @@ every `dns.validation_interval`, `ResolverWatch` asks for the probe name
 (`dns.validation_probe_name`/`_type`, by default the root DNSKEY), which must come back
 secure. When a resolver answers without AD, the shared `ResolverStatus` says so: the
 engine then treats every answer as insecure (dane -> opportunistic TLS, dane-only ->
-deferred), the gauge `relay_resolver_validating` is 0 and /readyz answers 503. When no
+deferred), the gauge `dane_relay_resolver_validating` is 0 and /readyz answers 503. When no
 resolver answers the probe at all (timeout, SERVFAIL, unreachable), nothing is proven:
 the last known state is kept (validating until shown otherwise, so lookups that fail
 defer and nothing is downgraded), /readyz answers 503 "resolver not answering" and the
@@ -96,7 +96,7 @@ def describe_resolvers(cfg: DnsConfig) -> str:
 
 
 class ResolverWatch:
-    """Keeps `status` and the `relay_resolver_validating` gauge in step with the probe.
+    """Keeps `status` and the `dane_relay_resolver_validating` gauge in step with the probe.
 
     Theory of operation (RFC 7672 §2.1: a failure is never "insecure"):
 

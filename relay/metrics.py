@@ -29,93 +29,93 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.messages_received = Counter(
-            "relay_messages_received",
+            "dane_relay_messages_received",
             "Messages accepted and queued (250 after DATA)",
             registry=r,
         )
         self.bytes_received = Counter(
-            "relay_received_bytes", "Bytes of message data accepted", registry=r
+            "dane_relay_received_bytes", "Bytes of message data accepted", registry=r
         )
         self.inbound_rejections = Counter(
-            "relay_inbound_rejections",
+            "dane_relay_inbound_rejections",
             "SMTP commands refused by the inbound policy",
             ["reason"],
             registry=r,
         )
         self.auth_failures = Counter(
-            "relay_auth_failures",
+            "dane_relay_auth_failures",
             "Failed SMTP AUTH attempts (wrong user or password)",
             registry=r,
         )
         self.delivery_attempts = Counter(
-            "relay_delivery_attempts",
+            "dane_relay_delivery_attempts",
             "Per-recipient delivery attempt outcomes",
             ["result", "reason"],
             registry=r,
         )
         self.dane_verifications = Counter(
-            "relay_dane_verifications",
+            "dane_relay_dane_verifications",
             "DANE verification verdicts on STARTTLS sessions (RFC 7672)",
             ["result", "reason"],
             registry=r,
         )
         self.tls_sessions = Counter(
-            "relay_outbound_tls",
+            "dane_relay_outbound_tls",
             "Outbound SMTP sessions by TLS outcome (verified/trusted/encrypted/none)",
             ["level"],
             registry=r,
         )
         self.connection_reuse = Counter(
-            "relay_connection_reuse",
+            "dane_relay_connection_reuse",
             "Cached outbound connections taken for a message: hit (RSET answered 250, the "
             "message went on it) or stale (closed, a new connection was needed)",
             ["result"],
             registry=r,
         )
         self.dns_lookups = Counter(
-            "relay_dns_lookups",
+            "dane_relay_dns_lookups",
             "Upstream DNS queries by record type and result (secure, insecure, servfail, "
             "bogus, timeout, refused, truncated, network, cname-loop, malformed, error)",
             ["rrtype", "result"],
             registry=r,
         )
         self.dns_lookup_seconds = Histogram(
-            "relay_dns_lookup_seconds",
+            "dane_relay_dns_lookup_seconds",
             "Time taken by upstream DNS queries",
             ["rrtype"],
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,
         )
         self.dns_cache_requests = Counter(
-            "relay_dns_cache_requests",
+            "dane_relay_dns_cache_requests",
             "DNS cache consultations by result (hit, miss, coalesced)",
             ["result"],
             registry=r,
         )
         self.tlsa_malformed = Counter(
-            "relay_tlsa_malformed_records",
+            "dane_relay_tlsa_malformed_records",
             "Secure TLSA records whose data is malformed (made unusable, RFC 7671 §4.1)",
             registry=r,
         )
         self.resolver_validating = Gauge(
-            "relay_resolver_validating",
+            "dane_relay_resolver_validating",
             "0 when the resolver answered the validation probe without DNSSEC validation "
             "(DANE is off), else 1 (also while it has not answered yet)",
             registry=r,
         )
         self.bounces = Counter(
-            "relay_bounces_generated", "Delivery status notifications queued", registry=r
+            "dane_relay_bounces_generated", "Delivery status notifications queued", registry=r
         )
         self.queue_size = Gauge(
-            "relay_queue_messages", "Messages currently in the queue", registry=r
+            "dane_relay_queue_messages", "Messages currently in the queue", registry=r
         )
         self.queue_deferred = Gauge(
-            "relay_queue_deferred_messages",
+            "dane_relay_queue_deferred_messages",
             "Queued messages that have had at least one failed attempt",
             registry=r,
         )
         self.delivery_delay = Histogram(
-            "relay_delivery_delay_seconds",
+            "dane_relay_delivery_delay_seconds",
             "Time from acceptance to successful delivery, per recipient",
             buckets=_DELAY_BUCKETS,
             registry=r,

@@ -1,7 +1,7 @@
 """One delivery attempt's record: what it learnt, its per-recipient results, its log line.
 
 Contract: `AttemptRecorder` turns outcomes into `RecipientResult` values, counts them in
-`relay_delivery_attempts_total`, and writes the one key=value line per attempt that
+`dane_relay_delivery_attempts_total`, and writes the one key=value line per attempt that
 docs/metrics.md describes (logger `relay.delivery`). It decides nothing about delivery.
 
 Attempt history: every host-scoped failure given to `log_failure` (MX1 failed DANE, then

@@ -53,7 +53,7 @@ class Frontend:
 
     def rejections(self, reason: str) -> float:
         value = self.metrics.registry.get_sample_value(
-            "relay_inbound_rejections_total", {"reason": reason}
+            "dane_relay_inbound_rejections_total", {"reason": reason}
         )
         return value or 0.0
 

@@ -75,9 +75,9 @@ async def test_second_message_goes_on_the_cached_verified_connection(
     assert w.transport.connections() == [ADDRESS]
     # The second message needed no DNS: the destination's verdict came with the connection.
     assert [c[0] for c in w.resolver.calls] == ["MX", "A/AAAA", "TLSA"]
-    assert w.sample("relay_connection_reuse_total", result="hit") == 1
-    assert w.sample("relay_outbound_tls_total", level="verified") == 1
-    assert w.sample("relay_delivery_attempts_total", result="delivered", reason="sent") == 2
+    assert w.sample("dane_relay_connection_reuse_total", result="hit") == 1
+    assert w.sample("dane_relay_outbound_tls_total", level="verified") == 1
+    assert w.sample("dane_relay_delivery_attempts_total", result="delivered", reason="sent") == 2
     lines = [r.getMessage() for r in caplog.records if "status=sent" in r.getMessage()]
     assert len(lines) == 2
     assert "conn=reused" not in lines[0]
@@ -97,9 +97,9 @@ async def test_a_connection_that_does_not_answer_rset_is_replaced() -> None:
     assert w.transport.verbs() == (
         SESSION + TRANSACTION + ["RSET", "ABORT"] + SESSION + TRANSACTION
     )
-    assert w.sample("relay_connection_reuse_total", result="stale") == 1
-    assert w.sample("relay_connection_reuse_total", result="hit") is None
-    assert w.sample("relay_outbound_tls_total", level="verified") == 2
+    assert w.sample("dane_relay_connection_reuse_total", result="stale") == 1
+    assert w.sample("dane_relay_connection_reuse_total", result="hit") is None
+    assert w.sample("dane_relay_outbound_tls_total", level="verified") == 2
 
 
 async def test_a_refused_rset_is_stale_too() -> None:
@@ -109,7 +109,7 @@ async def test_a_refused_rset_is_stale_too() -> None:
     (second,) = await w.deliver("b@secure.example")
     assert second.outcome is Outcome.DELIVERED
     assert w.transport.connections() == [ADDRESS, ADDRESS]
-    assert w.sample("relay_connection_reuse_total", result="stale") == 1
+    assert w.sample("dane_relay_connection_reuse_total", result="stale") == 1
 
 
 async def test_reuse_limit_ends_the_connection_with_quit() -> None:
@@ -120,7 +120,7 @@ async def test_reuse_limit_ends_the_connection_with_quit() -> None:
     assert w.transport.verbs() == (
         SESSION + TRANSACTION + ["RSET"] + TRANSACTION + ["QUIT"] + SESSION + TRANSACTION
     )
-    assert w.sample("relay_connection_reuse_total", result="hit") == 1
+    assert w.sample("dane_relay_connection_reuse_total", result="hit") == 1
 
 
 async def test_idle_connection_is_closed_after_the_cache_time() -> None:
@@ -131,7 +131,7 @@ async def test_idle_connection_is_closed_after_the_cache_time() -> None:
     assert w.transport.verbs()[-1] == "QUIT"
     await w.deliver("b@secure.example")
     assert w.transport.connections() == [ADDRESS, ADDRESS]
-    assert w.sample("relay_connection_reuse_total", result="hit") is None
+    assert w.sample("dane_relay_connection_reuse_total", result="hit") is None
 
 
 async def test_connection_older_than_the_reuse_time_is_not_reused() -> None:
@@ -180,9 +180,9 @@ async def test_a_session_set_up_while_the_resolver_did_not_validate_is_not_reuse
     (second,) = await w.deliver("b@secure.example")
     assert second.outcome is Outcome.DELIVERED
     assert w.transport.connections() == [ADDRESS, ADDRESS]
-    assert w.sample("relay_outbound_tls_total", level="encrypted") == 1
-    assert w.sample("relay_outbound_tls_total", level="verified") == 1
-    assert w.sample("relay_connection_reuse_total", result="hit") is None
+    assert w.sample("dane_relay_outbound_tls_total", level="encrypted") == 1
+    assert w.sample("dane_relay_outbound_tls_total", level="verified") == 1
+    assert w.sample("dane_relay_connection_reuse_total", result="hit") is None
 
 
 async def test_domains_do_not_share_connections_even_on_one_mx_host() -> None:
@@ -214,9 +214,9 @@ async def test_a_connection_made_at_level_may_is_never_reused_at_level_dane() ->
     await w.deliver("c@loose.example")
     await w.deliver("d@strict.example")
     assert w.transport.connections() == ["192.0.2.9", "192.0.2.9"]
-    assert w.sample("relay_outbound_tls_total", level="encrypted") == 1
-    assert w.sample("relay_outbound_tls_total", level="verified") == 1
-    assert w.sample("relay_connection_reuse_total", result="hit") == 2
+    assert w.sample("dane_relay_outbound_tls_total", level="encrypted") == 1
+    assert w.sample("dane_relay_outbound_tls_total", level="verified") == 1
+    assert w.sample("dane_relay_connection_reuse_total", result="hit") == 2
 
 
 async def test_one_smarthost_connection_carries_mail_for_many_domains() -> None:
@@ -229,7 +229,7 @@ async def test_one_smarthost_connection_carries_mail_for_many_domains() -> None:
         (r,) = await w.deliver(f"x@{domain}")
         assert r.outcome is Outcome.DELIVERED
     assert w.transport.connections() == ["192.0.2.9"]
-    assert w.sample("relay_connection_reuse_total", result="hit") == 2
+    assert w.sample("dane_relay_connection_reuse_total", result="hit") == 2
 
 
 async def test_close_quits_every_cached_connection() -> None:

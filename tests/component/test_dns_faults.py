@@ -199,7 +199,7 @@ class Lab:
         return self.metrics.registry.get_sample_value(name, labels)
 
     def dns_lookups(self, rrtype: str, result: str) -> float | None:
-        return self.sample("relay_dns_lookups_total", rrtype=rrtype, result=result)
+        return self.sample("dane_relay_dns_lookups_total", rrtype=rrtype, result=result)
 
 
 def _free_shared_port(addresses: tuple[str, ...]) -> int:
@@ -286,11 +286,11 @@ def assert_delivered_with_dane(
             assert lab.receivers[other].messages == []
             assert lab.receivers[other].mail_commands == []
             assert lab.receivers[other].server_names == []
-    assert lab.sample("relay_dane_verifications_total", result="verified", reason="match") == 1
-    assert lab.sample("relay_outbound_tls_total", level="verified") == 1
-    assert lab.sample("relay_outbound_tls_total", level="encrypted") is None
-    assert lab.sample("relay_outbound_tls_total", level="none") is None
-    assert lab.sample("relay_delivery_attempts_total", result="delivered", reason="sent") == 1
+    assert lab.sample("dane_relay_dane_verifications_total", result="verified", reason="match") == 1
+    assert lab.sample("dane_relay_outbound_tls_total", level="verified") == 1
+    assert lab.sample("dane_relay_outbound_tls_total", level="encrypted") is None
+    assert lab.sample("dane_relay_outbound_tls_total", level="none") is None
+    assert lab.sample("dane_relay_delivery_attempts_total", result="delivered", reason="sent") == 1
     (line,) = [line for line in attempt_lines(caplog) if " status=sent " in line]
     assert f" to=<{RCPT}> relay={lab.relay(host)} dnssec=secure" in line
     assert " tls=verified(TLSv1." in line
@@ -331,7 +331,7 @@ async def test_mx_fault_defers_the_domain_without_connecting(
     assert (lab.dns.count(DOMAIN, "MX", "udp"), lab.dns.count(DOMAIN, "MX", "tcp")) == (udp, tcp)
     assert sum(lab.dns.queries.values()) == udp + tcp
     assert lab.dns_lookups("MX", kind) == 1
-    assert lab.sample("relay_delivery_attempts_total", result="deferred", reason="dns") == 1
+    assert lab.sample("dane_relay_delivery_attempts_total", result="deferred", reason="dns") == 1
     (line,) = attempt_lines(caplog)
     assert " relay=none dnssec=- tls=none dane=none " in line
     assert ' status=deferred reply="451 4.4.3 DNS lookup of faults.test/MX failed: ' in line
@@ -434,7 +434,7 @@ async def test_truncation_is_retried_over_tcp_and_delivers_via_mx1(
     # Only the truncated question went over TCP.
     assert sum(n for (_, _, via), n in lab.dns.queries.items() if via == "tcp") == 1
     # The TCP retry belongs to the same upstream query: one secure lookup, no failure.
-    assert lab.sample("relay_dns_lookups_total", rrtype=qtype, result="truncated") is None
+    assert lab.sample("dane_relay_dns_lookups_total", rrtype=qtype, result="truncated") is None
     assert lab.dns_lookups(qtype, "secure") == 1
 
 
@@ -467,9 +467,16 @@ async def test_tlsa_fault_on_every_host_defers_4_7_5_without_any_connection(
     assert lab.dns.count(DOMAIN, "A") == 0
     assert lab.dns.count(tlsa_name(DOMAIN), "TLSA") == 0
     assert lab.dns_lookups("TLSA", kind) == 2
-    assert lab.sample("relay_dane_verifications_total", result="verified", reason="match") is None
-    assert lab.sample("relay_delivery_attempts_total", result="deferred", reason="tlsa_lookup") == 1
-    assert lab.sample("relay_delivery_attempts_total", result="delivered", reason="sent") is None
+    assert (
+        lab.sample("dane_relay_dane_verifications_total", result="verified", reason="match") is None
+    )
+    assert (
+        lab.sample("dane_relay_delivery_attempts_total", result="deferred", reason="tlsa_lookup")
+        == 1
+    )
+    assert (
+        lab.sample("dane_relay_delivery_attempts_total", result="delivered", reason="sent") is None
+    )
     lines = attempt_lines(caplog)
     assert len(lines) == 2
     for host, line in zip((MX1, MX2), lines, strict=True):
@@ -518,7 +525,7 @@ async def test_malformed_tlsa_at_mx1_skips_it_for_mx2(
     assert_delivered_with_dane(lab, result, MX2, caplog)
     assert lab.transport.opened == [(ADDRESS[MX2], lab.port)]
     assert lab.receivers[MX1].server_names == []
-    assert lab.sample("relay_tlsa_malformed_records_total") == 1
+    assert lab.sample("dane_relay_tlsa_malformed_records_total") == 1
     assert lab.dns_lookups("TLSA", "secure") == 2
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1

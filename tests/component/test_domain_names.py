@@ -238,7 +238,7 @@ class Lab:
 
     def attempts(self, result: str, reason: str) -> float | None:
         return self.metrics.registry.get_sample_value(
-            "relay_delivery_attempts_total", {"result": result, "reason": reason}
+            "dane_relay_delivery_attempts_total", {"result": result, "reason": reason}
         )
 
     def untouched(self, *hosts: str) -> bool:
@@ -279,7 +279,7 @@ async def test_idn_recipient_is_delivered_to_the_idn_domain_mx_with_dane(
     assert asked(lab.dns, "strasse.de") == asked(lab.dns, WRONG) == 0
     assert (
         lab.metrics.registry.get_sample_value(
-            "relay_dane_verifications_total", {"result": "verified", "reason": "match"}
+            "dane_relay_dane_verifications_total", {"result": "verified", "reason": "match"}
         )
         == 1
     )

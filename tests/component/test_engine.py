@@ -422,13 +422,13 @@ async def test_secure_mx_matching_3_1_1_delivers_verified(caplog: pytest.LogCapt
         ("A/AAAA", "mx1.secure.example"),
         ("TLSA", "_25._tcp.mx1.secure.example"),
     ]
-    assert w.sample("relay_dane_verifications_total", result="verified", reason="match") == 1
-    assert w.sample("relay_delivery_attempts_total", result="delivered", reason="sent") == 1
+    assert w.sample("dane_relay_dane_verifications_total", result="verified", reason="match") == 1
+    assert w.sample("dane_relay_delivery_attempts_total", result="delivered", reason="sent") == 1
     # DNS lookups are counted by the resolver adapter (LookupObserver), not by the engine.
-    assert w.sample("relay_dns_lookups_total", rrtype="TLSA", result="secure") is None
-    assert w.sample("relay_tlsa_malformed_records_total") == 0
-    assert w.sample("relay_delivery_delay_seconds_count") == 1
-    assert w.sample("relay_delivery_delay_seconds_sum") == 60.0
+    assert w.sample("dane_relay_dns_lookups_total", rrtype="TLSA", result="secure") is None
+    assert w.sample("dane_relay_tlsa_malformed_records_total") == 0
+    assert w.sample("dane_relay_delivery_delay_seconds_count") == 1
+    assert w.sample("dane_relay_delivery_delay_seconds_sum") == 60.0
     (line,) = [r.getMessage() for r in caplog.records if "status=sent" in r.getMessage()]
     assert " tls=verified(TLSv1.3 TLS_AES_256_GCM_SHA384) dane=pass reason=match " in line
     assert "relay=mx1.secure.example[192.0.2.1]:25 dnssec=secure" in line
@@ -437,7 +437,7 @@ async def test_secure_mx_matching_3_1_1_delivers_verified(caplog: pytest.LogCapt
 async def test_tls_outcome_metric_label_is_verified() -> None:
     w = world(secure_domain(), {"192.0.2.1": Peer(starttls=[cert_der("mx1.secure.example")])})
     await w.deliver("rcpt@secure.example")
-    assert w.sample("relay_outbound_tls_total", level="verified") == 1
+    assert w.sample("dane_relay_outbound_tls_total", level="verified") == 1
 
 
 async def test_dane_match_on_full_certificate_digest_3_0_1() -> None:
@@ -445,7 +445,7 @@ async def test_dane_match_on_full_certificate_digest_3_0_1() -> None:
     w = world(secure_domain(tlsa=[tlsa_3_0_1(der)]), {"192.0.2.1": Peer(starttls=[der])})
     (r,) = await w.deliver("rcpt@secure.example")
     assert r.outcome is Outcome.DELIVERED
-    assert w.sample("relay_dane_verifications_total", result="verified", reason="match") == 1
+    assert w.sample("dane_relay_dane_verifications_total", result="verified", reason="match") == 1
 
 
 async def test_insecure_mx_with_dane_match_is_trusted_not_verified(
@@ -478,10 +478,14 @@ async def test_dane_mismatch_defers_without_mail_from() -> None:
     # RFC 7672 §3: QUIT right after the handshake; no MAIL FROM to an unauthenticated peer.
     assert w.transport.verbs() == ["CONNECT", "EHLO", "STARTTLS", "QUIT", "ABORT"]
     assert "MAIL" not in w.transport.verbs() and "DATA" not in w.transport.verbs()
-    assert w.sample("relay_dane_verifications_total", result="failed", reason="no-match") == 1
-    assert w.sample("relay_dane_verifications_total", result="verified", reason="match") is None
+    assert w.sample("dane_relay_dane_verifications_total", result="failed", reason="no-match") == 1
     assert (
-        w.sample("relay_delivery_attempts_total", result="deferred", reason="dane_verification")
+        w.sample("dane_relay_dane_verifications_total", result="verified", reason="match") is None
+    )
+    assert (
+        w.sample(
+            "dane_relay_delivery_attempts_total", result="deferred", reason="dane_verification"
+        )
         == 1
     )
 
@@ -491,7 +495,7 @@ async def test_dane_empty_chain_defers() -> None:
     (r,) = await w.deliver("rcpt@secure.example")
     assert (r.outcome, r.reply.enhanced) == (Outcome.DEFERRED, "4.7.5")
     assert "MAIL" not in w.transport.verbs()
-    assert w.sample("relay_dane_verifications_total", result="failed", reason="no-chain") == 1
+    assert w.sample("dane_relay_dane_verifications_total", result="failed", reason="no-chain") == 1
 
 
 async def test_dane_without_starttls_defers_4_7_4() -> None:
@@ -503,7 +507,9 @@ async def test_dane_without_starttls_defers_4_7_4() -> None:
     assert (r.reply.code, r.reply.enhanced) == (451, "4.7.4")
     assert r.reason == "dane_no_starttls"
     assert w.transport.verbs() == ["CONNECT", "EHLO", "QUIT", "ABORT"]
-    assert w.sample("relay_dane_verifications_total", result="failed", reason="no-starttls") == 1
+    assert (
+        w.sample("dane_relay_dane_verifications_total", result="failed", reason="no-starttls") == 1
+    )
 
 
 async def test_dane_handshake_failure_defers_without_plaintext_retry() -> None:
@@ -516,7 +522,7 @@ async def test_dane_handshake_failure_defers_without_plaintext_retry() -> None:
     assert r.reason == "tls_handshake"
     assert w.transport.connections() == ["192.0.2.1"]  # no second, plaintext connection
     assert w.transport.verbs() == ["CONNECT", "EHLO", "STARTTLS", "ABORT"]
-    assert w.sample("relay_dane_verifications_total", result="failed", reason="handshake") == 1
+    assert w.sample("dane_relay_dane_verifications_total", result="failed", reason="handshake") == 1
 
 
 async def test_encrypt_level_handshake_failure_defers_without_plaintext_retry() -> None:
@@ -546,8 +552,10 @@ async def test_may_level_handshake_failure_retries_in_plaintext() -> None:
         "CONNECT", "EHLO", "MAIL", "RCPT", "DATA", "QUIT",
     ]  # fmt: skip
     assert w.resolver.tlsa_lookups() == []  # level may never looks up TLSA
-    assert w.sample("relay_outbound_tls_total", level="none") == 1
-    assert w.sample("relay_dane_verifications_total", result="failed", reason="handshake") is None
+    assert w.sample("dane_relay_outbound_tls_total", level="none") == 1
+    assert (
+        w.sample("dane_relay_dane_verifications_total", result="failed", reason="handshake") is None
+    )
 
 
 async def test_tlsa_lookup_failure_defers_without_connecting() -> None:
@@ -562,7 +570,9 @@ async def test_tlsa_lookup_failure_defers_without_connecting() -> None:
     assert r.reason == "tlsa_lookup"
     assert w.transport.log == []
     assert w.resolver.tlsa_lookups() == ["_25._tcp.mx1.secure.example"]
-    assert w.sample("relay_delivery_attempts_total", result="deferred", reason="tlsa_lookup") == 1
+    assert (
+        w.sample("dane_relay_delivery_attempts_total", result="deferred", reason="tlsa_lookup") == 1
+    )
 
 
 async def test_best_mx_that_is_the_relay_itself_bounces_5_4_6_without_connecting() -> None:
@@ -607,7 +617,7 @@ async def test_insecure_addresses_skip_tlsa_and_use_opportunistic_tls() -> None:
     assert w.transport.verbs() == FULL_TRANSACTION
     assert (
         w.metrics.registry.get_sample_value(
-            "relay_dane_verifications_total", {"result": "failed", "reason": "no-match"}
+            "dane_relay_dane_verifications_total", {"result": "failed", "reason": "no-match"}
         )
         is None
     )
@@ -622,7 +632,7 @@ async def test_insecure_addresses_without_starttls_deliver_in_plaintext() -> Non
     (r,) = await w.deliver("rcpt@plain.example")
     assert r.outcome is Outcome.DELIVERED
     assert w.transport.verbs() == ["CONNECT", "EHLO", "MAIL", "RCPT", "DATA", "QUIT"]
-    assert w.sample("relay_outbound_tls_total", level="none") == 1
+    assert w.sample("dane_relay_outbound_tls_total", level="none") == 1
 
 
 @pytest.mark.parametrize(
@@ -661,8 +671,12 @@ async def test_secure_unusable_tlsa_encrypts_without_verification(
         (r,) = await w.deliver("rcpt@secure.example")
     assert r.outcome is Outcome.DELIVERED
     assert w.transport.verbs() == FULL_TRANSACTION
-    assert w.sample("relay_dane_verifications_total", result="failed", reason="no-match") is None
-    assert w.sample("relay_dane_verifications_total", result="verified", reason="match") is None
+    assert (
+        w.sample("dane_relay_dane_verifications_total", result="failed", reason="no-match") is None
+    )
+    assert (
+        w.sample("dane_relay_dane_verifications_total", result="verified", reason="match") is None
+    )
     assert any(" tls=encrypted(" in rec.getMessage() for rec in caplog.records)
 
 
@@ -680,7 +694,7 @@ async def test_malformed_tlsa_alone_defers_without_connecting(
     assert r.reply.text == "TLSA records malformed for mx1.secure.example:25"
     assert r.reason == "tlsa_malformed"
     assert w.transport.verbs() == []
-    assert w.sample("relay_tlsa_malformed_records_total") == 1
+    assert w.sample("dane_relay_tlsa_malformed_records_total") == 1
     warnings = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
     assert warnings == [
         "queue_id=0123456789ABCDEF01234 host=mx1.secure.example dane=malformed-tlsa "
@@ -729,8 +743,8 @@ async def test_first_mx_fails_dane_second_verifies() -> None:
     assert w.transport.verbs("192.0.2.1") == ["CONNECT", "EHLO", "STARTTLS", "QUIT", "ABORT"]
     assert w.transport.verbs("192.0.2.2") == FULL_TRANSACTION
     assert w.transport.log[7] == ("192.0.2.2", "STARTTLS", "mx2.secure.example")
-    assert w.sample("relay_dane_verifications_total", result="failed", reason="no-match") == 1
-    assert w.sample("relay_dane_verifications_total", result="verified", reason="match") == 1
+    assert w.sample("dane_relay_dane_verifications_total", result="failed", reason="no-match") == 1
+    assert w.sample("dane_relay_dane_verifications_total", result="verified", reason="match") == 1
 
 
 async def test_every_mx_failing_dane_defers_with_the_last_reason() -> None:
@@ -755,7 +769,8 @@ async def test_every_mx_failing_dane_defers_with_the_last_reason() -> None:
     assert r.relay == "mx2.secure.example[192.0.2.2]:25"
     assert "MAIL" not in w.transport.verbs()
     assert (
-        w.sample("relay_delivery_attempts_total", result="deferred", reason="dane_no_starttls") == 1
+        w.sample("dane_relay_delivery_attempts_total", result="deferred", reason="dane_no_starttls")
+        == 1
     )
 
 
@@ -837,7 +852,7 @@ async def test_tlsa_base_domain_follows_a_secure_cname() -> None:
     assert r.outcome is Outcome.DELIVERED
     assert w.resolver.tlsa_lookups()[0] == "_25._tcp.smtp.provider.example"
     assert ("192.0.2.5", "STARTTLS", "smtp.provider.example") in w.transport.log
-    assert w.sample("relay_dane_verifications_total", result="verified", reason="match") == 1
+    assert w.sample("dane_relay_dane_verifications_total", result="verified", reason="match") == 1
 
 
 # -- DNS outcomes ------------------------------------------------------------------------------
@@ -854,7 +869,7 @@ async def test_mx_lookup_failure_defers_4_4_3() -> None:
     ]
     assert results[0].reply.text == "SERVFAIL for broken.example MX"
     assert w.transport.log == []
-    assert w.sample("relay_delivery_attempts_total", result="deferred", reason="dns") == 2
+    assert w.sample("dane_relay_delivery_attempts_total", result="deferred", reason="dns") == 2
 
 
 async def test_nxdomain_bounces_5_1_2() -> None:
@@ -865,7 +880,7 @@ async def test_nxdomain_bounces_5_1_2() -> None:
     assert r.outcome is Outcome.BOUNCED
     assert (r.reply.code, r.reply.enhanced, r.reason) == (550, "5.1.2", "nxdomain")
     assert w.transport.log == []
-    assert w.sample("relay_delivery_attempts_total", result="bounced", reason="nxdomain") == 1
+    assert w.sample("dane_relay_delivery_attempts_total", result="bounced", reason="nxdomain") == 1
 
 
 async def test_null_mx_bounces_5_1_10() -> None:
@@ -964,8 +979,10 @@ async def test_rcpt_550_for_one_recipient_bounces_it_and_delivers_the_other() ->
     assert w.transport.verbs() == [
         "CONNECT", "EHLO", "STARTTLS", "EHLO", "MAIL", "RCPT", "RCPT", "DATA", "QUIT",
     ]  # fmt: skip
-    assert w.sample("relay_delivery_attempts_total", result="delivered", reason="sent") == 1
-    assert w.sample("relay_delivery_attempts_total", result="bounced", reason="remote_5xx") == 1
+    assert w.sample("dane_relay_delivery_attempts_total", result="delivered", reason="sent") == 1
+    assert (
+        w.sample("dane_relay_delivery_attempts_total", result="bounced", reason="remote_5xx") == 1
+    )
 
 
 async def test_rcpt_250_451_550_deliver_defer_and_bounce_in_one_attempt() -> None:
@@ -995,7 +1012,8 @@ async def test_message_bigger_than_peer_size_bounces_5_3_4_without_mail_from() -
     assert r.reason == "message_too_big"
     assert w.transport.verbs() == ["CONNECT", "EHLO", "STARTTLS", "EHLO", "QUIT"]
     assert (
-        w.sample("relay_delivery_attempts_total", result="bounced", reason="message_too_big") == 1
+        w.sample("dane_relay_delivery_attempts_total", result="bounced", reason="message_too_big")
+        == 1
     )
 
 
@@ -1072,7 +1090,9 @@ async def test_data_451_defers_every_accepted_recipient() -> None:
         (Outcome.DEFERRED, busy, "remote_4xx"),
     ]
     assert w.transport.verbs().count("DATA") == 1
-    assert w.sample("relay_delivery_attempts_total", result="deferred", reason="remote_4xx") == 2
+    assert (
+        w.sample("dane_relay_delivery_attempts_total", result="deferred", reason="remote_4xx") == 2
+    )
 
 
 async def test_mail_from_rejected_bounces_without_rcpt() -> None:
@@ -1230,7 +1250,7 @@ async def test_dane_ta_leaf_naming_only_the_next_hop_domain(
     (r,) = await w.deliver("rcpt@secure.example")
     assert r.outcome is outcome
     status = "verified" if outcome is Outcome.DELIVERED else "failed"
-    assert w.sample("relay_dane_verifications_total", result=status, reason=reason) == 1
+    assert w.sample("dane_relay_dane_verifications_total", result=status, reason=reason) == 1
     assert ("MAIL" in w.transport.verbs()) is (outcome is Outcome.DELIVERED)
 
 
@@ -1244,7 +1264,7 @@ async def test_dane_ta_leaf_naming_the_mx_host_verifies_via_insecure_mx() -> Non
     w = world(resolver, {"192.0.2.1": Peer(starttls=[leaf, ca])})
     (r,) = await w.deliver("rcpt@hosted.example")
     assert r.outcome is Outcome.DELIVERED
-    assert w.sample("relay_dane_verifications_total", result="verified", reason="match") == 1
+    assert w.sample("dane_relay_dane_verifications_total", result="verified", reason="match") == 1
 
 
 # -- routing (RFC 7672 §2.2): insecure MX policy, skipped hosts, a non-validating resolver ----
@@ -1281,8 +1301,8 @@ async def test_insecure_mx_policy_dane_verifies_and_logs_trusted(
     assert w.transport.verbs() == FULL_TRANSACTION
     (line,) = attempt_lines(caplog)
     assert " dnssec=mx-insecure tls=trusted(TLSv1.3 TLS_AES_256_GCM_SHA384) dane=pass " in line
-    assert w.sample("relay_outbound_tls_total", level="trusted") == 1
-    assert w.sample("relay_outbound_tls_total", level="verified") is None
+    assert w.sample("dane_relay_outbound_tls_total", level="trusted") == 1
+    assert w.sample("dane_relay_outbound_tls_total", level="verified") is None
 
 
 async def test_insecure_mx_policy_dane_still_refuses_a_mismatching_certificate() -> None:
@@ -1311,8 +1331,10 @@ async def test_insecure_mx_policy_encrypt_requires_tls_without_authentication(
     assert w.transport.verbs() == FULL_TRANSACTION
     (line,) = attempt_lines(caplog)
     assert " tls=encrypted(TLSv1.3 TLS_AES_256_GCM_SHA384) dane=none reason=insecure_mx " in line
-    assert w.sample("relay_dane_verifications_total", result="failed", reason="no-match") is None
-    assert w.sample("relay_outbound_tls_total", level="encrypted") == 1
+    assert (
+        w.sample("dane_relay_dane_verifications_total", result="failed", reason="no-match") is None
+    )
+    assert w.sample("dane_relay_outbound_tls_total", level="encrypted") == 1
 
 
 async def test_insecure_mx_policy_encrypt_defers_a_host_without_starttls() -> None:
@@ -1345,7 +1367,7 @@ async def test_insecure_mx_policy_may_delivers_in_plaintext_when_starttls_is_mis
     assert w.transport.verbs() == ["CONNECT", "EHLO", "MAIL", "RCPT", "DATA", "QUIT"]
     (line,) = attempt_lines(caplog)
     assert " dnssec=mx-insecure tls=none dane=none reason=insecure_mx " in line
-    assert w.sample("relay_outbound_tls_total", level="none") == 1
+    assert w.sample("dane_relay_outbound_tls_total", level="none") == 1
 
 
 async def test_dane_only_ignores_insecure_mx_policy_and_requires_dane() -> None:
@@ -1408,10 +1430,11 @@ async def test_tlsa_lookup_failure_skips_the_host_and_the_next_mx_delivers_with_
         skipped
     )
     assert "relay=mx2.secure.example[192.0.2.2]:25 dnssec=secure tls=verified(" in sent
-    assert w.sample("relay_dane_verifications_total", result="verified", reason="match") == 1
-    assert w.sample("relay_delivery_attempts_total", result="delivered", reason="sent") == 1
+    assert w.sample("dane_relay_dane_verifications_total", result="verified", reason="match") == 1
+    assert w.sample("dane_relay_delivery_attempts_total", result="delivered", reason="sent") == 1
     assert (
-        w.sample("relay_delivery_attempts_total", result="deferred", reason="tlsa_lookup") is None
+        w.sample("dane_relay_delivery_attempts_total", result="deferred", reason="tlsa_lookup")
+        is None
     )
 
 
@@ -1429,7 +1452,9 @@ async def test_every_host_failing_its_tlsa_lookup_defers_4_7_5_without_connectin
         )
     ] * 2
     assert w.transport.log == []
-    assert w.sample("relay_delivery_attempts_total", result="deferred", reason="tlsa_lookup") == 2
+    assert (
+        w.sample("dane_relay_delivery_attempts_total", result="deferred", reason="tlsa_lookup") == 2
+    )
 
 
 async def test_non_validating_resolver_reduces_dane_to_opportunistic_tls(
@@ -1452,7 +1477,9 @@ async def test_non_validating_resolver_reduces_dane_to_opportunistic_tls(
         " dnssec=unvalidated tls=encrypted(TLSv1.3 TLS_AES_256_GCM_SHA384) "
         "dane=none reason=addresses_insecure " in line
     )
-    assert w.sample("relay_dane_verifications_total", result="failed", reason="no-match") is None
+    assert (
+        w.sample("dane_relay_dane_verifications_total", result="failed", reason="no-match") is None
+    )
 
     # The status is read at each delivery: once the resolver validates, DANE is enforced.
     status.validating = True
@@ -1506,8 +1533,8 @@ async def test_malformed_record_beside_a_usable_one_is_counted_and_dane_applies(
     with caplog.at_level(logging.INFO, logger="relay.delivery"):
         (r,) = await w.deliver("rcpt@secure.example")
     assert r.outcome is Outcome.DELIVERED
-    assert w.sample("relay_tlsa_malformed_records_total") == 1
-    assert w.sample("relay_dane_verifications_total", result="verified", reason="match") == 1
+    assert w.sample("dane_relay_tlsa_malformed_records_total") == 1
+    assert w.sample("dane_relay_dane_verifications_total", result="verified", reason="match") == 1
     assert any(
         "dane=malformed-tlsa records=3 1 1 0505050505050505… usable_left=1" in rec.getMessage()
         for rec in caplog.records
@@ -1523,7 +1550,7 @@ async def test_a_huge_malformed_rrset_is_counted_in_full_but_logged_briefly(
     with caplog.at_level(logging.INFO, logger="relay.delivery"):
         (r,) = await w.deliver("rcpt@secure.example")
     assert r.outcome is Outcome.DEFERRED
-    assert w.sample("relay_tlsa_malformed_records_total") == 4000
+    assert w.sample("dane_relay_tlsa_malformed_records_total") == 4000
     warnings = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
     assert warnings == [
         "queue_id=0123456789ABCDEF01234 host=mx1.secure.example dane=malformed-tlsa "

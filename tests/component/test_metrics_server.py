@@ -81,7 +81,7 @@ def test_metrics_are_still_served_with_the_gauge(server: tuple[MetricsServer, Me
     status, content_type, body = _get(srv, "/metrics")
     assert status == 200
     assert content_type.startswith("text/plain; version=0.0.4")
-    assert "\nrelay_resolver_validating 1.0\n" in body
+    assert "\ndane_relay_resolver_validating 1.0\n" in body
 
 
 def test_default_readiness_is_ready() -> None:

@@ -52,7 +52,7 @@ def _watch(script: Script, metrics: Metrics | None = None) -> ResolverWatch:
 
 
 def _gauge(metrics: Metrics) -> float | None:
-    return metrics.registry.get_sample_value("relay_resolver_validating")
+    return metrics.registry.get_sample_value("dane_relay_resolver_validating")
 
 
 def _messages(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:

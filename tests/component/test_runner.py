@@ -240,7 +240,7 @@ async def test_delivered_message_is_removed(tmp_path: Path) -> None:
             ("remove", msg.queue_id),
         ]
     assert runner.snapshot() == []
-    assert metrics.registry.get_sample_value("relay_queue_messages") == 0
+    assert metrics.registry.get_sample_value("dane_relay_queue_messages") == 0
 
 
 async def test_deferred_message_is_rescheduled_with_backoff(tmp_path: Path) -> None:
@@ -280,8 +280,8 @@ async def test_deferred_message_is_rescheduled_with_backoff(tmp_path: Path) -> N
         assert (stored.attempts, stored.recipients[0].attempts) == (2, 2)
         assert stored.next_attempt == NOW + 10 + 300.0 + 450.0
         assert len(deliverer.calls) == 2
-    assert metrics.registry.get_sample_value("relay_queue_messages") == 1
-    assert metrics.registry.get_sample_value("relay_queue_deferred_messages") == 1
+    assert metrics.registry.get_sample_value("dane_relay_queue_messages") == 1
+    assert metrics.registry.get_sample_value("dane_relay_queue_deferred_messages") == 1
 
 
 async def test_retry_delay_is_jittered_by_the_runner_random_source(tmp_path: Path) -> None:
@@ -364,7 +364,7 @@ async def test_bounce_commits_a_dsn_to_the_sender_and_removes_the_original(
         returned = headers.get_payload(decode=True)
         assert isinstance(returned, bytes)
         assert b"Subject: report" in returned and b"the body" not in returned
-    assert metrics.registry.get_sample_value("relay_bounces_generated_total") == 1
+    assert metrics.registry.get_sample_value("dane_relay_bounces_generated_total") == 1
 
 
 async def test_partial_bounce_keeps_the_deferred_recipient_queued(tmp_path: Path) -> None:
@@ -410,7 +410,7 @@ async def test_bounce_of_null_sender_message_produces_no_dsn(
         assert [op for op, _ in store.ops].count("commit") == 1  # only the message itself
         assert store.queued_ids() == []
         assert len(deliverer.calls) == 1
-    assert metrics.registry.get_sample_value("relay_bounces_generated_total") == 0
+    assert metrics.registry.get_sample_value("dane_relay_bounces_generated_total") == 0
 
 
 async def test_queue_lifetime_expiry_bounces_with_5_4_7(tmp_path: Path) -> None:

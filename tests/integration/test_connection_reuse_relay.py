@@ -25,9 +25,7 @@ BODY = b"Subject: reuse\r\n\r\nHello.\r\n"
 def _submit_all(relay: RelayProcess, count: int, clients: int) -> list[str]:
     """`count` messages, one per SMTP session, from `clients` client threads at once."""
     with ThreadPoolExecutor(clients) as pool:
-        return list(
-            pool.map(lambda i: submit(relay, f"user{i}@dane-ok.test", BODY), range(count))
-        )
+        return list(pool.map(lambda i: submit(relay, f"user{i}@dane-ok.test", BODY), range(count)))
 
 
 def test_200_messages_to_one_domain_reuse_verified_connections(
@@ -51,10 +49,13 @@ def test_200_messages_to_one_domain_reuse_verified_connections(
     # The relay agrees: every handshake was DANE-verified; the rest were cache hits.
     for qid in qids:
         relay.wait_log(rf"queue_id={qid} removed", timeout=30)
-    assert metric(relay, "relay_outbound_tls_total", level="verified") == len(handshakes)
-    assert metric(relay, "relay_connection_reuse_total", result="hit") == 200 - len(handshakes)
-    assert metric(relay, "relay_connection_reuse_total", result="stale") == 0
-    assert metric(relay, "relay_delivery_attempts_total", result="delivered", reason="sent") == 200
+    assert metric(relay, "dane_relay_outbound_tls_total", level="verified") == len(handshakes)
+    assert metric(relay, "dane_relay_connection_reuse_total", result="hit") == 200 - len(handshakes)
+    assert metric(relay, "dane_relay_connection_reuse_total", result="stale") == 0
+    assert (
+        metric(relay, "dane_relay_delivery_attempts_total", result="delivered", reason="sent")
+        == 200
+    )
     # Each reused connection carries the DANE verdict of its setup, in every log line.
     lines = [relay.attempt_line(qid, "sent") for qid in qids]
     reused = [line for line in lines if re.search(r" conn=reused:\d+$", line)]
@@ -85,4 +86,4 @@ def test_without_reuse_every_message_has_its_own_handshake(
     _submit_all(relay, 10, clients=2)
     receiver.wait_for(10, timeout=60)
     assert len(receiver.server_names) == 10
-    assert metric(relay, "relay_connection_reuse_total", result="hit") == 0
+    assert metric(relay, "dane_relay_connection_reuse_total", result="hit") == 0

@@ -43,9 +43,7 @@ def _resolver(lab: DnsLab) -> DnsResolver:
 
 
 def _lab_tlsa(lab: DnsLab, host: str) -> tuple[TlsaRecord, ...]:
-    return tuple(
-        TlsaRecord(r.usage, r.selector, r.mtype, r.data) for r in lab.hosts[host].tlsa
-    )
+    return tuple(TlsaRecord(r.usage, r.selector, r.mtype, r.data) for r in lab.hosts[host].tlsa)
 
 
 # --- part 1: classification, record type by record type ------------------------------
@@ -196,16 +194,19 @@ def test_cname_into_an_unsigned_zone_is_delivered_without_dane(
     assert "dnssec=insecure" in line
     assert "tls=encrypted(" in line
     assert "dane=none" in line
-    assert metric(relay, "relay_dane_verifications_total", result="failed", reason="no-match") == 0
+    assert (
+        metric(relay, "dane_relay_dane_verifications_total", result="failed", reason="no-match")
+        == 0
+    )
     tlsa_lookups = [
         value
         for (name, labels), value in relay.metrics().items()
-        if name == "relay_dns_lookups_total" and ("rrtype", "TLSA") in labels
+        if name == "dane_relay_dns_lookups_total" and ("rrtype", "TLSA") in labels
     ]
     assert sum(tlsa_lookups) == 0  # insecure addresses: TLSA is not even asked for
     # ... while the lookups that were made are counted (so the zero above means something).
-    assert metric(relay, "relay_dns_lookups_total", rrtype="MX", result="secure") == 1
-    assert metric(relay, "relay_dns_lookups_total", rrtype="A", result="insecure") >= 1
+    assert metric(relay, "dane_relay_dns_lookups_total", rrtype="MX", result="secure") == 1
+    assert metric(relay, "dane_relay_dns_lookups_total", rrtype="A", result="insecure") >= 1
 
 
 def test_cname_mx_host_uses_the_target_as_tlsa_base_domain(
@@ -240,16 +241,18 @@ def test_null_mx_bounces_without_connecting_even_to_an_address_it_has(
     relay.wait_log(rf"queue_id={qid} sender non-delivery notification: [0-9A-F]+")
     relay.wait_log(rf"queue_id={qid} removed")
     assert stall.connections == 0
-    assert metric(relay, "relay_delivery_attempts_total", result="bounced", reason="null_mx") == 1
+    assert (
+        metric(relay, "dane_relay_delivery_attempts_total", result="bounced", reason="null_mx") == 1
+    )
     address_lookups = [
         value
         for (name, labels), value in relay.metrics().items()
-        if name == "relay_dns_lookups_total"
+        if name == "dane_relay_dns_lookups_total"
         and any(k == "rrtype" and v in ("A", "AAAA", "A/AAAA") for k, v in labels)
     ]
     assert sum(address_lookups) == 0
     # The MX lookups made (the recipient's, the DSN's to sender.example) are counted.
-    assert metric(relay, "relay_dns_lookups_total", rrtype="MX", result="secure") >= 1
+    assert metric(relay, "dane_relay_dns_lookups_total", rrtype="MX", result="secure") >= 1
 
 
 def test_implicit_mx_host_is_the_domain_itself(
@@ -281,5 +284,5 @@ def test_expired_zone_defers_the_domain(
     assert receiver.mail_commands == []
     assert receiver.server_names == []
     # unbound's Extended DNS Error (signature expired) makes it "bogus", not just SERVFAIL.
-    assert metric(relay, "relay_dns_lookups_total", rrtype="MX", result="bogus") == 1
-    assert metric(relay, "relay_delivery_attempts_total", result="deferred", reason="dns") == 1
+    assert metric(relay, "dane_relay_dns_lookups_total", rrtype="MX", result="bogus") == 1
+    assert metric(relay, "dane_relay_delivery_attempts_total", result="deferred", reason="dns") == 1

@@ -72,10 +72,15 @@ def test_secure_mx_with_matching_3_1_1_is_delivered_and_verified(
     assert "dane=pass reason=match" in line
     assert 'matched="3 1 1' in line
     relay.wait_log(rf"queue_id={qid} removed")
-    assert _metric(relay, "relay_dane_verifications_total", result="verified", reason="match") == 1
-    assert _metric(relay, "relay_delivery_attempts_total", result="delivered", reason="sent") == 1
-    assert _metric(relay, "relay_messages_received_total") == 1
-    assert _metric(relay, "relay_queue_messages") == 0
+    assert (
+        _metric(relay, "dane_relay_dane_verifications_total", result="verified", reason="match")
+        == 1
+    )
+    assert (
+        _metric(relay, "dane_relay_delivery_attempts_total", result="delivered", reason="sent") == 1
+    )
+    assert _metric(relay, "dane_relay_messages_received_total") == 1
+    assert _metric(relay, "dane_relay_queue_messages") == 0
 
 
 def test_secure_mx_with_3_0_1_full_certificate_digest_is_verified(
@@ -105,14 +110,20 @@ def test_wrong_digest_defers_and_sends_nothing(
     # The receiver saw the STARTTLS session but never a MAIL command.
     assert receiver.mail_commands == []
     assert receiver.messages == []
-    assert _metric(relay, "relay_dane_verifications_total", result="failed", reason="no-match") == 1
+    assert (
+        _metric(relay, "dane_relay_dane_verifications_total", result="failed", reason="no-match")
+        == 1
+    )
     assert (
         _metric(
-            relay, "relay_delivery_attempts_total", result="deferred", reason="dane_verification"
+            relay,
+            "dane_relay_delivery_attempts_total",
+            result="deferred",
+            reason="dane_verification",
         )
         == 1
     )
-    assert _metric(relay, "relay_queue_messages") == 1
+    assert _metric(relay, "dane_relay_queue_messages") == 1
     listing = _queue_list(relay)
     assert qid in listing
     assert "<dave@dane-bad.test> status=pending" in listing
@@ -131,8 +142,11 @@ def test_unsigned_domain_gets_opportunistic_tls(
     assert "dnssec=insecure" in line
     assert "tls=encrypted" in line
     assert "dane=none" in line
-    assert _metric(relay, "relay_dane_verifications_total", result="verified", reason="match") == 0
-    assert _metric(relay, "relay_dns_lookups_total", rrtype="MX", result="insecure") == 1
+    assert (
+        _metric(relay, "dane_relay_dane_verifications_total", result="verified", reason="match")
+        == 0
+    )
+    assert _metric(relay, "dane_relay_dns_lookups_total", rrtype="MX", result="insecure") == 1
 
 
 def test_secure_tlsa_without_starttls_defers_and_sends_nothing_in_plaintext(
@@ -149,11 +163,14 @@ def test_secure_tlsa_without_starttls_defers_and_sends_nothing_in_plaintext(
     assert receiver.messages == []
     assert (
         _metric(
-            relay, "relay_delivery_attempts_total", result="deferred", reason="dane_no_starttls"
+            relay,
+            "dane_relay_delivery_attempts_total",
+            result="deferred",
+            reason="dane_no_starttls",
         )
         == 1
     )
-    assert _metric(relay, "relay_queue_messages") == 1
+    assert _metric(relay, "dane_relay_queue_messages") == 1
 
 
 def test_bogus_tlsa_is_a_temporary_failure_not_insecure(
@@ -166,9 +183,11 @@ def test_bogus_tlsa_is_a_temporary_failure_not_insecure(
     assert "4.7.5 TLSA lookup error" in line
     relay.wait_log(rf"queue_id={qid} deferred pending=1")
     assert receiver.mail_commands == []
-    assert _metric(relay, "relay_dns_lookups_total", rrtype="TLSA", result="bogus") == 1
+    assert _metric(relay, "dane_relay_dns_lookups_total", rrtype="TLSA", result="bogus") == 1
     assert (
-        _metric(relay, "relay_delivery_attempts_total", result="deferred", reason="tlsa_lookup")
+        _metric(
+            relay, "dane_relay_delivery_attempts_total", result="deferred", reason="tlsa_lookup"
+        )
         == 1
     )
 
@@ -195,8 +214,11 @@ def test_null_mx_bounces_to_the_sender(
     assert "5.1.10" in line
     relay.wait_log(rf"queue_id={qid} sender non-delivery notification: [0-9A-F]+")
     relay.wait_log(rf"queue_id={qid} removed")
-    assert _metric(relay, "relay_bounces_generated_total") == 1
-    assert _metric(relay, "relay_delivery_attempts_total", result="bounced", reason="null_mx") == 1
+    assert _metric(relay, "dane_relay_bounces_generated_total") == 1
+    assert (
+        _metric(relay, "dane_relay_delivery_attempts_total", result="bounced", reason="null_mx")
+        == 1
+    )
 
 
 def test_message_survives_sigkill_after_250_and_is_delivered_after_restart(
@@ -232,8 +254,8 @@ def test_client_outside_relay_networks_is_refused_with_554(
     assert b"5.7.1" in info.value.smtp_error
     assert b"Relay access denied" in info.value.smtp_error
     relay.wait_log(r"reject=RCPT client=127\.\S+ .*reason=relay-denied")
-    assert _metric(relay, "relay_inbound_rejections_total", reason="relay_denied") == 1
-    assert _metric(relay, "relay_messages_received_total") == 0
+    assert _metric(relay, "dane_relay_inbound_rejections_total", reason="relay_denied") == 1
+    assert _metric(relay, "dane_relay_messages_received_total") == 0
 
 
 def test_config_check_names_a_typoed_key_and_exits_non_zero(tmp_path: Path) -> None:
@@ -268,9 +290,14 @@ def test_deferred_message_is_retried_with_backoff_and_delivered(
     line = relay.attempt_line(qid)
     assert "tls=verified" in line
     relay.wait_log(rf"queue_id={qid} removed")
-    assert _metric(relay, "relay_delivery_attempts_total", result="deferred", reason="connect") >= 1
-    assert _metric(relay, "relay_delivery_attempts_total", result="delivered", reason="sent") == 1
-    assert _metric(relay, "relay_queue_messages") == 0
+    assert (
+        _metric(relay, "dane_relay_delivery_attempts_total", result="deferred", reason="connect")
+        >= 1
+    )
+    assert (
+        _metric(relay, "dane_relay_delivery_attempts_total", result="delivered", reason="sent") == 1
+    )
+    assert _metric(relay, "dane_relay_queue_messages") == 0
 
 
 def test_resolver_down_is_a_temporary_failure(
@@ -286,5 +313,5 @@ def test_resolver_down_is_a_temporary_failure(
     assert "error=dns" in line
     relay.wait_log(rf"queue_id={qid} deferred pending=1")
     assert receiver.mail_commands == []
-    assert _metric(relay, "relay_dns_lookups_total", rrtype="MX", result="network") == 1
-    assert _metric(relay, "relay_queue_messages") == 1
+    assert _metric(relay, "dane_relay_dns_lookups_total", rrtype="MX", result="network") == 1
+    assert _metric(relay, "dane_relay_queue_messages") == 1

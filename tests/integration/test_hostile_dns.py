@@ -106,7 +106,9 @@ def test_only_pkix_tlsa_records_still_require_tls_and_send_nothing_in_plaintext(
     relay.wait_log(rf"queue_id={qid} deferred pending=1")
     assert receiver.mail_commands == []
     assert (
-        metric(relay, "relay_delivery_attempts_total", result="deferred", reason="tls_not_offered")
+        metric(
+            relay, "dane_relay_delivery_attempts_total", result="deferred", reason="tls_not_offered"
+        )
         == 1
     )
 
@@ -162,10 +164,10 @@ def test_cname_loop_for_the_mx_host_is_a_logged_counted_deferral(
     assert 'reply="451 4.4.3 DNS lookup of loop1.cname-loop.test/A failed' in line
     assert "error=dns" in line
     relay.wait_log(rf"queue_id={qid} deferred pending=1")
-    assert metric(relay, "relay_delivery_attempts_total", result="deferred", reason="dns") == 1
+    assert metric(relay, "dane_relay_delivery_attempts_total", result="deferred", reason="dns") == 1
     # unbound answers a CNAME loop with SERVFAIL (no DNSSEC EDE); A and AAAA are asked apart.
-    assert metric(relay, "relay_dns_lookups_total", rrtype="A", result="servfail") == 1
-    assert metric(relay, "relay_dns_lookups_total", rrtype="AAAA", result="servfail") == 1
+    assert metric(relay, "dane_relay_dns_lookups_total", rrtype="A", result="servfail") == 1
+    assert metric(relay, "dane_relay_dns_lookups_total", rrtype="AAAA", result="servfail") == 1
 
 
 def test_mx_host_without_address_is_deferred(
@@ -176,7 +178,7 @@ def test_mx_host_without_address_is_deferred(
     line = relay.attempt_line(qid, "deferred")
     assert "Host or domain name not found: ghost.mx-noaddr.test" in line
     relay.wait_log(rf"queue_id={qid} deferred pending=1")
-    assert metric(relay, "relay_queue_messages") == 1
+    assert metric(relay, "dane_relay_queue_messages") == 1
 
 
 def test_mx_host_without_address_is_counted_as_a_dns_failure(
@@ -187,7 +189,7 @@ def test_mx_host_without_address_is_counted_as_a_dns_failure(
     line = relay.attempt_line(qid, "deferred")
     assert "error=dns" in line
     assert 'reply="451 4.4.3' in line
-    assert metric(relay, "relay_delivery_attempts_total", result="deferred", reason="dns") == 1
+    assert metric(relay, "dane_relay_delivery_attempts_total", result="deferred", reason="dns") == 1
 
 
 # --- DNSSEC status -------------------------------------------------------------------
@@ -206,11 +208,11 @@ def test_island_of_security_is_insecure_and_its_tlsa_is_ignored(
     assert "dnssec=insecure" in line
     assert "dane=none" in line
     # RFC 7672 §2.2.2: insecure addresses: no TLSA lookup at all.
-    assert metric(relay, "relay_dns_lookups_total", rrtype="MX", result="insecure") == 1
+    assert metric(relay, "dane_relay_dns_lookups_total", rrtype="MX", result="insecure") == 1
     assert [
         key
         for key in relay.metrics()
-        if key[0] == "relay_dns_lookups_total" and ("rrtype", "TLSA") in key[1]
+        if key[0] == "dane_relay_dns_lookups_total" and ("rrtype", "TLSA") in key[1]
     ] == []
 
 
@@ -225,8 +227,8 @@ def test_bogus_mx_rrset_defers_without_contacting_anyone(
     assert 'reply="451 4.4.3 DNS lookup of bogus-mx.test/MX failed' in line
     relay.wait_log(rf"queue_id={qid} deferred pending=1")
     assert receiver.mail_commands == []
-    assert metric(relay, "relay_dns_lookups_total", rrtype="MX", result="bogus") == 1
-    assert metric(relay, "relay_delivery_attempts_total", result="deferred", reason="dns") == 1
+    assert metric(relay, "dane_relay_dns_lookups_total", rrtype="MX", result="bogus") == 1
+    assert metric(relay, "dane_relay_delivery_attempts_total", result="deferred", reason="dns") == 1
 
 
 def test_bogus_mx_log_line_carries_the_error_reason(
@@ -248,7 +250,7 @@ def test_expired_rrsig_on_mx_host_address_is_a_temporary_failure(
     assert 'reply="451 4.4.3 DNS lookup of mx.expired-a.test/A failed' in line
     relay.wait_log(rf"queue_id={qid} deferred pending=1")
     assert receiver.mail_commands == []
-    assert metric(relay, "relay_dns_lookups_total", rrtype="A", result="bogus") == 1
+    assert metric(relay, "dane_relay_dns_lookups_total", rrtype="A", result="bogus") == 1
 
 
 def test_secure_mx_pointing_into_an_unsigned_zone_gets_opportunistic_tls(
@@ -264,6 +266,6 @@ def test_secure_mx_pointing_into_an_unsigned_zone_gets_opportunistic_tls(
     assert "dnssec=insecure" in line
     assert "tls=encrypted(" in line
     assert "dane=none" in line
-    assert metric(relay, "relay_dns_lookups_total", rrtype="MX", result="secure") == 1
-    assert metric(relay, "relay_dns_lookups_total", rrtype="A", result="insecure") == 1
-    assert metric(relay, "relay_dns_lookups_total", rrtype="AAAA", result="insecure") == 1
+    assert metric(relay, "dane_relay_dns_lookups_total", rrtype="MX", result="secure") == 1
+    assert metric(relay, "dane_relay_dns_lookups_total", rrtype="A", result="insecure") == 1
+    assert metric(relay, "dane_relay_dns_lookups_total", rrtype="AAAA", result="insecure") == 1

@@ -67,7 +67,7 @@ def test_message_over_max_message_size_gets_552_and_nothing_is_queued(
         # The session is still usable afterwards.
         assert c.cmd("RSET").code == 250
     assert_nothing_queued(relay)
-    assert metric(relay, "relay_messages_received_total") == 0
+    assert metric(relay, "dane_relay_messages_received_total") == 0
 
 
 def test_overlong_data_line_is_refused_with_500_and_nothing_is_queued(
@@ -84,7 +84,7 @@ def test_overlong_data_line_is_refused_with_500_and_nothing_is_queued(
         assert "too long" in reply.text.lower()
         assert c.cmd("RSET").code == 250
     assert spool_entries(relay, "env") == []
-    assert metric(relay, "relay_messages_received_total") == 0
+    assert metric(relay, "dane_relay_messages_received_total") == 0
 
 
 def test_overlong_command_line_is_refused_with_500(
@@ -114,7 +114,7 @@ def test_recipients_beyond_max_recipients_get_452_and_the_rest_is_delivered(
         assert c.reply().code == 250
     (msg,) = receiver.wait_for(1, timeout=20)
     assert msg.rcpt_tos == ("r0@dane-ok.test", "r1@dane-ok.test", "r2@dane-ok.test")
-    assert metric(relay, "relay_inbound_rejections_total", reason="too_many_recipients") == 1
+    assert metric(relay, "dane_relay_inbound_rejections_total", reason="too_many_recipients") == 1
 
 
 # --- out-of-order commands and pipelining ---------------------------------------------------
@@ -135,7 +135,7 @@ def test_commands_out_of_order_get_503_and_nothing_is_queued(
         assert c.cmd("RCPT TO:<bob>").code == 504  # not fully qualified
         assert c.cmd("DATA").code == 503
     assert spool_entries(relay, "env") == []
-    assert metric(relay, "relay_inbound_rejections_total", reason="bad_recipient") == 1
+    assert metric(relay, "dane_relay_inbound_rejections_total", reason="bad_recipient") == 1
 
 
 def test_pipelined_commands_with_garbage_keep_one_reply_each(
@@ -181,7 +181,7 @@ def test_null_sender_message_is_never_bounced(
     qid = submit(relay, "bob@nullmx.test", BODY, sender="")
     relay.wait_log(rf"queue_id={qid} .*status=bounced", timeout=20)
     relay.wait_log(rf"queue_id={qid} removed")
-    assert metric(relay, "relay_bounces_generated_total") == 0
+    assert metric(relay, "dane_relay_bounces_generated_total") == 0
     relay.wait_log(rf"queue_id={qid} bounce of null-sender message discarded")
 
 
@@ -217,7 +217,7 @@ def test_client_that_disconnects_mid_data_leaves_nothing_queued(
     relay.wait_log(rf"queue_id={qid} removed")
     assert_nothing_queued(relay)
     assert spool_entries(relay, "tmp") == []
-    assert metric(relay, "relay_messages_received_total") == 1
+    assert metric(relay, "dane_relay_messages_received_total") == 1
 
 
 # --- addresses the relay cannot relay ------------------------------------------------------
@@ -276,7 +276,7 @@ def test_recipient_domains_without_a_dns_name_are_refused_553_and_counted(
         assert c.cmd("RSET").code == 250
     assert spool_entries(relay, "env") == []
     count = len(BAD_DOMAINS)
-    assert metric(relay, "relay_inbound_rejections_total", reason="bad_domain") == count
+    assert metric(relay, "dane_relay_inbound_rejections_total", reason="bad_domain") == count
     line = relay.wait_log(r"reject=RCPT .* to=<u@pay\\u200dpal\.de> .*reason=bad-domain ")
     assert "reply=553 5.1.3" in line.group(0)
 
@@ -297,7 +297,7 @@ def test_address_literal_recipient_is_refused_550_with_a_clear_reason(
             )
         assert c.cmd("DATA").code == 503  # no recipient was accepted
     assert spool_entries(relay, "env") == []
-    assert metric(relay, "relay_inbound_rejections_total", reason="address_literal") == 2
+    assert metric(relay, "dane_relay_inbound_rejections_total", reason="address_literal") == 2
     relay.wait_log(r"reject=RCPT .* to=<u@\[192\.0\.2\.1\]> reply=550 5\.1\.2 reason=address-lit")
 
 
@@ -382,5 +382,5 @@ def test_client_that_stalls_in_data_is_cut_off_after_server_timeout(
             received += chunk
     assert b"250" not in received
     assert_nothing_queued(relay)
-    assert metric(relay, "relay_messages_received_total") == 0
+    assert metric(relay, "dane_relay_messages_received_total") == 0
     assert receiver.messages == []

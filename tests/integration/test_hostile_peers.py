@@ -67,9 +67,14 @@ def test_starttls_refused_with_454_on_dane_host_defers_without_plaintext(
     relay.wait_log(rf"queue_id={qid} deferred pending=1")
     assert "MAIL" not in peer.verbs
     assert peer.connections == 1  # no plaintext retry on a DANE host
-    assert metric(relay, "relay_dane_verifications_total", result="failed", reason="handshake") == 1
     assert (
-        metric(relay, "relay_delivery_attempts_total", result="deferred", reason="tls_handshake")
+        metric(relay, "dane_relay_dane_verifications_total", result="failed", reason="handshake")
+        == 1
+    )
+    assert (
+        metric(
+            relay, "dane_relay_delivery_attempts_total", result="deferred", reason="tls_handshake"
+        )
         == 1
     )
 
@@ -137,7 +142,8 @@ def test_421_greeting_defers_with_the_peer_reply(
     relay.wait_log(rf"queue_id={qid} deferred pending=1")
     assert "MAIL" not in peer.verbs
     assert (
-        metric(relay, "relay_delivery_attempts_total", result="deferred", reason="remote_4xx") == 1
+        metric(relay, "dane_relay_delivery_attempts_total", result="deferred", reason="remote_4xx")
+        == 1
     )
 
 
@@ -151,9 +157,10 @@ def test_554_greeting_defers_and_does_not_bounce(
     line = _line(relay, qid)
     assert 'reply="554 5.3.2 No SMTP service here"' in line
     relay.wait_log(rf"queue_id={qid} deferred pending=1")
-    assert metric(relay, "relay_bounces_generated_total") == 0
+    assert metric(relay, "dane_relay_bounces_generated_total") == 0
     assert (
-        metric(relay, "relay_delivery_attempts_total", result="bounced", reason="remote_5xx") == 0
+        metric(relay, "dane_relay_delivery_attempts_total", result="bounced", reason="remote_5xx")
+        == 0
     )
 
 
@@ -166,7 +173,10 @@ def test_peer_that_greets_then_hangs_up_defers(
     line = _line(relay, qid)
     assert 'reply="451 4.4.1 lost connection' in line
     relay.wait_log(rf"queue_id={qid} deferred pending=1")
-    assert metric(relay, "relay_delivery_attempts_total", result="deferred", reason="connect") == 1
+    assert (
+        metric(relay, "dane_relay_delivery_attempts_total", result="deferred", reason="connect")
+        == 1
+    )
 
 
 def test_peer_that_stalls_on_starttls_times_out_and_defers(
@@ -180,7 +190,10 @@ def test_peer_that_stalls_on_starttls_times_out_and_defers(
     relay.wait_log(rf"queue_id={qid} deferred pending=1")
     assert "MAIL" not in peer.verbs
     assert peer.connections == 1
-    assert metric(relay, "relay_delivery_attempts_total", result="deferred", reason="timeout") == 1
+    assert (
+        metric(relay, "dane_relay_delivery_attempts_total", result="deferred", reason="timeout")
+        == 1
+    )
 
 
 def test_peer_that_never_greets_times_out_and_defers(
@@ -230,14 +243,18 @@ def test_mixed_rcpt_replies_give_per_recipient_outcomes(
     relay.wait_log(rf"queue_id={qid} sender non-delivery notification: [0-9A-F]+")
     relay.wait_log(rf"queue_id={qid} deferred pending=1")
     assert len(peer.messages) == 1
-    assert metric(relay, "relay_delivery_attempts_total", result="delivered", reason="sent") == 1
     assert (
-        metric(relay, "relay_delivery_attempts_total", result="bounced", reason="remote_5xx") == 1
+        metric(relay, "dane_relay_delivery_attempts_total", result="delivered", reason="sent") == 1
     )
     assert (
-        metric(relay, "relay_delivery_attempts_total", result="deferred", reason="remote_4xx") == 1
+        metric(relay, "dane_relay_delivery_attempts_total", result="bounced", reason="remote_5xx")
+        == 1
     )
-    assert metric(relay, "relay_bounces_generated_total") == 1
+    assert (
+        metric(relay, "dane_relay_delivery_attempts_total", result="deferred", reason="remote_4xx")
+        == 1
+    )
+    assert metric(relay, "dane_relay_bounces_generated_total") == 1
 
 
 def test_452_to_data_defers_every_recipient_and_sends_no_body(
@@ -251,7 +268,7 @@ def test_452_to_data_defers_every_recipient_and_sends_no_body(
     assert 'reply="452 4.3.1 Insufficient system storage"' in line
     relay.wait_log(rf"queue_id={qid} deferred pending=2")
     assert peer.messages == []
-    assert metric(relay, "relay_bounces_generated_total") == 0
+    assert metric(relay, "dane_relay_bounces_generated_total") == 0
 
 
 def test_452_after_the_final_dot_defers(peers: PeerFactory, relay_factory: RelayFactory) -> None:
@@ -271,8 +288,8 @@ def test_garbage_reply_after_the_final_dot_defers(
     qid = submit(relay, "a@hostile.test", BODY)
     _line(relay, qid)
     relay.wait_log(rf"queue_id={qid} deferred pending=1")
-    assert metric(relay, "relay_queue_messages") == 1
-    assert metric(relay, "relay_bounces_generated_total") == 0
+    assert metric(relay, "dane_relay_queue_messages") == 1
+    assert metric(relay, "dane_relay_bounces_generated_total") == 0
 
 
 # --- several MX hosts --------------------------------------------------------------------------

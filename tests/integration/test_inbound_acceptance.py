@@ -63,10 +63,10 @@ def test_smuggling_inputs_are_refused_and_never_yield_two_messages(
             assert c.cmd("NOOP").code == 250  # one reply per message: nothing smuggled
             assert c.pending_bytes() == b""
     _nothing_queued(relay)
-    assert metric(relay, "relay_inbound_rejections_total", reason="bare_line_ending") == len(
+    assert metric(relay, "dane_relay_inbound_rejections_total", reason="bare_line_ending") == len(
         FAKE_ENDS
     )
-    assert metric(relay, "relay_messages_received_total") == 0
+    assert metric(relay, "dane_relay_messages_received_total") == 0
     relay.wait_log(r"reject=DATA client=\S+ from=<alice@sender\.example> .*reason=bare-line-end")
     # The relay is fine afterwards, and only the clean message reaches the receiver.
     submit(relay, "carol@dane-ok.test", b"Subject: clean\r\n\r\nclean\r\n")
@@ -98,7 +98,7 @@ def test_smuggling_inputs_in_accept_mode_arrive_as_one_message(
     assert msg.rcpt_tos == ("bob@dane-ok.test",)
     assert [addr for addr, _ in receiver.mail_commands] == [SENDER]
     assert b"smuggled message" in msg.content  # carried as text, never as a second message
-    assert metric(relay, "relay_messages_received_total") == 1
+    assert metric(relay, "dane_relay_messages_received_total") == 1
 
 
 def test_oversized_message_is_refused_552_before_its_body_is_stored(
@@ -119,5 +119,5 @@ def test_oversized_message_is_refused_552_before_its_body_is_stored(
         assert (reply.code, reply.text) == (552, "5.3.4 Error: message file too big")
         assert c.cmd("RSET").code == 250
     _nothing_queued(relay)
-    assert metric(relay, "relay_inbound_rejections_total", reason="message_too_big") == 2
-    assert metric(relay, "relay_messages_received_total") == 0
+    assert metric(relay, "dane_relay_inbound_rejections_total", reason="message_too_big") == 2
+    assert metric(relay, "dane_relay_messages_received_total") == 0

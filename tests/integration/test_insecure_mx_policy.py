@@ -34,8 +34,8 @@ def test_insecure_mx_with_secure_tlsa_is_dane_and_logged_trusted(
     assert "dnssec=mx-insecure" in line
     assert "tls=trusted(" in line
     assert "dane=pass reason=match" in line
-    assert metric(relay, "relay_outbound_tls_total", level="trusted") == 1
-    assert metric(relay, "relay_outbound_tls_total", level="verified") == 0
+    assert metric(relay, "dane_relay_outbound_tls_total", level="trusted") == 1
+    assert metric(relay, "dane_relay_outbound_tls_total", level="verified") == 0
 
 
 def test_insecure_mx_policy_dane_still_defers_a_mismatch(
@@ -70,5 +70,7 @@ def test_insecure_mx_policy_may_and_encrypt_deliver_without_dane(
     assert "dnssec=mx-insecure" in line
     assert f"tls={tls}(" in line
     assert "dane=none" in line
-    assert metric(relay, "relay_dane_verifications_total", result="failed", reason="no-match") == 0
-
+    assert (
+        metric(relay, "dane_relay_dane_verifications_total", result="failed", reason="no-match")
+        == 0
+    )

@@ -3,7 +3,7 @@
 A non-validating resolver is a second unbound in the lab that only iterates (no trust
 anchor, `module-config: "iterator"`): it answers every lab name, bogus ones included, and
 never sets AD. Against it the relay must keep running but say so: one WARNING line with
-the fix, `relay_resolver_validating 0`, `/readyz` 503 "degraded", level dane reduced to
+the fix, `dane_relay_resolver_validating 0`, `/readyz` 503 "degraded", level dane reduced to
 opportunistic TLS, level dane-only deferred; and with `require_validating_resolver = true`
 it must refuse to start (exit 69). Against the lab's validating unbound: gauge 1, 200.
 The recovery test swaps the resolver behind one address from non-validating to
@@ -76,7 +76,7 @@ def test_non_validating_resolver_is_reported_loudly_with_the_fix(
     assert warning.group(1) == f"./DNSKEY from {plain_resolver}:53 answered without the AD bit"
     relay.wait_log(r"started .* resolver_validating=no ")
     assert len(_log_lines(relay, r"WARNING relay: resolver=.* does not validate")) == 1
-    assert metric(relay, "relay_resolver_validating") == 0
+    assert metric(relay, "dane_relay_resolver_validating") == 0
     status, body = _http(relay, "/readyz")
     assert status == 503
     assert body == (
@@ -98,8 +98,10 @@ def test_dane_destination_gets_opportunistic_tls_without_a_validating_resolver(
     assert "dnssec=unvalidated" in line
     assert "tls=encrypted(" in line
     assert "dane=none" in line
-    assert metric(relay, "relay_dane_verifications_total", result="verified", reason="match") == 0
-    assert metric(relay, "relay_outbound_tls_total", level="encrypted") == 1
+    assert (
+        metric(relay, "dane_relay_dane_verifications_total", result="verified", reason="match") == 0
+    )
+    assert metric(relay, "dane_relay_outbound_tls_total", level="encrypted") == 1
 
 
 def test_bogus_data_is_not_trusted_from_a_non_validating_resolver(
@@ -127,7 +129,7 @@ def test_dane_only_destination_is_deferred_without_a_validating_resolver(
     relay.wait_log(rf"queue_id={qid} deferred pending=1")
     assert receiver.mail_commands == []
     assert receiver.server_names == []  # not even a TLS handshake
-    assert metric(relay, "relay_queue_messages") == 1
+    assert metric(relay, "dane_relay_queue_messages") == 1
 
 
 def test_require_validating_resolver_refuses_to_start_with_exit_69(
@@ -167,7 +169,7 @@ def test_unanswering_resolver_keeps_dane_on_and_readiness_says_not_answering(
     assert warning.group(1).startswith(f"./DNSKEY from {dead}:53 ")
     relay.wait_log(r"started .* resolver_validating=unknown ")
     assert _log_lines(relay, "DANE is off") == []
-    assert metric(relay, "relay_resolver_validating") == 1
+    assert metric(relay, "dane_relay_resolver_validating") == 1
     status, body = _http(relay, "/readyz")
     assert status == 503
     assert body.startswith(f"degraded: resolver not answering: ./DNSKEY from {dead}:53 ")
@@ -177,7 +179,7 @@ def test_unanswering_resolver_keeps_dane_on_and_readiness_says_not_answering(
     line = relay.attempt_line(qid, "deferred")
     assert 'reply="451 4.4.3' in line
     assert receiver.mail_commands == []
-    assert metric(relay, "relay_outbound_tls_total", level="encrypted") == 0
+    assert metric(relay, "dane_relay_outbound_tls_total", level="encrypted") == 0
 
 
 def test_require_validating_resolver_gives_up_on_an_unanswering_resolver_with_exit_69(
@@ -218,7 +220,7 @@ def test_validating_resolver_gives_gauge_1_and_ready(
     relay = start_relay(relay_factory, {"dns": {"require_validating_resolver": "true"}})
     relay.wait_log(rf"INFO relay: resolver={re.escape(dns_lab.resolver_addr)}:53 validates DNSSEC")
     relay.wait_log(r"started .* resolver_validating=yes ")
-    assert metric(relay, "relay_resolver_validating") == 1
+    assert metric(relay, "dane_relay_resolver_validating") == 1
     assert _http(relay, "/readyz") == (200, "ok\n")
     assert _log_lines(relay, r"WARNING relay: resolver=") == []
 
@@ -234,7 +236,7 @@ def test_probe_notices_when_the_resolver_starts_validating(
             relay_factory, {"dns": {"validation_interval": '"0.5s"'}}, resolvers=[swap]
         )
         relay.wait_log(r"WARNING relay: resolver=.* does not validate DNSSEC")
-        assert metric(relay, "relay_resolver_validating") == 0
+        assert metric(relay, "dane_relay_resolver_validating") == 0
         # Mail meanwhile goes out with opportunistic TLS, and its answers are cached.
         (receiver,) = receivers.start("dane-ok.test")
         first = submit(relay, "bob@dane-ok.test", BODY)
@@ -248,7 +250,7 @@ def test_probe_notices_when_the_resolver_starts_validating(
             rf"INFO relay: resolver={re.escape(swap)}:53 validates DNSSEC again .*DANE is back on",
             timeout=20,
         )
-        assert metric(relay, "relay_resolver_validating") == 1
+        assert metric(relay, "dane_relay_resolver_validating") == 1
         assert _http(relay, "/readyz") == (200, "ok\n")
         # DANE applies again at once: the insecure answers cached before the recovery
         # (TTL 300 s) were dropped, not reused.

@@ -76,14 +76,18 @@ def test_three_receivers_250_451_550_delivered_deferred_bounced_in_one_attempt_e
         # recipient), so no content followed; RFC 5321 §3.3.
         assert peer.verbs[-4:] == ["MAIL", "RCPT", "DATA", "QUIT"]
         assert peer.messages == []
-    assert metric(relay, "relay_delivery_attempts_total", result="delivered", reason="sent") == 1
     assert (
-        metric(relay, "relay_delivery_attempts_total", result="deferred", reason="remote_4xx") == 1
+        metric(relay, "dane_relay_delivery_attempts_total", result="delivered", reason="sent") == 1
     )
     assert (
-        metric(relay, "relay_delivery_attempts_total", result="bounced", reason="remote_5xx") == 1
+        metric(relay, "dane_relay_delivery_attempts_total", result="deferred", reason="remote_4xx")
+        == 1
     )
-    assert metric(relay, "relay_bounces_generated_total") == 1
+    assert (
+        metric(relay, "dane_relay_delivery_attempts_total", result="bounced", reason="remote_5xx")
+        == 1
+    )
+    assert metric(relay, "dane_relay_bounces_generated_total") == 1
 
 
 def test_message_over_the_peer_size_limit_bounces_5_3_4_without_mail_from(
@@ -103,7 +107,9 @@ def test_message_over_the_peer_size_limit_bounces_5_3_4_without_mail_from(
     assert "MAIL" not in peer.verbs
     assert peer.messages == []
     assert (
-        metric(relay, "relay_delivery_attempts_total", result="bounced", reason="message_too_big")
+        metric(
+            relay, "dane_relay_delivery_attempts_total", result="bounced", reason="message_too_big"
+        )
         == 1
     )
 

@@ -60,6 +60,7 @@ ADDRESS_PREFERENCES = ("any", "ipv6", "ipv4")
 # Record types the resolver validation probe may ask for.
 PROBE_TYPES = ("DNSKEY", "SOA", "NS", "DS", "A", "AAAA", "MX", "TXT", "TLSA")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 _DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhdw]?)\s*")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -235,6 +236,7 @@ class MetricsConfig:
 @dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "info"
+    format: str = "text"  # text (key=value lines) or json (one JSON object per line)
 
 
 @dataclass(frozen=True, slots=True)
@@ -882,7 +884,10 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
         )
 
     s = section("log")
-    log = LogConfig(level=s.get("level", LogConfig().level, _choice(LOG_LEVELS), "a log level"))
+    log = LogConfig(
+        level=s.get("level", LogConfig().level, _choice(LOG_LEVELS), "a log level"),
+        format=s.get("format", LogConfig().format, _choice(LOG_FORMATS), "text or json"),
+    )
     s.finish()
 
     return Config(

@@ -17,17 +17,19 @@ import math
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from relay.errors import ConfigError
+from relay.smtp.domain import DomainSyntaxError, ascii_domain
 
 __all__ = [
     "Config",
     "DeliveryConfig",
     "DnsConfig",
     "Endpoint",
+    "GatewayConfig",
     "Listener",
     "LogConfig",
     "MetricsConfig",
@@ -46,6 +48,7 @@ __all__ = [
     "parse_duration",
     "parse_endpoint",
     "parse_next_hop",
+    "recipient_key",
 ]
 
 # Postfix-compatible security level names (DESIGN.md "TLS security levels").
@@ -132,6 +135,9 @@ class ServerConfig:
     auth_file: Path | None = None
     auth_failure_limit: int = 5
     auth_failure_window: float = 600.0
+    # Received: header of an authenticated session: name the AUTH user in it (Postfix
+    # smtpd_sasl_authenticated_header, default no: the user stays private).
+    received_auth_user: bool = False
     # SIGTERM: listeners close at once; open SMTP sessions and running deliveries get this
     # long to finish, then whatever is left stays queued.
     shutdown_grace: float = 20.0
@@ -229,6 +235,29 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """Inbound gateway mode ([gateway]); off while `domains` is empty.
+
+    Mail for `domains` is accepted from any client and routed to `next_hop` at `tls_level`
+    (parse_config adds them to [delivery.transport] and [tls.policy]). `recipients` holds
+    "user@domain" (local part compared case-insensitively) and "@domain" (any user)
+    entries, normalised; with it or `recipients_file`, other local recipients get 550 5.1.1.
+    """
+
+    domains: tuple[str, ...] = ()
+    recipients: tuple[str, ...] = ()
+    recipients_file: Path | None = None
+    next_hop: NextHop | None = None
+    # The internal hop is usually reached by a name without DNSSEC or TLSA and often has a
+    # private certificate: opportunistic TLS, as Postfix's default for a relay transport.
+    tls_level: str = "may"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.domains)
+
+
+@dataclass(frozen=True, slots=True)
 class MetricsConfig:
     listen: Endpoint | None = Endpoint("127.0.0.1", 9425)
 
@@ -248,6 +277,7 @@ class Config:
     dns: DnsConfig = field(default_factory=DnsConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -562,6 +592,34 @@ def _listener(file: Path, index: int, table: Mapping[str, Any]) -> Listener:
     return Listener(ep.host, ep.port, require_tls=flags["require_tls"], auth=flags["auth"])
 
 
+_GATEWAY_DOMAINS_WHAT = 'a list of mail domains such as ["example.com"]'
+_GATEWAY_RECIPIENTS_WHAT = 'a list of addresses such as ["alice@example.com", "@example.org"]'
+
+
+def _mail_domain(raw: str) -> str:
+    try:
+        return ascii_domain(raw)
+    except DomainSyntaxError as exc:
+        raise ValueError(f"{_GATEWAY_DOMAINS_WHAT} ({exc})") from None
+
+
+def recipient_key(address: str) -> str:
+    """A gateway recipient entry as it is compared: "user@domain" with the local part in
+    lower case and the domain in A-label form, or "@domain" (every user of the domain).
+
+    Raises:
+        ValueError: not such an address (an empty local part other than "@domain", an "@"
+            or white space in the local part, a domain mail cannot be routed by).
+    """
+    local, at, domain = address.rpartition("@")
+    if not at or any(c.isspace() for c in local) or "@" in local or not local.isprintable():
+        raise ValueError(_GATEWAY_RECIPIENTS_WHAT)
+    try:
+        return f"{local.lower()}@{ascii_domain(domain)}"
+    except DomainSyntaxError as exc:
+        raise ValueError(f"{_GATEWAY_RECIPIENTS_WHAT} ({exc})") from None
+
+
 def _file_path(raw: Any) -> Path:
     if not isinstance(raw, str) or not raw:
         raise ValueError("a file path")
@@ -582,7 +640,7 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
     Raises:
         ConfigError: the first problem found, naming file and key.
     """
-    sections = {"server", "relay", "spool", "dns", "tls", "delivery", "metrics", "log"}
+    sections = {"server", "relay", "spool", "dns", "tls", "delivery", "gateway", "metrics", "log"}
     for name in data:
         if name not in sections:
             raise ConfigError(
@@ -635,9 +693,13 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
             _positive_float("a positive duration"),
             "a duration",
         ),
-        shutdown_grace=s.get(
-            "shutdown_grace", d_server.shutdown_grace, _duration, "a duration"
+        received_auth_user=s.get(
+            "received_auth_user",
+            d_server.received_auth_user,
+            _typed(bool, "true or false"),
+            "true or false",
         ),
+        shutdown_grace=s.get("shutdown_grace", d_server.shutdown_grace, _duration, "a duration"),
     )
     s.finish()
     if (server.tls_cert_file is None) != (server.tls_key_file is None):
@@ -871,6 +933,10 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
             f"({delivery.min_backoff:g}s), got {delivery.max_backoff:g}s"
         )
 
+    gateway = _gateway(section("gateway"), file)
+    if gateway.enabled:
+        tls, delivery = _route_gateway(gateway, tls, delivery, file)
+
     s = section("metrics")
     metrics = MetricsConfig(
         listen=s.get("listen", MetricsConfig().listen, _metrics_listen, "an address")
@@ -898,8 +964,86 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
         dns=dns_cfg,
         tls=tls,
         delivery=delivery,
+        gateway=gateway,
         metrics=metrics,
         log=log,
+    )
+
+
+def _gateway(s: _Section, file: Path) -> GatewayConfig:
+    """[gateway], checked on its own (see `_route_gateway` for how it meets the rest)."""
+    d = GatewayConfig()
+    gateway = GatewayConfig(
+        domains=s.get(
+            "domains",
+            d.domains,
+            _list_of(_mail_domain, _GATEWAY_DOMAINS_WHAT, min_items=0),
+            _GATEWAY_DOMAINS_WHAT,
+        ),
+        recipients=s.get(
+            "recipients",
+            d.recipients,
+            _list_of(recipient_key, _GATEWAY_RECIPIENTS_WHAT, min_items=0),
+            _GATEWAY_RECIPIENTS_WHAT,
+        ),
+        recipients_file=s.get("recipients_file", d.recipients_file, _file_path, "a file path"),
+        next_hop=s.get("next_hop", d.next_hop, _next_hop, "a next hop"),
+        tls_level=s.get("tls_level", d.tls_level, _choice(TLS_LEVELS), "a TLS level"),
+    )
+    s.finish()
+    if not gateway.domains:
+        given = [k for k in ("next_hop", "recipients", "recipients_file") if s.table.get(k)]
+        if given:
+            raise ConfigError(
+                f"{file}: gateway.domains: expected at least one domain (gateway.{given[0]} "
+                f"is set), got {_show(s.table.get('domains', []))}"
+            )
+        return gateway
+    seen: set[str] = set()
+    for domain in gateway.domains:
+        if domain in seen:
+            raise ConfigError(
+                f"{file}: gateway.domains: expected each domain once, got {domain!r} twice"
+            )
+        seen.add(domain)
+    if gateway.next_hop is None:
+        raise ConfigError(
+            f"{file}: gateway.next_hop: expected the internal server for the gateway domains, "
+            'such as "[mail.internal.example]:25", got nothing'
+        )
+    for key in gateway.recipients:
+        if key.rpartition("@")[2] not in seen:
+            raise ConfigError(
+                f"{file}: gateway.recipients: expected addresses in gateway.domains, got {key!r}"
+            )
+    return gateway
+
+
+def _route_gateway(
+    gateway: GatewayConfig, tls: TlsConfig, delivery: DeliveryConfig, file: Path
+) -> tuple[TlsConfig, DeliveryConfig]:
+    """The gateway domains as [delivery.transport] and [tls.policy] entries, so delivery
+    routes them to the next hop at gateway.tls_level like any other configured domain.
+
+    Raises:
+        ConfigError: either table already has an exact entry for a gateway domain.
+    """
+    assert gateway.next_hop is not None
+    transport, policy = dict(delivery.transport), dict(tls.policy)
+    for domain in gateway.domains:
+        for name, table, says in (
+            ("delivery.transport", transport, "gateway.next_hop routes it"),
+            ("tls.policy", policy, "gateway.tls_level sets its level"),
+        ):
+            if domain in table:
+                raise ConfigError(
+                    f"{file}: {name}.{domain}: expected no entry for a gateway domain "
+                    f"({says}), got {_show(str(table[domain]))}"
+                )
+    hop = gateway.next_hop
+    return (
+        replace(tls, policy=tls.policy + tuple((d, gateway.tls_level) for d in gateway.domains)),
+        replace(delivery, transport=delivery.transport + tuple((d, hop) for d in gateway.domains)),
     )
 
 

@@ -1,9 +1,11 @@
 """aiosmtpd handler: relay access policy and the durable DATA commit.
 
 Contract:
-- RCPT is refused with 554 5.7.1 unless the client address is in
-  `relay.networks` (Postfix "Relay access denied"); the refusal is logged with the
-  client address and counted.
+- RCPT goes through `relay.inbound.gateway.rcpt_verdict` first: a client whose address is
+  not in `relay.networks` and that has not authenticated gets 550 5.7.1 (Postfix "Relay
+  access denied"; RFC 5321 §3.6.2) unless the recipient is in a [gateway] domain; with a
+  gateway recipient list an unknown local recipient gets 550 5.1.1. Logged with the
+  client address and counted (`relay_denied`, `unknown_recipient`).
 - RCPT is refused with 550 5.1.2 for an address literal (delivery is by MX only) and
   with 553 5.1.3 for a domain that has no DNS name (`relay.smtp.domain.ascii_domain`:
   bad syntax, invalid IDNA 2008, escapes, over-long labels); logged and counted as
@@ -18,6 +20,11 @@ Contract:
   the one message, and rejecting it means one message can never become two (SMTP
   smuggling, RFC 5321 §2.3.8, §4.1.1.4). Logged and counted as `bare_line_ending`.
 - Unexpected exceptions become 451 4.3.0, never a 500 with exception text.
+- Every queued message starts with a `Received:` header (RFC 5321 §4.4) naming the HELO
+  name, the client address, the TLS version and cipher when STARTTLS was used, the
+  protocol (RFC 3848: ESMTP, ESMTPS, ESMTPA, ESMTPSA; SMTP after HELO), the queue id and,
+  for a single recipient, `for <address>`. The AUTH user is named only with
+  `server.received_auth_user` (Postfix smtpd_sasl_authenticated_header, default no).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from typing import Any
 
 from relay.config import RelayConfig, ServerConfig
 from relay.errors import SpoolError
+from relay.inbound.gateway import Gateway, rcpt_verdict
 from relay.metrics import Metrics
 from relay.smtp.address import escaped, wire_safe
 from relay.smtp.domain import DomainSyntaxError, ascii_domain, is_address_literal
@@ -52,8 +60,12 @@ class RelayHandler:
         hostname: str,
         metrics: Metrics,
         on_queued: Callable[[QueuedMessage], None],
+        gateway: Gateway | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
+        self.gateway = gateway
+        self.clock = clock
         self.server_cfg = server_cfg
         self.relay_cfg = relay_cfg
         self.hostname = hostname
@@ -100,16 +112,13 @@ class RelayHandler:
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
     ) -> str:
-        client = _peer_text(session.peer)
-        if not (session.authenticated or self._may_relay(session.peer)):
-            self.metrics.inbound_rejections.labels("relay_denied").inc()
-            log.warning(
-                "reject=RCPT client=%s from=<%s> to=<%s> reply=554 5.7.1 reason=relay-denied",
-                client,
-                _sender(envelope),
-                address,
+        privileged = bool(session.authenticated) or self._may_relay(session.peer)
+        verdict = rcpt_verdict(address, privileged, self.gateway)
+        if verdict.status is not None:
+            self._refuse_rcpt(
+                session, envelope, address, verdict.reason, verdict.status, verdict.why
             )
-            return f"554 5.7.1 <{address}>: Relay access denied"
+            return f"{verdict.status} <{escaped(address)}>: {verdict.text}"
         if not wire_safe(address):
             self.metrics.inbound_rejections.labels("bad_recipient").inc()
             return "501 5.1.3 Bad recipient address syntax"
@@ -218,19 +227,33 @@ class RelayHandler:
         return "451 4.3.0 Internal error, try again later"
 
     def _received_header(self, session: Any, envelope: Any, qid: str) -> bytes:
-        proto = (
-            "ESMTPS"
-            if getattr(session, "ssl", None)
-            else ("ESMTP" if getattr(session, "extended_smtp", False) else "SMTP")
-        )
+        """RFC 5321 §4.4 trace header; the WITH protocol names per RFC 3848."""
+        tls = getattr(session, "ssl", None) or {}
+        ssl_object = tls.get("ssl_object") if isinstance(tls, dict) else None
+        authenticated = bool(getattr(session, "authenticated", False))
+        if not getattr(session, "extended_smtp", False):
+            proto = "SMTP"
+        else:
+            proto = (
+                "ESMTP" + ("S" if ssl_object is not None else "") + ("A" if authenticated else "")
+            )
+        # A HELO name is client data: printable ASCII only in a header (RFC 5322 §2.2).
+        helo = escaped(session.host_name or "unknown")[:255]
+        lines = [f"Received: from {helo} ([{_peer_text(session.peer)}])"]
+        if ssl_object is not None:
+            cipher, version, bits = ssl_object.cipher() or ("unknown", "unknown", 0)
+            # Python reports the secret bits only; every TLS 1.2+ cipher the listener allows
+            # uses all of its algorithm's bits, so both figures of Postfix's form agree.
+            lines.append(f"\t(using {version} with cipher {cipher} ({bits}/{bits} bits))")
+        if authenticated and self.server_cfg.received_auth_user:
+            login = getattr(session, "login_data", None) or b""
+            user = login.decode("utf-8", "replace") if isinstance(login, bytes) else str(login)
+            lines.append(f"\t(Authenticated sender: {escaped(user)[:255]})")
         rcpt = f"\r\n\tfor <{envelope.rcpt_tos[0]}>" if len(envelope.rcpt_tos) == 1 else ""
-        helo = (session.host_name or "unknown").replace("\r", "").replace("\n", "")[:255]
-        date = email.utils.formatdate(time.time(), localtime=False)
-        return (
-            f"Received: from {helo} ([{_peer_text(session.peer)}])\r\n"
-            f"\tby {self.hostname} (dane-relay) with {proto} id {qid}{rcpt};\r\n"
-            f"\t{date}\r\n"
-        ).encode("utf-8", "replace")
+        date = email.utils.formatdate(self.clock(), localtime=False)
+        lines.append(f"\tby {self.hostname} (dane-relay) with {proto} id {qid}{rcpt};")
+        lines.append(f"\t{date}")
+        return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
 
 
 def has_bare_line_ending(content: bytes) -> bool:

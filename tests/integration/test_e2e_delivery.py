@@ -243,14 +243,14 @@ def test_message_survives_sigkill_after_250_and_is_delivered_after_restart(
     assert receiver.messages == [msg]  # exactly once
 
 
-def test_client_outside_relay_networks_is_refused_with_554(
+def test_client_outside_relay_networks_is_refused_with_550(
     dns_lab: DnsLab, receivers: ReceiverPool, relay_factory: RelayFactory
 ) -> None:
     relay = relay_factory(networks=["192.0.2.0/24"])
     host, port = relay.smtp_addr
     with pytest.raises(smtplib.SMTPResponseException) as info:
         send_mail(host, port, SENDER, ["bob@dane-ok.test"], BODY)
-    assert info.value.smtp_code == 554
+    assert info.value.smtp_code == 550  # RFC 5321 §3.6.2: relaying declined by policy
     assert b"5.7.1" in info.value.smtp_error
     assert b"Relay access denied" in info.value.smtp_error
     relay.wait_log(r"reject=RCPT client=127\.\S+ .*reason=relay-denied")

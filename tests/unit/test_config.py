@@ -22,6 +22,7 @@ from relay.config import (
     DeliveryConfig,
     DnsConfig,
     Endpoint,
+    GatewayConfig,
     LogConfig,
     MetricsConfig,
     NextHop,
@@ -47,6 +48,7 @@ SECTIONS: dict[str, type] = {
     "dns": DnsConfig,
     "tls": TlsConfig,
     "delivery": DeliveryConfig,
+    "gateway": GatewayConfig,
     "metrics": MetricsConfig,
     "log": LogConfig,
 }
@@ -60,6 +62,8 @@ COMMENTED_OUT = {
     ("server", "auth_file"),
     ("tls", "ca_file"),
     ("delivery", "relayhost"),
+    ("gateway", "recipients_file"),
+    ("gateway", "next_hop"),
 }
 
 

@@ -2,14 +2,16 @@
 them with liveness (/healthz) and readiness (/readyz).
 
 Each `Metrics` instance owns its own registry, so two relays in one process (tests)
-never share counters. Label values are small closed sets (outcome, reason tokens),
-never addresses or domains, to keep cardinality bounded.
+never share counters. Label values are small closed sets (outcome, reason tokens, TLS
+protocol versions and the cipher suites OpenSSL can negotiate), never addresses or
+domains, to keep cardinality bounded. docs/metrics.md lists every metric, label and value.
 """
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from http.server import ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -17,10 +19,22 @@ from urllib.parse import urlsplit
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import MetricsHandler
 
-__all__ = ["Metrics", "MetricsServer", "Readiness"]
+__all__ = ["DANE_REASONS", "Metrics", "MetricsServer", "Readiness"]
 
 # What keeps the relay from being ready: one short phrase per problem, none when ready.
 Readiness = Callable[[], Sequence[str]]
+
+#: The `reason` label of dane_relay_dane_verifications_total for the tokens the relay logs
+#: (relay.dane.match.DaneVerdict.reason, relay.delivery.secure, the policy's host skips);
+#: tokens not listed here (expired, chain-invalid, name-mismatch, ...) are used as they are.
+DANE_REASONS = {
+    "no-match": "mismatch",
+    "handshake": "handshake-error",
+    "no-usable-records": "unusable-tlsa",
+    "tlsa_lookup": "tlsa-lookup-error",
+    "tlsa_malformed": "tlsa-malformed",
+    "dane_required": "dane-required",
+}
 
 _DELAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400)
 
@@ -47,10 +61,24 @@ class Metrics:
             "Failed SMTP AUTH attempts (wrong user or password)",
             registry=r,
         )
+        self.inbound_sessions = Counter(
+            "dane_relay_inbound_sessions",
+            "Inbound SMTP connections by how they ended (quit, disconnected, timeout, "
+            "shutdown, refused) and whether STARTTLS was completed (yes, no)",
+            ["outcome", "tls"],
+            registry=r,
+        )
         self.delivery_attempts = Counter(
             "dane_relay_delivery_attempts",
             "Per-recipient delivery attempt outcomes",
             ["result", "reason"],
+            registry=r,
+        )
+        self.delivery_tls = Counter(
+            "dane_relay_delivery_attempts_by_tls",
+            "Per-recipient delivery attempt outcomes by the TLS level of the connection "
+            "that decided them (verified, trusted, encrypted, none)",
+            ["result", "tls"],
             registry=r,
         )
         self.dane_verifications = Counter(
@@ -63,6 +91,13 @@ class Metrics:
             "dane_relay_outbound_tls",
             "Outbound SMTP sessions by TLS outcome (verified/trusted/encrypted/none)",
             ["level"],
+            registry=r,
+        )
+        self.tls_negotiated = Counter(
+            "dane_relay_tls_negotiated",
+            "TLS sessions by direction (inbound STARTTLS, outbound), protocol version and "
+            "cipher suite",
+            ["direction", "version", "cipher"],
             registry=r,
         )
         self.connection_reuse = Counter(
@@ -107,13 +142,21 @@ class Metrics:
             "dane_relay_bounces_generated", "Delivery status notifications queued", registry=r
         )
         self.queue_size = Gauge(
-            "dane_relay_queue_messages", "Messages currently in the queue", registry=r
-        )
-        self.queue_deferred = Gauge(
-            "dane_relay_queue_deferred_messages",
-            "Queued messages that have had at least one failed attempt",
+            "dane_relay_queue_messages",
+            "Messages in the queue by state: active (no attempt has failed yet), deferred "
+            "(at least one has), held (by the operator)",
+            ["state"],
             registry=r,
         )
+        for state in ("active", "deferred", "held"):
+            self.queue_size.labels(state).set(0)
+        self._oldest_received: float | None = None
+        self.queue_oldest_age = Gauge(
+            "dane_relay_queue_oldest_message_age_seconds",
+            "Age of the oldest queued message (0 when the queue is empty)",
+            registry=r,
+        )
+        self.queue_oldest_age.set_function(self._oldest_age)
         self.delivery_delay = Histogram(
             "dane_relay_delivery_delay_seconds",
             "Time from acceptance to successful delivery, per recipient",
@@ -128,6 +171,31 @@ class Metrics:
 
     def dns_cache(self, result: str) -> None:
         self.dns_cache_requests.labels(result).inc()
+
+    def delivery_result(self, result: str, reason: str, tls: str) -> None:
+        """One recipient's attempt outcome, by reason and by TLS level."""
+        self.delivery_attempts.labels(result, reason).inc()
+        self.delivery_tls.labels(result, tls).inc()
+
+    def dane_result(self, result: str, reason: str) -> None:
+        """A DANE outcome; `reason` is the logged token, counted as DANE_REASONS says."""
+        self.dane_verifications.labels(result, DANE_REASONS.get(reason, reason)).inc()
+
+    def tls_session(self, direction: str, version: str, cipher: str) -> None:
+        self.tls_negotiated.labels(direction, version or "unknown", cipher or "unknown").inc()
+
+    def set_queue(
+        self, *, active: int, deferred: int, held: int, oldest_received: float | None
+    ) -> None:
+        """The queue by state, and the arrival time (epoch) of its oldest message."""
+        self.queue_size.labels("active").set(active)
+        self.queue_size.labels("deferred").set(deferred)
+        self.queue_size.labels("held").set(held)
+        self._oldest_received = oldest_received  # one reference: read safely at scrape time
+
+    def _oldest_age(self) -> float:
+        oldest = self._oldest_received
+        return 0.0 if oldest is None else max(0.0, time.time() - oldest)
 
 
 class _Server(ThreadingHTTPServer):

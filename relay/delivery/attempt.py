@@ -95,7 +95,7 @@ class AttemptRecorder:
             self.log_results(attempt, out, received)
         else:
             for _ in out:
-                self.metrics.delivery_attempts.labels(outcome.value, reason).inc()
+                self.metrics.delivery_result(outcome.value, reason, attempt.tls)
         return out
 
     def finish(
@@ -145,7 +145,7 @@ class AttemptRecorder:
         groups: dict[tuple[Outcome, SmtpReply, str], list[str]] = {}
         for r in results:
             groups.setdefault((r.outcome, r.reply, r.reason), []).append(r.recipient)
-            self.metrics.delivery_attempts.labels(r.outcome.value, r.reason).inc()
+            self.metrics.delivery_result(r.outcome.value, r.reason, attempt.tls)
             if r.outcome is Outcome.DELIVERED:
                 self.metrics.delivery_delay.observe(max(0.0, self.clock() - received))
         for (outcome, reply, reason), rcpts in groups.items():

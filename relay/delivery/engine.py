@@ -456,6 +456,7 @@ class DeliveryEngine:
         if route.failure is not None:
             if decision.reason in _DANE_SKIPS:
                 attempt.dane, attempt.dane_detail = "fail", f"reason={decision.reason}"
+                self.metrics.dane_result(DaneStatus.FAILED.value, decision.reason)
             self.record.log_failure(attempt, route.failure, received)
             raise route.failure
         assert decision.requirement is not None
@@ -506,6 +507,7 @@ class DeliveryEngine:
             )
         if route.tlsa_state is TlsaState.SECURE_UNUSABLE:
             # RFC 7672 §3.1.3: only unusable records: encrypt without authentication.
+            self.metrics.dane_result(DaneStatus.UNAUTHENTICATED.value, "no-usable-records")
             log.info(
                 "queue_id=%s host=%s dane=unusable records=%s",
                 attempt.queue_id,
@@ -567,13 +569,15 @@ class DeliveryEngine:
                 attempt.relay,
             )
         attempt.tls = setup.tls
+        if setup.tls_version:
+            self.metrics.tls_session("outbound", setup.tls_version, setup.cipher)
         if setup.tls != "none" and setup.tls_version:
             attempt.tls_detail = f"({setup.tls_version} {setup.cipher})"
         if setup.dane == "none":
             return
         verdict = setup.verdict
         status = verdict.status.value if verdict is not None else DaneStatus.FAILED.value
-        self.metrics.dane_verifications.labels(status, setup.dane_reason).inc()
+        self.metrics.dane_result(status, setup.dane_reason)
         attempt.dane = setup.dane
         attempt.dane_detail = f"reason={setup.dane_reason}"
         if verdict is not None and verdict.matched:

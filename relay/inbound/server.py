@@ -24,6 +24,10 @@ Contract:
   connection that arrives late gets the 421 instead of the greeting. `Sessions.drain()`
   waits for the sessions to end and closes those still open after the grace with the 421
   (a message that got no 250 is still the client's to retry).
+- One INFO line per session when it ends (logger `relay.smtpd`): `session client=… helo=…
+  tls=… auth=yes|no messages=N queue_ids=… outcome=quit|disconnected|timeout|shutdown
+  duration=…`, counted in `dane_relay_inbound_sessions_total` (refused connections as
+  outcome `refused`); a completed STARTTLS is counted in `dane_relay_tls_negotiated_total`.
 """
 
 from __future__ import annotations
@@ -33,11 +37,12 @@ import contextlib
 import functools
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, syntax
 
 from relay.config import Endpoint, Listener, ServerConfig
 from relay.inbound.auth import Credentials, FailureLimiter
@@ -141,6 +146,10 @@ _ENHANCED = {
 }
 
 
+#: The start of RelayHandler.handle_DATA's reply once a message is queued.
+_QUEUED = "250 2.0.0 Ok: queued as "
+
+
 @dataclass
 class AuthGate:
     """What AUTH checks against: the credentials file and the per-client failure limit."""
@@ -175,6 +184,10 @@ class LimitedSMTP(SMTP):
             self._authenticator = self._check_login
         self._sessions = sessions
         self._busy = False  # a command is being handled
+        self._opened = time.monotonic()
+        self._ended = "disconnected"  # how the session ended, for its log line and metric
+        self._tls = "none"  # "TLSv1.3/TLS_AES_256_GCM_SHA384" once STARTTLS is done
+        self._queued: list[str] = []  # queue ids answered 250 in this session
         self._smtp_methods = {
             verb: method if verb == "QUIT" else self._guarded(method)
             for verb, method in self._smtp_methods.items()
@@ -222,6 +235,7 @@ class LimitedSMTP(SMTP):
         if transport is None or transport.is_closing():
             return
         log.info("shutdown client=%s reply=421 4.3.2 state=%s", self._client, state)
+        self._ended = "shutdown"
         # RFC 5321 §3.8 and §4.2.3: 421 may answer any command when the service must shut
         # down; the server then closes the channel.
         self._writer.write(f"421 4.3.2 {self.hostname} Service shutting down\r\n".encode())
@@ -263,15 +277,31 @@ class LimitedSMTP(SMTP):
             return
         await super().smtp_AUTH(arg)
 
+    @syntax("QUIT")  # aiosmtpd's HELP lists the commands that carry a syntax
+    async def smtp_QUIT(self, arg: str) -> None:
+        if not arg:
+            self._ended = "quit"
+        await super().smtp_QUIT(arg)
+
+    def _timeout_cb(self) -> None:  # aiosmtpd's idle timeout (server.timeout)
+        self._ended = "timeout"
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._original_transport is not None or self.transport is not None:
             super().connection_made(transport)  # the TLS layer after STARTTLS
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:  # called once the handshake is complete
+                version, cipher = ssl_object.version() or "", (ssl_object.cipher() or ("",))[0]
+                self._tls = f"{version}/{cipher}"
+                self._metrics.tls_session("inbound", version, cipher)
             return
         peer = transport.get_extra_info("peername")
         client = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
         if self._sessions is not None and self._sessions.closing:
             # Accepted just before the listener closed: RFC 5321 §3.8, 421 and close.
             self._refused = True
+            self._metrics.inbound_sessions.labels("refused", "no").inc()
             log.info("reject=CONNECT client=%s reply=421 4.3.2 reason=shutting-down", client)
             assert isinstance(transport, asyncio.WriteTransport)
             transport.write(f"421 4.3.2 {self.hostname} Service shutting down\r\n".encode())
@@ -281,6 +311,7 @@ class LimitedSMTP(SMTP):
         if reason is not None:
             self._refused = True
             self._metrics.inbound_rejections.labels(reason).inc()
+            self._metrics.inbound_sessions.labels("refused", "no").inc()
             log.warning(
                 "reject=CONNECT client=%s reply=421 4.7.0 reason=%s open=%d from_client=%d",
                 client,
@@ -311,17 +342,39 @@ class LimitedSMTP(SMTP):
                 status[:9],
                 reason.replace("_", "-"),
             )
+        elif isinstance(status, str) and status.startswith(_QUEUED):
+            self._queued.append(status[len(_QUEUED) :].strip())
         await super().push(status)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
             return
         if self._client is not None:
+            self._log_session()
             self._limiter.release(self._client)
             self._client = None
             if self._sessions is not None:
                 self._sessions.discard(self)
         super().connection_lost(error)
+
+    def _log_session(self) -> None:
+        session = self.session
+        helo = (getattr(session, "host_name", None) or "-").encode("unicode_escape")
+        authenticated = bool(getattr(session, "authenticated", False))
+        tls = "no" if self._tls == "none" else "yes"
+        self._metrics.inbound_sessions.labels(self._ended, tls).inc()
+        log.info(
+            "session client=%s helo=%s tls=%s auth=%s messages=%d queue_ids=%s outcome=%s "
+            "duration=%.3f",
+            self._client,
+            helo.decode("ascii")[:255].replace(" ", "_") or "-",
+            self._tls,
+            "yes" if authenticated else "no",
+            len(self._queued),
+            ",".join(self._queued) or "-",
+            self._ended,
+            time.monotonic() - self._opened,
+        )
 
     def eof_received(self) -> bool | None:
         if self._refused:

@@ -489,5 +489,12 @@ class QueueRunner:
         self._queue[msg.queue_id] = replace(msg, next_attempt=now + self.cfg.min_backoff)
 
     def _update_gauges(self) -> None:
-        self.metrics.queue_size.set(len(self._queue))
-        self.metrics.queue_deferred.set(sum(1 for m in self._queue.values() if m.attempts > 0))
+        queued = list(self._queue.values())
+        held = sum(1 for m in queued if m.held)
+        deferred = sum(1 for m in queued if m.attempts > 0 and not m.held)
+        self.metrics.set_queue(
+            active=len(queued) - held - deferred,
+            deferred=deferred,
+            held=held,
+            oldest_received=min((m.received for m in queued), default=None),
+        )

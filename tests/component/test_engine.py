@@ -478,7 +478,7 @@ async def test_dane_mismatch_defers_without_mail_from() -> None:
     # RFC 7672 §3: QUIT right after the handshake; no MAIL FROM to an unauthenticated peer.
     assert w.transport.verbs() == ["CONNECT", "EHLO", "STARTTLS", "QUIT", "ABORT"]
     assert "MAIL" not in w.transport.verbs() and "DATA" not in w.transport.verbs()
-    assert w.sample("dane_relay_dane_verifications_total", result="failed", reason="no-match") == 1
+    assert w.sample("dane_relay_dane_verifications_total", result="failed", reason="mismatch") == 1
     assert (
         w.sample("dane_relay_dane_verifications_total", result="verified", reason="match") is None
     )
@@ -522,7 +522,10 @@ async def test_dane_handshake_failure_defers_without_plaintext_retry() -> None:
     assert r.reason == "tls_handshake"
     assert w.transport.connections() == ["192.0.2.1"]  # no second, plaintext connection
     assert w.transport.verbs() == ["CONNECT", "EHLO", "STARTTLS", "ABORT"]
-    assert w.sample("dane_relay_dane_verifications_total", result="failed", reason="handshake") == 1
+    assert (
+        w.sample("dane_relay_dane_verifications_total", result="failed", reason="handshake-error")
+        == 1
+    )
 
 
 async def test_encrypt_level_handshake_failure_defers_without_plaintext_retry() -> None:
@@ -554,7 +557,8 @@ async def test_may_level_handshake_failure_retries_in_plaintext() -> None:
     assert w.resolver.tlsa_lookups() == []  # level may never looks up TLSA
     assert w.sample("dane_relay_outbound_tls_total", level="none") == 1
     assert (
-        w.sample("dane_relay_dane_verifications_total", result="failed", reason="handshake") is None
+        w.sample("dane_relay_dane_verifications_total", result="failed", reason="handshake-error")
+        is None
     )
 
 
@@ -617,7 +621,7 @@ async def test_insecure_addresses_skip_tlsa_and_use_opportunistic_tls() -> None:
     assert w.transport.verbs() == FULL_TRANSACTION
     assert (
         w.metrics.registry.get_sample_value(
-            "dane_relay_dane_verifications_total", {"result": "failed", "reason": "no-match"}
+            "dane_relay_dane_verifications_total", {"result": "failed", "reason": "mismatch"}
         )
         is None
     )
@@ -672,7 +676,7 @@ async def test_secure_unusable_tlsa_encrypts_without_verification(
     assert r.outcome is Outcome.DELIVERED
     assert w.transport.verbs() == FULL_TRANSACTION
     assert (
-        w.sample("dane_relay_dane_verifications_total", result="failed", reason="no-match") is None
+        w.sample("dane_relay_dane_verifications_total", result="failed", reason="mismatch") is None
     )
     assert (
         w.sample("dane_relay_dane_verifications_total", result="verified", reason="match") is None
@@ -743,7 +747,7 @@ async def test_first_mx_fails_dane_second_verifies() -> None:
     assert w.transport.verbs("192.0.2.1") == ["CONNECT", "EHLO", "STARTTLS", "QUIT", "ABORT"]
     assert w.transport.verbs("192.0.2.2") == FULL_TRANSACTION
     assert w.transport.log[7] == ("192.0.2.2", "STARTTLS", "mx2.secure.example")
-    assert w.sample("dane_relay_dane_verifications_total", result="failed", reason="no-match") == 1
+    assert w.sample("dane_relay_dane_verifications_total", result="failed", reason="mismatch") == 1
     assert w.sample("dane_relay_dane_verifications_total", result="verified", reason="match") == 1
 
 
@@ -1332,7 +1336,7 @@ async def test_insecure_mx_policy_encrypt_requires_tls_without_authentication(
     (line,) = attempt_lines(caplog)
     assert " tls=encrypted(TLSv1.3 TLS_AES_256_GCM_SHA384) dane=none reason=insecure_mx " in line
     assert (
-        w.sample("dane_relay_dane_verifications_total", result="failed", reason="no-match") is None
+        w.sample("dane_relay_dane_verifications_total", result="failed", reason="mismatch") is None
     )
     assert w.sample("dane_relay_outbound_tls_total", level="encrypted") == 1
 
@@ -1478,7 +1482,7 @@ async def test_non_validating_resolver_reduces_dane_to_opportunistic_tls(
         "dane=none reason=addresses_insecure " in line
     )
     assert (
-        w.sample("dane_relay_dane_verifications_total", result="failed", reason="no-match") is None
+        w.sample("dane_relay_dane_verifications_total", result="failed", reason="mismatch") is None
     )
 
     # The status is read at each delivery: once the resolver validates, DANE is enforced.

@@ -240,7 +240,7 @@ async def test_delivered_message_is_removed(tmp_path: Path) -> None:
             ("remove", msg.queue_id),
         ]
     assert runner.snapshot() == []
-    assert metrics.registry.get_sample_value("dane_relay_queue_messages") == 0
+    assert metrics.registry.get_sample_value("dane_relay_queue_messages", {"state": "active"}) == 0
 
 
 async def test_deferred_message_is_rescheduled_with_backoff(tmp_path: Path) -> None:
@@ -280,8 +280,10 @@ async def test_deferred_message_is_rescheduled_with_backoff(tmp_path: Path) -> N
         assert (stored.attempts, stored.recipients[0].attempts) == (2, 2)
         assert stored.next_attempt == NOW + 10 + 300.0 + 450.0
         assert len(deliverer.calls) == 2
-    assert metrics.registry.get_sample_value("dane_relay_queue_messages") == 1
-    assert metrics.registry.get_sample_value("dane_relay_queue_deferred_messages") == 1
+    assert metrics.registry.get_sample_value("dane_relay_queue_messages", {"state": "active"}) == 0
+    assert (
+        metrics.registry.get_sample_value("dane_relay_queue_messages", {"state": "deferred"}) == 1
+    )
 
 
 async def test_retry_delay_is_jittered_by_the_runner_random_source(tmp_path: Path) -> None:

@@ -80,7 +80,8 @@ def test_secure_mx_with_matching_3_1_1_is_delivered_and_verified(
         _metric(relay, "dane_relay_delivery_attempts_total", result="delivered", reason="sent") == 1
     )
     assert _metric(relay, "dane_relay_messages_received_total") == 1
-    assert _metric(relay, "dane_relay_queue_messages") == 0
+    assert _metric(relay, "dane_relay_queue_messages", state="active") == 0
+    assert _metric(relay, "dane_relay_queue_messages", state="deferred") == 0
 
 
 def test_secure_mx_with_3_0_1_full_certificate_digest_is_verified(
@@ -111,7 +112,7 @@ def test_wrong_digest_defers_and_sends_nothing(
     assert receiver.mail_commands == []
     assert receiver.messages == []
     assert (
-        _metric(relay, "dane_relay_dane_verifications_total", result="failed", reason="no-match")
+        _metric(relay, "dane_relay_dane_verifications_total", result="failed", reason="mismatch")
         == 1
     )
     assert (
@@ -123,7 +124,7 @@ def test_wrong_digest_defers_and_sends_nothing(
         )
         == 1
     )
-    assert _metric(relay, "dane_relay_queue_messages") == 1
+    assert _metric(relay, "dane_relay_queue_messages", state="deferred") == 1
     listing = _queue_list(relay)
     assert qid in listing
     assert "<dave@dane-bad.test> status=pending" in listing
@@ -170,7 +171,7 @@ def test_secure_tlsa_without_starttls_defers_and_sends_nothing_in_plaintext(
         )
         == 1
     )
-    assert _metric(relay, "dane_relay_queue_messages") == 1
+    assert _metric(relay, "dane_relay_queue_messages", state="deferred") == 1
 
 
 def test_bogus_tlsa_is_a_temporary_failure_not_insecure(
@@ -297,7 +298,8 @@ def test_deferred_message_is_retried_with_backoff_and_delivered(
     assert (
         _metric(relay, "dane_relay_delivery_attempts_total", result="delivered", reason="sent") == 1
     )
-    assert _metric(relay, "dane_relay_queue_messages") == 0
+    assert _metric(relay, "dane_relay_queue_messages", state="active") == 0
+    assert _metric(relay, "dane_relay_queue_messages", state="deferred") == 0
 
 
 def test_resolver_down_is_a_temporary_failure(
@@ -314,4 +316,4 @@ def test_resolver_down_is_a_temporary_failure(
     relay.wait_log(rf"queue_id={qid} deferred pending=1")
     assert receiver.mail_commands == []
     assert _metric(relay, "dane_relay_dns_lookups_total", rrtype="MX", result="network") == 1
-    assert _metric(relay, "dane_relay_queue_messages") == 1
+    assert _metric(relay, "dane_relay_queue_messages", state="deferred") == 1

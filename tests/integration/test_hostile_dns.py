@@ -178,7 +178,7 @@ def test_mx_host_without_address_is_deferred(
     line = relay.attempt_line(qid, "deferred")
     assert "Host or domain name not found: ghost.mx-noaddr.test" in line
     relay.wait_log(rf"queue_id={qid} deferred pending=1")
-    assert metric(relay, "dane_relay_queue_messages") == 1
+    assert metric(relay, "dane_relay_queue_messages", state="deferred") == 1
 
 
 def test_mx_host_without_address_is_counted_as_a_dns_failure(

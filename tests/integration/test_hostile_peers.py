@@ -68,7 +68,9 @@ def test_starttls_refused_with_454_on_dane_host_defers_without_plaintext(
     assert "MAIL" not in peer.verbs
     assert peer.connections == 1  # no plaintext retry on a DANE host
     assert (
-        metric(relay, "dane_relay_dane_verifications_total", result="failed", reason="handshake")
+        metric(
+            relay, "dane_relay_dane_verifications_total", result="failed", reason="handshake-error"
+        )
         == 1
     )
     assert (
@@ -288,7 +290,7 @@ def test_garbage_reply_after_the_final_dot_defers(
     qid = submit(relay, "a@hostile.test", BODY)
     _line(relay, qid)
     relay.wait_log(rf"queue_id={qid} deferred pending=1")
-    assert metric(relay, "dane_relay_queue_messages") == 1
+    assert metric(relay, "dane_relay_queue_messages", state="deferred") == 1
     assert metric(relay, "dane_relay_bounces_generated_total") == 0
 
 

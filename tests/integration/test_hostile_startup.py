@@ -131,5 +131,5 @@ def test_message_accepted_before_sigterm_is_delivered_after_restart(
     relay.start()
     relay.wait_log(r"started .* queued=1 ")
     # Deferred with the default 300 s backoff: not retried yet after the restart.
-    assert metric(relay, "dane_relay_queue_deferred_messages") == 1
+    assert metric(relay, "dane_relay_queue_messages", state="deferred") == 1
     assert receiver.messages == []

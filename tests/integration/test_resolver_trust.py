@@ -129,7 +129,7 @@ def test_dane_only_destination_is_deferred_without_a_validating_resolver(
     relay.wait_log(rf"queue_id={qid} deferred pending=1")
     assert receiver.mail_commands == []
     assert receiver.server_names == []  # not even a TLS handshake
-    assert metric(relay, "dane_relay_queue_messages") == 1
+    assert metric(relay, "dane_relay_queue_messages", state="deferred") == 1
 
 
 def test_require_validating_resolver_refuses_to_start_with_exit_69(

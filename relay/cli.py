@@ -53,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     tlsatool.add_parser(sub)
     run = sub.add_parser("run", help="run the relay in the foreground")
     run.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG)
+    run.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        help="text (key=value lines) or json (one object per line); default: log.format",
+    )
     look = sub.add_parser(
         "lookup",
         help="show how mail to DOMAIN would be routed: MX, addresses, TLSA, TLS level",
@@ -126,14 +131,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _lookup(cfg, args.domain, args.json)
     if args.command == "probe":
         return _probe(cfg, args)
-    return _run(cfg)
+    return _run(cfg, args.log_format)
 
 
-def _run(cfg: Config) -> int:
+def _run(cfg: Config, log_format: str | None = None) -> int:
     from relay.app import ResolverNotValidating, serve
     from relay.logsetup import setup_logging
 
-    setup_logging(cfg.log.level)
+    setup_logging(cfg.log.level, log_format or cfg.log.format)
     try:
         try:
             import uvloop

@@ -6,7 +6,10 @@ at once and idle SMTP sessions get 421 (relay.inbound.server.Sessions); sessions
 transaction and running deliveries then share one `server.shutdown_grace`, after which
 the sessions left get 421 and the deliveries left are cancelled (their messages stay
 queued); the cached outbound connections are closed, then the spool lock is released.
-Nothing here decides delivery policy.
+SIGHUP reads the configuration file again (relay.reload.Reloader: what applies at once,
+what needs a restart, and a broken file refused with the running one kept) and the
+STARTTLS certificate and key; no connection is dropped. Nothing here decides delivery
+policy.
 
 Resolver trust (RFC 7672 §2.1): the relay reads DNSSEC status from the AD bit, which
 means something only if the resolver validates. Before anything is delivered, and then
@@ -53,6 +56,7 @@ from relay.inbound.tls import TlsContextHolder, TlsFileError
 from relay.lookup.resolver import DnsResolver
 from relay.lookup.results import ProbeResult, ResolverStatus
 from relay.metrics import Metrics, MetricsServer
+from relay.reload import Reloader
 from relay.spool.records import QueuedMessage
 from relay.spool.runner import QueueRunner
 from relay.spool.store import SpoolStore
@@ -62,7 +66,6 @@ __all__ = [
     "ResolverWatch",
     "inbound_auth",
     "inbound_tls",
-    "reload_tls",
     "serve",
     "system_hostname",
 ]
@@ -354,16 +357,6 @@ def inbound_auth(cfg: Config) -> AuthGate | None:
     return AuthGate(credentials, limiter)
 
 
-def reload_tls(holder: TlsContextHolder | None) -> None:
-    """SIGHUP: new connections get the certificate and key as they are now on disk; a
-    broken pair is refused (logged) and the old one stays. Issue 7 extends this to the
-    whole configuration."""
-    if holder is None:
-        log.info("SIGHUP: no server.tls_cert_file configured, nothing to reload")
-        return
-    holder.reload()
-
-
 def _pkix_context(cfg: Config) -> ssl.SSLContext:
     """The trust store of the levels verify/secure (Postfix smtp_tls_CAfile)."""
     try:
@@ -471,7 +464,17 @@ async def _run(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop_signal, sig)
-    loop.add_signal_handler(signal.SIGHUP, reload_tls, tls)
+    reloader = Reloader(
+        cfg,
+        hostname,
+        partial(engine_settings, hostname=hostname),
+        _pkix_context,
+        handler,
+        engine,
+        runner,
+        tls,
+    )
+    loop.add_signal_handler(signal.SIGHUP, reloader.reload)
     runner_task = asyncio.create_task(runner.run(), name="queue-runner")
     watch_task = asyncio.create_task(watch.run(), name="resolver-watch")
     log.info(

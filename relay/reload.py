@@ -1,0 +1,156 @@
+"""SIGHUP: read the configuration file again and apply what can change while running.
+
+Contract (`Reloader.reload`, called on the event loop by the SIGHUP handler):
+
+- The file named at start-up is loaded and validated as at start-up (`load_config`), and
+  the [tls] trust store (`tls.ca_file`) is read. Any error refuses the whole new
+  configuration: one ERROR line names the file, the key, what was expected and what was
+  found (`FILE: key: expected …, got …`), and everything keeps running as before.
+- Applied at once, to what starts after the reload (a session or delivery under way
+  finishes under the settings it started with; no connection is closed):
+  [relay] (networks: the next RCPT), [tls] (level, policy map, insecure_mx_policy, the
+  CA file, read again even when unchanged), [delivery] except the keys in
+  `RESTART_KEYS`, and `log.level`. The STARTTLS certificate and key files are read again
+  (relay.inbound.tls.TlsContextHolder.reload: a broken pair is refused and logged, the old
+  one stays), as at every SIGHUP.
+- Everything else needs a restart: the sections [server], [spool], [dns], [metrics],
+  [gateway], `log.format` and the [delivery] keys in `RESTART_KEYS`. When one of them
+  changed, one WARNING line names them; the running values stay.
+- One INFO line says which keys were applied (`reloaded config=… applied=…`).
+
+Does not: rebind listeners, reopen the spool, or rebuild the resolver.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields, is_dataclass, replace
+from typing import Any
+
+from relay.config import Config, load_config
+from relay.delivery.engine import DeliveryEngine, EngineSettings
+from relay.delivery.transport import SmtpTransport
+from relay.errors import ConfigError
+from relay.inbound.handler import RelayHandler
+from relay.inbound.tls import TlsContextHolder
+from relay.logsetup import set_level
+from relay.spool.runner import QueueRunner
+
+__all__ = ["LIVE_SECTIONS", "RESTART_KEYS", "Reloader", "changed_keys"]
+
+log = logging.getLogger("relay")
+
+#: Sections whose keys take effect on SIGHUP (apart from RESTART_KEYS).
+LIVE_SECTIONS = ("relay", "tls", "delivery", "log")
+#: Keys of the live sections that are read only at start-up.
+RESTART_KEYS = frozenset(
+    {
+        "delivery.concurrency",  # the runner's worker slots
+        "delivery.destination_concurrency",  # slots held by running deliveries
+        "delivery.connection_cache_time",  # the cache of open connections
+        "delivery.connection_reuse_time",
+        "delivery.connection_reuse_limit",
+        "log.format",  # the handler of every log line
+    }
+)
+
+
+def changed_keys(old: Config, new: Config) -> Iterator[str]:
+    """`section.key` for every key whose value differs, in file order."""
+    for section in fields(Config):
+        if section.name == "path":
+            continue
+        before, after = getattr(old, section.name), getattr(new, section.name)
+        if not (is_dataclass(before) and is_dataclass(after)):
+            if before != after:
+                yield section.name
+            continue
+        for key in fields(before):
+            if getattr(before, key.name) != getattr(after, key.name):
+                yield f"{section.name}.{key.name}"
+
+
+def _merged(old: Config, new: Config) -> Config:
+    """`new` with the running values of everything that needs a restart."""
+    kept: dict[str, Any] = {
+        f.name: getattr(old, f.name)
+        for f in fields(Config)
+        if f.name not in LIVE_SECTIONS and f.name != "path"
+    }
+    sections: dict[str, Any] = {}
+    for name in LIVE_SECTIONS:
+        frozen = {
+            key.split(".", 1)[1]: getattr(getattr(old, name), key.split(".", 1)[1])
+            for key in RESTART_KEYS
+            if key.startswith(name + ".")
+        }
+        sections[name] = replace(getattr(new, name), **frozen)
+    return replace(new, **kept, **sections)
+
+
+@dataclass
+class Reloader:
+    """What SIGHUP reconfigures; `cfg` is the configuration in force."""
+
+    cfg: Config
+    hostname: str
+    settings: Callable[[Config], EngineSettings]  # relay.app.engine_settings
+    pkix: Callable[[Config], ssl.SSLContext]  # the tls.ca_file trust store; ConfigError
+    handler: RelayHandler
+    engine: DeliveryEngine
+    runner: QueueRunner
+    tls: TlsContextHolder | None = None
+
+    def reload(self) -> bool:
+        """Reload; True when the new configuration was taken (even if only in part)."""
+        path = self.cfg.path
+        log.info("SIGHUP: reloading config=%s", path)
+        if self.tls is not None:
+            self.tls.reload()  # the certificate files, re-read whatever the config says
+        try:
+            new = load_config(path)
+            pkix = self.pkix(new)
+        except ConfigError as exc:
+            log.error("SIGHUP: new configuration refused, the running one stays: %s", exc)
+            return False
+        changed = list(changed_keys(self.cfg, new))
+        restart = [
+            k for k in changed if k.split(".", 1)[0] not in LIVE_SECTIONS or k in RESTART_KEYS
+        ]
+        if restart:
+            log.warning(
+                "SIGHUP: config=%s changed keys that need a restart, not applied: %s",
+                path,
+                ",".join(restart),
+            )
+        merged = _merged(self.cfg, new)
+        self._apply(merged, pkix)
+        self.cfg = merged
+        applied = [k for k in changed if k not in restart]
+        log.info(
+            "reloaded config=%s applied=%s tls_level=%s",
+            path,
+            ",".join(applied) or "-",
+            merged.tls.level,
+        )
+        return True
+
+    def _apply(self, cfg: Config, pkix: ssl.SSLContext) -> None:
+        settings = self.settings(cfg)
+        engine = self.engine
+        # The next delivery reads these; one running keeps the objects it already holds.
+        engine.settings = settings
+        engine.routes = settings.policy or engine.routes
+        engine.pkix_context = pkix
+        engine.transport = SmtpTransport(
+            self.hostname,
+            cfg.delivery.connect_timeout,
+            cfg.delivery.command_timeout,
+            settings.timeouts,
+        )
+        self.runner.cfg = cfg.delivery
+        self.runner.load([])  # wakes the queue: retry times follow the new backoffs
+        self.handler.relay_cfg = cfg.relay  # the next RCPT
+        set_level(cfg.log.level)

@@ -50,6 +50,7 @@ from relay.delivery.tls import client_context, pkix_context
 from relay.delivery.transport import SmtpTransport
 from relay.errors import ConfigError
 from relay.inbound.auth import Credentials, CredentialsError, FailureLimiter
+from relay.inbound.gateway import Gateway, load_gateway
 from relay.inbound.handler import RelayHandler
 from relay.inbound.server import AuthGate, Sessions, start_listeners
 from relay.inbound.tls import TlsContextHolder, TlsFileError
@@ -282,6 +283,7 @@ async def serve(cfg: Config) -> None:
     pkix = _pkix_context(cfg)  # before the spool: a bad CA file refuses to start
     tls = inbound_tls(cfg)  # likewise a bad STARTTLS certificate or key
     auth = inbound_auth(cfg)  # and an unreadable or malformed credentials file
+    gateway = load_gateway(cfg)  # and gateway.recipients_file
     store = SpoolStore(cfg.spool.directory)
     store.open()
     try:
@@ -311,7 +313,9 @@ async def serve(cfg: Config) -> None:
                 )
                 metrics_server.start()
                 stack.callback(metrics_server.stop)
-            await _run(cfg, hostname, store, messages, metrics, resolver, watch, pkix, tls, auth)
+            await _run(
+                cfg, hostname, store, messages, metrics, resolver, watch, pkix, tls, auth, gateway
+            )
     finally:
         store.close()
 
@@ -433,6 +437,7 @@ async def _run(
     pkix: ssl.SSLContext,
     tls: TlsContextHolder | None = None,
     auth: AuthGate | None = None,
+    gateway: Gateway | None = None,
 ) -> None:
     timeouts = delivery_timeouts(cfg.delivery)
     engine = DeliveryEngine(
@@ -450,7 +455,9 @@ async def _run(
     runner.load(messages)
     control = ControlServer(runner, store)
     await control.start()  # `dane-relay queue ...` talks to the live runner through it
-    handler = RelayHandler(store, cfg.server, cfg.relay, hostname, metrics, runner.submit)
+    handler = RelayHandler(
+        store, cfg.server, cfg.relay, hostname, metrics, runner.submit, gateway=gateway
+    )
     sessions = Sessions()
     servers = await start_listeners(handler, cfg.server, hostname, tls, auth, sessions)
 

@@ -113,9 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "config":
             cfg = _load(args.file)
             from relay.app import inbound_auth, inbound_tls
+            from relay.inbound.gateway import load_gateway
 
             inbound_tls(cfg)  # the STARTTLS certificate and key load and match
             inbound_auth(cfg)  # the credentials file reads
+            load_gateway(cfg)  # and gateway.recipients_file
             print(
                 f"{args.file}: ok (listen={','.join(str(e) for e in cfg.server.listen)}, "
                 f"tls level={cfg.tls.level})"

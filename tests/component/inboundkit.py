@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from relay.config import Endpoint, RelayConfig, ServerConfig
+from relay.inbound.gateway import Gateway
 from relay.inbound.handler import RelayHandler
 from relay.inbound.server import AuthGate, start_listeners
 from relay.inbound.tls import TlsContextHolder
@@ -65,12 +68,15 @@ class Frontend:
 async def frontend(tmp_path: Path, **server: Any) -> Any:
     """A running front end; `server` overrides ServerConfig fields (listen is port 0).
 
-    Also `relay_cfg` (a RelayConfig), `tls` (a TlsContextHolder) and `auth` (an AuthGate,
-    offered on the listeners with auth = true).
+    Also `relay_cfg` (a RelayConfig), `tls` (a TlsContextHolder), `auth` (an AuthGate,
+    offered on the listeners with auth = true), `gateway` (a Gateway: gateway mode) and
+    `clock` (the handler's time source, for the Received: date).
     """
     relay_cfg = server.pop("relay_cfg", RelayConfig())
     tls: TlsContextHolder | None = server.pop("tls", None)
     auth: AuthGate | None = server.pop("auth", None)
+    gateway: Gateway | None = server.pop("gateway", None)
+    clock: Callable[[], float] = server.pop("clock", time.time)
     listen = server.pop("listen", (Endpoint("127.0.0.1", 0),))
     cfg = replace(ServerConfig(), listen=listen, **server)
     spool = tmp_path / "spool"
@@ -78,7 +84,9 @@ async def frontend(tmp_path: Path, **server: Any) -> Any:
     store.open()
     metrics = Metrics()
     queued: list[QueuedMessage] = []
-    handler = RelayHandler(store, cfg, relay_cfg, "relay.test", metrics, queued.append)
+    handler = RelayHandler(
+        store, cfg, relay_cfg, "relay.test", metrics, queued.append, gateway=gateway, clock=clock
+    )
     servers = await start_listeners(handler, cfg, "relay.test", tls, auth)
     host, port = servers[0].sockets[0].getsockname()[:2]
     try:

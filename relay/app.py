@@ -32,12 +32,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
 import signal
 import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
+from pathlib import Path
 from types import MappingProxyType
 
 from relay.config import Config, DeliveryConfig, DnsConfig
@@ -68,6 +71,7 @@ __all__ = [
     "inbound_auth",
     "inbound_tls",
     "serve",
+    "spool_readiness",
     "system_hostname",
 ]
 
@@ -309,7 +313,10 @@ async def serve(cfg: Config) -> None:
         async with contextlib.AsyncExitStack() as stack:
             if cfg.metrics.listen is not None:
                 metrics_server = MetricsServer(
-                    metrics, cfg.metrics.listen.host, cfg.metrics.listen.port, watch.readiness
+                    metrics,
+                    cfg.metrics.listen.host,
+                    cfg.metrics.listen.port,
+                    lambda: (*spool_readiness(store.tmp), *watch.readiness()),
                 )
                 metrics_server.start()
                 stack.callback(metrics_server.stop)
@@ -318,6 +325,24 @@ async def serve(cfg: Config) -> None:
             )
     finally:
         store.close()
+
+
+def spool_readiness(tmp: Path) -> Sequence[str]:
+    """For /readyz: a problem when a file cannot be created, written and removed in the
+    spool's `tmp` directory, where every commit starts (read-only file system, full disk,
+    permissions, a missing directory). A probe file left by a crash is removed by the
+    recovery scan at the next start, like any other file in `tmp`."""
+    probe = tmp / f"readyz.{secrets.token_hex(4)}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b"x")
+        finally:
+            os.close(fd)
+        probe.unlink()
+    except OSError as exc:
+        return (f"spool not writable: {tmp}: {exc.strerror or exc}",)
+    return ()
 
 
 def inbound_tls(cfg: Config) -> TlsContextHolder | None:

@@ -242,7 +242,8 @@ class MetricsServer:
     - `GET /healthz`: liveness, always `200 ok` while the process serves HTTP.
     - `GET /readyz`: `200 ok` when `readiness()` returns no problems, else
       `503 degraded: <problem>; <problem>`. `readiness` is called on the HTTP thread, so it
-      must only read state (e.g. `ResolverStatus.validating`), never block.
+      must be quick: read state (`ResolverStatus.validating`) or touch one small file
+      (relay.app.spool_readiness), never wait on the network.
     """
 
     def __init__(

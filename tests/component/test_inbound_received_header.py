@@ -1,0 +1,198 @@
+"""The Received: header the front end adds (RFC 5321 §4.4), asserted byte for byte: the
+RFC 3848 WITH protocol (SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA), the TLS version and cipher
+after STARTTLS, the queue id, `for` with a single recipient only, the AUTH user only when
+server.received_auth_user is set, and a HELO name that cannot inject header lines."""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import ssl
+from pathlib import Path
+
+import pytest
+from inboundkit import Frontend, RawClient, frontend, insecure_client
+from lab.certs import make_self_signed
+
+from relay.config import Listener, RelayConfig
+from relay.inbound.auth import Credentials, FailureLimiter, write_entry
+from relay.inbound.server import AuthGate
+from relay.inbound.tls import TlsContextHolder
+from relay.spool.store import SpoolStore
+
+NOW = 1796385600.0  # Fri, 04 Dec 2026 12:00:00 UTC
+DATE = "Fri, 04 Dec 2026 12:00:00 -0000"
+OUTSIDE = RelayConfig(networks=(ipaddress.ip_network("192.0.2.0/24"),))
+AUTH_LISTENER = (Listener("127.0.0.1", 0, auth=True),)
+CONTENT = b"Subject: trace\r\n\r\nhello\r\n"
+
+
+def _tls(tmp_path: Path) -> TlsContextHolder:
+    cert, key = make_self_signed(["relay.test"]).write(tmp_path, "srv")
+    return TlsContextHolder(cert, key)
+
+
+def _gate(tmp_path: Path) -> AuthGate:
+    users = tmp_path / "users"
+    write_entry(users, "alice", b"s3cret pass")
+    return AuthGate(Credentials(users), FailureLimiter(5, 600.0))
+
+
+def _tls12() -> ssl.SSLContext:
+    ctx = insecure_client()
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers("ECDHE-ECDSA-AES128-GCM-SHA256")
+    return ctx
+
+
+async def _send(c: RawClient, rcpts: list[str]) -> str:
+    """MAIL, RCPT..., DATA; returns the queue id."""
+    assert (await c.cmd("MAIL FROM:<alice@sender.example>")).code == 250
+    for rcpt in rcpts:
+        assert (await c.cmd(f"RCPT TO:<{rcpt}>")).code == 250, rcpt
+    assert (await c.cmd("DATA")).code == 354
+    reply = await c.cmd(CONTENT + b".")
+    assert reply.code == 250, reply
+    return reply.text.rsplit(" ", 1)[1]
+
+
+def _header(fe: Frontend, qid: str) -> str:
+    body = SpoolStore(fe.spool).read_body(qid)
+    assert body.endswith(b"\r\n" + CONTENT)
+    return body[: -len(CONTENT)].decode()
+
+
+@pytest.mark.asyncio
+async def test_helo_plaintext_is_smtp(tmp_path: Path) -> None:
+    async with frontend(tmp_path, clock=lambda: NOW) as fe:
+        c = await fe.connect()
+        assert (await c.cmd("HELO client.test")).code == 250
+        qid = await _send(c, ["bob@example.org"])
+        await c.close()
+        assert _header(fe, qid) == (
+            "Received: from client.test ([127.0.0.1])\r\n"
+            f"\tby relay.test (dane-relay) with SMTP id {qid}\r\n"
+            "\tfor <bob@example.org>;\r\n"
+            f"\t{DATE}\r\n"
+        )
+
+
+@pytest.mark.asyncio
+async def test_ehlo_plaintext_is_esmtp_and_two_recipients_are_not_named(tmp_path: Path) -> None:
+    async with frontend(tmp_path, clock=lambda: NOW) as fe:
+        c = await fe.connect()
+        assert (await c.cmd("EHLO client.test")).code == 250
+        qid = await _send(c, ["bob@example.org", "carol@example.net"])
+        await c.close()
+        assert _header(fe, qid) == (
+            "Received: from client.test ([127.0.0.1])\r\n"
+            f"\tby relay.test (dane-relay) with ESMTP id {qid};\r\n"
+            f"\t{DATE}\r\n"
+        )
+
+
+@pytest.mark.asyncio
+async def test_starttls_tls12_is_esmtps_with_version_and_cipher(tmp_path: Path) -> None:
+    async with frontend(tmp_path, tls=_tls(tmp_path), clock=lambda: NOW) as fe:
+        c = await fe.connect()
+        assert (await c.cmd("EHLO client.test")).code == 250
+        await c.starttls(_tls12())
+        assert (await c.cmd("EHLO client.test")).code == 250
+        qid = await _send(c, ["bob@example.org"])
+        await c.close()
+        assert _header(fe, qid) == (
+            "Received: from client.test ([127.0.0.1])\r\n"
+            "\t(using TLSv1.2 with cipher ECDHE-ECDSA-AES128-GCM-SHA256 (128/128 bits))\r\n"
+            f"\tby relay.test (dane-relay) with ESMTPS id {qid}\r\n"
+            "\tfor <bob@example.org>;\r\n"
+            f"\t{DATE}\r\n"
+        )
+
+
+@pytest.mark.asyncio
+async def test_starttls_tls13_default_cipher(tmp_path: Path) -> None:
+    async with frontend(tmp_path, tls=_tls(tmp_path), clock=lambda: NOW) as fe:
+        c = await fe.connect()
+        assert (await c.cmd("EHLO client.test")).code == 250
+        await c.starttls()
+        assert (await c.cmd("EHLO client.test")).code == 250
+        qid = await _send(c, ["bob@example.org"])
+        await c.close()
+        assert _header(fe, qid) == (
+            "Received: from client.test ([127.0.0.1])\r\n"
+            "\t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits))\r\n"
+            f"\tby relay.test (dane-relay) with ESMTPS id {qid}\r\n"
+            "\tfor <bob@example.org>;\r\n"
+            f"\t{DATE}\r\n"
+        )
+
+
+async def _authenticated(fe: Frontend) -> RawClient:
+    c = await fe.connect()
+    assert (await c.cmd("EHLO client.test")).code == 250
+    await c.starttls(_tls12())
+    assert (await c.cmd("EHLO client.test")).code == 250
+    token = base64.b64encode(b"\0alice\0s3cret pass").decode()
+    assert (await c.cmd(f"AUTH PLAIN {token}")).code == 235
+    return c
+
+
+@pytest.mark.asyncio
+async def test_auth_over_tls_is_esmtpsa_and_the_user_stays_private(tmp_path: Path) -> None:
+    async with frontend(
+        tmp_path,
+        tls=_tls(tmp_path),
+        auth=_gate(tmp_path),
+        listen=AUTH_LISTENER,
+        relay_cfg=OUTSIDE,
+        clock=lambda: NOW,
+    ) as fe:
+        c = await _authenticated(fe)
+        qid = await _send(c, ["bob@example.org"])
+        await c.close()
+        assert _header(fe, qid) == (
+            "Received: from client.test ([127.0.0.1])\r\n"
+            "\t(using TLSv1.2 with cipher ECDHE-ECDSA-AES128-GCM-SHA256 (128/128 bits))\r\n"
+            f"\tby relay.test (dane-relay) with ESMTPSA id {qid}\r\n"
+            "\tfor <bob@example.org>;\r\n"
+            f"\t{DATE}\r\n"
+        )
+
+
+@pytest.mark.asyncio
+async def test_received_auth_user_names_the_user(tmp_path: Path) -> None:
+    async with frontend(
+        tmp_path,
+        tls=_tls(tmp_path),
+        auth=_gate(tmp_path),
+        listen=AUTH_LISTENER,
+        relay_cfg=OUTSIDE,
+        clock=lambda: NOW,
+        received_auth_user=True,
+    ) as fe:
+        c = await _authenticated(fe)
+        qid = await _send(c, ["bob@example.org"])
+        await c.close()
+        assert _header(fe, qid) == (
+            "Received: from client.test ([127.0.0.1])\r\n"
+            "\t(using TLSv1.2 with cipher ECDHE-ECDSA-AES128-GCM-SHA256 (128/128 bits))\r\n"
+            "\t(Authenticated sender: alice)\r\n"
+            f"\tby relay.test (dane-relay) with ESMTPSA id {qid}\r\n"
+            "\tfor <bob@example.org>;\r\n"
+            f"\t{DATE}\r\n"
+        )
+
+
+@pytest.mark.asyncio
+async def test_helo_name_is_escaped(tmp_path: Path) -> None:
+    async with frontend(tmp_path, clock=lambda: NOW) as fe:
+        c = await fe.connect()
+        assert (await c.cmd("EHLO cl\u00efent.test\tX-Injected:1".encode())).code == 250
+        qid = await _send(c, ["bob@example.org"])
+        await c.close()
+        assert _header(fe, qid) == (
+            "Received: from cl\\xefent.test\\tX-Injected:1 ([127.0.0.1])\r\n"
+            f"\tby relay.test (dane-relay) with ESMTP id {qid}\r\n"
+            "\tfor <bob@example.org>;\r\n"
+            f"\t{DATE}\r\n"
+        )

@@ -26,9 +26,15 @@ __all__ = ["LOG_FORMATS", "JsonFormatter", "message_fields", "set_level", "setup
 
 LOG_FORMATS = ("text", "json")
 
-# key=value, where value is "quoted", or runs to the next space unless a "(" opens a
-# parenthesised part first (which may hold spaces), or is empty.
-_FIELD = re.compile(r'(?:^|(?<=\s))([a-z][a-z0-9_]*)=("(?:[^"\\]|\\.)*"|[^\s(]*\([^)]*\)\S*|\S*)')
+# key=value, where value is "quoted"; or <addresses> (comma-separated; a quoted local part
+# inside may hold spaces, ">" or "key=": RFC 5321 §4.1.2); or runs to the next space unless
+# a "(" opens a parenthesised part first (which may hold spaces); or is empty.
+_QUOTED = r'"(?:[^"\\]|\\.)*"'
+_ANGLE = rf'<(?:{_QUOTED}|[^>"])*>'
+_FIELD = re.compile(
+    rf"(?:^|(?<=\s))([a-z][a-z0-9_]*)=({_QUOTED}|{_ANGLE}(?:,{_ANGLE})*\S*"
+    r"|[^\s(]*\([^)]*\)\S*|\S*)"
+)
 _FIXED = frozenset({"time", "severity", "logger", "msg", "traceback"})
 
 

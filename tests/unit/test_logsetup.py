@@ -59,6 +59,17 @@ def test_message_fields_ignore_prose_and_keep_the_first_of_a_key() -> None:
     assert message_fields("empty= next=1") == {"empty": "", "next": "1"}
 
 
+def test_a_quoted_local_part_cannot_forge_a_field() -> None:
+    # RFC 5321 §4.1.2: a quoted local part may hold spaces, "<", ">" and "key=value".
+    line = 'queue_id=Q from=<"x to=<evil@x> a"@d.example> to=<real@x>,<b@y> status=queued'
+    assert message_fields(line) == {
+        "queue_id": "Q",
+        "from": '<"x to=<evil@x> a"@d.example>',
+        "to": "<real@x>,<b@y>",
+        "status": "queued",
+    }
+
+
 def test_json_formatter_writes_one_object_with_the_fixed_members_and_the_fields() -> None:
     line = JsonFormatter().format(_record("queue_id=%s status=%s time=x msg=y", "ABC", "sent"))
     assert "\n" not in line

@@ -16,7 +16,9 @@ Contract:
 - `write_entry(path, user, password)` adds or replaces one entry atomically (temporary
   file, fsync, rename, directory fsync; mode 0600).
 - `FailureLimiter`: `limit` failures within `window` seconds from one client address block
-  further AUTH from it until the oldest failure leaves the window.
+  further AUTH from it until the oldest failure leaves the window. Clients whose failures
+  have all expired are forgotten (swept once 1024 clients are remembered), so the table
+  stays bounded by the failures within one window.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ SCRYPT_P = 1
 _SALT_BYTES = 16
 _KEY_BYTES = 32
 _MAX_N = 2**20
+# FailureLimiter drops the clients whose failures have expired once it holds this many.
+_SWEEP_AT = 1024
 
 
 class CredentialsError(ValueError):
@@ -279,7 +283,19 @@ class FailureLimiter:
 
     def failed(self, client: str) -> int:
         """Record one failure; returns the failures now in the window."""
+        if len(self._failures) >= _SWEEP_AT:
+            self._sweep()
         times = self._recent(client)
         times.append(self.clock())
         self._failures[client] = times
         return len(times)
+
+    def _sweep(self) -> None:
+        """Forget every client whose failures have all left the window: failures from
+        many addresses (an IPv6 prefix holds plenty) must not grow the table for good."""
+        for client in list(self._failures):
+            self._recent(client)
+
+    def __len__(self) -> int:
+        """Clients remembered (some may have no failure left in the window)."""
+        return len(self._failures)

@@ -246,7 +246,7 @@ class RelayHandler:
             # uses all of its algorithm's bits, so both figures of Postfix's form agree.
             lines.append(f"\t(using {version} with cipher {cipher} ({bits}/{bits} bits))")
         if authenticated and self.server_cfg.received_auth_user:
-            login = getattr(session, "login_data", None) or b""
+            login = getattr(getattr(session, "auth_data", None), "login", b"")
             user = login.decode("utf-8", "replace") if isinstance(login, bytes) else str(login)
             lines.append(f"\t(Authenticated sender: {escaped(user)[:255]})")
         rcpt = f"\r\n\tfor <{envelope.rcpt_tos[0]}>" if len(envelope.rcpt_tos) == 1 else ""

@@ -181,7 +181,8 @@ class LimitedSMTP(SMTP):
         self._auth = auth
         self.auth_offered = auth is not None  # read by RelayHandler.handle_EHLO
         if auth is not None:
-            self._authenticator = self._check_login
+            self._authenticator = self._take_login
+        self._login: tuple[str, LoginPassword] | None = None  # see _take_login
         self._sessions = sessions
         self._busy = False  # a command is being handled
         self._opened = time.monotonic()
@@ -241,14 +242,28 @@ class LimitedSMTP(SMTP):
         self._writer.write(f"421 4.3.2 {self.hostname} Service shutting down\r\n".encode())
         transport.close()
 
-    def _check_login(
+    def _take_login(
         self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
     ) -> AuthResult:
-        assert self._auth is not None and isinstance(auth_data, LoginPassword)
+        """aiosmtpd's authenticator, called synchronously once PLAIN or LOGIN has the
+        credentials. The scrypt check costs ~50 ms of CPU, which must not stall every other
+        session and delivery on the event loop, so it only keeps them for `smtp_AUTH` to
+        check in a worker thread; `handled=True` makes aiosmtpd send no reply itself."""
+        assert isinstance(auth_data, LoginPassword)
+        self._login = (mechanism, auth_data)
+        return AuthResult(success=False, handled=True)
+
+    async def _check_login(self, mechanism: str, auth_data: LoginPassword) -> None:
+        assert self._auth is not None and self.session is not None
         user = auth_data.login.decode("utf-8", "backslashreplace")
-        if self._auth.credentials.check(user, auth_data.password):
+        if await asyncio.to_thread(self._auth.credentials.check, user, auth_data.password):
             log.info("auth client=%s mechanism=%s user=%s status=ok", self._client, mechanism, user)
-            return AuthResult(success=True, auth_data=auth_data)
+            # What aiosmtpd's smtp_AUTH records for a successful AuthResult.
+            self.session.authenticated = True
+            # aiosmtpd declares auth_data as None; it holds the authenticator's data.
+            self.session.auth_data = auth_data  # type: ignore[assignment]
+            await self.push("235 2.7.0 Authentication successful")
+            return
         failures = self._auth.failures.failed(self._client or "")
         self._metrics.auth_failures.inc()
         log.warning(
@@ -258,7 +273,8 @@ class LimitedSMTP(SMTP):
             user.encode("unicode_escape").decode("ascii")[:64],
             failures,
         )
-        return AuthResult(success=False, handled=False)
+        # RFC 4954 §6: 535 5.7.8 for credentials that are not valid.
+        await self.push("535 5.7.8 Authentication credentials invalid")
 
     async def smtp_AUTH(self, arg: str) -> None:
         if self._auth is None:
@@ -275,7 +291,11 @@ class LimitedSMTP(SMTP):
             assert self.transport is not None
             self.transport.close()
             return
+        self._login = None
         await super().smtp_AUTH(arg)
+        login, self._login = self._login, None
+        if login is not None:
+            await self._check_login(*login)
 
     @syntax("QUIT")  # aiosmtpd's HELP lists the commands that carry a syntax
     async def smtp_QUIT(self, arg: str) -> None:

@@ -5,12 +5,14 @@ is outside relay.networks (550 5.7.1 without AUTH)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ipaddress
+import threading
 from pathlib import Path
 
 import pytest
-from inboundkit import Frontend, RawClient, frontend
+from inboundkit import READ_TIMEOUT, Frontend, RawClient, frontend
 from lab.certs import make_self_signed
 
 from relay.config import Listener, RelayConfig
@@ -169,3 +171,50 @@ async def test_listener_without_auth_offers_none_after_starttls(tmp_path: Path) 
         refused = await c.cmd("AUTH PLAIN " + _plain("alice", "s3cret pass"))
         assert refused == (503, "5.5.1 Error: authentication not enabled")
         await c.close()
+
+
+class _HeldCredentials(Credentials):
+    """Credentials whose check waits until the test lets it go (on its worker thread)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def check(self, user: str, password: bytes) -> bool:
+        self.entered.set()
+        assert self.release.wait(READ_TIMEOUT)
+        return super().check(user, password)
+
+
+@pytest.mark.asyncio
+async def test_password_check_does_not_stall_other_sessions(tmp_path: Path) -> None:
+    """The scrypt check runs off the event loop: while one AUTH is being checked another
+    session is answered (were it on the loop, the NOOP below would never be answered)."""
+    tls, _ = _setup(tmp_path)
+    held = _HeldCredentials(tmp_path / "users")
+    gate = AuthGate(held, FailureLimiter(5, 600.0))
+    async with frontend(tmp_path, tls=tls, auth=gate, listen=AUTH_LISTENER) as fe:
+        c = await _tls_session(fe)
+        assert (await c.cmd("EHLO client.test")).code == 250
+        await c.send(f"AUTH PLAIN {_plain('alice', 's3cret pass')}\r\n".encode())
+        assert await asyncio.to_thread(held.entered.wait, READ_TIMEOUT)
+        other = await fe.connect()
+        assert (await other.cmd("NOOP")).code == 250
+        held.release.set()
+        assert await c.reply() == (235, "2.7.0 Authentication successful")
+        await other.close()
+        await c.close()
+
+
+def test_failure_limiter_forgets_expired_clients() -> None:
+    """Failures from ever new addresses do not pile up once they have left the window."""
+    now = [0.0]
+    limiter = FailureLimiter(3, 60.0, clock=lambda: now[0])
+    for i in range(1024):
+        limiter.failed(f"2001:db8::{i:x}")
+    assert len(limiter) == 1024
+    now[0] = 61.0  # every one of them has expired
+    assert limiter.failed("2001:db8::ffff") == 1
+    assert len(limiter) == 1
+    assert not limiter.blocked("2001:db8::1")

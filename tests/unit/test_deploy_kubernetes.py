@@ -278,3 +278,36 @@ def test_unbound_image_dockerfile_passes_hadolint() -> None:
         check=False,
     )
     assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+
+
+def _drain_pod() -> Resource:
+    (pod,) = _load("drain/drain-pod.yaml")
+    return pod
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_drain_pod_validates(version: str) -> None:
+    kubernetes_validate.validate(_drain_pod(), version, strict=True)
+
+
+def test_drain_pod_runs_the_replica_pod_on_a_retained_claim_without_its_label() -> None:
+    pod = _drain_pod()
+    template = _statefulset()["spec"]["template"]
+    # no Service, PDB or StatefulSet selector picks it up
+    for selector in (
+        _one("Service", "dane-relay")["spec"]["selector"],
+        _one("Service", "dane-relay-metrics")["spec"]["selector"],
+        _statefulset()["spec"]["selector"]["matchLabels"],
+    ):
+        assert not selector.items() <= pod["metadata"]["labels"].items()
+    # the same containers, mounts and security settings as a replica (probes aside)
+    strip = ("livenessProbe", "readinessProbe", "ports", "resources")
+    replica_containers = [
+        {k: v for k, v in c.items() if k not in strip} for c in template["spec"]["containers"]
+    ]
+    assert pod["spec"]["containers"] == replica_containers
+    assert pod["spec"]["securityContext"] == template["spec"]["securityContext"]
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["spool"]["persistentVolumeClaim"]["claimName"] == "spool-dane-relay-1"
+    replica_volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+    assert {k: v for k, v in volumes.items() if k != "spool"} == replica_volumes

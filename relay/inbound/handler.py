@@ -239,7 +239,10 @@ class RelayHandler:
             )
         # A HELO name is client data: printable ASCII only in a header (RFC 5322 §2.2).
         helo = escaped(session.host_name or "unknown")[:255]
-        lines = [f"Received: from {helo} ([{_peer_text(session.peer)}])"]
+        peer = _peer_text(session.peer)
+        # RFC 5321 §4.1.3: an IPv6 address literal carries the "IPv6:" tag.
+        literal = f"IPv6:{peer}" if ":" in peer else peer
+        lines = [f"Received: from {helo} ([{literal}])"]
         if ssl_object is not None:
             cipher, version, bits = ssl_object.cipher() or ("unknown", "unknown", 0)
             # Python reports the secret bits only; every TLS 1.2+ cipher the listener allows

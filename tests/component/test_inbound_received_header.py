@@ -9,15 +9,18 @@ import base64
 import ipaddress
 import ssl
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from inboundkit import Frontend, RawClient, frontend, insecure_client
 from lab.certs import make_self_signed
 
-from relay.config import Listener, RelayConfig
+from relay.config import Listener, RelayConfig, ServerConfig
 from relay.inbound.auth import Credentials, FailureLimiter, write_entry
+from relay.inbound.handler import RelayHandler
 from relay.inbound.server import AuthGate
 from relay.inbound.tls import TlsContextHolder
+from relay.metrics import Metrics
 from relay.spool.store import SpoolStore
 
 NOW = 1796385600.0  # Fri, 04 Dec 2026 12:00:00 UTC
@@ -196,3 +199,27 @@ async def test_helo_name_is_escaped(tmp_path: Path) -> None:
             "\tfor <bob@example.org>;\r\n"
             f"\t{DATE}\r\n"
         )
+
+
+def test_ipv6_client_is_an_ipv6_address_literal(tmp_path: Path) -> None:
+    """RFC 5321 §4.1.3: IPv6-address-literal = "IPv6:" IPv6-addr."""
+    handler = RelayHandler(
+        SpoolStore(tmp_path / "spool"),
+        ServerConfig(),
+        RelayConfig(),
+        "relay.test",
+        Metrics(),
+        lambda _: None,
+        clock=lambda: NOW,
+    )
+    session = SimpleNamespace(
+        peer=("2001:db8::25", 40000, 0, 0), host_name="v6.client.test", extended_smtp=True
+    )
+    envelope = SimpleNamespace(rcpt_tos=["bob@example.org"])
+    header = handler._received_header(session, envelope, "0123456789ABCDEF0123")
+    assert header == (
+        b"Received: from v6.client.test ([IPv6:2001:db8::25])\r\n"
+        b"\tby relay.test (dane-relay) with ESMTP id 0123456789ABCDEF0123\r\n"
+        b"\tfor <bob@example.org>;\r\n"
+        b"\tFri, 04 Dec 2026 12:00:00 -0000\r\n"
+    )

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.cli import main
 from relay.config import NextHop, load_config, recipient_key
 from relay.delivery.policymap import PolicyMap
 from relay.errors import ConfigError
@@ -390,3 +391,49 @@ def test_recipients_file_is_read_at_start_and_checked(tmp_path: Path) -> None:
         f"{conf}: gateway.recipients_file: expected a readable file, got '{rcpts}' "
         "(No such file or directory)"
     )
+
+
+def test_gateway_domains_beat_the_relayhost(tmp_path: Path) -> None:
+    cfg = load_config(
+        _write(
+            tmp_path,
+            '[delivery]\nrelayhost = "[smart.example]:587"\n'
+            '[tls.policy]\n".example" = "dane-only"\n'
+            '[gateway]\ndomains = ["local.example"]\nnext_hop = "[mail.internal.example]"\n',
+        )
+    )
+    policy = PolicyMap.from_config(cfg.tls, cfg.delivery)
+    local = policy.destination("local.example")
+    assert (local.level, local.next_hop, local.port, local.hop_match) == (
+        "may",  # the exact gateway entry beats the ".example" parent entry
+        "mail.internal.example",
+        25,
+        "exact",
+    )
+    other = policy.destination("outside.example")
+    assert (other.level, other.next_hop, other.port, other.hop_match) == (
+        "dane-only",
+        "smart.example",
+        587,
+        "relayhost",
+    )
+
+
+def test_config_check_reads_the_recipients_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rcpts = tmp_path / "rcpts"
+    rcpts.write_text("alice@local.example\nbroken\n")
+    conf = _write(
+        tmp_path,
+        '[gateway]\ndomains = ["local.example"]\nnext_hop = "[h.example]"\n'
+        f'recipients_file = "{rcpts}"\n',
+    )
+    assert main(["config", "check", str(conf)]) == 78
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"dane-relay: {conf}: gateway.recipients_file: {rcpts} line 2: expected a list of "
+    )
+    rcpts.write_text("alice@local.example\n")
+    assert main(["config", "check", str(conf)]) == 0
+    assert capsys.readouterr().out.startswith(f"{conf}: ok (")

@@ -40,7 +40,9 @@ _DELAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 1
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        """`clock` (epoch seconds) dates the oldest queued message's age at scrape time."""
+        self._clock = clock
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.messages_received = Counter(
             "dane_relay_messages_received",
@@ -195,7 +197,7 @@ class Metrics:
 
     def _oldest_age(self) -> float:
         oldest = self._oldest_received
-        return 0.0 if oldest is None else max(0.0, time.time() - oldest)
+        return 0.0 if oldest is None else max(0.0, self._clock() - oldest)
 
 
 class _Server(ThreadingHTTPServer):

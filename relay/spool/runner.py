@@ -184,6 +184,7 @@ class QueueRunner:
             await asyncio.to_thread(self.store.update, free)
             self._queue[qid] = free
             log.info("queue_id=%s released by operator", qid)
+            self._update_gauges()
             self._wake.set()
             return free
 

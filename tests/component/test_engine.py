@@ -682,6 +682,26 @@ async def test_secure_unusable_tlsa_encrypts_without_verification(
         w.sample("dane_relay_dane_verifications_total", result="verified", reason="match") is None
     )
     assert any(" tls=encrypted(" in rec.getMessage() for rec in caplog.records)
+    # RFC 7672 §3.1.3: counted as unauthenticated DANE, delivered at TLS level encrypted.
+    assert (
+        w.sample(
+            "dane_relay_dane_verifications_total", result="unauthenticated", reason="unusable-tlsa"
+        )
+        == 1
+    )
+    assert (
+        w.sample("dane_relay_delivery_attempts_by_tls_total", result="delivered", tls="encrypted")
+        == 1
+    )
+    assert (
+        w.sample(
+            "dane_relay_tls_negotiated_total",
+            direction="outbound",
+            version=TLS_VERSION,
+            cipher=TLS_CIPHER,
+        )
+        == 1
+    )
 
 
 async def test_malformed_tlsa_alone_defers_without_connecting(

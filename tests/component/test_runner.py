@@ -685,6 +685,13 @@ async def test_dsn_tells_the_attempt_history(tmp_path: Path) -> None:
 # -- operator actions (hold, release, delete, flush) ------------------------------------------
 
 
+def queue_gauges(metrics: Metrics) -> dict[str, float | None]:
+    return {
+        state: metrics.registry.get_sample_value("dane_relay_queue_messages", {"state": state})
+        for state in ("active", "deferred", "held")
+    }
+
+
 async def test_held_message_is_never_delivered_and_release_makes_it_due(tmp_path: Path) -> None:
     async with running(tmp_path, every(Outcome.DELIVERED, SENT)) as (
         runner,
@@ -698,6 +705,7 @@ async def test_held_message_is_never_delivered_and_release_makes_it_due(tmp_path
         runner.load([replace(held, next_attempt=NOW + 1000)])
         assert (await runner.hold(held.queue_id)).held
         assert store.envelope(held.queue_id).held
+        assert queue_gauges(_metrics) == {"active": 0, "deferred": 0, "held": 1}
         assert json.loads((store.env / held.queue_id).read_bytes())["held"] is True
         clock.now = NOW + 5000  # long past its schedule: still not picked
         runner.submit(other)
@@ -707,6 +715,7 @@ async def test_held_message_is_never_delivered_and_release_makes_it_due(tmp_path
 
         freed = await runner.release(held.queue_id)
         assert (freed.held, freed.next_attempt) == (False, NOW + 5000)
+        assert queue_gauges(_metrics)["held"] == 0
         await store.until(lambda: ("remove", held.queue_id) in store.ops)
         assert [c[0] for c in deliverer.calls] == [other.queue_id, held.queue_id]
 

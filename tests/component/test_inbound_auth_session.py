@@ -218,3 +218,33 @@ def test_failure_limiter_forgets_expired_clients() -> None:
     assert limiter.failed("2001:db8::ffff") == 1
     assert len(limiter) == 1
     assert not limiter.blocked("2001:db8::1")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("command", "answers", "reply"),
+    [
+        ("AUTH PLAIN", ["*"], (501, "5.7.0 Auth aborted")),
+        ("AUTH LOGIN", ["*"], (501, "5.7.0 Auth aborted")),
+        ("AUTH LOGIN", [_b64("alice"), "*"], (501, "5.7.0 Auth aborted")),
+        ("AUTH PLAIN", ["not base64!"], (501, "5.5.2 Can't decode base64")),
+        ("AUTH LOGIN", ["%%%"], (501, "5.5.2 Can't decode base64")),
+    ],
+)
+async def test_cancelled_or_garbled_auth_gets_exactly_one_reply(
+    tmp_path: Path, command: str, answers: list[str], reply: tuple[int, str]
+) -> None:
+    """RFC 4954 §4: "*" cancels the exchange with a 501; one command, one final reply (a
+    second one would be read as the answer to the client's next command)."""
+    tls, gate = _setup(tmp_path)
+    async with frontend(tmp_path, tls=tls, auth=gate, listen=AUTH_LISTENER) as fe:
+        c = await _tls_session(fe)
+        assert (await c.cmd("EHLO client.test")).code == 250
+        assert (await c.cmd(command)).code == 334
+        for answer in answers[:-1]:
+            assert (await c.cmd(answer)).code == 334
+        assert await c.cmd(answers[-1]) == reply
+        assert await c.cmd("NOOP") == (250, "OK")
+        assert (await c.cmd("AUTH PLAIN " + _plain("alice", "s3cret pass"))).code == 235
+        await c.close()
+        assert _auth_failures(fe) == 0

@@ -31,6 +31,7 @@ DANE_REASONS = {
     "no-match": "mismatch",
     "handshake": "handshake-error",
     "no-usable-records": "unusable-tlsa",
+    "tlsa_unusable": "unusable-tlsa",
     "tlsa_lookup": "tlsa-lookup-error",
     "tlsa_malformed": "tlsa-malformed",
     "dane_required": "dane-required",

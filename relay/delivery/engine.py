@@ -460,6 +460,9 @@ class DeliveryEngine:
             self.record.log_failure(attempt, route.failure, received)
             raise route.failure
         assert decision.requirement is not None
+        if decision.reason == "tlsa_unusable":
+            # RFC 7672 §3.1.3: DANE applies, no record is usable: TLS, unauthenticated.
+            self.metrics.dane_result(DaneStatus.UNAUTHENTICATED.value, decision.reason)
 
         last: DeliveryError | None = None
         ordered = order_addresses(route.addresses, settings.address_preference)
@@ -507,7 +510,6 @@ class DeliveryEngine:
             )
         if route.tlsa_state is TlsaState.SECURE_UNUSABLE:
             # RFC 7672 §3.1.3: only unusable records: encrypt without authentication.
-            self.metrics.dane_result(DaneStatus.UNAUTHENTICATED.value, "no-usable-records")
             log.info(
                 "queue_id=%s host=%s dane=unusable records=%s",
                 attempt.queue_id,

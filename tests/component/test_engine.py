@@ -1814,3 +1814,26 @@ async def test_without_configured_timeouts_the_rfc_5321_values_apply() -> None:
     assert w.transport.read_timeouts == [
         (phase, TIMEOUTS[phase]) for phase in (Phase.MAIL, Phase.RCPT, Phase.DATA, Phase.DATA_END)
     ]
+
+
+async def test_unusable_tlsa_at_dane_only_is_counted_as_dane_required_only() -> None:
+    # RFC 7672 §6 (dane-only): nothing usable means the host is skipped, not encrypt-only.
+    w = world(
+        secure_domain(tlsa=UNUSABLE),
+        {"192.0.2.1": Peer(starttls=[cert_der("anything.example")])},
+        level="dane-only",
+    )
+    (r,) = await w.deliver("rcpt@secure.example")
+    assert (r.outcome, r.reason) == (Outcome.DEFERRED, "dane_required")
+    assert w.transport.verbs() == []
+    assert (
+        w.sample("dane_relay_dane_verifications_total", result="failed", reason="dane-required")
+        == 1
+    )
+    assert (
+        w.sample(
+            "dane_relay_dane_verifications_total", result="unauthenticated", reason="unusable-tlsa"
+        )
+        is None
+    )
+    assert w.sample("dane_relay_delivery_attempts_by_tls_total", result="deferred", tls="none") == 1

@@ -6,9 +6,11 @@ open-relay tricks, and 550 5.1.1 for an unknown local recipient."""
 
 from __future__ import annotations
 
+import os
 import re
 import smtplib
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from lab import DnsLab, ReceiverPool, RelayProcess, send_mail
@@ -107,3 +109,33 @@ def test_gateway_refuses_outside_domains_and_tricks_from_the_same_client(
     assert _metric(relay, "dane_relay_inbound_rejections_total", reason="relay_denied") == 5
     assert _metric(relay, "dane_relay_inbound_rejections_total", reason="unknown_recipient") == 1
     assert outside.messages == [] and outside.mail_commands == []
+
+
+def test_recipients_file_is_read_again_when_it_changes(
+    dns_lab: DnsLab, receivers: ReceiverPool, relay_factory: RelayFactory, tmp_path: Path
+) -> None:
+    (internal,) = receivers.start("unsigned.test")
+    rcpts = tmp_path / "recipients"
+    rcpts.write_text("# mailboxes of the internal server\nbob@local.example\n")
+    relay = relay_factory(
+        networks=["192.0.2.0/24"],
+        extra="[gateway]\n"
+        'domains = ["local.example"]\n'
+        f'recipients_file = "{rcpts}"\n'
+        'next_hop = "[mx.unsigned.test]:25"\n',
+    )
+    host, port = relay.smtp_addr
+    with pytest.raises(smtplib.SMTPResponseException) as info:
+        send_mail(host, port, SENDER, ["dave@local.example"], BODY)
+    assert (info.value.smtp_code, info.value.smtp_error) == (
+        550,
+        b"5.1.1 <dave@local.example>: Recipient address rejected: "
+        b"User unknown in local recipient table",
+    )
+    new = tmp_path / "recipients.new"
+    new.write_text("bob@local.example\ndave@local.example\n")
+    os.replace(new, rcpts)
+    assert send_mail(host, port, SENDER, ["dave@local.example"], BODY).code == 250
+    relay.wait_log(rf"recipients_file={re.escape(str(rcpts))} reloaded entries=2")
+    (msg,) = internal.wait_for(1, timeout=20)
+    assert msg.rcpt_tos == ("dave@local.example",)

@@ -51,9 +51,13 @@ def _statefulset() -> Resource:
     return _one("StatefulSet", "dane-relay")
 
 
+def _all_containers(pod: Resource) -> list[Resource]:
+    return [*pod.get("initContainers", []), *pod["containers"]]
+
+
 def _container(name: str) -> Resource:
     pod = _statefulset()["spec"]["template"]["spec"]
-    (c,) = [c for c in pod["containers"] if c["name"] == name]
+    (c,) = [c for c in _all_containers(pod) if c["name"] == name]
     return c
 
 
@@ -93,7 +97,7 @@ def test_the_validator_rejects_a_misspelt_field() -> None:
     with pytest.raises(kubernetes_validate.ValidationError, match="replica"):
         kubernetes_validate.validate(bad, "1.30", strict=True)
     bad = _statefulset()
-    bad["spec"]["template"]["spec"]["containers"][1]["ports"][0]["containerPort"] = "25"
+    bad["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "25"
     with pytest.raises(kubernetes_validate.ValidationError, match="'25' is not of type"):
         kubernetes_validate.validate(bad, "1.30", strict=True)
 
@@ -160,7 +164,7 @@ def test_each_replica_has_its_own_retained_spool() -> None:
     assert mounts["spool"] == "/var/spool/dane-relay"
     pod_volumes = {v["name"] for v in spec["template"]["spec"]["volumes"]}
     assert "spool" not in pod_volumes  # from the claim template, not shared
-    for c in spec["template"]["spec"]["containers"]:
+    for c in _all_containers(spec["template"]["spec"]):
         for m in c["volumeMounts"]:
             assert m["name"] in pod_volumes | {"spool"}, m
 
@@ -179,7 +183,8 @@ def test_pod_runs_non_root_read_only_without_capabilities() -> None:
     assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
     assert sc["sysctls"] == [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"}]
     assert pod["automountServiceAccountToken"] is False
-    for c in pod["containers"]:
+    assert [c["name"] for c in _all_containers(pod)] == ["unbound", "relay"]
+    for c in _all_containers(pod):
         assert c["securityContext"] == {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
@@ -259,6 +264,10 @@ def test_configmap_unbound_config_passes_unbound_checkconf(tmp_path: Path) -> No
     assert done.returncode == 0, done.stdout + done.stderr
     assert "no errors" in done.stdout
     unbound = _container("unbound")
+    # a native sidecar: started before the relay, stopped after it
+    pod = _statefulset()["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["initContainers"]] == ["unbound"]
+    assert unbound["restartPolicy"] == "Always"
     mount = {m["name"]: m["mountPath"] for m in unbound["volumeMounts"]}["unbound-config"]
     assert unbound["args"][-1] == f"{mount}/unbound.conf"
     dockerfile = (ROOT / "deploy" / "docker" / "unbound.Dockerfile").read_text()
@@ -302,10 +311,9 @@ def test_drain_pod_runs_the_replica_pod_on_a_retained_claim_without_its_label() 
         assert not selector.items() <= pod["metadata"]["labels"].items()
     # the same containers, mounts and security settings as a replica (probes aside)
     strip = ("livenessProbe", "readinessProbe", "ports", "resources")
-    replica_containers = [
-        {k: v for k, v in c.items() if k not in strip} for c in template["spec"]["containers"]
-    ]
-    assert pod["spec"]["containers"] == replica_containers
+    for kind in ("initContainers", "containers"):
+        replica = [{k: v for k, v in c.items() if k not in strip} for c in template["spec"][kind]]
+        assert pod["spec"][kind] == replica, kind
     assert pod["spec"]["securityContext"] == template["spec"]["securityContext"]
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     assert volumes["spool"]["persistentVolumeClaim"]["claimName"] == "spool-dane-relay-1"

@@ -104,3 +104,42 @@ def test_metric_name_extraction() -> None:
     assert "relay_queue_messages" not in defined_series_names()
     assert "dane_relay_queue_messages" in defined_series_names()
     assert "dane_relay_dns_lookup_seconds_bucket" in defined_series_names()
+
+
+def test_the_relays_exposition_passes_promtool_check_metrics() -> None:
+    """The names the rules and dashboard rely on follow Prometheus' conventions
+    (promtool's linter: counters end in _total, units in base units, no reserved names)."""
+    from prometheus_client import generate_latest
+
+    from relay.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.dns_lookup("MX", "secure", 0.01)
+    metrics.delivery_result("delivered", "sent", "verified")
+    metrics.dane_result("failed", "no-match")
+    metrics.tls_session("outbound", "TLSv1.3", "TLS_AES_256_GCM_SHA384")
+    metrics.dns_cache("hit")
+    exposition = generate_latest(metrics.registry).decode()
+    assert 'dane_relay_dane_verifications_total{reason="mismatch",result="failed"} 1.0' in (
+        exposition
+    )
+    done = subprocess.run(
+        [promtool(), "check", "metrics"],
+        input=exposition,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+    # and the linter does speak up about a counter without _total
+    done = subprocess.run(
+        [promtool(), "check", "metrics"],
+        input="# HELP x_seconds a\n# TYPE x_seconds counter\nx_seconds 1\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 3
+    assert 'counter metrics should have "_total" suffix' in done.stdout + done.stderr

@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(nsd unbound python3 python3-venv prometheus)
+apt_packages=(nsd unbound python3 python3-venv prometheus postfix)
 missing=()
 for pkg in "${apt_packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
@@ -22,6 +22,11 @@ for pkg in "${apt_packages[@]}"; do
 done
 if ((${#missing[@]})); then
     echo "test.sh: installing ${missing[*]}" >&2
+    if [[ " ${missing[*]} " == *" postfix "* ]]; then
+        # bench/run (and its smoke test) runs private Postfix instances; the system one
+        # must stay unconfigured: no /etc/postfix/main.cf, nothing started.
+        echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+    fi
     apt-get update
     DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
 fi
@@ -29,6 +34,20 @@ wildcard53() {  # is some process listening on 0.0.0.0:53 or [::]:53 (or can we 
     command -v ss >/dev/null 2>&1 || return 0
     ss -Hlnu 2>/dev/null | awk '{print $4}' | grep -Eq '^(0\.0\.0\.0|\*|\[::\]):53$'
 }
+wildcard25() {  # is some process listening on 0.0.0.0:25 or [::]:25 (or can we not tell)?
+    command -v ss >/dev/null 2>&1 || return 0
+    ss -Hlnt 2>/dev/null | awk '{print $4}' | grep -Eq '^(0\.0\.0\.0|\*|\[::\]):25$'
+}
+# A system Postfix on *:25 would collide with the lab's receivers on 127.x.y.z:25.
+if [[ " ${missing[*]} " == *" postfix "* ]] || wildcard25; then
+    if service postfix status >/dev/null 2>&1; then
+        echo "test.sh: stopping the system postfix (it would hold port 25 the lab needs)" >&2
+    fi
+    service postfix stop >/dev/null 2>&1 || true
+    if [[ " ${missing[*]} " == *" postfix "* ]]; then
+        update-rc.d postfix disable >/dev/null 2>&1 || true
+    fi
+fi
 for daemon in nsd unbound; do
     if [[ " ${missing[*]} " == *" $daemon "* ]] || wildcard53; then
         if service "$daemon" status >/dev/null 2>&1; then

@@ -119,3 +119,30 @@ def test_sighup_applies_a_changed_config_and_refuses_a_broken_one(
     assert b"Relay access denied" in refusal.smtp_error
     assert relay.alive()
     assert relay.stop() == 0
+
+
+def test_sighup_applies_a_new_tls_level_to_the_next_delivery(
+    dns_lab: DnsLab, receivers: ReceiverPool, relay_factory: RelayFactory
+) -> None:
+    (receiver,) = receivers.start("unsigned.test")
+    relay = relay_factory(log_level="info")
+    first = _queued(relay, "bob@unsigned.test")
+    line = relay.attempt_line(first)
+    assert " tls=encrypted(" in line  # level dane: an insecure zone gets opportunistic TLS
+    receiver.wait_for(1, timeout=20)
+
+    config = relay.config_path
+    text = config.read_text()
+    assert 'level = "dane"\n' in text
+    config.write_text(text.replace('level = "dane"\n', 'level = "dane-only"\n'))
+    _hup(relay, 1)
+    applied = relay.wait_log(r"reloaded config=\S+ applied=(\S+) tls_level=(\S+)")
+    assert applied.groups() == ("tls.level", "dane-only")
+
+    # RFC 7672 §6 at dane-only: no DANE for the insecure zone, so the message waits.
+    second = _queued(relay, "carol@unsigned.test")
+    line = relay.attempt_line(second, "deferred")
+    assert "error=dane_required" in line
+    relay.wait_log(rf"queue_id={second} deferred pending=1")
+    assert len(receiver.messages) == 1
+    assert relay.alive()

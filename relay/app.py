@@ -283,6 +283,11 @@ async def serve(cfg: Config) -> None:
         OSError: a listen address cannot be bound.
         ConfigError: tls.ca_file cannot be read as PEM CA certificates.
     """
+    # SIGHUP's default action ends the process: until the reload handler is installed
+    # (after the resolver check, which may take dns.timeout x STARTUP_PROBES), ignore it.
+    asyncio.get_running_loop().add_signal_handler(
+        signal.SIGHUP, log.warning, "SIGHUP during start-up ignored; send it again once started"
+    )
     hostname = cfg.server.hostname or system_hostname()
     pkix = _pkix_context(cfg)  # before the spool: a bad CA file refuses to start
     tls = inbound_tls(cfg)  # likewise a bad STARTTLS certificate or key

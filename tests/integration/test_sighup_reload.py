@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from lab import DnsLab, ReceiverPool, RelayProcess, send_mail
+from lab.hostile import start_relay
 from lab.waiting import poll_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(90)]
@@ -146,3 +147,23 @@ def test_sighup_applies_a_new_tls_level_to_the_next_delivery(
     relay.wait_log(rf"queue_id={second} deferred pending=1")
     assert len(receiver.messages) == 1
     assert relay.alive()
+
+
+def test_sighup_during_start_up_is_ignored_not_fatal(
+    dns_lab: DnsLab, relay_factory: RelayFactory
+) -> None:
+    # A resolver that does not answer keeps the relay in its start-up check (three probes
+    # one dns.timeout apart, then exit 69 with require_validating_resolver).
+    dead = dns_lab.plan.spare(8)
+    relay = start_relay(
+        relay_factory,
+        {"dns": {"require_validating_resolver": "true", "timeout": '"1s"'}},
+        start=False,
+        resolvers=[dead],
+    )
+    relay.start(wait_ready=False)
+    relay.wait_log(r"did not answer the validation probe .*; probe 2 of 3", timeout=20)
+    relay.kill(signal.SIGHUP)
+    relay.wait_log(r"WARNING relay: SIGHUP during start-up ignored; send it again once started")
+    # Without the handler SIGHUP would have killed it (-1); it ends as configured instead.
+    assert relay.wait(30) == 69

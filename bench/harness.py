@@ -15,6 +15,8 @@ gets a fresh spool or queue, N messages of S bytes submitted over C parallel per
 client connections to rcpt@dane-ok.test, and is measured until the sink holds them all:
 
   msg/s      end-to-end throughput: N / (last arrival at the sink - first MAIL FROM)
+  cpu_ms/msg CPU time (user+system) the system spent per message, over all its processes
+             (Postfix: live daemons plus those the master has reaped)
   sub p50/99 submission latency: MAIL FROM to the 250 after the final dot
   del p50/99 delivery latency: that 250 to the message's arrival at the sink
   peak RSS   the largest sum of VmRSS over the system's processes, sampled every 0.2 s
@@ -94,8 +96,10 @@ class Sink:
         self._reader: threading.Thread | None = None
 
     def start(self) -> None:
+        setpriv = shutil.which("setpriv")  # the sink dies with the bench (as lab daemons do)
+        argv = [setpriv, "--pdeathsig", "TERM", "--", *self._argv] if setpriv else self._argv
         self._proc = subprocess.Popen(
-            self._argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, bufsize=1
+            argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, bufsize=1
         )
         assert self._proc.stdout is not None
         first = self._proc.stdout.readline()
@@ -166,6 +170,23 @@ def _pss_kib(pid: int) -> int:
     except (OSError, ValueError):
         pass
     return 0
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User+system CPU of `pids` and of their reaped children (cutime/cstime)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return total / _TICK
 
 
 class MemorySampler:
@@ -271,6 +292,7 @@ class RunResult:
     over_tls: int
     dane_verified: int
     throughput: float
+    cpu_ms_per_msg: float
     sub_p50_ms: float
     sub_p99_ms: float
     del_p50_ms: float
@@ -287,14 +309,18 @@ def _pct(values: list[float], q: float) -> float:
 
 
 @contextmanager
-def _py_spy(pid: int, out: Path | None) -> Iterator[None]:
-    """py-spy record --format raw on `pid` while the block runs (no-op if out is None)."""
+def _py_spy(pid: int, out: Path | None, gil: bool = False) -> Iterator[None]:
+    """py-spy record --format raw on `pid` while the block runs (no-op if out is None).
+
+    Default: every thread that is not idle (wall time, fsyncs in worker threads included);
+    `gil`: only the thread holding the GIL (where the interpreter spends its CPU)."""
     if out is None:
         yield
         return
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     proc = subprocess.Popen(
-        [spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "200", "-o", str(out)],
+        [spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "200", "-o", str(out)]
+        + (["--gil"] if gil else []),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -322,11 +348,13 @@ def run_one(
     try:
         spy_out = profile / f"{tag}.raw" if profile and isinstance(system, RelaySystem) else None
         spy_pid = system.relay.pid if isinstance(system, RelaySystem) else 0
-        with MemorySampler(system.pids) as mem, _py_spy(spy_pid, spy_out):
+        cpu0 = cpu_seconds(system.pids())
+        with MemorySampler(system.pids) as mem, _py_spy(spy_pid, spy_out, args.profile_gil):
             subs: list[Submission] = submit_all(
                 *system.addr, ids, clients=args.clients, size=args.size, rcpt=RCPT
             )
             arrived = sink.wait_all(ids, timeout=args.timeout)
+        cpu = cpu_seconds(system.pids()) - cpu0
         rss = mem.peak_rss_kib
         if isinstance(system, RelaySystem):
             rss = max(rss, system.hwm_kib())
@@ -351,6 +379,7 @@ def run_one(
         over_tls=sum(1 for _, tls in got.values() if tls),
         dane_verified=verified,
         throughput=len(got) / (last - first) if last > first else 0.0,
+        cpu_ms_per_msg=1000 * cpu / max(1, args.messages),
         sub_p50_ms=_pct(sub_lat, 0.50),
         sub_p99_ms=_pct(sub_lat, 0.99),
         del_p50_ms=_pct(del_lat, 0.50),
@@ -360,6 +389,7 @@ def run_one(
     )
     print(
         f"round {round_no} {system.name:10s} {result.throughput:8.1f} msg/s  "
+        f"cpu {result.cpu_ms_per_msg:.2f} ms/msg  "
         f"arrived {arrived}/{args.messages}  verified TLS {verified}  "
         f"peak RSS {result.peak_rss_mib:.1f} MiB",
         flush=True,
@@ -416,6 +446,7 @@ _COLUMNS = (
     ("system", "{:>10}"),
     ("rounds", "{:>6}"),
     ("msg/s", "{:>8.1f}"),
+    ("cpu_ms/msg", "{:>10.2f}"),
     ("sub_p50_ms", "{:>10.1f}"),
     ("sub_p99_ms", "{:>10.1f}"),
     ("del_p50_ms", "{:>10.1f}"),
@@ -435,6 +466,7 @@ def medians(results: list[RunResult]) -> dict[str, dict[str, Any]]:
             "system": name,
             "rounds": len(rows),
             "msg/s": statistics.median(r.throughput for r in rows),
+            "cpu_ms/msg": statistics.median(r.cpu_ms_per_msg for r in rows),
             "sub_p50_ms": statistics.median(r.sub_p50_ms for r in rows),
             "sub_p99_ms": statistics.median(r.sub_p99_ms for r in rows),
             "del_p50_ms": statistics.median(r.del_p50_ms for r in rows),
@@ -487,6 +519,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for arrivals")
     ap.add_argument("--profile", type=Path, help="record the relay with py-spy into this dir")
+    ap.add_argument(
+        "--profile-gil", action="store_true", help="profile only the GIL holder (CPU view)"
+    )
     ap.add_argument("--json", type=Path, help="also write all results as JSON here")
     args = ap.parse_args(argv)
     systems = [s for s in args.systems.split(",") if s]
@@ -499,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("must run as root (the lab binds port 53 and 25 on loopback)")
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
+    # SIGTERM unwinds like Ctrl-C, so the finally blocks stop Postfix (a daemon) and the lab.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     results: list[RunResult] = []
     queue: dict[str, Any] | None = None

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 N = 50
 QUEUE = 60
 HEADER = (
-    "system rounds msg/s sub_p50_ms sub_p99_ms del_p50_ms del_p99_ms "
+    "system rounds msg/s cpu_ms/msg sub_p50_ms sub_p99_ms del_p50_ms del_p99_ms "
     "peak_rss_mib peak_pss_mib arrived dane_verified"
 )
 
@@ -43,18 +43,18 @@ def test_bench_run_all_systems_small(tmp_path: Path) -> None:
     rows = {}
     for line in lines[header_at + 2 : header_at + 5]:
         cells = line.split()
-        assert len(cells) == 11, line
+        assert len(cells) == 12, line
         rows[cells[0]] = cells
     assert list(rows) == ["relay-dane", "relay-may", "postfix"]
     for name, cells in rows.items():
         assert cells[1] == "1", name  # rounds
-        for number in cells[2:9]:
+        for number in cells[2:10]:
             assert float(number) > 0, (name, cells)
-        assert cells[9] == f"{N}/{N}", name  # arrived
+        assert cells[10] == f"{N}/{N}", name  # arrived
     # DANE really happened where it was asked for, and not at `may`.
-    assert int(rows["relay-dane"][10]) >= 1
-    assert int(rows["relay-may"][10]) == 0
-    assert int(rows["postfix"][10]) >= 1
+    assert int(rows["relay-dane"][11]) >= 1
+    assert int(rows["relay-may"][11]) == 0
+    assert int(rows["postfix"][11]) >= 1
 
     ratios = [line for line in lines if line.startswith("RATIO throughput ")]
     assert [r.split(":")[0] for r in ratios] == [

@@ -196,7 +196,7 @@ def test_probes_and_grace_match_the_relay() -> None:
     relay = _container("relay")
     assert relay["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert relay["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
-    assert relay["args"] == ["run", "-c", "/etc/dane-relay/relay.toml"]
+    assert relay["args"] == ["run", "-c", "/etc/dane-relay/config/relay.toml"]
     grace = _statefulset()["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert 'shutdown_grace = "20s"' in _relay_config_text()
     assert grace >= 20 + 10  # docs/operations.md "Stopping"
@@ -213,10 +213,14 @@ def test_configmap_relay_config_loads_with_the_mounted_tls_pair(tmp_path: Path, 
     relay = _container("relay")
     mounts = {m["name"]: m for m in relay["volumeMounts"]}
     assert mounts["tls"]["mountPath"] == "/etc/dane-relay/tls"
-    assert (mounts["config"]["mountPath"], mounts["config"]["subPath"]) == (
-        "/etc/dane-relay/relay.toml",
-        "relay.toml",
-    )
+    # the ConfigMap as a directory (no subPath, so updates reach it) holding relay.toml
+    assert mounts["config"]["mountPath"] == "/etc/dane-relay/config"
+    assert "subPath" not in mounts["config"]
+    assert relay["args"][-1] == mounts["config"]["mountPath"] + "/relay.toml"
+    # no mount inside another (the ConfigMap volume is read-only)
+    paths = sorted(m["mountPath"] for m in relay["volumeMounts"])
+    for outer in paths:
+        assert not any(p.startswith(outer + "/") for p in paths), outer
     secret = _one("Secret", "dane-relay-tls")
     assert secret["type"] == "kubernetes.io/tls"
     assert set(secret["data"]) == {"tls.crt", "tls.key"}

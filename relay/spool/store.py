@@ -17,15 +17,6 @@ Guarantees (the "never lose a message" contract):
 - `recover` deletes tmp files and bodies without an envelope (never acknowledged)
   and moves unreadable envelopes to corrupt/ rather than deleting them.
 All failures are raised as `SpoolError`.
-
-Group commit: the directory fsyncs of `commit`, `update` and `remove`, which run in
-several threads at once (asyncio.to_thread), are shared. A caller takes a ticket after its
-own rename or unlink and returns only once an fsync of that directory that *started*
-after the ticket was taken has succeeded; one thread does that fsync for every ticket
-taken before it started, the others wait for it. So each operation is exactly as durable
-as with its own directory fsync, and N concurrent commits cost about two directory
-fsyncs per directory instead of N. A failed fsync fails every operation it was to cover
-(a later fsync on a new descriptor may not report the same write-back error again).
 """
 
 from __future__ import annotations
@@ -34,7 +25,6 @@ import fcntl
 import logging
 import os
 import secrets
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -74,66 +64,6 @@ def _spool_errors(what: str) -> Iterator[None]:
         raise SpoolError(exc.errno, f"spool: {what}: {exc.strerror or exc}") from exc
 
 
-class _DirSync:
-    """Group commit of one directory's fsync across threads (see the module docstring)."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._cond = threading.Condition()
-        self._taken = 0  # tickets handed out
-        self._synced = 0  # every ticket <= this is covered by a successful fsync
-        self._busy = False  # an fsync is running
-        self._failed: list[tuple[int, int, OSError]] = []  # (first, last ticket, error)
-        self.fsyncs = 0  # directory fsyncs started (for tests and curiosity)
-
-    @property
-    def requests(self) -> int:
-        """How many sync() calls have taken a ticket so far."""
-        with self._cond:
-            return self._taken
-
-    def _failure(self, ticket: int) -> OSError | None:
-        for first, last, exc in self._failed:
-            if first <= ticket <= last:
-                return exc
-        return None
-
-    def sync(self) -> None:
-        """Return once every change made to the directory before this call is durable.
-
-        Raises:
-            OSError: the fsync that was to cover this call failed.
-        """
-        with self._cond:
-            self._taken += 1
-            ticket = self._taken
-            while True:
-                failed = self._failure(ticket)
-                if failed is not None:  # a fresh instance per caller (threads)
-                    raise OSError(failed.errno, failed.strerror or str(failed))
-                if self._synced >= ticket:
-                    return
-                if not self._busy:
-                    break
-                self._cond.wait()
-            # Lead: this fsync starts after every ticket taken so far, so it covers them.
-            self._busy = True
-            first, last = self._synced + 1, self._taken
-            self.fsyncs += 1
-        try:
-            SpoolStore._fsync_dir(self._path)
-        except OSError as exc:
-            with self._cond:
-                self._failed.append((first, last, exc))
-                self._busy = False
-                self._cond.notify_all()
-            raise
-        with self._cond:
-            self._synced = max(self._synced, last)
-            self._busy = False
-            self._cond.notify_all()
-
-
 class SpoolStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -142,8 +72,6 @@ class SpoolStore:
         self.env = directory / "env"
         self.corrupt = directory / "corrupt"
         self._lock_file: IO[bytes] | None = None
-        self.data_sync = _DirSync(self.data)
-        self.env_sync = _DirSync(self.env)
 
     # -- start-up ---------------------------------------------------------------
 
@@ -260,9 +188,9 @@ class SpoolStore:
             env_tmp = self._write_tmp(f"{qid}.env", dump(msg))
             try:
                 os.replace(body_tmp, self.data / qid)
-                self.data_sync.sync()
+                self._fsync_dir(self.data)
                 os.replace(env_tmp, self.env / qid)  # the commit point
-                self.env_sync.sync()
+                self._fsync_dir(self.env)
             except OSError:
                 body_tmp.unlink(missing_ok=True)
                 env_tmp.unlink(missing_ok=True)
@@ -280,7 +208,7 @@ class SpoolStore:
         with _spool_errors(f"cannot update message {msg.queue_id}"):
             tmp = self._write_tmp(f"{msg.queue_id}.env", dump(msg))
             os.replace(tmp, self.env / msg.queue_id)
-            self.env_sync.sync()
+            self._fsync_dir(self.env)
 
     def remove(self, qid: str) -> None:
         """Take a finished message out of the queue.
@@ -290,7 +218,7 @@ class SpoolStore:
         """
         with _spool_errors(f"cannot remove message {qid}"):
             (self.env / qid).unlink(missing_ok=True)
-            self.env_sync.sync()
+            self._fsync_dir(self.env)
             (self.data / qid).unlink(missing_ok=True)
 
     def read_body(self, qid: str) -> bytes:

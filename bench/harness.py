@@ -344,8 +344,8 @@ def run_one(
 ) -> RunResult:
     tag = f"{system.name}-r{round_no}"
     ids = [f"{tag}-{i}" for i in range(args.messages)]
-    system.start()
     try:
+        system.start()  # inside the try: a half-started Postfix master is stopped too
         spy_out = profile / f"{tag}.raw" if profile and isinstance(system, RelaySystem) else None
         spy_pid = system.relay.pid if isinstance(system, RelaySystem) else 0
         cpu0 = cpu_seconds(system.pids())
@@ -404,8 +404,8 @@ def queue_depth_run(
     system = RelaySystem(lab, workdir, "queue-depth", "dane")
     ids = [f"queue-{i}" for i in range(args.queue_depth)]
     sink.stop()  # the destination is down: connection refused at its MX
-    system.start()
     try:
+        system.start()
         with MemorySampler(system.pids) as mem:
             t0 = time.monotonic()
             submit_all(*system.addr, ids, clients=args.clients, size=args.size, rcpt=RCPT)

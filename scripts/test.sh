@@ -40,7 +40,7 @@ wildcard25() {  # is some process listening on 0.0.0.0:25 or [::]:25 (or can we 
 }
 # A system Postfix on *:25 would collide with the lab's receivers on 127.x.y.z:25.
 if [[ " ${missing[*]} " == *" postfix "* ]] || wildcard25; then
-    if service postfix status >/dev/null 2>&1; then
+    if postfix status >/dev/null 2>&1; then  # the default instance is running
         echo "test.sh: stopping the system postfix (it would hold port 25 the lab needs)" >&2
     fi
     service postfix stop >/dev/null 2>&1 || true

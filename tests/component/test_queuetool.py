@@ -277,10 +277,11 @@ async def test_tools_act_on_the_running_relay(
         assert (out, err) == (f"{held.queue_id}: held\n", "")  # no "acting on the spool"
         assert await asyncio.to_thread(tool, tmp_path, "list") == 0
         assert f"{held.queue_id} " in (listing := capsys.readouterr().out)
-        assert [line.rsplit(" ", 1)[1] for line in listing.splitlines()[::2][:2]] == [
-            "state=held",
-            "state=deferred",
-        ]
+        # The listing is sorted by queue id, and the two ids were made in the same instant:
+        # key each message's first line by its id rather than by position.
+        lines = listing.splitlines()[:4:2]  # each message: its line, then its recipients
+        states = {line.split()[0]: line.rsplit(" ", 1)[1] for line in lines}
+        assert states == {held.queue_id: "state=held", other.queue_id: "state=deferred"}
 
         assert await asyncio.to_thread(tool, tmp_path, "flush") == 0
         assert capsys.readouterr().out == f"flushed 1 message(s)\n{other.queue_id}\n"

@@ -6,9 +6,15 @@
 Lookup (Postfix transport(5) / smtp_tls_policy_maps style, parent_domain_matches_subdomains
 off): an exact domain entry beats a ".parent" entry, the closest parent first; then the
 default. For the next hop the default is `delivery.relayhost` when set (smarthost mode),
-else the recipient domain itself. For the level, the recipient domain is looked up first,
-then the next-hop name (so a policy for the smarthost applies to all it carries), then
-`tls.level`.
+else the recipient domain itself.
+
+The level is a property of the connection, so it follows the host connected to (Postfix
+looks smtp_tls_policy_maps up by next-hop destination): when the next hop is not the
+recipient domain itself (relayhost, a [delivery.transport] entry, a gateway next hop) and
+the next-hop host has its own [tls.policy] entry (exact or ".parent"), that entry decides,
+so a recipient-domain entry ("dane-bad.test" = "none", ".com" = "may") can never lower the
+level to a smarthost configured "dane-only". Otherwise the recipient domain's entry
+decides, then `tls.level`.
 
 Ports (RFC 7672 §2.2.2 non-MX destinations; Postfix looks TLSA up at `_port._tcp.host` of
 the next hop): an explicit `[host]:port` has its TLSA records at `_port._tcp.host`; every
@@ -18,7 +24,8 @@ connection uses, so that the lab can run on other ports).
 Why (`Destination.level_match`/`level_key`, `hop_match`/`hop_key`, and the one-line
 `Destination.why`): "exact" or "parent" with the `[tls.policy]` / `[delivery.transport]`
 key that matched ("next-hop exact"/"next-hop parent" when the level came from the next
-hop's entry), "relayhost", or "default". `dane-relay lookup` and `probe` show them.
+hop's entry, naming in `overridden_key` the recipient-domain entry it overrode), "relayhost",
+or "default". `dane-relay lookup` and `probe` show them.
 
 `PolicyMap.from_config(tls, delivery)` builds the map from the configuration, the one
 place delivery and the diagnostic commands take it from.
@@ -57,6 +64,8 @@ class Destination:
     # exact / parent ([delivery.transport]) / relayhost / default (the domain's own MX)
     hop_match: str = field(default="default", compare=False)
     hop_key: str = field(default="", compare=False)  # the [delivery.transport] key
+    # The recipient domain's [tls.policy] key that the next hop's entry overrode, or "".
+    overridden_key: str = field(default="", compare=False)
 
     @property
     def why(self) -> str:
@@ -64,7 +73,10 @@ class Destination:
         if self.level_match == "default":
             level = f"level {self.level} (default tls.level)"
         else:
-            level = f"level {self.level} ([tls.policy] {self.level_key!r}, {self.level_match})"
+            level = f"level {self.level} ([tls.policy] {self.level_key!r}, {self.level_match}"
+            if self.overridden_key:
+                level += f"; overrides the recipient domain's {self.overridden_key!r}"
+            level += ")"
         if self.hop_match == "default":
             hop = f"next hop {self.next_hop} (the domain's own MX hosts)"
         elif self.hop_match == "relayhost":
@@ -95,6 +107,13 @@ def lookup_domain(table: Mapping[str, T], domain: str) -> T | None:
     """Exact match beats ".parent", which beats nothing (None)."""
     entry = lookup_entry(table, domain)
     return None if entry is None else entry[1]
+
+
+def _hop_name(host: str) -> str:
+    try:
+        return ascii_domain(host)
+    except DomainSyntaxError:
+        return host.lower()  # an address literal: only an exact entry can match it
 
 
 def _match(key: str) -> str:
@@ -162,12 +181,27 @@ class PolicyMap:
             # Postfix: TLSA for an explicit [host]:port at _port._tcp.host (RFC 7672 §2.2.2).
             tlsa_port = hop.port if hop.port is not None and not hop.mx else self.tlsa_port
         level_match, level_key, level = "default", "", self.level
-        rule = lookup_entry(self.policy, domain)
-        prefix = ""
-        if rule is None and hop is not None:
-            rule, prefix = lookup_entry(self.policy, next_hop), "next-hop "
+        rule, prefix = None, ""
+        if hop is not None and next_hop.lower() != domain:
+            # Postfix smtp_tls_policy_maps: the next hop's own entry decides the level of
+            # the connection to it; a recipient-domain entry must not lower it.
+            rule, prefix = lookup_entry(self.policy, _hop_name(next_hop)), "next-hop "
+        own = lookup_entry(self.policy, domain)
+        overridden = own[0] if rule is not None and own is not None else ""
+        if rule is None:
+            rule, prefix = own, ""
         if rule is not None:
             (level_key, level), level_match = rule, prefix + _match(rule[0])
         return Destination(
-            level, next_hop, mx, port, tlsa_port, via, level_match, level_key, hop_match, hop_key
+            level,
+            next_hop,
+            mx,
+            port,
+            tlsa_port,
+            via,
+            level_match,
+            level_key,
+            hop_match,
+            hop_key,
+            overridden,
         )

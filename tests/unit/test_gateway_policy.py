@@ -404,12 +404,16 @@ def test_gateway_domains_beat_the_relayhost(tmp_path: Path) -> None:
     )
     policy = PolicyMap.from_config(cfg.tls, cfg.delivery)
     local = policy.destination("local.example")
-    assert (local.level, local.next_hop, local.port, local.hop_match) == (
-        "may",  # the exact gateway entry beats the ".example" parent entry
-        "mail.internal.example",
-        25,
-        "exact",
+    # The gateway's transport entry beats the relayhost. The level follows the host
+    # connected to: ".example" covers mail.internal.example, and a next hop's own entry
+    # decides over the recipient domain's (here the gateway's tls_level, "may"), as
+    # Postfix keys smtp_tls_policy_maps by next hop, so the stricter level applies.
+    assert (local.level, local.level_match, local.overridden_key) == (
+        "dane-only",
+        "next-hop parent",
+        "local.example",
     )
+    assert (local.next_hop, local.port, local.hop_match) == ("mail.internal.example", 25, "exact")
     other = policy.destination("outside.example")
     assert (other.level, other.next_hop, other.port, other.hop_match) == (
         "dane-only",

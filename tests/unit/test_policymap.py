@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from relay.config import NextHop, parse_next_hop
@@ -135,8 +137,18 @@ def test_destination_says_why_for_each_source() -> None:
     )
     assert "([delivery.transport] 'exact.example', exact)" in exact.why
     sub = routes.destination("a.parent.example")
-    assert (sub.level, sub.level_match, sub.level_key) == ("dane-only", "parent", ".parent.example")
-    assert (sub.hop_match, sub.via) == ("relayhost", "[smart.example]")
+    # Through the relayhost, whose own entry decides the level (next-hop precedence).
+    assert (sub.level, sub.level_match, sub.level_key) == (
+        "secure",
+        "next-hop exact",
+        "smart.example",
+    )
+    assert (sub.hop_match, sub.via, sub.overridden_key) == (
+        "relayhost",
+        "[smart.example]",
+        ".parent.example",
+    )
+    assert "next-hop exact; overrides the recipient domain's '.parent.example')" in sub.why
     other = routes.destination("other.test")
     assert (other.level, other.level_match, other.level_key) == (
         "secure",
@@ -171,3 +183,112 @@ def test_from_config_is_what_the_relay_uses() -> None:
     )
     assert routes.destination("x.test").level == "may"
     assert routes.port == 2525
+
+
+_SMART = parse_next_hop("[smart.example.net]:587")
+
+
+@pytest.mark.parametrize(
+    ("policy", "transport", "relayhost", "domain", "expected"),
+    [
+        # The issue: a recipient-domain entry must not lower a stricter smarthost entry.
+        (
+            (("smart.example.net", "dane-only"), ("dane-bad.test", "none")),
+            (),
+            _SMART,
+            "dane-bad.test",
+            ("dane-only", "next-hop exact", "smart.example.net", "dane-bad.test"),
+        ),
+        (
+            (("smart.example.net", "dane-only"), (".com", "may")),
+            (),
+            _SMART,
+            "shop.example.com",
+            ("dane-only", "next-hop exact", "smart.example.net", ".com"),
+        ),
+        # A ".parent" entry covering the next-hop host counts as the host's own entry.
+        (
+            ((".example.net", "secure"), ("dane-bad.test", "none")),
+            (),
+            _SMART,
+            "dane-bad.test",
+            ("secure", "next-hop parent", ".example.net", "dane-bad.test"),
+        ),
+        # No entry for the next hop: the recipient domain's entry decides (even a weaker one).
+        (
+            (("dane-bad.test", "none"),),
+            (),
+            _SMART,
+            "dane-bad.test",
+            ("none", "exact", "dane-bad.test", ""),
+        ),
+        # Neither: the default.
+        ((), (), _SMART, "dane-bad.test", ("dane", "default", "", "")),
+        # A [delivery.transport] next hop is a next hop like the relayhost.
+        (
+            (("mx.int.example", "secure"), ("int.test", "may")),
+            (("int.test", parse_next_hop("[mx.int.example]")),),
+            None,
+            "int.test",
+            ("secure", "next-hop exact", "mx.int.example", "int.test"),
+        ),
+        # Transport to the domain itself (MX lookup of the same name): its own entry.
+        (
+            (("self.test", "may"),),
+            (("self.test", parse_next_hop("self.test")),),
+            _SMART,
+            "self.test",
+            ("may", "exact", "self.test", ""),
+        ),
+        # The recipient domain's own MX (no next hop configured): the MX host names never
+        # take part; the domain's entry decides.
+        (
+            (("example.org", "dane-only"), (".example.net", "none")),
+            (),
+            None,
+            "example.org",
+            ("dane-only", "exact", "example.org", ""),
+        ),
+    ],
+)
+def test_next_hop_entry_decides_the_level(
+    policy: tuple[tuple[str, str], ...],
+    transport: tuple[tuple[str, NextHop], ...],
+    relayhost: NextHop | None,
+    domain: str,
+    expected: tuple[str, str, str, str],
+) -> None:
+    """Postfix smtp_tls_policy_maps: the level follows the host connected to."""
+    routes = PolicyMap("dane", policy=policy, transport=transport, relayhost=relayhost)
+    dest = routes.destination(domain)
+    assert (dest.level, dest.level_match, dest.level_key, dest.overridden_key) == expected
+
+
+def test_gateway_domain_keeps_its_tls_level(tmp_path: Path) -> None:
+    """[gateway] becomes transport+policy entries; its tls_level applies to its next hop
+    unless that host has an entry of its own (which then decides, as for any next hop)."""
+    from relay.config import load_config
+
+    conf = tmp_path / "relay.toml"
+    base = (
+        f'[spool]\ndirectory = "{tmp_path}"\n'
+        '[gateway]\ndomains = ["local.example"]\nnext_hop = "[mx.int.example]:2525"\n'
+        'tls_level = "encrypt"\n'
+    )
+    conf.write_text(base)
+    cfg = load_config(conf)
+    dest = PolicyMap.from_config(cfg.tls, cfg.delivery).destination("local.example")
+    assert (dest.level, dest.level_match, dest.next_hop, dest.port) == (
+        "encrypt",
+        "exact",
+        "mx.int.example",
+        2525,
+    )
+    conf.write_text(base + '[tls.policy]\n"mx.int.example" = "secure"\n')
+    cfg = load_config(conf)
+    dest = PolicyMap.from_config(cfg.tls, cfg.delivery).destination("local.example")
+    assert (dest.level, dest.level_match, dest.overridden_key) == (
+        "secure",
+        "next-hop exact",
+        "local.example",
+    )

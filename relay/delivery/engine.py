@@ -603,7 +603,7 @@ class DeliveryEngine:
             sender,
             attempt.recipients,
             size=len(body),
-            eight_bit=any(b > 127 for b in body),
+            eight_bit=not body.isascii(),
             # A message that asked for SMTPUTF8 gets it where offered; an ASCII-only
             # envelope goes without it elsewhere (only a UTF-8 address needs it, RFC 6531
             # §3.2), so it is not bounced for asking.

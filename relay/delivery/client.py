@@ -25,9 +25,17 @@ Theory of operation:
 
 Replies: enhanced status codes (RFC 3463) are split off when present, else "X.0.0" by
 reply class, as Postfix's smtp_chat does (`SmtpReply.from_peer`). An 8-bit body to a peer
-without 8BITMIME is sent as it is (Postfix's behaviour for undeclared 8-bit content);
-MIME downgrade is out of scope. The relay's own replies use 4.4.2 for a lost connection
-or timeout (Postfix smtp_trouble), 5.3.4 for SIZE and 5.6.7 for SMTPUTF8.
+without 8BITMIME is sent as it is, without BODY=8BITMIME: no conversion (Postfix converts
+8-bit MIME parts to quoted-printable for such a peer); MIME downgrade is out of scope.
+
+SMTPUTF8 (RFC 6531): to a peer that offers it, MAIL FROM carries SMTPUTF8 when the message
+asked for it or an address is not ASCII, and addresses go as they are. To a peer that does
+not (§3.2), the decision is per address: a U-label domain goes as its A-label
+(`ascii_address`, IDNA 2008), a recipient whose local part is not ASCII is bounced alone
+(5.6.7) while the others are sent, and a sender whose local part is not ASCII bounces
+every recipient. The message content (UTF-8 header fields included) is sent unchanged
+either way. The relay's own replies use 4.4.2 for a lost connection or timeout (Postfix
+smtp_trouble), 5.3.4 for SIZE and 5.6.7 for SMTPUTF8.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from types import MappingProxyType
 
 from relay.model import Outcome, RecipientResult
 from relay.smtp.address import wire_safe
+from relay.smtp.domain import DomainSyntaxError, ascii_domain
 from relay.smtp.reply import SmtpReply
 
 __all__ = [
@@ -56,6 +65,7 @@ __all__ = [
     "Transaction",
     "TransactionResult",
     "TransactionStateError",
+    "ascii_address",
     "parse_ehlo",
 ]
 
@@ -198,8 +208,30 @@ class Envelope:
 
     @property
     def needs_smtputf8(self) -> bool:
+        """SMTPUTF8 goes with MAIL FROM: asked for, or some address is not ASCII."""
         addresses = [self.sender, *self.recipients]
         return self.smtputf8 or not all(a.isascii() for a in addresses)
+
+
+def ascii_address(address: str) -> str | None:
+    """`address` as it can go to a server without SMTPUTF8, or None if it cannot.
+
+    RFC 6531 §3.2: only a non-ASCII local part needs SMTPUTF8; a U-label domain is sent
+    as its A-label (IDNA 2008, RFC 5891 §5; the same conversion DNS lookups use). None
+    for a non-ASCII local part, or a domain that has no A-label. An ASCII address is
+    returned unchanged.
+    """
+    if address.isascii():
+        return address
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return None  # no domain: the whole address is a (non-ASCII) local part
+    if not local.isascii():
+        return None
+    try:
+        return f"{local}@{ascii_domain(domain)}"
+    except DomainSyntaxError:
+        return None
 
 
 class Ending(enum.Enum):
@@ -253,6 +285,7 @@ class Transaction:
         self._final: dict[int, RecipientResult] = {}
         self._accepted: list[int] = []
         self._to_send: deque[int] = deque()
+        self._wire: dict[int, str] = {}  # recipient index -> the address RCPT TO carries
         self._mail_failed = False
         self._ending: Ending | None = None
         self._started = False
@@ -277,11 +310,17 @@ class Transaction:
             self._finish_all(_outcome(reply), reply, reason, Ending.REUSABLE)
             return []
         for i, rcpt in enumerate(env.recipients):
-            if wire_safe(rcpt):
-                self._to_send.append(i)
-            else:
+            wire = rcpt if caps.smtputf8 else ascii_address(rcpt)
+            if not wire_safe(rcpt):
                 # STYLE.md 7.7: control characters never reach the wire (RFC 5321 §4.1.2).
                 self._final[i] = self._rr(i, _BAD_ADDRESS, Outcome.BOUNCED, "bad_address")
+            elif wire is None:
+                # RFC 6531 §3.2: only this recipient needs SMTPUTF8; the others go on.
+                reply = _NO_SMTPUTF8_RCPT
+                self._final[i] = self._rr(i, reply, Outcome.BOUNCED, "smtputf8_not_offered")
+            else:
+                self._wire[i] = wire
+                self._to_send.append(i)
         if not self._to_send:
             self._ending = Ending.REUSABLE
             return []
@@ -290,9 +329,14 @@ class Transaction:
             params.append(f" SIZE={env.size}")  # RFC 1870 §6
         if env.eight_bit and caps.eightbitmime:
             params.append(" BODY=8BITMIME")  # RFC 6152 §2; without it: sent as is (docstring)
-        if env.needs_smtputf8:
+        sender = env.sender
+        if caps.smtputf8 and env.needs_smtputf8:
             params.append(" SMTPUTF8")  # RFC 6531 §3.4
-        mail = Command(Phase.MAIL, f"MAIL FROM:<{env.sender}>{''.join(params)}")
+        elif not caps.smtputf8:
+            # RFC 6531 §3.2: no SMTPUTF8: U-label domains go as A-labels (RFC 5891 §5);
+            # `_refusal` has already refused a sender that cannot.
+            sender = ascii_address(sender) or sender
+        mail = Command(Phase.MAIL, f"MAIL FROM:<{sender}>{''.join(params)}")
         if not caps.pipelining:
             return self._queue([(mail, -1)])
         # RFC 2920 §3.1: MAIL, every RCPT and DATA go as one batch; replies come in order.
@@ -339,10 +383,15 @@ class Transaction:
 
     def _refusal(self) -> tuple[SmtpReply, str] | None:
         env, caps = self.envelope, self.capabilities
-        if env.needs_smtputf8 and not caps.smtputf8:
-            # RFC 6531 §3.2: a UTF-8 envelope cannot go to a server without SMTPUTF8.
+        if env.smtputf8 and not caps.smtputf8:
+            # RFC 6531 §3.2: the caller said this message needs SMTPUTF8 (the engine
+            # says so only to a server that offers it).
             text = "SMTPUTF8 is required, but was not offered by host"
             return SmtpReply(550, "5.6.7", text), "smtputf8_not_offered"
+        if not caps.smtputf8 and ascii_address(env.sender) is None:
+            # RFC 6531 §3.2: a non-ASCII sender local part cannot be sent without
+            # SMTPUTF8, and no recipient can be sent without a sender.
+            return _NO_SMTPUTF8_SENDER, "smtputf8_not_offered"
         if caps.size and env.size > caps.size:
             # RFC 1870 §6: never send what the server said it will refuse (SIZE 0: no limit).
             text = f"message too big for host: size {env.size} exceeds its limit {caps.size}"
@@ -417,7 +466,7 @@ class Transaction:
     # -- helpers -----------------------------------------------------------------------
 
     def _rcpt(self, index: int) -> tuple[Command, int]:
-        line = f"RCPT TO:<{self.envelope.recipients[index]}>"
+        line = f"RCPT TO:<{self._wire[index]}>"
         return Command(Phase.RCPT, line), index
 
     def _queue(self, batch: list[tuple[Command, int]]) -> list[Command]:
@@ -435,3 +484,15 @@ class Transaction:
 
 
 _BAD_ADDRESS = SmtpReply(553, "5.1.3", "address contains characters that cannot be sent")
+_NO_SMTPUTF8_RCPT = SmtpReply(
+    550,
+    "5.6.7",
+    "SMTPUTF8 is required for this recipient address (its local part is not ASCII), "
+    "but was not offered by host",
+)
+_NO_SMTPUTF8_SENDER = SmtpReply(
+    550,
+    "5.6.7",
+    "SMTPUTF8 is required for the sender address (its local part is not ASCII), "
+    "but was not offered by host",
+)

@@ -20,6 +20,7 @@ from relay.delivery.client import (
     Transaction,
     TransactionResult,
     TransactionStateError,
+    ascii_address,
     parse_ehlo,
 )
 from relay.model import Outcome, RecipientResult
@@ -192,16 +193,98 @@ def test_exactly_the_size_limit_is_sent() -> None:
     assert tx.start()[0].line == "MAIL FROM:<s@relay.test> SIZE=1000"
 
 
-@pytest.mark.parametrize(
-    "envelope",
-    [env("ü@ex.test"), env(sender="ö@relay.test"), env(smtputf8=True)],
+NO_UTF8_RCPT = (
+    "550 5.6.7 SMTPUTF8 is required for this recipient address (its local part is not ASCII),"
+    " but was not offered by host"
 )
-def test_smtputf8_needed_but_not_offered_is_bounced(envelope: Envelope) -> None:
+NO_UTF8_SENDER = (
+    "550 5.6.7 SMTPUTF8 is required for the sender address (its local part is not ASCII),"
+    " but was not offered by host"
+)
+
+
+@pytest.mark.parametrize(
+    ("envelope", "text"),
+    [
+        (env("ü@ex.test"), NO_UTF8_RCPT),
+        (env(sender="ö@relay.test"), NO_UTF8_SENDER),
+        (env(sender="ö@bücher.test"), NO_UTF8_SENDER),
+        (env(smtputf8=True), "550 5.6.7 SMTPUTF8 is required, but was not offered by host"),
+    ],
+)
+def test_smtputf8_needed_but_not_offered_is_bounced(envelope: Envelope, text: str) -> None:
     batches, result = run(Transaction(envelope, PIPE), [])
     assert batches == []
     assert {(str(x.reply), x.outcome, x.reason) for x in result.recipients} == {
-        ("550 5.6.7 SMTPUTF8 is required, but was not offered by host", B, "smtputf8_not_offered")
+        (text, B, "smtputf8_not_offered")
     }
+
+
+def test_without_smtputf8_only_non_ascii_local_parts_bounce_and_u_labels_become_a_labels() -> None:
+    """RFC 6531 §3.2, issue 5 item 4: per recipient, not per message."""
+    envelope = env("user@bücher.test", "jörg@bücher.test", "Ann@Straße.de", "b@two.test")
+    script = [r(250), r(250), r(250), r(250), r(354), r(250, "2.0.0 Ok")]
+    batches, result = run(Transaction(envelope, PIPE), script)
+    assert batches == [
+        [
+            "MAIL FROM:<s@relay.test>",
+            "RCPT TO:<user@xn--bcher-kva.test>",
+            "RCPT TO:<Ann@xn--strae-oqa.de>",
+            "RCPT TO:<b@two.test>",
+            "DATA",
+        ],
+        [BODY],
+    ]
+    assert outcomes(result) == [
+        ("user@bücher.test", D, "250 2.0.0 Ok", "sent"),
+        ("jörg@bücher.test", B, NO_UTF8_RCPT, "smtputf8_not_offered"),
+        ("Ann@Straße.de", D, "250 2.0.0 Ok", "sent"),
+        ("b@two.test", D, "250 2.0.0 Ok", "sent"),
+    ]
+
+
+def test_without_smtputf8_a_u_label_sender_domain_goes_as_its_a_label() -> None:
+    batches, _ = run(
+        Transaction(env("b@two.test", sender="s@bücher.test"), PLAIN),
+        [r(250), r(250), r(354), r(250)],
+    )
+    assert batches[0] == ["MAIL FROM:<s@xn--bcher-kva.test>"]
+    assert batches[1] == ["RCPT TO:<b@two.test>"]
+
+
+def test_with_smtputf8_addresses_go_as_they_are() -> None:
+    caps = Capabilities(esmtp=True, pipelining=True, smtputf8=True)
+    (mail, rcpt, _) = Transaction(env("user@bücher.test", sender="ö@relay.test"), caps).start()
+    assert mail.line == "MAIL FROM:<ö@relay.test> SMTPUTF8"
+    assert rcpt.line == "RCPT TO:<user@bücher.test>"
+
+
+def test_without_smtputf8_a_domain_with_no_a_label_bounces_that_recipient() -> None:
+    # U+00AD (soft hyphen) is DISALLOWED in IDNA 2008: no A-label exists.
+    batches, result = run(
+        Transaction(env("u@b\xadad.test", "b@two.test"), PLAIN), [r(250), r(250), r(354), r(250)]
+    )
+    assert ["RCPT TO:<b@two.test>"] in batches
+    assert [(x.outcome, x.reason) for x in result.recipients] == [
+        (B, "smtputf8_not_offered"),
+        (D, "sent"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("address", "wire"),
+    [
+        ("user@bücher.test", "user@xn--bcher-kva.test"),
+        ("user@sub.BÜCHER.test", "user@sub.xn--bcher-kva.test"),
+        ("User@Example.TEST", "User@Example.TEST"),  # ASCII: unchanged
+        ("jörg@bücher.test", None),
+        ("jörg", None),
+        ("u@b\xadad.test", None),
+        ("", ""),
+    ],
+)
+def test_ascii_address(address: str, wire: str | None) -> None:
+    assert ascii_address(address) == wire
 
 
 def test_addresses_that_cannot_go_on_the_wire() -> None:

@@ -27,10 +27,15 @@ Theory of operation for one host (RFC 7672 §2.2.2, §2.2.3):
 Mail loops (issue 5; Postfix smtp_addr.c "mail for D loops back to myself"): given
 `myself` (the relay's own names and addresses, `Myself.of(server.hostname, server.listen,
 port)`), `resolve_host` refuses a host whose name (or CNAME target) is one of the names, or
-one of whose addresses is one of the addresses. Postfix semantics: the relay is then an MX
-of the domain at that preference, and hosts of that preference or worse would hand the mail
-back (or to another backup): they are not tried. Hosts come in preference order, so the
-failure is scoped to the DOMAIN and stops the engine's host loop:
+one of whose addresses is one of the addresses. An IPv4-mapped IPv6 address
+(`::ffff:a.b.c.d`) is the IPv4 address it maps. A wildcard listener (0.0.0.0 or ::) at
+the delivery port makes every local address of its family the relay's: loopback ones
+always, others when the kernel lets a socket bind them (`is_local_address`, the one piece
+of I/O here, asked at check time so that addresses added later count). Postfix
+semantics: the relay is then an MX of the domain at that preference, and hosts of that
+preference or worse would hand the mail back (or to another backup): they are not tried.
+Hosts come in preference order, so the failure is scoped to the DOMAIN and stops the
+engine's host loop:
     * the host has the best preference of the domain (or is the configured next hop):
       `MailLoop`, 554 5.4.6, the domain bounces;
     * more preferred hosts exist (they were tried first and failed): `MailLoopDeferred`,
@@ -48,8 +53,9 @@ from __future__ import annotations
 
 import ipaddress
 import random
-from collections.abc import Iterable
-from dataclasses import dataclass
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 from relay.config import Endpoint
 from relay.dane.policy import (
@@ -86,6 +92,7 @@ __all__ = [
     "MxRoute",
     "TlsaLookup",
     "explicit_route",
+    "is_local_address",
     "resolve_host",
     "resolve_mx",
 ]
@@ -93,44 +100,109 @@ __all__ = [
 
 def _address_key(text: str) -> str:
     try:
-        return ipaddress.ip_address(text).compressed
+        ip = ipaddress.ip_address(text)
     except ValueError:
         return text.lower()
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        # RFC 4291 §2.5.5.2: ::ffff:a.b.c.d is the IPv4 host a.b.c.d; a connection to it
+        # reaches an IPv4 listener on a.b.c.d.
+        return str(ip.ipv4_mapped)
+    return ip.compressed
+
+
+#: Wildcard listen addresses by the address version they cover. An "::" listener covers
+#: IPv6 only: relay.inbound.server binds AF_INET6 and asyncio (and uvloop) set IPV6_V6ONLY.
+_WILDCARDS = {"0.0.0.0": 4, "::": 6}
+#: Documentation addresses no interface has (RFC 5737 §3, RFC 3849 §2): when one of them
+#: can be bound, the kernel allows non-local binds (ip_nonlocal_bind) and binding proves
+#: nothing.
+_NEVER_LOCAL = {4: "192.0.2.1", 6: "2001:db8::1"}
+
+
+def _bindable(text: str, version: int) -> bool:
+    family = socket.AF_INET if version == 4 else socket.AF_INET6
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.bind((text, 0))
+    except OSError:
+        return False
+    return True
+
+
+def is_local_address(text: str) -> bool:
+    """Whether `text` (an IP address) is one of this host's own addresses.
+
+    Loopback (127.0.0.0/8, ::1) and unspecified (0.0.0.0, ::) addresses always are; another
+    address is when a socket can bind it, which the kernel allows only for addresses
+    configured on an interface. Where non-local binds are allowed (a documentation
+    address binds too) only loopback and unspecified addresses count: a loop then missed
+    still ends at the hop limit (server.max_received_headers, RFC 5321 §6.3).
+    """
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    # RFC 1122 §3.2.1.3: 127/8 never leaves the host; RFC 4291 §2.5.3: nor does ::1. A
+    # connection to the unspecified address reaches this host too (Linux, BSD).
+    if ip.is_loopback or ip.is_unspecified:
+        return True
+    if ip.is_link_local:
+        return False  # needs a scope id to bind; MX data cannot carry one
+    return _bindable(str(ip), ip.version) and not _bindable(_NEVER_LOCAL[ip.version], ip.version)
 
 
 @dataclass(frozen=True, slots=True)
 class Myself:
     """The relay's own identity for mail-loop detection: DNS names (A-labels, lower case,
-    no trailing dot) and IP addresses (compressed form)."""
+    no trailing dot), IP addresses (compressed form, IPv4-mapped ones as IPv4) and the
+    wildcard listen addresses ("0.0.0.0", "::") at the delivery port. `is_local` decides
+    which addresses a wildcard covers (`is_local_address`; tests give their own)."""
 
     names: frozenset[str] = frozenset()
     addresses: frozenset[str] = frozenset()
+    wildcards: frozenset[str] = frozenset()
+    is_local: Callable[[str], bool] = field(default=is_local_address, compare=False)
 
     @classmethod
     def of(
-        cls, hostname: str | None, listen: Iterable[Endpoint], port: int | None = None
+        cls,
+        hostname: str | None,
+        listen: Iterable[Endpoint],
+        port: int | None = None,
+        is_local: Callable[[str], bool] = is_local_address,
     ) -> Myself:
         """From `server.hostname` and `server.listen`. With `port`, only the addresses the
         relay listens on at that port count (the port delivery connects to: a relay on
-        127.0.0.1:2525 that delivers to 127.0.0.1:25 talks to another server). Wildcard
-        listen addresses (0.0.0.0, ::) name no address and are left out: finding the
-        host's interface addresses is I/O, not done here."""
+        127.0.0.1:2525 that delivers to 127.0.0.1:25 talks to another server). A wildcard
+        listen address (0.0.0.0, ::) at that port stands for every local address of its
+        family (Postfix inet_interfaces = all: every interface address is myself)."""
         names = frozenset({_ascii_or_same(hostname).lower().rstrip(".")} if hostname else ())
-        addresses = frozenset(
-            _address_key(ep.host)
-            for ep in listen
-            if (port is None or ep.port == port) and _address_key(ep.host) not in ("0.0.0.0", "::")
-        )
-        return cls(names, addresses)
+        keys = {_address_key(ep.host) for ep in listen if port is None or ep.port == port}
+        wildcards = frozenset(k for k in keys if k in _WILDCARDS)
+        return cls(names, frozenset(keys - wildcards), wildcards, is_local)
 
     def loops(self, host: str, canonical: str, addresses: Iterable[str]) -> str:
         """Why `host` is the relay itself ("" when it is not)."""
         for name in (host, canonical):
             if name and _ascii_or_same(name).lower().rstrip(".") in self.names:
                 return f"host name {name} is this relay (server.hostname)"
+        versions = {_WILDCARDS[w]: w for w in self.wildcards}
         for address in addresses:
-            if _address_key(address) in self.addresses:
+            key = _address_key(address)
+            if key in self.addresses:
                 return f"address {address} is this relay's (server.listen)"
+            try:
+                version = ipaddress.ip_address(key).version
+            except ValueError:
+                continue
+            # RFC 5321 §5.1 (Postfix smtp_addr.c): a wildcard listener is every local address.
+            if version in versions and self.is_local(key):
+                return (
+                    f"address {address} is local and this relay listens on "
+                    f"{versions[version]} (server.listen)"
+                )
         return ""
 
 

@@ -621,9 +621,11 @@ async def test_no_identity_or_another_host_is_not_a_loop() -> None:
     assert other.failure is None and other.decision.action is Action.DANE
 
 
-async def test_myself_counts_only_listen_addresses_on_the_delivery_port_and_no_wildcards() -> None:
+async def test_myself_counts_only_listen_addresses_on_the_delivery_port_wildcards_apart() -> None:
     listen = (Endpoint("127.0.0.1", 2525), Endpoint("192.0.2.1", 25), Endpoint("0.0.0.0", 25))
-    assert Myself.of(None, listen, 25) == Myself(frozenset(), frozenset({"192.0.2.1"}))
+    assert Myself.of(None, listen, 25) == Myself(
+        frozenset(), frozenset({"192.0.2.1"}), frozenset({"0.0.0.0"})
+    )
     assert Myself.of("h.example", listen).addresses == frozenset({"127.0.0.1", "192.0.2.1"})
     assert Myself.of("H.Example.", ()).names == frozenset({"h.example"})
     assert Myself().loops("mx.example.net", "", ("192.0.2.1",)) == ""

@@ -252,7 +252,9 @@ class DeliveryEngine:
         # One transaction per next-hop domain: "straße.de" and "xn--strae-oqa.de" are one
         # domain (RFC 5891 A-label); names that are not DNS names group as written.
         by_domain: dict[str, tuple[str, list[str]]] = {}
-        for rcpt in recipients:
+        # A recipient listed twice (an old spool file) is sent one RCPT and gets one result,
+        # returned for each listing (Postfix drops duplicate recipients in cleanup too).
+        for rcpt in dict.fromkeys(recipients):
             domain = domain_of(rcpt)
             try:
                 key = ascii_domain(domain)
@@ -457,7 +459,10 @@ class DeliveryEngine:
             if decision.reason in _DANE_SKIPS:
                 attempt.dane, attempt.dane_detail = "fail", f"reason={decision.reason}"
                 self.metrics.dane_result(DaneStatus.FAILED.value, decision.reason)
-            self.record.log_failure(attempt, route.failure, received)
+            if route.failure.scope is Scope.HOST:
+                # A domain-scoped failure (RFC 5321 §5.1 mail loop) ends the domain: the
+                # caller's fail_all logs it, once.
+                self.record.log_failure(attempt, route.failure, received)
             raise route.failure
         assert decision.requirement is not None
         if decision.reason == "tlsa_unusable":

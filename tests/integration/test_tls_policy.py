@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from lab import DnsLab, ReceiverPool, RelayProcess, write_relay_config
-from lab.hostile import SENDER, submit
+from lab.hostile import SENDER, metric, submit
 
 RelayFactory = Callable[..., RelayProcess]
 
@@ -29,11 +29,16 @@ def test_dane_only_defers_an_insecure_domain_that_dane_delivers_opportunisticall
 ) -> None:
     (receiver,) = receivers.start("unsigned.test")
     # RFC 7672 §6 (dane-only) vs §2.2 (dane: opportunistic without secure TLSA), one relay:
-    # opportunistic.test goes to unsigned.test's MX host at level dane (its own entry beats
-    # the one of its next hop).
+    # opportunistic.test goes to unsigned.test's MX host at level dane (the next hop
+    # [mx.unsigned.test] has no entry of its own, so the recipient domain's decides).
+    # override.test goes through the next hop unsigned.test, whose own dane-only entry
+    # decides the level of that connection over override.test's "may" (Postfix keys
+    # smtp_tls_policy_maps by next hop): deferred, never sent opportunistically.
     relay = relay_factory(
         extra='[tls.policy]\n"unsigned.test" = "dane-only"\n"opportunistic.test" = "dane"\n'
-        '[delivery.transport]\n"opportunistic.test" = "unsigned.test"\n'
+        '"override.test" = "may"\n'
+        '[delivery.transport]\n"opportunistic.test" = "[mx.unsigned.test]"\n'
+        '"override.test" = "unsigned.test"\n'
     )
     qid = submit(relay, ["ann@unsigned.test", "bob@opportunistic.test"], BODY)
     (msg,) = receiver.wait_for(1, timeout=20)
@@ -42,9 +47,8 @@ def test_dane_only_defers_an_insecure_domain_that_dane_delivers_opportunisticall
     sent = relay.attempt_line(qid, "sent")
     assert "to=<bob@opportunistic.test>" in sent
     assert "relay=mx.unsigned.test[" in sent
-    assert "dnssec=insecure" in sent
     assert "tls=encrypted(" in sent
-    assert sent.endswith("level=dane nexthop=unsigned.test")
+    assert sent.endswith("level=dane nexthop=[mx.unsigned.test]")
     deferred = relay.attempt_line(qid, "deferred")
     assert "to=<ann@unsigned.test>" in deferred
     assert "dane=fail reason=dane_required" in deferred
@@ -53,6 +57,11 @@ def test_dane_only_defers_an_insecure_domain_that_dane_delivers_opportunisticall
         in deferred
     )
     assert deferred.endswith("level=dane-only nexthop=mx")
+    qid2 = submit(relay, ["carl@override.test"], BODY)
+    deferred = relay.attempt_line(qid2, "deferred")
+    assert "to=<carl@override.test>" in deferred
+    assert "dane=fail reason=dane_required" in deferred
+    assert deferred.endswith("level=dane-only nexthop=unsigned.test")
     assert receiver.mail_commands == [(SENDER, True)]
 
 
@@ -105,6 +114,7 @@ def test_verify_with_the_lab_ca_delivers_and_a_wrong_name_defers(
         'reply="451 4.7.5 Server certificate not verified (name mismatch: mx.cname-ok.test)"'
         in deferred
     )
+    assert " error=pkix_name" in deferred  # a trusted chain with a wrong name: its own reason
     assert cname.mail_commands == []
 
 
@@ -115,8 +125,16 @@ def test_verify_without_the_lab_ca_defers_an_untrusted_chain(
     relay = relay_factory(tls_level="verify")  # system trust store: the lab CA is unknown
     qid = submit(relay, "ann@dane-ok.test", BODY)
     deferred = relay.attempt_line(qid, "deferred")
-    assert 'reply="451 4.7.5 Cannot start TLS: ' in deferred
-    assert "CERTIFICATE_VERIFY_FAILED" in deferred and " tls=none " in deferred
+    # Its own reason, not a generic handshake failure (issue 5/7 review): the chain does
+    # not lead to a CA of the trust store (OpenSSL X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY).
+    assert (
+        'reply="451 4.7.5 Server certificate not trusted (unable to get local issuer '
+        'certificate)"' in deferred
+    )
+    assert " error=pkix_untrusted" in deferred and " tls=none " in deferred
+    assert "error=tls_handshake" not in deferred
+    labels = {"result": "deferred", "reason": "pkix_untrusted"}
+    assert metric(relay, "dane_relay_delivery_attempts_total", **labels) == 1
     assert receiver.mail_commands == []
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "NoSuchDomain",
     "NullMx",
     "PkixNameMismatch",
+    "PkixUntrusted",
     "PeerTimeout",
     "PermanentFailure",
     "RelayError",
@@ -178,6 +179,15 @@ class DaneNotAvailable(TemporaryFailure):
 class TlsHandshakeFailed(TemporaryFailure):
     default_reply = SmtpReply(451, "4.7.5", "Cannot start TLS: handshake failure")
     reason = "tls_handshake"
+
+
+class PkixUntrusted(TlsHandshakeFailed):
+    """Levels verify/secure: the handshake failed because the peer's chain does not lead
+    to a CA of the trust store (`relay.dane.pkix.chain_untrusted`). Postfix says "Server
+    certificate not trusted" (smtp_proto.c)."""
+
+    default_reply = SmtpReply(451, "4.7.5", "Server certificate not trusted")
+    reason = "pkix_untrusted"
 
 
 class ConnectFailed(TemporaryFailure, ConnectionError):

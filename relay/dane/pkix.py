@@ -9,6 +9,11 @@ only decides whether the validated leaf names the destination:
 - level secure: a DNS-ID is the next-hop domain or a name below it (Postfix
   smtp_tls_secure_cert_match = nexthop, dot-nexthop); never a name learnt from insecure DNS.
 
+When OpenSSL refuses the chain, `chain_untrusted(verify_code)` says whether the reason is
+that it does not lead to a trusted CA (unknown issuer, self-signed, a root not in the
+trust store: reason `pkix_untrusted`, "Server certificate not trusted"), as opposed to a
+chain that does lead there but is broken (expired, bad signature, wrong purpose).
+
 Guarantees: `leaf_names` and `pkix_names_match` never raise for peer bytes (undecodable
 leaf: no names, no match). Does not: validate the chain, dates or usages (OpenSSL did).
 """
@@ -22,7 +27,19 @@ from cryptography.x509.oid import NameOID
 
 from relay.dane.match import name_matches
 
-__all__ = ["leaf_names", "pkix_names_match"]
+__all__ = ["UNTRUSTED_CHAIN_CODES", "chain_untrusted", "leaf_names", "pkix_names_match"]
+
+#: OpenSSL X509_V_ERR_* codes (x509_vfy.h) for a chain that does not end at a trust anchor:
+#: UNABLE_TO_GET_ISSUER_CERT (2), DEPTH_ZERO_SELF_SIGNED_CERT (18),
+#: SELF_SIGNED_CERT_IN_CHAIN (19), UNABLE_TO_GET_ISSUER_CERT_LOCALLY (20),
+#: UNABLE_TO_VERIFY_LEAF_SIGNATURE (21), CERT_UNTRUSTED (27), CERT_REJECTED (28).
+UNTRUSTED_CHAIN_CODES = frozenset({2, 18, 19, 20, 21, 27, 28})
+
+
+def chain_untrusted(verify_code: int) -> bool:
+    """Whether OpenSSL's verify error `verify_code` means "no path to a trusted CA"."""
+    # RFC 5280 §6.1: path validation starts at a trust anchor; without one there is no path.
+    return verify_code in UNTRUSTED_CHAIN_CODES
 
 
 def leaf_names(leaf_der: bytes) -> tuple[str, ...]:

@@ -14,7 +14,8 @@ delivery engine (which goes on to MAIL) and `dane-relay probe` (which QUITs):
     handshake fails, DANE or encrypt                   TlsHandshakeFailed 4.7.5
     DANE applies, verdict not verified                 QUIT; DaneVerificationFailed 4.7.5
     DANE applies, verified                             "verified" / "trusted"
-    verify/secure: chain not trusted (pkix_context)    TlsHandshakeFailed 4.7.5
+    verify/secure: no path to a trusted CA             PkixUntrusted 4.7.5 (pkix_untrusted)
+    verify/secure: chain refused otherwise (expired)   TlsHandshakeFailed 4.7.5
     verify/secure: leaf does not name the destination  QUIT; PkixNameMismatch 4.7.5
     verify/secure: chain trusted, name matches         "verified"
     no DANE (may, encrypt, only unusable TLSA)         "encrypted"

@@ -35,6 +35,7 @@ import ssl
 from collections.abc import Mapping
 from typing import Any
 
+from relay.dane.pkix import chain_untrusted
 from relay.delivery.client import (
     TIMEOUTS,
     Capabilities,
@@ -47,6 +48,7 @@ from relay.delivery.client import (
 from relay.errors import (
     ConnectFailed,
     PeerTimeout,
+    PkixUntrusted,
     RemotePermReject,
     RemoteTempReject,
     Scope,
@@ -282,6 +284,19 @@ class OutboundSession:
         except TimeoutError as exc:
             self._lost = ConnectionLost(timed_out=True)
             raise PeerTimeout("timeout during STARTTLS") from exc
+        except ssl.SSLCertVerificationError as exc:
+            # Only a CERT_REQUIRED context (levels verify/secure) verifies during the
+            # handshake; a chain without a trusted CA gets its own reason (relay.dane.pkix).
+            # Before ValueError: SSLCertVerificationError is one too.
+            self._lost = ConnectionLost()
+            why = _clip(exc.verify_message or _short(exc))
+            if chain_untrusted(exc.verify_code):
+                raise PkixUntrusted(
+                    f"Server certificate not trusted ({why})", scope=Scope.HOST
+                ) from exc
+            raise TlsHandshakeFailed(
+                f"Cannot start TLS: handshake failure ({_short(exc)})", scope=Scope.HOST
+            ) from exc
         except ValueError as exc:
             # UnicodeError included: preparing the handshake (ssl's encoding of the name)
             # failed. A host-scoped TLS failure, never an internal error (defence in depth).

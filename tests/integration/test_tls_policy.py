@@ -125,11 +125,12 @@ def test_verify_without_the_lab_ca_defers_an_untrusted_chain(
     relay = relay_factory(tls_level="verify")  # system trust store: the lab CA is unknown
     qid = submit(relay, "ann@dane-ok.test", BODY)
     deferred = relay.attempt_line(qid, "deferred")
-    # Its own reason, not a generic handshake failure (issue 5/7 review): the chain does
-    # not lead to a CA of the trust store (OpenSSL X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY).
+    # Its own reason, not a generic handshake failure (issue 5/7 review): the chain ends
+    # at the lab root, which the system trust store does not hold (OpenSSL
+    # X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN).
     assert (
-        'reply="451 4.7.5 Server certificate not trusted (unable to get local issuer '
-        'certificate)"' in deferred
+        'reply="451 4.7.5 Server certificate not trusted (self-signed certificate in '
+        'certificate chain)"' in deferred
     )
     assert " error=pkix_untrusted" in deferred and " tls=none " in deferred
     assert "error=tls_handshake" not in deferred

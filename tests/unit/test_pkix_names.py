@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from lab.certs import make_self_signed
 
-from relay.dane.pkix import leaf_names, pkix_names_match
+from relay.dane.pkix import chain_untrusted, leaf_names, pkix_names_match
 
 
 def leaf(*names: str) -> bytes:
@@ -46,3 +46,21 @@ def test_undecodable_leaf_has_no_names_and_never_matches() -> None:
 )
 def test_names(presented: str, names: tuple[str, ...], below: str | None, expected: bool) -> None:
     assert pkix_names_match(leaf(presented), names, below) is expected
+
+
+@pytest.mark.parametrize(
+    ("code", "untrusted"),
+    [
+        (20, True),  # UNABLE_TO_GET_ISSUER_CERT_LOCALLY: issuer not in the trust store
+        (18, True),  # DEPTH_ZERO_SELF_SIGNED_CERT
+        (19, True),  # SELF_SIGNED_CERT_IN_CHAIN: a root the trust store does not hold
+        (2, True),  # UNABLE_TO_GET_ISSUER_CERT
+        (21, True),  # UNABLE_TO_VERIFY_LEAF_SIGNATURE
+        (27, True),  # CERT_UNTRUSTED
+        (10, False),  # CERT_HAS_EXPIRED: a trusted chain, broken otherwise
+        (7, False),  # CERT_SIGNATURE_FAILURE
+        (26, False),  # INVALID_PURPOSE
+    ],
+)
+def test_chain_untrusted_is_only_no_path_to_a_trust_anchor(code: int, untrusted: bool) -> None:
+    assert chain_untrusted(code) is untrusted

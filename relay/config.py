@@ -118,6 +118,9 @@ class ServerConfig:
     hostname: str | None = None
     max_message_size: int = 25 * 1024 * 1024
     max_recipients: int = 1000
+    # RFC 5321 §6.3 loop detection: DATA with more Received: fields is refused 554 5.4.6
+    # (Postfix hopcount_limit, default 50).
+    max_received_headers: int = 50
     # RFC 5321 §4.5.3.2.7: a server should wait at least 5 minutes for the next command.
     timeout: float = 300.0
     # RFC 5321 §2.3.8/§4.1.1.4: a bare CR or LF in DATA ("reject": 550 5.5.2, nothing
@@ -662,6 +665,12 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
         ),
         max_recipients=s.get(
             "max_recipients", d_server.max_recipients, _int_range(1, 100000), "an integer"
+        ),
+        max_received_headers=s.get(
+            "max_received_headers",
+            d_server.max_received_headers,
+            _int_range(1, 1000),
+            "an integer",
         ),
         timeout=s.get(
             "timeout", d_server.timeout, _positive_float("a positive duration"), "a duration"

@@ -19,6 +19,12 @@ Contract:
   DATA only at CRLF.CRLF, so a smuggled `<LF>.<CR><LF>` or `<CR><LF>.<LF>` stays inside
   the one message, and rejecting it means one message can never become two (SMTP
   smuggling, RFC 5321 §2.3.8, §4.1.1.4). Logged and counted as `bare_line_ending`.
+- A recipient given again in the same transaction (the same mailbox: local part exactly,
+  domain case-insensitively, `relay.smtp.domain.mailbox_key`) is answered 250 and kept
+  once, as Postfix does: the message is queued, delivered and reported once for it.
+- DATA whose header holds more `Received:` fields than `server.max_received_headers` is
+  refused with 554 5.4.6 and nothing is queued (RFC 5321 §6.3 loop detection; Postfix
+  hopcount_limit). Logged and counted as `too_many_hops`.
 - Unexpected exceptions become 451 4.3.0, never a 500 with exception text.
 - Every queued message starts with a `Received:` header (RFC 5321 §4.4) naming the HELO
   name, the client address, the TLS version and cipher when STARTTLS was used, the
@@ -33,6 +39,7 @@ import asyncio
 import email.utils
 import ipaddress
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -42,13 +49,22 @@ from relay.errors import SpoolError
 from relay.inbound.gateway import Gateway, rcpt_verdict
 from relay.metrics import Metrics
 from relay.smtp.address import escaped, wire_safe
-from relay.smtp.domain import DomainSyntaxError, ascii_domain, is_address_literal
+from relay.smtp.domain import DomainSyntaxError, ascii_domain, is_address_literal, mailbox_key
 from relay.spool.records import QueuedMessage
 from relay.spool.store import SpoolStore, new_queue_id
 
-__all__ = ["RelayHandler", "has_bare_line_ending"]
+__all__ = ["RelayHandler", "has_bare_line_ending", "received_headers"]
 
 log = logging.getLogger("relay.smtpd")
+
+# The header section ends at the first empty line (RFC 5322 §2.1); bare LF allowed, as
+# `server.bare_line_endings = "accept"` stores it.
+_HEADER_END = re.compile(rb"^\r?$", re.MULTILINE)
+# A Received: field (RFC 5322 §3.6.7; obsolete syntax allows white space before the colon).
+_RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
+# The envelope attribute holding the mailbox keys of the accepted recipients. aiosmtpd
+# makes a new Envelope for each transaction (after DATA, RSET, a new MAIL), so it resets.
+_RCPT_KEYS = "dane_relay_rcpt_keys"
 
 
 class RelayHandler:
@@ -147,12 +163,27 @@ class RelayHandler:
             return self._refuse_rcpt(
                 session, envelope, address, "bad_domain", "553 5.1.3", f"bad domain syntax: {exc}"
             )
+        key = mailbox_key(address)
+        seen: set[str] | None = getattr(envelope, _RCPT_KEYS, None)
+        if seen is None:
+            seen = {mailbox_key(r) for r in envelope.rcpt_tos}
+            setattr(envelope, _RCPT_KEYS, seen)
+        if key in seen and not rcpt_options:
+            # The same mailbox again: accepted (RFC 5321 §4.1.1.3), kept once, so that it
+            # is delivered once and its one result is not overwritten (Postfix cleanup).
+            log.debug(
+                "client=%s to=<%s> duplicate recipient kept once",
+                _peer_text(session.peer),
+                escaped(address),
+            )
+            return "250 2.1.5 Ok"
         if len(envelope.rcpt_tos) >= self.server_cfg.max_recipients:
             self.metrics.inbound_rejections.labels("too_many_recipients").inc()
             return "452 4.5.3 Error: too many recipients"
         if rcpt_options:
             return "555 5.5.4 RCPT TO parameters not recognized"
         envelope.rcpt_tos.append(address)
+        seen.add(key)
         return "250 2.1.5 Ok"
 
     def _refuse_rcpt(
@@ -188,6 +219,21 @@ class RelayHandler:
                 ",".join(f"<{escaped(r)}>" for r in envelope.rcpt_tos),
             )
             return "550 5.5.2 Message contains bare CR or LF characters (RFC 5321 section 2.3.8)"
+        hops = received_headers(content)
+        if hops > self.server_cfg.max_received_headers:
+            # RFC 5321 §6.3: a loop is detected by counting Received: fields; RFC 3463
+            # X.4.6 routing loop detected. Permanent: the same message loops again.
+            self.metrics.inbound_rejections.labels("too_many_hops").inc()
+            log.warning(
+                "reject=DATA client=%s from=<%s> to=%s reply=554 5.4.6 reason=too-many-hops "
+                "why=%d Received: headers, limit %d",
+                client,
+                escaped(_sender(envelope)),
+                ",".join(f"<{escaped(r)}>" for r in envelope.rcpt_tos),
+                hops,
+                self.server_cfg.max_received_headers,
+            )
+            return "554 5.4.6 Too many hops"
         body = self._received_header(session, envelope, qid) + content
         try:
             msg = await asyncio.to_thread(
@@ -263,6 +309,13 @@ def has_bare_line_ending(content: bytes) -> bool:
     """True when `content` has a CR not followed by LF or an LF not preceded by CR."""
     rest = content.replace(b"\r\n", b"")
     return b"\r" in rest or b"\n" in rest
+
+
+def received_headers(content: bytes) -> int:
+    """How many Received: fields the header section of `content` holds (the body and
+    anything after the first empty line are not looked at)."""
+    end = _HEADER_END.search(content)
+    return len(_RECEIVED.findall(content, 0, end.start() if end else len(content)))
 
 
 def _sender(envelope: Any) -> str:

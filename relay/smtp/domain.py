@@ -37,7 +37,14 @@ import idna
 
 from relay.smtp.address import escaped
 
-__all__ = ["MAX_LABEL", "MAX_NAME", "DomainSyntaxError", "ascii_domain", "is_address_literal"]
+__all__ = [
+    "MAX_LABEL",
+    "MAX_NAME",
+    "DomainSyntaxError",
+    "ascii_domain",
+    "is_address_literal",
+    "mailbox_key",
+]
 
 #: RFC 1035 §2.3.4: octets in one label.
 MAX_LABEL = 63
@@ -147,3 +154,20 @@ def _label(label: str, underscore: bool) -> str:
     if len(a_label) > MAX_LABEL:  # idna checks this too; kept explicit for the reason text
         raise DomainSyntaxError(f"label longer than {MAX_LABEL} octets ({len(a_label)})")
     return a_label
+
+
+def mailbox_key(address: str) -> str:
+    """The form in which two recipient addresses name the same mailbox: the local part
+    exactly as given (RFC 5321 §2.4: only the destination host may treat it as case
+    insensitive) and the domain in A-label form, lower case (RFC 5321 §2.4: domain names
+    are not case sensitive; RFC 5891). A domain that is no DNS name is only lower-cased."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return address
+    if domain.isascii():
+        return f"{local}@{domain.lower()}"  # the A-label form already, or no DNS name
+    try:
+        domain = ascii_domain(domain)
+    except DomainSyntaxError:
+        domain = domain.lower()
+    return f"{local}@{domain}"

@@ -23,6 +23,10 @@ Contract:
   message that is being delivered right now (relay.spool.admin.MessageBusy): its
   attempt is about to rewrite the record, and an action in between would be lost or
   would undo the attempt's results.
+- A message whose record lists the same mailbox twice (an old spool file; inbound keeps
+  one since, `relay.smtp.domain.mailbox_key`) is delivered once to it: the engine gets
+  each mailbox once, every state of that mailbox records the one outcome, and a DSN
+  names it once.
 - Store I/O (blocking fsyncs) runs in worker threads.
 """
 
@@ -40,6 +44,7 @@ from relay.config import DeliveryConfig
 from relay.errors import SpoolError
 from relay.metrics import Metrics
 from relay.model import Outcome, RecipientResult
+from relay.smtp.domain import mailbox_key
 from relay.smtp.reply import SmtpReply
 from relay.spool.admin import (
     MessageBusy,
@@ -300,7 +305,11 @@ class QueueRunner:
                 log.error("queue_id=%s cannot read message body: %s", qid, exc)
                 self._retry_later(msg, self.clock())
                 return
-            pending = [r.address for r in msg.pending]
+            # One RCPT per mailbox, however often the record lists it (Postfix cleanup).
+            mailboxes: dict[str, str] = {}
+            for state in msg.pending:
+                mailboxes.setdefault(mailbox_key(state.address), state.address)
+            pending = list(mailboxes.values())
             try:
                 results = await self.engine.deliver(
                     qid,
@@ -322,13 +331,15 @@ class QueueRunner:
         self, msg: QueuedMessage, results: Sequence[RecipientResult], body: bytes
     ) -> None:
         now = self.clock()
-        by_rcpt = {r.recipient: r for r in results}
+        by_rcpt = {mailbox_key(r.recipient): r for r in results}
+        reported: set[str] = set()  # mailboxes already in this attempt's DSN lists
         too_old = expired(msg.received, now, self.cfg.max_queue_lifetime)
         states: list[RecipientState] = []
         failed: list[FailedRecipient] = []
         delayed: list[DelayedRecipient] = []
         for state in msg.recipients:
-            result = by_rcpt.get(state.address)
+            key = mailbox_key(state.address)
+            result = by_rcpt.get(key)
             if state.status is not RecipientStatus.PENDING or result is None:
                 states.append(state)
                 continue
@@ -354,7 +365,9 @@ class QueueRunner:
                 last_reply=str(reply),
                 last_relay=result.relay,
             ).with_steps(result.history)
-            if status is RecipientStatus.BOUNCED:
+            first = key not in reported
+            reported.add(key)
+            if status is RecipientStatus.BOUNCED and first:
                 failed.append(
                     FailedRecipient(
                         state.address,
@@ -367,7 +380,7 @@ class QueueRunner:
                         history_dropped=updated_state.history_dropped,
                     )
                 )
-            elif status is RecipientStatus.PENDING:
+            elif status is RecipientStatus.PENDING and first:
                 delayed.append(
                     DelayedRecipient(
                         state.address,

@@ -358,8 +358,13 @@ def render_text(report: ProbeReport) -> str:
     for host in report.hosts:
         lines += host_lines(resolution, host.route)
         if not host.tried:
+            reason = host.route.decision.reason
             why = (
-                "the policy skips this host"
+                "the host is this relay"
+                if reason == "mail_loop"
+                else "its MX preference is not lower than this relay's, RFC 5321 §5.1"
+                if reason == "below_myself"
+                else "the policy skips this host"
                 if host.route.failure
                 else "the domain stops first"
                 if report.resolution.outcome is not Outcome.ATTEMPT

@@ -27,8 +27,10 @@ The outcome mirrors `relay.delivery.engine` (RFC 7672 §2.2, RFC 5321 §5.1, RFC
     =========  ==============================================================  ====
 
 Unlike the engine, which stops at the first host that takes the message, the report
-resolves every MX host. Hosts of equal preference are shown by name; the engine tries
-them in random order (RFC 5321 §5.1).
+resolves every MX host, but for those at or below the relay's own preference when the
+relay is one of them (mail loop): they are listed as skipped, with the reason, and not
+looked up (RFC 5321 §5.1; `relay.delivery.route.below_myself`). Hosts of equal
+preference are shown by name; the engine tries them in random order (RFC 5321 §5.1).
 
 Does not: connect to any host (`relay.probe` does), match certificates (`dane-relay tlsa
 verify` does that), cache answers, or log.
@@ -54,6 +56,7 @@ from relay.delivery.route import (
     MxRoute,
     Myself,
     TlsaLookup,
+    below_myself,
     explicit_route,
     resolve_host,
     resolve_mx,
@@ -174,21 +177,32 @@ async def lookup(
     hosts: list[HostRoute] = []
     if mx.failure is None and mx.answer is not None:
         best = mx.plan.hosts[0].preference if mx.plan.hosts else None
+        loop: HostRoute | None = None  # the host that is this relay, once met
         for host in sorted(mx.plan.hosts, key=lambda h: (h.preference, h.name)):
-            hosts.append(
-                await resolve_host(
-                    resolver,
-                    host,
-                    next_hop=mx.domain,
-                    level=dest.level,
-                    mx_security=mx.answer.security,
-                    insecure_mx_policy=insecure_mx_policy,
-                    validating=validating,
-                    tlsa_port=dest.tlsa_port,
-                    myself=identity,
-                    best_preference=best,
-                )
+            if loop is not None and host.preference >= loop.host.preference:
+                # RFC 5321 §5.1: only MX hosts more preferred than the relay itself.
+                hosts.append(below_myself(host, loop))
+                continue
+            route = await resolve_host(
+                resolver,
+                host,
+                next_hop=mx.domain,
+                level=dest.level,
+                mx_security=mx.answer.security,
+                insecure_mx_policy=insecure_mx_policy,
+                validating=validating,
+                tlsa_port=dest.tlsa_port,
+                myself=identity,
+                best_preference=best,
             )
+            if route.decision.reason == "mail_loop":
+                loop = route
+                # Hosts of the relay's own preference listed before it are not tried either.
+                hosts = [
+                    below_myself(h.host, loop) if h.host.preference >= host.preference else h
+                    for h in hosts
+                ]
+            hosts.append(route)
     outcome, reply, usable = _outcome(mx, hosts)
     return LookupReport(
         domain=domain,
@@ -295,6 +309,8 @@ def _tls(route: HostRoute) -> str:
         return decision.requirement.value
     if decision.reason == "mail_loop":
         return "mail loop"
+    if decision.reason == "below_myself":
+        return "not tried (this relay is a more preferred MX)"
     if decision.action is Action.SKIP_HOST:
         return "skip host"
     return "defer domain"
@@ -409,6 +425,9 @@ def host_lines(report: LookupReport, route: HostRoute) -> list[str]:
         if host.implicit
         else f"host {host.name} (MX {host.preference})"
     ]
+    if route.decision.reason == "below_myself":
+        # Nothing was looked up: the relay never sends to it (RFC 5321 §5.1).
+        return [*lines, f"  skipped: {route.reason}"]
     if route.canonical:
         lines.append(f"  CNAME: {host.name} -> {route.canonical}")
     status = _address_status(route, report.validating)
@@ -535,7 +554,9 @@ def host_dict(report: LookupReport, route: HostRoute) -> dict[str, Any]:
         "implicit": route.host.implicit,
         "canonical": route.canonical or None,
         "addresses": {
-            "status": _address_status(route, report.validating),
+            "status": "not_looked_up"
+            if decision.reason == "below_myself"
+            else _address_status(route, report.validating),
             "records": list(route.addresses),
             "failed_families": list(route.failed_families),
         },

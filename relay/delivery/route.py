@@ -91,6 +91,7 @@ __all__ = [
     "Myself",
     "MxRoute",
     "TlsaLookup",
+    "below_myself",
     "explicit_route",
     "is_local_address",
     "resolve_host",
@@ -489,6 +490,39 @@ def _mail_loop(
         reason=f"{text} ({decision.rfc})",
         failure=failure,
         dnssec=dnssec,
+    )
+
+
+def below_myself(host: MxHost, loop: HostRoute) -> HostRoute:
+    """The route of a host that is not tried because the relay itself (`loop`, the route
+    `resolve_host` refused as a mail loop) is an MX host of the domain at a preference
+    as good or better: nothing is looked up for it, and its failure is `loop`'s."""
+    assert loop.failure is not None
+    # RFC 5321 §5.1: the relay only sends to MX hosts with a lower preference value than
+    # its own; Postfix (smtp_addr.c) drops the rest of the list.
+    text = (
+        f"MX preference {host.preference} is not lower than this relay's own "
+        f"({loop.host.preference}, {loop.host.name}): not tried"
+    )
+    decision = Decision(Action.SKIP_HOST, None, "below_myself", "RFC 5321 §5.1", text)
+    return HostRoute(
+        host=host,
+        next_hop=loop.next_hop,
+        mx_status=loop.mx_status,
+        addresses=(),
+        address_status=AddressStatus.NONE,
+        failed_families=(),
+        canonical="",
+        tlsa_lookups=(),
+        tlsa_base=host.name,
+        tlsa_state=TlsaState.NOT_LOOKED_UP,
+        tlsa_records=(),
+        usable=(),
+        malformed=(),
+        decision=decision,
+        reason=f"{text} ({decision.rfc})",
+        failure=loop.failure,
+        dnssec=loop.dnssec,
     )
 
 

@@ -10,12 +10,19 @@ Contract (`Reloader.reload`, called on the event loop by the SIGHUP handler):
   finishes under the settings it started with; no connection is closed):
   [relay] (networks: the next RCPT), [tls] (level, policy map, insecure_mx_policy, the
   CA file, read again even when unchanged), [delivery] except the keys in
-  `RESTART_KEYS`, and `log.level`. The STARTTLS certificate and key files are read again
-  (relay.inbound.tls.TlsContextHolder.reload: a broken pair is refused and logged, the old
-  one stays), as at every SIGHUP.
+  `RESTART_KEYS`, [gateway] and `log.level`. The STARTTLS certificate and key files are
+  read again (relay.inbound.tls.TlsContextHolder.reload: a broken pair is refused and
+  logged, the old one stays), as at every SIGHUP.
+- [gateway] is applied whole and at once: `load_gateway` builds the new acceptance
+  (domains, recipients, recipients_file, read now: a bad file refuses the whole new
+  configuration) before anything changes, and `_apply` then swaps the handler's
+  `Gateway` and the engine's routes (the transport and policy entries `load_config`
+  derives from domains, next_hop and tls_level) with no await in between, so no RCPT or
+  delivery ever sees the new acceptance with the old routes or the reverse. Mail queued
+  before the reload is routed by the new configuration when it is next tried.
 - Everything else needs a restart: the sections [server], [spool], [dns], [metrics],
-  [gateway], `log.format` and the [delivery] keys in `RESTART_KEYS`. When one of them
-  changed, one WARNING line names them; the running values stay.
+  `log.format` and the [delivery] keys in `RESTART_KEYS`. When one of them changed, one
+  WARNING line names them; the running values stay.
 - One INFO line says which keys were applied (`reloaded config=… applied=…`).
 
 Does not: rebind listeners, reopen the spool, or rebuild the resolver.
@@ -33,6 +40,7 @@ from relay.config import Config, load_config
 from relay.delivery.engine import DeliveryEngine, EngineSettings
 from relay.delivery.transport import SmtpTransport
 from relay.errors import ConfigError
+from relay.inbound.gateway import Gateway, load_gateway
 from relay.inbound.handler import RelayHandler
 from relay.inbound.tls import TlsContextHolder
 from relay.logsetup import set_level
@@ -43,7 +51,7 @@ __all__ = ["LIVE_SECTIONS", "RESTART_KEYS", "Reloader", "changed_keys"]
 log = logging.getLogger("relay")
 
 #: Sections whose keys take effect on SIGHUP (apart from RESTART_KEYS).
-LIVE_SECTIONS = ("relay", "tls", "delivery", "log")
+LIVE_SECTIONS = ("relay", "tls", "delivery", "gateway", "log")
 #: Keys of the live sections that are read only at start-up.
 RESTART_KEYS = frozenset(
     {
@@ -112,6 +120,7 @@ class Reloader:
         try:
             new = load_config(path)
             pkix = self.pkix(new)
+            gateway = load_gateway(new)  # gateway.recipients_file, read now
         except ConfigError as exc:
             log.error("SIGHUP: new configuration refused, the running one stays: %s", exc)
             return False
@@ -126,7 +135,7 @@ class Reloader:
                 ",".join(restart),
             )
         merged = _merged(self.cfg, new)
-        self._apply(merged, pkix)
+        self._apply(merged, pkix, gateway)
         self.cfg = merged
         applied = [k for k in changed if k not in restart]
         log.info(
@@ -137,7 +146,9 @@ class Reloader:
         )
         return True
 
-    def _apply(self, cfg: Config, pkix: ssl.SSLContext) -> None:
+    def _apply(self, cfg: Config, pkix: ssl.SSLContext, gateway: Gateway | None) -> None:
+        # No await in here: the event loop runs no RCPT and no delivery step until every
+        # assignment below is done, so the gateway and the routes change together.
         settings = self.settings(cfg)
         engine = self.engine
         # The next delivery reads these; one running keeps the objects it already holds.
@@ -153,4 +164,5 @@ class Reloader:
         self.runner.cfg = cfg.delivery
         self.runner.load([])  # wakes the queue: retry times follow the new backoffs
         self.handler.relay_cfg = cfg.relay  # the next RCPT
+        self.handler.gateway = gateway  # the next RCPT; its routes are engine.routes above
         set_level(cfg.log.level)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from relay.config import Config, load_config
-from relay.reload import RESTART_KEYS, _merged, changed_keys
+from relay.reload import LIVE_SECTIONS, RESTART_KEYS, _merged, changed_keys
 
 BASE = """
 [server]
@@ -69,3 +69,28 @@ def test_merged_keeps_the_running_value_of_every_restart_key(tmp_path: Path) -> 
     assert merged.spool == old.spool and merged.server == old.server
     assert merged.metrics == old.metrics
     assert "delivery.concurrency" in RESTART_KEYS and "log.format" in RESTART_KEYS
+
+
+def test_merged_takes_the_new_gateway_with_the_routes_derived_from_it(tmp_path: Path) -> None:
+    """A [gateway] change is applied whole: its domains (RCPT acceptance) and the transport
+    and policy entries load_config derives from them (delivery) come from the same file."""
+    gateway = '\n[gateway]\ndomains = ["{d}"]\nnext_hop = "[{h}]:25"\ntls_level = "{lvl}"\n'
+    old = _load(tmp_path, BASE + gateway.format(d="a.example", h="in1.example", lvl="may"))
+    new = _load(
+        tmp_path,
+        BASE + gateway.format(d="b.example", h="in2.example", lvl="encrypt"),
+        "new.toml",
+    )
+    merged = _merged(old, new)
+    assert merged.gateway.domains == ("b.example",)
+    assert merged.delivery.transport == (("b.example", new.gateway.next_hop),)
+    assert new.gateway.next_hop is not None and new.gateway.next_hop.host == "in2.example"
+    assert merged.tls.policy == (("b.example", "encrypt"),)
+    assert "gateway" in LIVE_SECTIONS
+    assert list(changed_keys(old, merged)) == [
+        "tls.policy",
+        "delivery.transport",
+        "gateway.domains",
+        "gateway.next_hop",
+        "gateway.tls_level",
+    ]

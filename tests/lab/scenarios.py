@@ -478,3 +478,32 @@ SCENARIOS += [
         ds=False,
     ),
 ]
+
+# Scenarios for mail-loop detection (tests/integration/test_mail_loop_lab.py, issue 5
+# review). Appended, so the receiver addresses above do not move.
+MAPPED_LOOP_ADDRESS = "127.254.77.1"  # listened on by the relay in the mapped-address test
+SCENARIOS += [
+    ScenarioSpec(
+        domain="loops.test",
+        description="signed, DS, MX 10 mx1, 20 mx2, 20 mx2b, 30 mx3, each with a correct "
+        "3 1 1; the loop tests name the relay mx2.loops.test, so mx2b and mx3 are never used",
+        mx=(
+            (10, "mx1.loops.test"),
+            (20, "mx2.loops.test"),
+            (20, "mx2b.loops.test"),
+            (30, "mx3.loops.test"),
+        ),
+        hosts=tuple(
+            HostSpec(f"{name}.loops.test", tlsa=(DANE_EE_SPKI_SHA256,))
+            for name in ("mx1", "mx2", "mx2b", "mx3")
+        ),
+    ),
+    ScenarioSpec(
+        domain="mapped-loop.test",
+        description="signed, DS, the only MX host has just an IPv4-mapped AAAA record "
+        f"(::ffff:{MAPPED_LOOP_ADDRESS}): a relay listening on that IPv4 address at the "
+        "delivery port is that host",
+        mx=((10, "mx.mapped-loop.test"),),
+        extra_records=(("mx.mapped-loop.test", "AAAA", f"::ffff:{MAPPED_LOOP_ADDRESS}"),),
+    ),
+]

@@ -3,16 +3,19 @@
 A scripted peer on mx.hostile.test's lab address (its certificate matches the published
 3 1 1 TLSA, so DANE passes) offers no SMTPUTF8. `[delivery.transport]` sends the IDN
 domain bücher.test to it. Of one message to user@bücher.test and jörg@bücher.test, the
-first must reach the peer with the domain as its A-label, the second must bounce alone.
+first must reach the peer with the domain as its A-label, the second must bounce alone,
+and the sender (at dane-ok.test, whose lab receiver runs) gets a report for it only.
 """
 
 from __future__ import annotations
 
+import email
+import email.message
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from lab import DnsLab, RelayProcess
+from lab import DnsLab, ReceiverPool, RelayProcess
 from lab.hostile import SmtpWire, metric
 from lab.scripted_peer import PeerScript, ScriptedPeer
 
@@ -22,9 +25,19 @@ BODY = "Subject: Grüße\r\nMessage-ID: <utf8@sender.example>\r\n\r\nHallo.\r\n"
 TRANSPORT = '[delivery.transport]\n"xn--bcher-kva.test" = "[mx.hostile.test]"\n'
 
 
+def _parts(payload: object) -> list[email.message.Message]:
+    assert isinstance(payload, list)
+    assert all(isinstance(p, email.message.Message) for p in payload)
+    return payload
+
+
 def test_ascii_local_part_is_sent_as_a_label_and_only_utf8_local_part_bounces(
-    dns_lab: DnsLab, relay_factory: Callable[..., RelayProcess], tmp_path: Path
+    dns_lab: DnsLab,
+    receivers: ReceiverPool,
+    relay_factory: Callable[..., RelayProcess],
+    tmp_path: Path,
 ) -> None:
+    (sender_mx,) = receivers.start("dane-ok.test")
     mx = dns_lab.hosts["mx.hostile.test"]
     chain, key = mx.leaf.write(tmp_path, "mx.hostile.test-own")
     script = PeerScript(extensions=("PIPELINING", "8BITMIME", "STARTTLS"))  # no SMTPUTF8
@@ -33,7 +46,7 @@ def test_ascii_local_part_is_sent_as_a_label_and_only_utf8_local_part_bounces(
         host, port = relay.smtp_addr
         with SmtpWire(host, port) as c:
             assert c.cmd("EHLO client.test").code == 250
-            assert c.cmd("MAIL FROM:<alice@sender.example> SMTPUTF8").code == 250
+            assert c.cmd("MAIL FROM:<alice@dane-ok.test> SMTPUTF8").code == 250
             assert c.cmd("RCPT TO:<user@bücher.test>".encode()).code == 250
             assert c.cmd("RCPT TO:<jörg@bücher.test>".encode()).code == 250
             assert c.cmd("DATA").code == 354
@@ -48,7 +61,7 @@ def test_ascii_local_part_is_sent_as_a_label_and_only_utf8_local_part_bounces(
         rcpts = [cmd for cmd, _ in peer.commands if cmd.upper().startswith("RCPT")]
         messages = peer.messages
     # The A-label went on the wire; the U-label and the UTF-8 local part never did.
-    assert mail == ["MAIL FROM:<alice@sender.example> BODY=8BITMIME"]  # no SMTPUTF8
+    assert mail == ["MAIL FROM:<alice@dane-ok.test> BODY=8BITMIME"]  # no SMTPUTF8
     assert rcpts == ["RCPT TO:<user@xn--bcher-kva.test>"]
     assert len(messages) == 1
     assert "Subject: Grüße".encode() in messages[0]  # the header goes as it is
@@ -69,3 +82,20 @@ def test_ascii_local_part_is_sent_as_a_label_and_only_utf8_local_part_bounces(
         )
         == 1
     )
+
+    # The report to the sender names the bounced recipient only, with the 5.6.7 reason.
+    (dsn,) = sender_mx.wait_for(1, timeout=20)
+    assert dsn.mail_from == ""
+    assert dsn.rcpt_tos == ("alice@dane-ok.test",)
+    report = email.message_from_bytes(dsn.content)
+    text, status, _ = _parts(report.get_payload())
+    told_bytes = text.get_payload(decode=True)
+    assert isinstance(told_bytes, bytes)
+    told = told_bytes.decode("utf-8")
+    assert (
+        "<jörg@bücher.test>: 550 5.6.7 SMTPUTF8 is required for this recipient address "
+        "(its local part is not ASCII), but was not offered by host" in told
+    )
+    assert "user@" not in told
+    (_, per_rcpt) = _parts(status.get_payload())
+    assert per_rcpt["Status"] == "5.6.7"

@@ -51,6 +51,7 @@ from relay.config import Endpoint, Listener, ServerConfig
 from relay.inbound.auth import Credentials, FailureLimiter
 from relay.inbound.data import DataVerdict, receive_data
 from relay.inbound.handler import RelayHandler
+from relay.inbound.pathparse import simple_path
 from relay.inbound.tls import TlsContextHolder
 from relay.metrics import Metrics
 
@@ -306,6 +307,17 @@ class LimitedSMTP(SMTP):
         if not arg:
             self._ended = "quit"
         await super().smtp_QUIT(arg)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's MAIL FROM / RCPT TO path parse, without its per-call class and token
+        tree for the simple `<local@domain>` (`relay.inbound.pathparse`, same results)."""
+        simple = simple_path(arg) if arg else None
+        if simple is None:
+            return super()._getaddr(arg)
+        address, rest = simple
+        if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return address, rest
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:

@@ -13,6 +13,13 @@ Theory of operation, per next-hop domain (recipients are grouped by domain):
    the next MX; a TLSA lookup failure never becomes "no TLSA" (RFC 7672 §2.1). When the
    resolver is known not to validate (`ResolverStatus.validating` False), every answer
    counts as insecure: dane becomes opportunistic TLS and dane-only defers.
+   Mail loop (RFC 5321 §5.1): before the first host of a preference is tried, the
+   addresses of every host of that preference are looked up (once: `_Remembered` keeps
+   the answers for the hosts' routes) and checked against `EngineSettings.myself`. When
+   one is this relay, no host of that preference or a worse one is tried: that host's
+   route is the loop, which bounces the domain (554 5.4.6) at its best preference and
+   defers it (451 4.4.6) when more preferred hosts were tried first. Without this, an
+   equal-preference host listed before the relay's own entry was tried.
 3. For each address (family first per `EngineSettings.address_preference`): connect,
    then `relay.delivery.secure.negotiate` (EHLO, STARTTLS
    as required, DANE verification of the peer chain with the pure `relay.dane.verify`,
@@ -38,6 +45,7 @@ adapters translate them into relay.errors at their boundary.
 from __future__ import annotations
 
 import logging
+import random
 import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -47,6 +55,7 @@ from typing import Protocol
 
 from relay.dane.match import DaneStatus
 from relay.dane.policy import DANE_LEVELS, Action, TlsaState, TlsRequirement
+from relay.dane.records import TlsaRecord
 from relay.delivery.attempt import Attempt, AttemptRecorder, as_temporary
 from relay.delivery.client import (
     TIMEOUTS,
@@ -65,8 +74,8 @@ from relay.delivery.policymap import Destination, PolicyMap
 from relay.delivery.pool import Channel, ConnectionCache, DestinationSlots
 from relay.delivery.route import HostRoute, Myself, explicit_route, resolve_host, resolve_mx
 from relay.delivery.secure import Negotiation, TlsSession, negotiate
-from relay.errors import DeliveryError, PermanentFailure, Scope, TemporaryFailure
-from relay.lookup.results import Resolver, ResolverStatus, Security
+from relay.errors import DeliveryError, DnsTempFail, PermanentFailure, Scope, TemporaryFailure
+from relay.lookup.results import DnsAnswer, MxRecord, Resolver, ResolverStatus, Security
 from relay.metrics import Metrics
 from relay.model import Outcome, RecipientResult, domain_of
 from relay.smtp.domain import DomainSyntaxError, ascii_domain
@@ -211,6 +220,7 @@ class DeliveryEngine:
         clock: Callable[[], float] = time.time,
         resolver_status: ResolverStatus | None = None,
         pkix_context: ssl.SSLContext | None = None,  # levels verify/secure (tls.pkix_context)
+        rng: random.Random | None = None,  # the order of equal MX preferences (tests)
     ) -> None:
         self.resolver = resolver
         self.transport = transport
@@ -230,6 +240,7 @@ class DeliveryEngine:
             settings.connection_reuse_limit,
         )
         self.slots = DestinationSlots(settings.destination_concurrency)
+        self.rng = rng
 
     async def close(self) -> None:
         """QUIT the cached connections (shutdown)."""
@@ -305,9 +316,7 @@ class DeliveryEngine:
                 except BaseException:
                     channel.session.abort()
                     raise
-            return await self._route_domain(
-                attempt, dest, key, validating, sender, body, received
-            )
+            return await self._route_domain(attempt, dest, key, validating, sender, body, received)
 
     async def _cached(self, key: _Key) -> Channel[Session, _Verdict] | None:
         """A cached session for `key` that answered RSET with 250, or None."""
@@ -341,6 +350,7 @@ class DeliveryEngine:
                 dest.next_hop,
                 validating=validating,
                 host_limit=self.settings.mx_host_limit,
+                rng=self.rng,
             )
             if dest.mx
             else explicit_route(dest.next_hop)
@@ -363,14 +373,38 @@ class DeliveryEngine:
             )
         last: DeliveryError | None = None
         limit = self.settings.mx_address_limit
+        hosts = mx.plan.hosts
         connections = _Connections(
-            left=limit, best_preference=mx.plan.hosts[0].preference if mx.plan.hosts else None
+            left=limit, best_preference=hosts[0].preference if hosts else None
         )
+        identity = self.settings.myself(dest.port) if self.settings.myself else None
+        lookups = _Remembered(self.resolver)
         hosts_left = 0
-        for index, host in enumerate(mx.plan.hosts):
+        for index, host in enumerate(hosts):
             if connections.left <= 0:
-                hosts_left = len(mx.plan.hosts) - index
+                hosts_left = len(hosts) - index
                 break
+            if identity is not None and (
+                index == 0 or hosts[index - 1].preference < host.preference
+            ):
+                # RFC 5321 §5.1: the relay is checked against every host of a preference
+                # before any of them is tried; if it is one, its route (the loop) ends the
+                # domain here, and no host of this preference or a worse one is tried.
+                group = [h for h in hosts[index:] if h.preference == host.preference]
+                mine = await _myself_among(lookups, group, identity)
+                if mine is not None:
+                    host = mine[0]
+                    log.info(
+                        "queue_id=%s domain=%s mail loop: MX host %s (preference %d) is this "
+                        "relay (%s); %d MX host(s) of that preference or worse not tried "
+                        "reason=mail_loop (RFC 5321 §5.1)",
+                        attempt.queue_id,
+                        attempt.domain,
+                        host.name,
+                        host.preference,
+                        mine[1],
+                        len(hosts) - index - 1,
+                    )
             try:
                 return await self._try_host(
                     attempt,
@@ -383,6 +417,7 @@ class DeliveryEngine:
                     received,
                     connections,
                     key,
+                    lookups,
                 )
             except (TemporaryFailure, PermanentFailure) as exc:
                 if exc.scope is not Scope.HOST:
@@ -423,10 +458,11 @@ class DeliveryEngine:
         received: float,
         connections: _Connections,
         key: _Key,
+        resolver: Resolver,
     ) -> list[RecipientResult]:
         settings = self.settings
         route = await resolve_host(
-            self.resolver,
+            resolver,
             host,
             next_hop=dest.next_hop,
             level=dest.level,
@@ -620,6 +656,57 @@ class DeliveryEngine:
         elif outcome.ending is not Ending.REUSABLE or not self.cache.put(key, channel):
             await session.quit()
         return self.record.finish(attempt, outcome.recipients, received)
+
+
+class _Remembered:
+    """The resolver, with each host's address answer (or failure) of one delivery attempt
+    kept: the loop check of a preference group and the host's own route see the same
+    answer, and no lookup is made twice (a failed one would cost its timeout again)."""
+
+    def __init__(self, resolver: Resolver) -> None:
+        self.resolver = resolver
+        self._addresses: dict[str, DnsAnswer[str] | DnsTempFail] = {}
+
+    async def mx(self, domain: str) -> DnsAnswer[MxRecord]:
+        return await self.resolver.mx(domain)
+
+    async def addresses(self, host: str) -> DnsAnswer[str]:
+        known = self._addresses.get(host)
+        if known is None:
+            try:
+                known = await self.resolver.addresses(host)
+            except DnsTempFail as exc:
+                known = exc
+            self._addresses[host] = known
+        if isinstance(known, DnsTempFail):
+            raise known
+        return known
+
+    async def tlsa(self, host: str, port: int) -> DnsAnswer[TlsaRecord]:
+        return await self.resolver.tlsa(host, port)
+
+
+async def _myself_among(
+    resolver: _Remembered, group: Sequence[MxHost], identity: Myself
+) -> tuple[MxHost, str] | None:
+    """The host of `group` (MX hosts of one preference) that is this relay, and why; None
+    when none is. A host whose name is not a host name, or whose address lookup fails,
+    is not this relay as far as can be told (its own route skips it)."""
+    for host in group:
+        try:
+            ascii_domain(host.name)
+        except DomainSyntaxError:
+            continue
+        try:
+            answer = await resolver.addresses(host.name)
+        except DnsTempFail:
+            answer = None
+        records = answer.records if answer is not None else ()
+        canonical = answer.canonical if answer is not None else ""
+        why = identity.loops(host.name, canonical, records)
+        if why:
+            return host, why
+    return None
 
 
 async def _drive(

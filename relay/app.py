@@ -452,6 +452,9 @@ def engine_settings(
         connection_cache_time=cfg.delivery.connection_cache_time,
         connection_reuse_time=cfg.delivery.connection_reuse_time,
         connection_reuse_limit=cfg.delivery.connection_reuse_limit,
+        # At most min_backoff: a message's own retry (never sooner) is not suspended by the
+        # failure that deferred it (Postfix: dead for minimal_backoff_time).
+        dead_destination_time=min(cfg.delivery.dead_destination_time, cfg.delivery.min_backoff),
         timeouts=timeouts if timeouts is not None else delivery_timeouts(cfg.delivery),
     )
 
@@ -481,7 +484,9 @@ async def _run(
         resolver_status=watch.status,
         pkix_context=pkix,
     )
-    runner = QueueRunner(store, engine, cfg.delivery, metrics, hostname)
+    runner = QueueRunner(
+        store, engine, cfg.delivery, metrics, hostname, on_flush=engine.lift_suspensions
+    )
     runner.load(messages)
     control = ControlServer(runner, store)
     await control.start()  # `dane-relay queue ...` talks to the live runner through it

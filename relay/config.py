@@ -224,6 +224,10 @@ class DeliveryConfig:
     connection_cache_time: float = 5.0
     connection_reuse_time: float = 300.0
     connection_reuse_limit: int = 100
+    # A destination whose every connection failed in an attempt is not tried again for
+    # this long: its mail is deferred at once (0: never; Postfix marks it dead until
+    # minimal_backoff_time, 300s; shorter here, as a flush or success also lifts it).
+    dead_destination_time: float = 60.0
     min_backoff: float = 300.0
     max_backoff: float = 4000.0
     max_queue_lifetime: float = 5 * 86400.0
@@ -914,6 +918,12 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
             d_delivery.connection_reuse_limit,
             _int_range(1, 1_000_000),
             "an integer",
+        ),
+        dead_destination_time=s.get(
+            "dead_destination_time",
+            d_delivery.dead_destination_time,
+            _duration,
+            "a duration (0 turns destination suspension off)",
         ),
         min_backoff=s.get("min_backoff", d_delivery.min_backoff, dur, "a duration"),
         max_backoff=s.get("max_backoff", d_delivery.max_backoff, dur, "a duration"),

@@ -110,6 +110,18 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.destination_suspensions = Counter(
+            "dane_relay_destination_suspensions",
+            "Destinations suspended because every connection attempt to them failed "
+            "(delivery.dead_destination_time)",
+            registry=r,
+        )
+        self.suspended_deliveries = Counter(
+            "dane_relay_suspended_deliveries",
+            "Recipients deferred without a connection attempt while their destination "
+            "was suspended",
+            registry=r,
+        )
         self.dns_lookups = Counter(
             "dane_relay_dns_lookups",
             "Upstream DNS queries by record type and result (secure, insecure, servfail, "

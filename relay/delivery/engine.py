@@ -37,6 +37,13 @@ Theory of operation, per next-hop domain (recipients are grouped by domain):
    next message goes on it, with the verdict its setup earned (logged `conn=reused:N`);
    anything else closes it and the next cached one or a new connection is tried.
    Deliveries in progress per destination key are bounded by `destination_concurrency`.
+6. Dead destinations (Postfix qmgr): when every connection of an attempt failed before a
+   session was set up (`_UNREACHABLE`: connect, timeout, greeting or EHLO refused, TLS
+   handshake) and no host failed otherwise, the destination (the slot key) is suspended
+   for `dead_destination_time` seconds: its next attempts are deferred at once, without a
+   lookup or a connection, `451 4.4.1 delivery temporarily suspended: <last failure>`
+   (reason dest_suspended). A session reaching MAIL, `lift_suspensions` (queue flush) or
+   the end of the period ends it. It only ever defers: no bounce, no DANE decision.
 
 This module never catches library exceptions: the resolver and transport
 adapters translate them into relay.errors at their boundary.
@@ -71,10 +78,22 @@ from relay.delivery.client import (
 )
 from relay.delivery.planner import MAX_MX_HOSTS, MxHost, order_addresses
 from relay.delivery.policymap import Destination, PolicyMap
-from relay.delivery.pool import Channel, ConnectionCache, DestinationSlots
+from relay.delivery.pool import Channel, ConnectionCache, DeadDestinations, DestinationSlots
 from relay.delivery.route import HostRoute, Myself, explicit_route, resolve_host, resolve_mx
 from relay.delivery.secure import Negotiation, TlsSession, negotiate
-from relay.errors import DeliveryError, DnsTempFail, PermanentFailure, Scope, TemporaryFailure
+from relay.errors import (
+    ConnectFailed,
+    DeliveryError,
+    DnsTempFail,
+    MailLoopDeferred,
+    PeerTimeout,
+    PermanentFailure,
+    RemotePermReject,
+    RemoteTempReject,
+    Scope,
+    TemporaryFailure,
+    TlsHandshakeFailed,
+)
 from relay.lookup.results import DnsAnswer, MxRecord, Resolver, ResolverStatus, Security
 from relay.metrics import Metrics
 from relay.model import Outcome, RecipientResult, domain_of
@@ -118,6 +137,31 @@ class _Connections:
     left: int
     untried: int = 0  # addresses of looked-up hosts left out for want of attempts
     best_preference: int | None = None  # the domain's lowest MX preference (loop check)
+    # Dead-destination evidence: connections that failed before a session was set up
+    # (`_UNREACHABLE`), the last one's "relay: reply", and whether a host failed otherwise.
+    down: int = 0
+    down_reason: str = ""
+    other: bool = False
+
+    def failed(self, exc: DeliveryError, relay: str) -> None:
+        if _unreachable(exc):
+            self.down += 1
+            self.down_reason = f"{relay}: {exc.reply.text}"
+        else:
+            self.other = True
+
+
+#: Failures that say the destination is not reachable now, whatever the message: the
+#: connect, the greeting, EHLO and the TLS handshake (Postfix qmgr marks such a
+#: destination dead). Not DANE/PKIX verdicts nor "TLS required, not offered" (each attempt
+#: logs and counts its own authentication result; they are not connection failures), nor
+#: DNS or policy skips, nor anything a mail transaction answers (per message/recipient).
+_UNREACHABLE = (ConnectFailed, PeerTimeout, RemoteTempReject, RemotePermReject)
+
+
+def _unreachable(exc: DeliveryError) -> bool:
+    # PkixUntrusted subclasses TlsHandshakeFailed but is a verdict: exact type only.
+    return isinstance(exc, _UNREACHABLE) or type(exc) is TlsHandshakeFailed
 
 
 class Session(TlsSession, Protocol):
@@ -160,6 +204,9 @@ class EngineSettings:
     connection_cache_time: float = 5.0
     connection_reuse_time: float = 300.0
     connection_reuse_limit: int = 100
+    # Seconds a destination whose every connection failed is suspended (0: never;
+    # delivery.dead_destination_time).
+    dead_destination_time: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,10 +288,18 @@ class DeliveryEngine:
         )
         self.slots = DestinationSlots(settings.destination_concurrency)
         self.rng = rng
+        # Destinations (the slot key) whose every connection failed; see _suspended.
+        self.dead = DeadDestinations(time.monotonic)
 
     async def close(self) -> None:
         """QUIT the cached connections (shutdown)."""
         await self.cache.close()
+
+    def lift_suspensions(self) -> None:
+        """End every dead-destination suspension (`dane-relay queue flush`)."""
+        count = self.dead.clear()
+        if count:
+            log.info("destination suspensions lifted by queue flush destinations=%d", count)
 
     async def deliver(
         self,
@@ -303,7 +358,12 @@ class DeliveryEngine:
         # One reading per domain, so that every host of the domain is judged alike.
         validating = self.resolver_status is None or self.resolver_status.validating
         key = _key(dest, validating)
+        if (suspended := self._suspended(attempt, key, received)) is not None:
+            return suspended
         async with self.slots.hold(key[1:]):
+            # Again: the destination may have been suspended while this one waited.
+            if (suspended := self._suspended(attempt, key, received)) is not None:
+                return suspended
             channel = await self._cached(key)
             if channel is not None:
                 channel.verdict.apply(attempt)
@@ -317,6 +377,41 @@ class DeliveryEngine:
                     channel.session.abort()
                     raise
             return await self._route_domain(attempt, dest, key, validating, sender, body, received)
+
+    def _suspended(
+        self, attempt: Attempt, key: _Key, received: float
+    ) -> list[RecipientResult] | None:
+        """Deferred results, without a lookup or a connection, while the destination is
+        suspended (Postfix qmgr: "delivery temporarily suspended"); None otherwise."""
+        if self.settings.dead_destination_time <= 0:
+            return None
+        why = self.dead.suspended(key[1:])
+        if why is None:
+            return None
+        self.metrics.suspended_deliveries.inc(len(attempt.recipients))
+        # Temporary, always: the runner's own rules (max_queue_lifetime) decide any bounce.
+        reply = SmtpReply(451, "4.4.1", f"delivery temporarily suspended: {why}")
+        return self.record.results(
+            attempt, Outcome.DEFERRED, reply, received, reason="dest_suspended"
+        )
+
+    def _suspend(self, attempt: Attempt, key: _Key, connections: _Connections) -> None:
+        """Suspend the destination when every connection this attempt made failed before a
+        session was set up (`_UNREACHABLE`) and no host failed in any other way."""
+        period = self.settings.dead_destination_time
+        if period <= 0 or not connections.down or connections.other:
+            return
+        self.dead.mark(key[1:], connections.down_reason, period)
+        self.metrics.destination_suspensions.inc()
+        log.info(
+            "queue_id=%s domain=%s destination suspended for %gs: every connection failed "
+            'reason=dest_dead last="%s"%s',
+            attempt.queue_id,
+            attempt.domain,
+            period,
+            connections.down_reason.replace('"', "'"),
+            attempt.route_detail,
+        )
 
     async def _cached(self, key: _Key) -> Channel[Session, _Verdict] | None:
         """A cached session for `key` that answered RSET with 250, or None."""
@@ -421,6 +516,10 @@ class DeliveryEngine:
                 )
             except (TemporaryFailure, PermanentFailure) as exc:
                 if exc.scope is not Scope.HOST:
+                    if isinstance(exc, MailLoopDeferred):
+                        # A backup MX: the more preferred hosts tried before the loop
+                        # decide whether their destination is down.
+                        self._suspend(attempt, key, connections)
                     return self.record.fail_all(attempt, exc, received)
                 last = exc
         if hosts_left or connections.untried:
@@ -436,6 +535,7 @@ class DeliveryEngine:
             )
         if last is None:
             last = TemporaryFailure("No MX host could be tried", scope=Scope.DOMAIN)
+        self._suspend(attempt, key, connections)
         # Every host failed: defer (a host-scoped failure is never a reason to bounce).
         return self.record.results(
             attempt,
@@ -499,6 +599,7 @@ class DeliveryEngine:
                 # A domain-scoped failure (RFC 5321 §5.1 mail loop) ends the domain: the
                 # caller's fail_all logs it, once.
                 self.record.log_failure(attempt, route.failure, received)
+                connections.other = True  # skipped by DNS or policy: not a dead destination
             raise route.failure
         assert decision.requirement is not None
         if decision.reason == "tlsa_unusable":
@@ -531,6 +632,7 @@ class DeliveryEngine:
                 )
             except (TemporaryFailure, PermanentFailure) as exc:
                 self.record.log_failure(attempt, exc, received)
+                connections.failed(exc, attempt.relay)
                 if exc.scope is not Scope.HOST:
                     raise
                 last = exc
@@ -650,6 +752,8 @@ class DeliveryEngine:
             # §3.2), so it is not bounced for asking.
             smtputf8=attempt.smtputf8 and caps.smtputf8,
         )
+        # A session answered: the destination is reachable (Postfix qmgr lifts "dead").
+        self.dead.lift(key[1:])
         outcome = await _drive(session, Transaction(envelope, caps), body, self.settings.timeouts)
         if outcome.ending is Ending.CLOSE:
             session.abort()  # RFC 5321 §3.8: 421 or connection lost: no further command

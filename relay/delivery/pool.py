@@ -16,6 +16,12 @@ Contract:
   Entries exist only while a destination has users, so the map stays as small as the
   number of destinations in flight.
 - `close()` QUITs every cached session (shutdown).
+- `DeadDestinations` remembers destinations whose every connection attempt failed
+  (Postfix qmgr "dead" queues): `mark(key, reason, period)` suspends `key` for `period`
+  seconds of its clock, `suspended(key)` gives the reason while that lasts (None after,
+  or when the clock went backwards), `lift(key)` and `clear()` end it early. Expired
+  entries are dropped whenever one is marked, so the map holds at most the destinations
+  that failed within the last period.
 
 Does not: open connections, send RSET (the engine checks a taken session), or log.
 """
@@ -29,7 +35,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
-__all__ = ["Channel", "ConnectionCache", "DestinationSlots", "Quittable"]
+__all__ = ["Channel", "ConnectionCache", "DeadDestinations", "DestinationSlots", "Quittable"]
 
 
 class Quittable(Protocol):
@@ -170,3 +176,49 @@ class DestinationSlots:
             slot.users -= 1
             if slot.users == 0:
                 del self._slots[key]
+
+
+@dataclass(frozen=True, slots=True)
+class _Dead:
+    since: float
+    until: float
+    reason: str
+
+
+class DeadDestinations:
+    """Destinations suspended after every connection to them failed (see the module doc)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._dead: dict[Hashable, _Dead] = {}
+
+    def __len__(self) -> int:
+        return len(self._dead)
+
+    def mark(self, key: Hashable, reason: str, period: float) -> None:
+        """Suspend `key` for `period` seconds (nothing when `period` <= 0)."""
+        now = self.clock()
+        for other in [k for k, d in self._dead.items() if not d.since <= now < d.until]:
+            del self._dead[other]
+        if period > 0:
+            self._dead[key] = _Dead(now, now + period, reason)
+
+    def suspended(self, key: Hashable) -> str | None:
+        """Why `key` is suspended, or None when it is not (any more)."""
+        dead = self._dead.get(key)
+        if dead is None:
+            return None
+        if dead.since <= self.clock() < dead.until:
+            return dead.reason
+        del self._dead[key]
+        return None
+
+    def lift(self, key: Hashable) -> bool:
+        """End the suspension of `key`; True when it was suspended."""
+        return self._dead.pop(key, None) is not None
+
+    def clear(self) -> int:
+        """End every suspension; returns how many there were."""
+        count = len(self._dead)
+        self._dead.clear()
+        return count

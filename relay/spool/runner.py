@@ -109,8 +109,11 @@ class QueueRunner:
         hostname: str,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
+        on_flush: Callable[[], None] | None = None,
     ) -> None:
+        """`on_flush` runs at every `flush` (the engine ends its destination suspensions)."""
         self.store = store
+        self.on_flush = on_flush
         self.engine = engine
         self.cfg = cfg
         self.metrics = metrics
@@ -241,6 +244,8 @@ class QueueRunner:
         ]
         for each in due:
             self._queue[each] = replace(self._queue[each], next_attempt=now)
+        if self.on_flush is not None:
+            self.on_flush()  # Postfix flushes "dead" destinations too: they are tried now
         log.info("queue flushed by operator messages=%d", len(due))
         self._wake.set()
         return due

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from lab import DnsLab, RelayProcess
-from lab.hostile import metric, submit
+from lab.hostile import metric, start_relay, submit
 from lab.scripted_peer import PeerScript, ScriptedPeer
 
 pytestmark = pytest.mark.lab
@@ -42,7 +42,11 @@ def loop_peers(dns_lab: DnsLab, tmp_path: Path) -> Iterator[list[ScriptedPeer]]:
 def test_a_backup_relay_never_tries_a_host_of_its_own_preference(
     dns_lab: DnsLab, loop_peers: list[ScriptedPeer], relay_factory: RelayFactory
 ) -> None:
-    relay = relay_factory(hostname="mx2.loops.test")
+    # dead_destination_time 0: every message makes its own attempt (mx1 refused, then the
+    # preference 20 group with the relay in it).
+    relay = start_relay(
+        relay_factory, {"delivery": {"dead_destination_time": '"0s"'}}, hostname="mx2.loops.test"
+    )
     mx1 = dns_lab.hosts["mx1.loops.test"].address
     for n in range(MESSAGES):
         qid = submit(relay, f"user{n}@loops.test", BODY)

@@ -141,6 +141,13 @@ class ServerConfig:
     # Received: header of an authenticated session: name the AUTH user in it (Postfix
     # smtpd_sasl_authenticated_header, default no: the user stays private).
     received_auth_user: bool = False
+    # Error replies (4xx/5xx) one session may get without delivering mail (Postfix
+    # smtpd_soft_error_limit, smtpd_hard_error_limit, smtpd_error_sleep_time): after
+    # soft_error_limit errors each further error reply waits error_sleep_time; at
+    # hard_error_limit the session gets 421 4.7.0 and is closed (RFC 5321 §3.8).
+    soft_error_limit: int = 10
+    hard_error_limit: int = 20
+    error_sleep_time: float = 1.0
     # SIGTERM: listeners close at once; open SMTP sessions and running deliveries get this
     # long to finish, then whatever is left stays queued.
     shutdown_grace: float = 20.0
@@ -472,6 +479,16 @@ def _duration(raw: Any) -> float:
     return parse_duration(raw)
 
 
+def _duration_at_most(high: float, what: str) -> Callable[[Any], float]:
+    def convert(raw: Any) -> float:
+        seconds = parse_duration(raw)
+        if seconds > high:
+            raise ValueError(what)
+        return seconds
+
+    return convert
+
+
 def _probe_name(raw: Any) -> str:
     if not isinstance(raw, str) or not (raw == "." or _HOSTNAME.fullmatch(raw)):
         raise ValueError('a DNS name such as "." or "example.org"')
@@ -712,9 +729,27 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
             _typed(bool, "true or false"),
             "true or false",
         ),
+        soft_error_limit=s.get(
+            "soft_error_limit", d_server.soft_error_limit, _int_range(0, 100000), "an integer"
+        ),
+        hard_error_limit=s.get(
+            "hard_error_limit", d_server.hard_error_limit, _int_range(1, 100000), "an integer"
+        ),
+        error_sleep_time=s.get(
+            "error_sleep_time",
+            d_server.error_sleep_time,
+            _duration_at_most(300.0, "a duration from 0 to 300s"),
+            "a duration",
+        ),
         shutdown_grace=s.get("shutdown_grace", d_server.shutdown_grace, _duration, "a duration"),
     )
     s.finish()
+    if server.soft_error_limit > server.hard_error_limit:
+        raise ConfigError(
+            f"{file}: server.soft_error_limit: expected an integer <= "
+            f"server.hard_error_limit ({server.hard_error_limit}), "
+            f"got {server.soft_error_limit}"
+        )
     if (server.tls_cert_file is None) != (server.tls_key_file is None):
         given, missing = (
             ("tls_cert_file", "tls_key_file")

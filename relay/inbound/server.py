@@ -20,6 +20,10 @@ Contract:
   `tls_required`).
 - Lines longer than 1000 octets with CRLF (RFC 5321 §4.5.3.1.6) are refused with `500`:
   in DATA after the end of data (the message is dropped), in commands at once.
+- Error limits (`relay.inbound.errorlimit`, Postfix smtpd_*_error_limit): past
+  `server.soft_error_limit` error replies each further one waits `server.error_sleep_time`
+  (asyncio.sleep); the one reaching `server.hard_error_limit` is followed by `421 4.7.0`
+  and the connection is closed. Nothing pipelined after a 421 is handled or answered.
 - Graceful stop: every open session is in the `Sessions` given to `start_listeners`.
   After `Sessions.begin_shutdown()` an idle session gets `421 4.3.2 <host> Service shutting
   down` and is closed at once; a session in a transaction (after MAIL, in DATA) finishes
@@ -28,9 +32,10 @@ Contract:
   waits for the sessions to end and closes those still open after the grace with the 421
   (a message that got no 250 is still the client's to retry).
 - One INFO line per session when it ends (logger `relay.smtpd`): `session client=… helo=…
-  tls=… auth=yes|no messages=N queue_ids=… outcome=quit|disconnected|timeout|shutdown
-  duration=…`, counted in `dane_relay_inbound_sessions_total` (refused connections as
-  outcome `refused`); a completed STARTTLS is counted in `dane_relay_tls_negotiated_total`.
+  tls=… auth=yes|no messages=N queue_ids=… outcome=quit|disconnected|timeout|shutdown|
+  too_many_errors duration=…`, counted in `dane_relay_inbound_sessions_total` (refused
+  connections as outcome `refused`); a completed STARTTLS is counted in
+  `dane_relay_tls_negotiated_total`.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, syntax
 from relay.config import Endpoint, Listener, ServerConfig
 from relay.inbound.auth import Credentials, FailureLimiter
 from relay.inbound.data import DataVerdict, receive_data
+from relay.inbound.errorlimit import SessionErrors
 from relay.inbound.handler import RelayHandler
 from relay.inbound.pathparse import simple_path
 from relay.inbound.tls import TlsContextHolder
@@ -194,6 +200,9 @@ class LimitedSMTP(SMTP):
         self._ended = "disconnected"  # how the session ended, for its log line and metric
         self._tls = "none"  # "TLSv1.3/TLS_AES_256_GCM_SHA384" once STARTTLS is done
         self._queued: list[str] = []  # queue ids answered 250 in this session
+        limits = getattr(handler, "server_cfg", None) or ServerConfig()  # a bare test handler
+        self._errors = SessionErrors(limits.soft_error_limit, limits.hard_error_limit)
+        self._error_sleep = limits.error_sleep_time
         self._smtp_methods = {
             verb: method if verb == "QUIT" else self._guarded(method)
             for verb, method in self._smtp_methods.items()
@@ -207,6 +216,8 @@ class LimitedSMTP(SMTP):
 
         @functools.wraps(method)  # keeps the __smtp_syntax__ HELP reads
         async def command(arg: Any) -> None:
+            if self.transport is None or self.transport.is_closing():
+                return  # pipelined after a 421 (shutdown, too many errors): not handled
             if self._shutting_down():
                 self.shut_down("idle")
                 return
@@ -410,6 +421,8 @@ class LimitedSMTP(SMTP):
         super().connection_made(transport)
 
     async def push(self, status: Any) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return  # closed after a 421: what the client pipelined gets no reply
         if isinstance(status, str) and status in _ENHANCED:
             status, reason = _ENHANCED[status]
             self._metrics.inbound_rejections.labels(reason).inc()
@@ -421,7 +434,30 @@ class LimitedSMTP(SMTP):
             )
         elif isinstance(status, str) and status.startswith(_QUEUED):
             self._queued.append(status[len(_QUEUED) :].strip())
+        text = status if isinstance(status, str) else ""
+        if self._errors.delayed(text):
+            # Postfix smtpd_error_sleep_time: slow a client that keeps making errors
+            # (recipient guessing) without holding up the other sessions.
+            await asyncio.sleep(self._error_sleep)
         await super().push(status)
+        if self._errors.record(text):
+            self._too_many_errors()
+
+    def _too_many_errors(self) -> None:
+        """RFC 5321 §3.8, §4.2: 421 and close once the session reaches
+        server.hard_error_limit error replies (Postfix smtpd_hard_error_limit)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self._ended = "too_many_errors"
+        self._metrics.inbound_rejections.labels("too_many_errors").inc()
+        log.warning(
+            "reject client=%s reply=421 4.7.0 reason=too-many-errors errors=%d",
+            self._client,
+            self._errors.count,
+        )
+        self._writer.write(f"421 4.7.0 {self.hostname} Error: too many errors\r\n".encode())
+        transport.close()
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:

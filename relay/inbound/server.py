@@ -18,8 +18,15 @@ Contract:
   On a listener with `require_tls`, every command but EHLO/HELO, STARTTLS, NOOP and QUIT
   gets `530 5.7.0 Must issue a STARTTLS command first` until TLS is up (counted as
   `tls_required`).
-- Lines longer than 1000 octets with CRLF (RFC 5321 §4.5.3.1.6) are refused with `500`:
-  in DATA after the end of data (the message is dropped), in commands at once.
+- Lines longer than 1000 octets with CRLF (RFC 5321 §4.5.3.1.6) are refused: in DATA
+  after the end of data with `554 5.6.0` (the message is dropped), in commands at once
+  with `500 5.5.2`.
+- `server.timeout` is idle time: restarted by every command, every DATA chunk and every
+  AUTH challenge; when it runs out the client gets `421 4.4.2` and the close.
+- Every reply but the greeting and the replies to HELO/EHLO carries an RFC 3463 enhanced
+  code (aiosmtpd's own ones get it in `push`); EHLO advertises ENHANCEDSTATUSCODES and
+  PIPELINING. STARTTLS inside TLS gets `554 5.5.1` (RFC 3207 §4.2); a failed handshake is
+  one INFO line (`starttls client=… tls=failed reason=…`) and ends the session.
 - Error limits (`relay.inbound.errorlimit`, Postfix smtpd_*_error_limit): past
   `server.soft_error_limit` error replies each further one waits `server.error_sleep_time`
   (asyncio.sleep); the one reaching `server.hard_error_limit` is followed by `421 4.7.0`
@@ -33,7 +40,7 @@ Contract:
   (a message that got no 250 is still the client's to retry).
 - One INFO line per session when it ends (logger `relay.smtpd`): `session client=… helo=…
   tls=… auth=yes|no messages=N queue_ids=… outcome=quit|disconnected|timeout|shutdown|
-  too_many_errors duration=…`, counted in `dane_relay_inbound_sessions_total` (refused
+  too_many_errors|tls_failed duration=…`, counted in `dane_relay_inbound_sessions_total` (refused
   connections as outcome `refused`); a completed STARTTLS is counted in
   `dane_relay_tls_negotiated_total`.
 """
@@ -41,6 +48,8 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import functools
 import logging
@@ -48,18 +57,19 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, cast
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, syntax
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, TLSSetupException, syntax
 
 from relay.config import Endpoint, Listener, ServerConfig
 from relay.inbound.auth import Credentials, FailureLimiter
-from relay.inbound.data import DataVerdict, receive_data
+from relay.inbound.data import LINE_LIMIT, DataVerdict, receive_data
 from relay.inbound.errorlimit import SessionErrors
 from relay.inbound.handler import RelayHandler
 from relay.inbound.pathparse import simple_path
 from relay.inbound.tls import TlsContextHolder
 from relay.metrics import Metrics
+from relay.smtp.address import escaped
 
 __all__ = ["AuthGate", "ConnectionLimiter", "Sessions", "start_listeners"]
 
@@ -144,8 +154,11 @@ _ENHANCED = {
         "message_too_big",
     ),
     "552 Error: Too much mail data": ("552 5.3.4 Error: message file too big", "message_too_big"),
+    # Sent after the final dot, where RFC 5321 §4.3.2 allows only 250, 552, 554, 451, 452,
+    # 450 and 550: 554 (transaction failed) for content that breaks RFC 5321 §4.5.3.1.6.
     "500 Line too long (see RFC5321 4.5.3.1.6)": (
-        "500 5.5.2 Error: line too long (RFC 5321 section 4.5.3.1.6)",
+        "554 5.6.0 Message content rejected: line longer than 1000 octets "
+        "(RFC 5321 section 4.5.3.1.6)",
         "line_too_long",
     ),
     "500 Command line too long": ("500 5.5.2 Error: command line too long", "command_too_long"),
@@ -159,6 +172,71 @@ _ENHANCED = {
 
 #: The start of RelayHandler.handle_DATA's reply once a message is queued.
 _QUEUED = "250 2.0.0 Ok: queued as "
+
+# RFC 2034 §3: with ENHANCEDSTATUSCODES advertised, every 2xx, 4xx and 5xx reply but the
+# greeting and the replies to HELO/EHLO carries an RFC 3463 code. aiosmtpd's own replies
+# that lack one get it here: by their exact text (with Postfix's wording where Postfix
+# says the same thing), else by their reply code.
+_CODED = {
+    "250 OK": "250 2.0.0 Ok",
+    "221 Bye": "221 2.0.0 Bye",
+    "220 Ready to start TLS": "220 2.0.0 Ready to start TLS",
+    "500 Error: bad syntax": "500 5.5.2 Error: bad syntax",
+    "503 Error: send HELO first": "503 5.5.1 Error: send HELO/EHLO first",
+    "503 Error: send EHLO first": "503 5.5.1 Error: send EHLO first",
+    "503 Already authenticated": "503 5.5.1 Error: already authenticated",
+    "501 Not enough value": "501 5.5.4 Syntax: AUTH mechanism [initial-response]",
+    "501 Too many values": "501 5.5.4 Syntax: AUTH mechanism [initial-response]",
+    "503 Error: nested MAIL command": "503 5.5.1 Error: nested MAIL command",
+    "503 Error: need MAIL command": "503 5.5.1 Error: need MAIL command",
+    "503 Error: need RCPT command": "503 5.5.1 Error: need RCPT command",
+    "252 Cannot VRFY user, but will accept message and attempt delivery": (
+        "252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery"
+    ),
+}
+# By reply code (RFC 3463 §3.6: X.5.1 a command out of sequence or not supported, X.5.2 a
+# command that cannot be parsed, X.5.4 bad arguments; §3.8: X.7.0 a security refusal).
+_CODE_DEFAULTS = {
+    "500": "5.5.2",
+    "501": "5.5.4",
+    "502": "5.5.1",
+    "503": "5.5.1",
+    "504": "5.5.4",
+    "555": "5.5.4",
+    "454": "4.7.0",
+    "530": "5.7.0",
+    "554": "5.7.0",
+}
+
+
+def with_enhanced_code(status: str) -> str:
+    """`status` (one reply line) with an RFC 3463 enhanced code (RFC 2034 §3)."""
+    if status[5:6] == "." and status[4:5] in ("2", "4", "5"):
+        return status  # it has one
+    coded = _CODED.get(status)
+    if coded is not None:
+        return coded
+    code, text = status[:3], status[4:]
+    if code == "250" and text.startswith(("Syntax: ", "Supported commands: ")):
+        return f"214 2.0.0 {text}"  # RFC 5321 §4.2.2: 214 answers HELP
+    if code[:1] not in ("2", "4", "5") or status[3:4] != " ":
+        return status  # 3xx needs none
+    return f"{code} {_CODE_DEFAULTS.get(code, code[0] + '.0.0')} {text}"
+
+
+class _Writable(Protocol):
+    """What the limit and shutdown refusals need of a transport. uvloop's TCPTransport
+    has these but is no asyncio.WriteTransport subclass, so no isinstance check."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _tls_failure_reason(error: BaseException | None) -> str:
+    """A short word for why a STARTTLS handshake failed, for the log."""
+    reason = getattr(error, "reason", None) or type(error).__name__
+    return str(reason).replace(" ", "_")[:64]
 
 
 @dataclass
@@ -200,6 +278,8 @@ class LimitedSMTP(SMTP):
         self._ended = "disconnected"  # how the session ended, for its log line and metric
         self._tls = "none"  # "TLSv1.3/TLS_AES_256_GCM_SHA384" once STARTTLS is done
         self._queued: list[str] = []  # queue ids answered 250 in this session
+        self._greeted = False  # the 220 greeting has been sent
+        self._plain_replies = False  # replying to HELO/EHLO (RFC 2034 §3: no enhanced code)
         limits = getattr(handler, "server_cfg", None) or ServerConfig()  # a bare test handler
         self._errors = SessionErrors(limits.soft_error_limit, limits.hard_error_limit)
         self._error_sleep = limits.error_sleep_time
@@ -231,6 +311,10 @@ class LimitedSMTP(SMTP):
                 self.shut_down("after-transaction" if in_transaction else "after-command")
 
         return command
+
+    def _closing(self) -> bool:
+        transport = self.transport
+        return transport is None or transport.is_closing()
 
     def _in_transaction(self) -> bool:
         """After an accepted MAIL and until the end of DATA (or RSET)."""
@@ -273,7 +357,12 @@ class LimitedSMTP(SMTP):
         assert self._auth is not None and self.session is not None
         user = auth_data.login.decode("utf-8", "backslashreplace")
         if await asyncio.to_thread(self._auth.credentials.check, user, auth_data.password):
-            log.info("auth client=%s mechanism=%s user=%s status=ok", self._client, mechanism, user)
+            log.info(
+                "auth client=%s mechanism=%s user=%s status=ok",
+                self._client,
+                mechanism,
+                escaped(user)[:64],
+            )
             # What aiosmtpd's smtp_AUTH records for a successful AuthResult.
             self.session.authenticated = True
             # aiosmtpd declares auth_data as None; it holds the authenticator's data.
@@ -286,7 +375,7 @@ class LimitedSMTP(SMTP):
             "auth client=%s mechanism=%s user=%s status=failed failures=%d",
             self._client,
             mechanism,
-            user.encode("unicode_escape").decode("ascii")[:64],
+            escaped(user)[:64],
             failures,
         )
         # RFC 4954 §6: 535 5.7.8 for credentials that are not valid.
@@ -304,14 +393,107 @@ class LimitedSMTP(SMTP):
             await self.push(
                 f"421 4.7.0 {self.hostname} Error: too many failed authentication attempts"
             )
-            assert self.transport is not None
-            self.transport.close()
+            if self.transport is not None:
+                self.transport.close()  # what the client pipelined after it is not read
             return
         self._login = None
         await super().smtp_AUTH(arg)
         login, self._login = self._login, None
         if login is not None:
             await self._check_login(*login)
+
+    async def challenge_auth(
+        self,
+        challenge: str | bytes,
+        encode_to_b64: bool = True,
+        log_client_response: bool = False,
+    ) -> Any:
+        """aiosmtpd's AUTH challenge (334) and the client's answer, decoded; MISSING
+        after a refusal. Here the idle timer runs from the challenge, and a line over the
+        reader's limit is answered 500 5.5.6 instead of raising."""
+        raw = challenge.encode() if isinstance(challenge, str) else challenge
+        # RFC 4954 §4: the trailing space is required even with no challenge data.
+        await self.push(b"334 " + (base64.b64encode(raw) if encode_to_b64 else raw))
+        # RFC 5321 §4.5.3.2.7: the server's timeout is idle time, waiting for this line too.
+        self._reset_timeout()
+        line = await self._read_auth_line()
+        if line is None:
+            # RFC 4954 §6: 500 5.5.6 for an exchange line too long; the session goes on.
+            await self.push("500 5.5.6 Authentication Exchange line is too long")
+            return MISSING
+        blob = line.strip()
+        if blob == b"*":
+            # RFC 4954 §4: "*" cancels the exchange, answered 501.
+            await self.push("501 5.7.0 Auth aborted")
+            return MISSING
+        try:
+            return base64.b64decode(blob, validate=True)
+        except binascii.Error:
+            await self.push("501 5.5.2 Can't decode base64")
+            return MISSING
+
+    async def _read_auth_line(self) -> bytes | None:
+        """The next line, or None when it is over the reader's limit (then all of it,
+        up to its line end, is read and dropped, as aiosmtpd does with a command line)."""
+        try:
+            return await self._reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError as error:
+            await self._reader.read(error.consumed)
+        while True:
+            try:
+                await self._reader.readuntil(b"\n")
+                return None
+            except asyncio.LimitOverrunError as error:
+                await self._reader.read(error.consumed)
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self._tls_protocol is not None:
+            # RFC 3207 §4.2: no STARTTLS once TLS is active (Postfix's reply); session goes on.
+            await self.push("554 5.5.1 Error: TLS already active")
+            return
+        try:
+            await super().smtp_STARTTLS(arg)
+        except TLSSetupException as error:
+            self._tls_failed(error.__cause__)
+
+    def _tls_failed(self, error: BaseException | None) -> None:
+        """A failed handshake: one INFO line (a client must not be able to fill the log
+        with tracebacks), and the session ends as aiosmtpd ends it."""
+        log.info(
+            "starttls client=%s tls=failed reason=%s", self._client, _tls_failure_reason(error)
+        )
+        if self._ended == "disconnected":
+            self._ended = "tls_failed"
+        if self.transport is not None:
+            self.transport.close()
+        # The TLS layer never reported connection_made, so it reports no connection_lost.
+        self.connection_lost(None)
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._plain_replies = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._plain_replies = False
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._plain_replies = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._plain_replies = False
+
+    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        if command == "EHLO":
+            # RFC 2920 (the command loop reads pipelined commands in order) and RFC 2034
+            # (every reply carries an enhanced code): both served, so both advertised,
+            # before aiosmtpd's last line ("250 HELP").
+            responses = args[1]
+            responses[-1:-1] = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES"]
+        return await super()._call_handler_hook(command, *args)
 
     @syntax("QUIT")  # aiosmtpd's HELP lists the commands that carry a syntax
     async def smtp_QUIT(self, arg: str) -> None:
@@ -324,7 +506,7 @@ class LimitedSMTP(SMTP):
         tree for the simple `<local@domain>` (`relay.inbound.pathparse`, same results)."""
         simple = simple_path(arg) if arg else None
         if simple is None:
-            return super()._getaddr(arg)
+            return SMTP._getaddr(self, arg)  # explicit, so the differential tests can borrow it
         address, rest = simple
         if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
             return None, None
@@ -348,7 +530,10 @@ class LimitedSMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         try:
-            data = await receive_data(self._reader, self.data_size_limit, self.line_length_limit)
+            # RFC 5321 §4.5.3.2.5-6: the timeout is idle time, restarted by every chunk.
+            data = await receive_data(
+                self._reader, self.data_size_limit, LINE_LIMIT, self._reset_timeout
+            )
         except asyncio.CancelledError:
             # The connection was lost during DATA (aiosmtpd closes the writer too).
             self._writer.close()
@@ -373,6 +558,10 @@ class LimitedSMTP(SMTP):
 
     def _timeout_cb(self) -> None:  # aiosmtpd's idle timeout (server.timeout)
         self._ended = "timeout"
+        if not self._closing():
+            # RFC 5321 §3.8 and §4.5.3.2: a server that gives up on an idle client says 421
+            # before closing (Postfix's text).
+            self._writer.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
         super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -391,9 +580,9 @@ class LimitedSMTP(SMTP):
             self._refused = True
             self._metrics.inbound_sessions.labels("refused", "no").inc()
             log.info("reject=CONNECT client=%s reply=421 4.3.2 reason=shutting-down", client)
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(f"421 4.3.2 {self.hostname} Service shutting down\r\n".encode())
-            transport.close()
+            writable = cast(_Writable, transport)
+            writable.write(f"421 4.3.2 {self.hostname} Service shutting down\r\n".encode())
+            writable.close()
             return
         reason = self._limiter.acquire(client)
         if reason is not None:
@@ -411,9 +600,9 @@ class LimitedSMTP(SMTP):
             text = f"421 4.7.0 {self.hostname} Error: too many connections"
             if reason == "too_many_connections_from_client":
                 text += f" from {client}"
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(text.encode("ascii", "replace") + b"\r\n")
-            transport.close()
+            writable = cast(_Writable, transport)
+            writable.write(text.encode("ascii", "replace") + b"\r\n")
+            writable.close()
             return
         self._client = client
         if self._sessions is not None:
@@ -423,7 +612,13 @@ class LimitedSMTP(SMTP):
     async def push(self, status: Any) -> None:
         if self.transport is None or self.transport.is_closing():
             return  # closed after a 421: what the client pipelined gets no reply
-        if isinstance(status, str) and status in _ENHANCED:
+        if not isinstance(status, str):
+            pass  # an AUTH challenge (334)
+        elif not self._greeted:
+            self._greeted = True  # RFC 2034 §3: the greeting has no enhanced code
+        elif self._plain_replies:
+            pass
+        elif status in _ENHANCED:
             status, reason = _ENHANCED[status]
             self._metrics.inbound_rejections.labels(reason).inc()
             log.warning(
@@ -432,8 +627,10 @@ class LimitedSMTP(SMTP):
                 status[:9],
                 reason.replace("_", "-"),
             )
-        elif isinstance(status, str) and status.startswith(_QUEUED):
+        elif status.startswith(_QUEUED):
             self._queued.append(status[len(_QUEUED) :].strip())
+        else:
+            status = with_enhanced_code(status)
         text = status if isinstance(status, str) else ""
         if self._errors.delayed(text):
             # Postfix smtpd_error_sleep_time: slow a client that keeps making errors
@@ -472,7 +669,7 @@ class LimitedSMTP(SMTP):
 
     def _log_session(self) -> None:
         session = self.session
-        helo = (getattr(session, "host_name", None) or "-").encode("unicode_escape")
+        helo = escaped(getattr(session, "host_name", None) or "-")
         authenticated = bool(getattr(session, "authenticated", False))
         tls = "no" if self._tls == "none" else "yes"
         self._metrics.inbound_sessions.labels(self._ended, tls).inc()
@@ -480,7 +677,7 @@ class LimitedSMTP(SMTP):
             "session client=%s helo=%s tls=%s auth=%s messages=%d queue_ids=%s outcome=%s "
             "duration=%.3f",
             self._client,
-            helo.decode("ascii")[:255].replace(" ", "_") or "-",
+            helo[:255].replace(" ", "_") or "-",
             self._tls,
             "yes" if authenticated else "no",
             len(self._queued),

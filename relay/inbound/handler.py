@@ -31,6 +31,9 @@ Contract:
   protocol (RFC 3848: ESMTP, ESMTPS, ESMTPA, ESMTPSA; SMTP after HELO), the queue id and,
   for a single recipient, `for <address>`. The AUTH user is named only with
   `server.received_auth_user` (Postfix smtpd_sasl_authenticated_header, default no).
+- Every log line writes client-supplied text (addresses, HELO name) through
+  `relay.smtp.address.escaped`: no control character, C1 control or line separator from a
+  client reaches the log as itself.
 """
 
 from __future__ import annotations
@@ -117,7 +120,7 @@ class RelayHandler:
             log.warning(
                 "reject=MAIL client=%s from=<%s> reply=501 5.1.7 reason=bad-sender-syntax",
                 _peer_text(session.peer),
-                sender.encode("utf-8", "backslashreplace").decode("ascii", "replace"),
+                escaped(sender),
             )
             return "501 5.1.7 Bad sender address syntax"
         # Keep aiosmtpd's "<>" (its RCPT state check needs a true value); _sender() maps it.
@@ -251,7 +254,7 @@ class RelayHandler:
             log.error(
                 "client=%s from=<%s> spool failure, replied 451: %s",
                 client,
-                _sender(envelope),
+                escaped(_sender(envelope)),
                 exc,
             )
             return "451 4.3.0 Error: queue file write error"
@@ -261,8 +264,8 @@ class RelayHandler:
             "queue_id=%s client=%s from=<%s> to=%s size=%d status=queued",
             qid,
             client,
-            msg.sender,
-            ",".join(f"<{r}>" for r in envelope.rcpt_tos),
+            escaped(msg.sender),
+            ",".join(f"<{escaped(r)}>" for r in envelope.rcpt_tos),
             len(body),
         )
         self.on_queued(msg)

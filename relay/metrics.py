@@ -67,7 +67,8 @@ class Metrics:
         self.inbound_sessions = Counter(
             "dane_relay_inbound_sessions",
             "Inbound SMTP connections by how they ended (quit, disconnected, timeout, "
-            "shutdown, too_many_errors, refused) and whether STARTTLS was completed (yes, no)",
+            "shutdown, too_many_errors, tls_failed, refused) and whether STARTTLS was "
+            "completed (yes, no)",
             ["outcome", "tls"],
             registry=r,
         )

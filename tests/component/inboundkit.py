@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 from relay.config import Endpoint, RelayConfig, ServerConfig
 from relay.inbound.gateway import Gateway
 from relay.inbound.handler import RelayHandler
-from relay.inbound.server import AuthGate, start_listeners
+from relay.inbound.server import AuthGate, Sessions, start_listeners
 from relay.inbound.tls import TlsContextHolder
 from relay.metrics import Metrics
 from relay.spool.records import QueuedMessage
@@ -70,13 +70,15 @@ async def frontend(tmp_path: Path, **server: Any) -> Any:
 
     Also `relay_cfg` (a RelayConfig), `tls` (a TlsContextHolder), `auth` (an AuthGate,
     offered on the listeners with auth = true), `gateway` (a Gateway: gateway mode) and
-    `clock` (the handler's time source, for the Received: date).
+    `clock` (the handler's time source, for the Received: date) and `sessions` (a Sessions,
+    for the graceful stop).
     """
     relay_cfg = server.pop("relay_cfg", RelayConfig())
     tls: TlsContextHolder | None = server.pop("tls", None)
     auth: AuthGate | None = server.pop("auth", None)
     gateway: Gateway | None = server.pop("gateway", None)
     clock: Callable[[], float] = server.pop("clock", time.time)
+    sessions: Sessions | None = server.pop("sessions", None)
     listen = server.pop("listen", (Endpoint("127.0.0.1", 0),))
     cfg = replace(ServerConfig(), listen=listen, **server)
     spool = tmp_path / "spool"
@@ -87,7 +89,7 @@ async def frontend(tmp_path: Path, **server: Any) -> Any:
     handler = RelayHandler(
         store, cfg, relay_cfg, "relay.test", metrics, queued.append, gateway=gateway, clock=clock
     )
-    servers = await start_listeners(handler, cfg, "relay.test", tls, auth)
+    servers = await start_listeners(handler, cfg, "relay.test", tls, auth, sessions)
     host, port = servers[0].sockets[0].getsockname()[:2]
     try:
         fe = Frontend(store, spool, metrics, host, port, handler, queued)

@@ -71,8 +71,17 @@ async def test_message_at_the_size_limit_is_queued(tmp_path: Path) -> None:
         assert fe.queued[0].size > 1024  # the Received: header is added after the check
 
 
+LINE_TOO_LONG = (
+    554,
+    "5.6.0 Message content rejected: line longer than 1000 octets (RFC 5321 section 4.5.3.1.6)",
+)
+
+
 @pytest.mark.asyncio
-async def test_overlong_lines_get_500_5_5_2(tmp_path: Path) -> None:
+@pytest.mark.parametrize("length", [1001, 1002])
+async def test_overlong_command_gets_500_and_overlong_data_line_554_after_the_dot(
+    tmp_path: Path, length: int
+) -> None:
     async with frontend(tmp_path) as fe:
         c = await fe.connect()
         assert (await c.cmd("EHLO client.test")).code == 250
@@ -82,13 +91,35 @@ async def test_overlong_lines_get_500_5_5_2(tmp_path: Path) -> None:
         assert (await c.cmd("RCPT TO:<bob@example.org>")).code == 250
         assert (await c.cmd("DATA")).code == 354
         # RFC 5321 §4.5.3.1.6: 1000 octets with CRLF is the longest line; 1001 is refused.
-        reply = await c.cmd(b"Subject: long\r\n\r\n" + b"z" * 1000 + b"\r\n.")
-        assert reply == (500, "5.5.2 Error: line too long (RFC 5321 section 4.5.3.1.6)")
-        assert (await c.cmd("RSET")).code == 250
+        # After the final dot RFC 5321 §4.3.2 allows no 500: 554.
+        line = b"z" * (length - 2) + b"\r\n"
+        assert await c.cmd(b"Subject: long\r\n\r\n" + line + b".") == LINE_TOO_LONG
+        assert await c.cmd("RSET") == (250, "2.0.0 Ok")
         await c.close()
         _assert_spool_empty(fe)
         assert fe.rejections("line_too_long") == 1
         assert fe.rejections("command_too_long") == 1
+
+
+@pytest.mark.asyncio
+async def test_a_dot_stuffed_line_of_1000_octets_is_accepted(tmp_path: Path) -> None:
+    async with frontend(tmp_path) as fe:
+        c = await fe.connect()
+        assert (await c.cmd("EHLO client.test")).code == 250
+        assert (await c.cmd("MAIL FROM:<alice@sender.example>")).code == 250
+        assert (await c.cmd("RCPT TO:<bob@example.org>")).code == 250
+        assert (await c.cmd("DATA")).code == 354
+        # RFC 5321 §4.5.3.1.6: the limit does not count the dot added for transparency, so
+        # ".." + 997 octets + CRLF (1001 on the wire) is a 1000-octet line.
+        sent = b".." + b"d" * 997 + b"\r\n"
+        assert (await c.cmd(b"Subject: dots\r\n\r\n" + sent + b".")).code == 250
+        assert (await c.cmd(b"MAIL FROM:<alice@sender.example>")).code == 250
+        assert (await c.cmd("RCPT TO:<bob@example.org>")).code == 250
+        assert (await c.cmd("DATA")).code == 354
+        assert await c.cmd(b"Subject: dots\r\n\r\n." + sent + b".") == LINE_TOO_LONG
+        await c.close()
+        (msg,) = fe.queued
+        assert fe.store.read_body(msg.queue_id).endswith(b"\r\n\r\n." + b"d" * 997 + b"\r\n")
 
 
 @pytest.mark.asyncio

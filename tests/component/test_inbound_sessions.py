@@ -122,6 +122,7 @@ async def test_disconnect_timeout_and_refusal_are_told_apart(
         # A client that says nothing: the server's idle timeout (server.timeout) ends it.
         idle = await fe.connect()
         assert idle.greeting is not None and idle.greeting.code == 220
+        assert await idle.reply() == (421, "4.4.2 relay.test Error: timeout exceeded")
         assert await idle.closed()
         _, timed_out = await _session_lines(caplog, 2)
         assert timed_out == {

@@ -176,9 +176,9 @@ async def test_help_still_lists_the_commands(tmp_path: Path) -> None:
     async with front(tmp_path) as fe:
         c = await fe.greeted()
         reply = await c.cmd("HELP")
-        assert reply.code == 250
-        assert {"DATA", "EHLO", "MAIL", "QUIT", "RCPT", "RSET"} <= set(reply.text.split()[2:])
+        assert reply.code == 214  # RFC 5321 §4.2.2: the help reply
+        assert {"DATA", "EHLO", "MAIL", "QUIT", "RCPT", "RSET"} <= set(reply.text.split()[3:])
         assert await c.cmd("HELP MAIL") == (
-            250,
-            "Syntax: MAIL FROM: <address> [SP <mail-parameters>]",
+            214,
+            "2.0.0 Syntax: MAIL FROM: <address> [SP <mail-parameters>]",
         )

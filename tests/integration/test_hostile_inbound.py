@@ -70,7 +70,7 @@ def test_message_over_max_message_size_gets_552_and_nothing_is_queued(
     assert metric(relay, "dane_relay_messages_received_total") == 0
 
 
-def test_overlong_data_line_is_refused_with_500_and_nothing_is_queued(
+def test_overlong_data_line_is_refused_with_554_and_nothing_is_queued(
     dns_lab: DnsLab, receivers: ReceiverPool, relay_factory: RelayFactory
 ) -> None:
     relay = relay_factory()
@@ -80,8 +80,12 @@ def test_overlong_data_line_is_refused_with_500_and_nothing_is_queued(
         assert c.cmd("DATA").code == 354
         c.send(b"Subject: long\r\n\r\n" + b"y" * 5000 + b"\r\n.\r\n")
         reply = c.reply()
-        assert reply.code == 500
-        assert "too long" in reply.text.lower()
+        # RFC 5321 §4.3.2: after the final dot 500 is not a permitted reply; 554 is.
+        assert (reply.code, reply.text) == (
+            554,
+            "5.6.0 Message content rejected: line longer than 1000 octets "
+            "(RFC 5321 section 4.5.3.1.6)",
+        )
         assert c.cmd("RSET").code == 250
     assert spool_entries(relay, "env") == []
     assert metric(relay, "dane_relay_messages_received_total") == 0

@@ -10,9 +10,8 @@ import asyncio
 
 import pytest
 
-from relay.inbound.data import DataReader, DataVerdict, receive_data
+from relay.inbound.data import LINE_LIMIT, DataReader, DataVerdict, receive_data
 
-LINE_LIMIT = 1001  # aiosmtpd's SMTP.line_length_limit, which the relay keeps
 CHUNKS = [1, 2, 16, 128, 4096, 1 << 20]
 
 
@@ -55,9 +54,24 @@ def test_content_and_leftover_are_exact(
 
 @pytest.mark.parametrize("chunk", CHUNKS)
 def test_line_of_the_limit_passes_and_one_octet_more_is_too_long(chunk: int) -> None:
+    # RFC 5321 §4.5.3.1.6: 1000 octets with the CRLF.
+    assert LINE_LIMIT == 1000
     longest = b"x" * (LINE_LIMIT - 2) + b"\r\n"
     assert _read(longest + b".\r\n", chunk) == (DataVerdict.NOMINAL, longest, b"")
     verdict, content, leftover = _read(b"x" + longest + b"after\r\n.\r\nNOOP\r\n", chunk)
+    assert (verdict, content, leftover) == (DataVerdict.TOO_LONG, b"", b"NOOP\r\n")
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_the_transparency_dot_is_not_counted(chunk: int) -> None:
+    # RFC 5321 §4.5.3.1.6: "not counting the leading dot duplicated for transparency".
+    longest = b"x" * (LINE_LIMIT - 3) + b"\r\n"  # 1000 octets once the dot is removed
+    assert _read(b"." + b"." + longest + b".\r\n", chunk) == (
+        DataVerdict.NOMINAL,
+        b"." + longest,
+        b"",
+    )
+    verdict, content, leftover = _read(b".." + b"x" + longest + b".\r\nNOOP\r\n", chunk)
     assert (verdict, content, leftover) == (DataVerdict.TOO_LONG, b"", b"NOOP\r\n")
 
 
@@ -93,6 +107,9 @@ def test_size_limit_counts_every_octet_before_the_end(chunk: int) -> None:
         ([b"x" * 1000], 500, DataVerdict.TOO_MUCH),
         ([b"x" * 1001], 500, DataVerdict.TOO_MUCH),
         ([b"x" * 1001], 5000, DataVerdict.TOO_LONG),
+        # 1001 octets with the CRLF: within aiosmtpd's reader, over RFC 5321's limit.
+        ([b"x" * 999], 5000, DataVerdict.TOO_LONG),
+        ([b"x" * 999], 500, DataVerdict.TOO_MUCH),
     ],
 )
 def test_which_limit_comes_first(
@@ -114,7 +131,9 @@ def test_nothing_is_kept_once_refused() -> None:
 
 def test_an_endless_line_is_refused_as_it_grows() -> None:
     reader = DataReader(None, LINE_LIMIT)
-    assert not reader.feed(b"x" * (LINE_LIMIT + 1))  # a CR at its end could still be CRLF
+    # 1002 octets: with a CRLF still to come it is over the limit, but would be counted
+    # towards the size limit first (aiosmtpd's order), so no verdict yet.
+    assert not reader.feed(b"x" * (LINE_LIMIT + 2))
     assert reader.verdict is DataVerdict.NOMINAL
     assert not reader.feed(b"x")
     assert reader.verdict is DataVerdict.TOO_LONG

@@ -29,8 +29,11 @@ Contract:
 - Every queued message starts with a `Received:` header (RFC 5321 §4.4) naming the HELO
   name, the client address, the TLS version and cipher when STARTTLS was used, the
   protocol (RFC 3848: ESMTP, ESMTPS, ESMTPA, ESMTPSA; SMTP after HELO), the queue id and,
-  for a single recipient, `for <address>`. The AUTH user is named only with
-  `server.received_auth_user` (Postfix smtpd_sasl_authenticated_header, default no).
+  for a single recipient, `for <address>` (left out when the address holds `;`, `(`, `)`,
+  a quote, a backslash or white space). The HELO name is written by
+  `relay.inbound.helo.trace_name`: never a character that breaks the header structure.
+  The AUTH user is named only with `server.received_auth_user` (Postfix
+  smtpd_sasl_authenticated_header, default no).
 - Every log line writes client-supplied text (addresses, HELO name) through
   `relay.smtp.address.escaped`: no control character, C1 control or line separator from a
   client reaches the log as itself.
@@ -50,6 +53,7 @@ from typing import Any
 from relay.config import RelayConfig, ServerConfig
 from relay.errors import SpoolError
 from relay.inbound.gateway import Gateway, rcpt_verdict
+from relay.inbound.helo import trace_name
 from relay.metrics import Metrics
 from relay.smtp.address import escaped, wire_safe
 from relay.smtp.domain import DomainSyntaxError, ascii_domain, is_address_literal, mailbox_key
@@ -65,6 +69,8 @@ log = logging.getLogger("relay.smtpd")
 _HEADER_END = re.compile(rb"^\r?$", re.MULTILINE)
 # A Received: field (RFC 5322 §3.6.7; obsolete syntax allows white space before the colon).
 _RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
+# What a recipient in the Received: FOR clause must not hold (see _received_header).
+_TRACE_UNSAFE = re.compile(r'[;()"\\\s]')
 # The envelope attribute holding the mailbox keys of the accepted recipients. aiosmtpd
 # makes a new Envelope for each transaction (after DATA, RSET, a new MAIL), so it resets.
 _RCPT_KEYS = "dane_relay_rcpt_keys"
@@ -286,8 +292,9 @@ class RelayHandler:
             proto = (
                 "ESMTP" + ("S" if ssl_object is not None else "") + ("A" if authenticated else "")
             )
-        # A HELO name is client data: printable ASCII only in a header (RFC 5322 §2.2).
-        helo = escaped(session.host_name or "unknown")[:255]
+        # A HELO name is client data: validated at HELO/EHLO, and written here so that it
+        # can never carry ";", "(", ")", CR, LF or a control (RFC 5322 §2.2, §3.6.7).
+        helo = trace_name(session.host_name or "unknown")
         peer = _peer_text(session.peer)
         # RFC 5321 §4.1.3: an IPv6 address literal carries the "IPv6:" tag.
         literal = f"IPv6:{peer}" if ":" in peer else peer
@@ -301,7 +308,12 @@ class RelayHandler:
             login = getattr(getattr(session, "auth_data", None), "login", b"")
             user = login.decode("utf-8", "replace") if isinstance(login, bytes) else str(login)
             lines.append(f"\t(Authenticated sender: {escaped(user)[:255]})")
-        rcpt = f"\r\n\tfor <{envelope.rcpt_tos[0]}>" if len(envelope.rcpt_tos) == 1 else ""
+        rcpt = ""
+        if len(envelope.rcpt_tos) == 1 and not _TRACE_UNSAFE.search(envelope.rcpt_tos[0]):
+            # RFC 5321 §4.4: the FOR clause is optional; left out for an address whose
+            # quoted local part holds ";", "(", ")" or a quote, which a reader of the header
+            # could take for the end of the clauses or a comment (a forged date).
+            rcpt = f"\r\n\tfor <{envelope.rcpt_tos[0]}>"
         date = email.utils.formatdate(self.clock(), localtime=False)
         lines.append(f"\tby {self.hostname} (dane-relay) with {proto} id {qid}{rcpt};")
         lines.append(f"\t{date}")

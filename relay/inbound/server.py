@@ -66,6 +66,7 @@ from relay.inbound.auth import Credentials, FailureLimiter
 from relay.inbound.data import LINE_LIMIT, DataVerdict, receive_data
 from relay.inbound.errorlimit import SessionErrors
 from relay.inbound.handler import RelayHandler
+from relay.inbound.helo import helo_problem
 from relay.inbound.pathparse import simple_path
 from relay.inbound.tls import TlsContextHolder
 from relay.metrics import Metrics
@@ -474,7 +475,8 @@ class LimitedSMTP(SMTP):
     async def smtp_EHLO(self, hostname: str) -> None:
         self._plain_replies = True
         try:
-            await super().smtp_EHLO(hostname)
+            if not await self._helo_refused("EHLO", hostname):
+                await super().smtp_EHLO(hostname)
         finally:
             self._plain_replies = False
 
@@ -482,9 +484,28 @@ class LimitedSMTP(SMTP):
     async def smtp_HELO(self, hostname: str) -> None:
         self._plain_replies = True
         try:
-            await super().smtp_HELO(hostname)
+            if not await self._helo_refused("HELO", hostname):
+                await super().smtp_HELO(hostname)
         finally:
             self._plain_replies = False
+
+    async def _helo_refused(self, verb: str, hostname: str | None) -> bool:
+        """RFC 5321 §4.1.1.1: the argument is a Domain or an address literal
+        (`relay.inbound.helo`); else 501, and (§4.1.4) the session stays as it was."""
+        why = helo_problem(hostname) if hostname else None
+        if why is None:
+            return False  # aiosmtpd answers a missing argument itself
+        assert hostname is not None
+        self._metrics.inbound_rejections.labels("invalid_helo").inc()
+        log.warning(
+            "reject=%s client=%s helo=%s reply=501 reason=invalid-helo why=%s",
+            verb,
+            self._client,
+            escaped(hostname)[:255].replace(" ", "_"),
+            why,
+        )
+        await self.push(f"501 Invalid {verb} name: a domain name or an address literal is expected")
+        return True
 
     async def _call_handler_hook(self, command: str, *args: Any) -> Any:
         if command == "EHLO":

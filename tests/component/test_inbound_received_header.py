@@ -1,7 +1,8 @@
 """The Received: header the front end adds (RFC 5321 §4.4), asserted byte for byte: the
 RFC 3848 WITH protocol (SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA), the TLS version and cipher
 after STARTTLS, the queue id, `for` with a single recipient only, the AUTH user only when
-server.received_auth_user is set, and a HELO name that cannot inject header lines."""
+server.received_auth_user is set, a HELO name that cannot inject header lines (U-labels as
+A-labels), and no `for` for an address that could pass for the end of the clauses."""
 
 from __future__ import annotations
 
@@ -187,18 +188,68 @@ async def test_received_auth_user_names_the_user(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
-async def test_helo_name_is_escaped(tmp_path: Path) -> None:
+async def test_helo_name_that_could_inject_is_refused_and_never_written(tmp_path: Path) -> None:
+    """The front end refuses such a name at EHLO (501, RFC 5321 §4.1.1.1); and should a
+    session ever carry one, the writer replaces what could break the header with "?"."""
+    hostile = "cl\u00efent.test\tX-Injected:1 (x); Mon, 1 Jan 2024"
     async with frontend(tmp_path, clock=lambda: NOW) as fe:
         c = await fe.connect()
-        assert (await c.cmd("EHLO cl\u00efent.test\tX-Injected:1".encode())).code == 250
+        assert (await c.cmd(f"EHLO {hostile}".encode())).code == 501
+        await c.close()
+    handler = _handler(tmp_path)
+    session = SimpleNamespace(peer=("127.0.0.1", 40000), host_name=hostile, extended_smtp=True)
+    envelope = SimpleNamespace(rcpt_tos=["bob@example.org"])
+    header = handler._received_header(session, envelope, "0123456789ABCDEF0123")
+    assert header == (
+        b"Received: from cl?ent.test?X-Injected:1??x???Mon??1?Jan?2024 ([127.0.0.1])\r\n"
+        b"\tby relay.test (dane-relay) with ESMTP id 0123456789ABCDEF0123\r\n"
+        b"\tfor <bob@example.org>;\r\n"
+        b"\tFri, 04 Dec 2026 12:00:00 -0000\r\n"
+    )
+
+
+@pytest.mark.asyncio
+async def test_u_label_helo_is_written_as_its_a_label(tmp_path: Path) -> None:
+    async with frontend(tmp_path, clock=lambda: NOW) as fe:
+        c = await fe.connect()
+        assert (await c.cmd("EHLO B\u00fccher.example".encode())).code == 250
         qid = await _send(c, ["bob@example.org"])
         await c.close()
         assert _header(fe, qid) == (
-            "Received: from cl\\xefent.test\\tX-Injected:1 ([127.0.0.1])\r\n"
+            "Received: from xn--bcher-kva.example ([127.0.0.1])\r\n"
             f"\tby relay.test (dane-relay) with ESMTP id {qid}\r\n"
             "\tfor <bob@example.org>;\r\n"
             f"\t{DATE}\r\n"
         )
+
+
+@pytest.mark.asyncio
+async def test_recipient_with_a_forged_date_gets_no_for_clause(tmp_path: Path) -> None:
+    """Review 07_rcpt_in_received: a quoted local part holding "; DATE (forged)"."""
+    rcpt = '"x>; Mon, 1 Jan 2024 00:00:00 +0000 (forged)"@example.org'
+    async with frontend(tmp_path, clock=lambda: NOW) as fe:
+        c = await fe.connect()
+        assert (await c.cmd("EHLO client.test")).code == 250
+        qid = await _send(c, [rcpt])
+        await c.close()
+        assert fe.queued[0].recipients[0].address == rcpt
+        assert _header(fe, qid) == (
+            "Received: from client.test ([127.0.0.1])\r\n"
+            f"\tby relay.test (dane-relay) with ESMTP id {qid};\r\n"
+            f"\t{DATE}\r\n"
+        )
+
+
+def _handler(tmp_path: Path) -> RelayHandler:
+    return RelayHandler(
+        SpoolStore(tmp_path / "spool2"),
+        ServerConfig(),
+        RelayConfig(),
+        "relay.test",
+        Metrics(),
+        lambda _: None,
+        clock=lambda: NOW,
+    )
 
 
 def test_ipv6_client_is_an_ipv6_address_literal(tmp_path: Path) -> None:

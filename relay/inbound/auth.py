@@ -16,7 +16,10 @@ Contract:
 - `write_entry(path, user, password)` adds or replaces one entry atomically (temporary
   file, fsync, rename, directory fsync; mode 0600).
 - `FailureLimiter`: `limit` failures within `window` seconds from one client address block
-  further AUTH from it until the oldest failure leaves the window. Clients whose failures
+  further AUTH from it until the oldest failure leaves the window. An attempt is reserved
+  with `begin` before its password is checked (off the event loop, ~50 ms) and counts
+  against the limit until `end`: parallel sessions cannot all pass the check and then
+  all fail, so no more than `limit` failures per window are ever checked. Clients whose failures
   have all expired are forgotten (swept once 1024 clients are remembered), so the table
   stays bounded by the failures within one window.
 """
@@ -266,6 +269,7 @@ class FailureLimiter:
 
     def __post_init__(self) -> None:
         self._failures: dict[str, collections.deque[float]] = {}
+        self._pending: dict[str, int] = {}  # attempts begun and not yet ended, per client
 
     def _recent(self, client: str) -> collections.deque[float]:
         now = self.clock()
@@ -279,7 +283,27 @@ class FailureLimiter:
         return times
 
     def blocked(self, client: str) -> bool:
-        return len(self._recent(client)) >= self.limit
+        """The failures in the window and the attempts under way reach the limit."""
+        return len(self._recent(client)) + self._pending.get(client, 0) >= self.limit
+
+    def begin(self, client: str) -> bool:
+        """Reserve one attempt before its password is checked; False (nothing reserved)
+        when `blocked`. Counting the attempts under way as failures-to-be keeps parallel
+        sessions from passing the check together: at most `limit` failures per window."""
+        if self.blocked(client):
+            return False
+        self._pending[client] = self._pending.get(client, 0) + 1
+        return True
+
+    def end(self, client: str, *, failed: bool) -> int:
+        """End an attempt `begin` reserved; records it when it failed. Returns the
+        failures now in the window."""
+        left = self._pending.get(client, 0) - 1
+        if left > 0:
+            self._pending[client] = left
+        else:
+            self._pending.pop(client, None)
+        return self.failed(client) if failed else len(self._recent(client))
 
     def failed(self, client: str) -> int:
         """Record one failure; returns the failures now in the window."""

@@ -357,7 +357,21 @@ class LimitedSMTP(SMTP):
     async def _check_login(self, mechanism: str, auth_data: LoginPassword) -> None:
         assert self._auth is not None and self.session is not None
         user = auth_data.login.decode("utf-8", "backslashreplace")
-        if await asyncio.to_thread(self._auth.credentials.check, user, auth_data.password):
+        client = self._client or ""
+        # The attempt is reserved before the check and counts against auth_failure_limit
+        # while the password is checked in a thread: parallel sessions from one address
+        # cannot all pass the limit together (at most the limit fails per window).
+        if not self._auth.failures.begin(client):
+            await self._refuse_rate_limited()
+            return
+        failed = True  # also when the connection is lost during the check
+        try:
+            failed = not await asyncio.to_thread(
+                self._auth.credentials.check, user, auth_data.password
+            )
+        finally:
+            failures = self._auth.failures.end(client, failed=failed)
+        if not failed:
             log.info(
                 "auth client=%s mechanism=%s user=%s status=ok",
                 self._client,
@@ -370,7 +384,6 @@ class LimitedSMTP(SMTP):
             self.session.auth_data = auth_data  # type: ignore[assignment]
             await self.push("235 2.7.0 Authentication successful")
             return
-        failures = self._auth.failures.failed(self._client or "")
         self._metrics.auth_failures.inc()
         log.warning(
             "auth client=%s mechanism=%s user=%s status=failed failures=%d",
@@ -386,22 +399,22 @@ class LimitedSMTP(SMTP):
         if self._auth is None:
             await self.push("503 5.5.1 Error: authentication not enabled")
             return
-        client = self._client or ""
-        if self._auth.failures.blocked(client):
-            self._metrics.inbound_rejections.labels("auth_rate_limited").inc()
-            log.warning("reject=AUTH client=%s reply=421 4.7.0 reason=auth-rate-limited", client)
-            # RFC 4954 §4 leaves throttling to the server; Postfix answers 421 and closes.
-            await self.push(
-                f"421 4.7.0 {self.hostname} Error: too many failed authentication attempts"
-            )
-            if self.transport is not None:
-                self.transport.close()  # what the client pipelined after it is not read
+        if self._auth.failures.blocked(self._client or ""):
+            await self._refuse_rate_limited()
             return
         self._login = None
         await super().smtp_AUTH(arg)
         login, self._login = self._login, None
         if login is not None:
             await self._check_login(*login)
+
+    async def _refuse_rate_limited(self) -> None:
+        self._metrics.inbound_rejections.labels("auth_rate_limited").inc()
+        log.warning("reject=AUTH client=%s reply=421 4.7.0 reason=auth-rate-limited", self._client)
+        # RFC 4954 §4 leaves throttling to the server; Postfix answers 421 and closes.
+        await self.push(f"421 4.7.0 {self.hostname} Error: too many failed authentication attempts")
+        if self.transport is not None:
+            self.transport.close()  # what the client pipelined after it is not read
 
     async def challenge_auth(
         self,

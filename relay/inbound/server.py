@@ -273,6 +273,7 @@ class LimitedSMTP(SMTP):
         if auth is not None:
             self._authenticator = self._take_login
         self._login: tuple[str, LoginPassword] | None = None  # see _take_login
+        self._authzid: bytes | None = None  # AUTH PLAIN's authorization identity
         self._sessions = sessions
         self._busy = False  # a command is being handled
         self._opened = time.monotonic()
@@ -357,6 +358,10 @@ class LimitedSMTP(SMTP):
     async def _check_login(self, mechanism: str, auth_data: LoginPassword) -> None:
         assert self._auth is not None and self.session is not None
         user = auth_data.login.decode("utf-8", "backslashreplace")
+        authzid, self._authzid = self._authzid, None
+        # RFC 4616 §2: the server must check that the user may act as the authzid; the
+        # relay has no proxy authorization, so only none or the user itself may be given.
+        proxy = authzid not in (None, b"", auth_data.login)
         client = self._client or ""
         # The attempt is reserved before the check and counts against auth_failure_limit
         # while the password is checked in a thread: parallel sessions from one address
@@ -366,9 +371,10 @@ class LimitedSMTP(SMTP):
             return
         failed = True  # also when the connection is lost during the check
         try:
-            failed = not await asyncio.to_thread(
-                self._auth.credentials.check, user, auth_data.password
-            )
+            if not proxy:
+                failed = not await asyncio.to_thread(
+                    self._auth.credentials.check, user, auth_data.password
+                )
         finally:
             failures = self._auth.failures.end(client, failed=failed)
         if not failed:
@@ -386,11 +392,15 @@ class LimitedSMTP(SMTP):
             return
         self._metrics.auth_failures.inc()
         log.warning(
-            "auth client=%s mechanism=%s user=%s status=failed failures=%d",
+            "auth client=%s mechanism=%s user=%s status=failed failures=%d%s",
             self._client,
             mechanism,
             escaped(user)[:64],
             failures,
+            f" authzid={escaped(authzid.decode('utf-8', 'backslashreplace'))[:64]}"
+            " reason=proxy-authorization"
+            if proxy and authzid is not None
+            else "",
         )
         # RFC 4954 §6: 535 5.7.8 for credentials that are not valid.
         await self.push("535 5.7.8 Authentication credentials invalid")
@@ -403,10 +413,32 @@ class LimitedSMTP(SMTP):
             await self._refuse_rate_limited()
             return
         self._login = None
+        self._authzid = None
         await super().smtp_AUTH(arg)
         login, self._login = self._login, None
         if login is not None:
             await self._check_login(*login)
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        """aiosmtpd's PLAIN, with the same replies, that keeps the authorization identity
+        (RFC 4616 §2: `authzid NUL authcid NUL passwd`) for `_check_login`."""
+        if len(args) == 1:
+            blob = await self.challenge_auth("")
+            if blob is MISSING:
+                return AuthResult(success=False)
+        else:
+            try:
+                blob = base64.b64decode(args[1].encode(), validate=True)
+            except (binascii.Error, ValueError):
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        try:
+            authzid, login, password = blob.split(b"\0")
+        except ValueError:
+            await self.push("501 5.5.2 Can't split auth value")
+            return AuthResult(success=False, handled=True)
+        self._authzid = authzid
+        return self._authenticate("PLAIN", LoginPassword(login, password))
 
     async def _refuse_rate_limited(self) -> None:
         self._metrics.inbound_rejections.labels("auth_rate_limited").inc()

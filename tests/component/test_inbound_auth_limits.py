@@ -1,11 +1,15 @@
-"""server.auth_failure_limit under parallel sessions (review authbrute.py par 5 10: nine 535
-replies with a limit of 5): an attempt is reserved before its password is checked in a
-worker thread, so no more than the limit can fail per window and client address."""
+"""AUTH hardening on the real front end. server.auth_failure_limit under parallel sessions
+(review authbrute.py par 5 10: nine 535 replies with a limit of 5): an attempt is reserved
+before its password is checked in a worker thread, so no more than the limit can fail per
+window and client address. AUTH PLAIN with an authorization identity other than the user
+(RFC 4616 §2, no proxy authorization here) fails."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
+import logging
 import threading
 from pathlib import Path
 
@@ -13,12 +17,13 @@ import pytest
 from inboundkit import READ_TIMEOUT, RawClient, frontend
 from lab.certs import make_self_signed
 
-from relay.config import Listener
+from relay.config import Listener, RelayConfig
 from relay.inbound.auth import Credentials, FailureLimiter, write_entry
 from relay.inbound.server import AuthGate
 from relay.inbound.tls import TlsContextHolder
 
 AUTH_LISTENER = (Listener("127.0.0.1", 0, auth=True),)
+OUTSIDE = RelayConfig(networks=(ipaddress.ip_network("192.0.2.0/24"),))
 RATE_LIMITED = (421, "4.7.0 relay.test Error: too many failed authentication attempts")
 INVALID = (535, "5.7.8 Authentication credentials invalid")
 
@@ -121,3 +126,74 @@ async def test_a_success_frees_its_reservation(tmp_path: Path) -> None:
             assert ok == (235, "2.7.0 Authentication successful")
             await c.close()
         assert not limiter.blocked("127.0.0.1")
+
+
+def _raw_plain(authzid: bytes, user: bytes, password: bytes) -> str:
+    return base64.b64encode(authzid + b"\0" + user + b"\0" + password).decode()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("initial", [True, False], ids=["initial-response", "challenge"])
+async def test_plain_with_another_authorization_identity_fails(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, initial: bool
+) -> None:
+    """RFC 4616 §2: `postmaster NUL app1 NUL hunter2` asks to act as postmaster with app1's
+    password; the relay has no proxy authorization, so it is refused (535 5.7.8) and
+    counted, and the session is not authenticated."""
+    caplog.set_level(logging.INFO, logger="relay.smtpd")
+    cert, key = make_self_signed(["relay.test"]).write(tmp_path, "srv")
+    write_entry(tmp_path / "users", "app1", b"hunter2")
+    gate = AuthGate(Credentials(tmp_path / "users"), FailureLimiter(5, 600.0))
+    async with frontend(
+        tmp_path,
+        tls=TlsContextHolder(cert, key),
+        auth=gate,
+        listen=AUTH_LISTENER,
+        relay_cfg=OUTSIDE,
+    ) as fe:
+        c = await fe.connect()
+        assert (await c.cmd("EHLO app.test")).code == 250
+        await c.starttls()
+        assert (await c.cmd("EHLO app.test")).code == 250
+        blob = _raw_plain(b"postmaster", b"app1", b"hunter2")
+        if initial:
+            assert await c.cmd(f"AUTH PLAIN {blob}") == INVALID
+        else:
+            assert await c.cmd("AUTH PLAIN") == (334, "")
+            assert await c.cmd(blob) == INVALID
+        # Not authenticated: relaying from outside relay.networks is still refused.
+        assert (await c.cmd("MAIL FROM:<app1@client.example>")).code == 250
+        assert (await c.cmd("RCPT TO:<bob@outside.example>")).code == 550
+        await c.close()
+        assert fe.metrics.registry.get_sample_value("dane_relay_auth_failures_total") == 1
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("auth ")]
+    assert line == (
+        "auth client=127.0.0.1 mechanism=PLAIN user=app1 status=failed failures=1 "
+        "authzid=postmaster reason=proxy-authorization"
+    )
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("authzid", [b"", b"app1"], ids=["empty", "same-as-user"])
+async def test_plain_with_no_or_the_same_authorization_identity_succeeds(
+    tmp_path: Path, authzid: bytes
+) -> None:
+    cert, key = make_self_signed(["relay.test"]).write(tmp_path, "srv")
+    write_entry(tmp_path / "users", "app1", b"hunter2")
+    gate = AuthGate(Credentials(tmp_path / "users"), FailureLimiter(5, 600.0))
+    async with frontend(
+        tmp_path,
+        tls=TlsContextHolder(cert, key),
+        auth=gate,
+        listen=AUTH_LISTENER,
+        relay_cfg=OUTSIDE,
+    ) as fe:
+        c = await fe.connect()
+        assert (await c.cmd("EHLO app.test")).code == 250
+        await c.starttls()
+        assert (await c.cmd("EHLO app.test")).code == 250
+        ok = await c.cmd(f"AUTH PLAIN {_raw_plain(authzid, b'app1', b'hunter2')}")
+        assert ok == (235, "2.7.0 Authentication successful")
+        assert (await c.cmd("MAIL FROM:<app1@client.example>")).code == 250
+        assert (await c.cmd("RCPT TO:<bob@outside.example>")).code == 250
+        await c.close()

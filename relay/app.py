@@ -59,13 +59,14 @@ from relay.inbound.server import AuthGate, Sessions, start_listeners
 from relay.inbound.tls import TlsContextHolder, TlsFileError
 from relay.lookup.resolver import DnsResolver
 from relay.lookup.results import ProbeResult, ResolverStatus
-from relay.metrics import Metrics, MetricsServer
+from relay.metrics import LoopHeartbeat, Metrics, MetricsServer
 from relay.reload import Reloader
 from relay.spool.records import QueuedMessage
 from relay.spool.runner import QueueRunner
 from relay.spool.store import SpoolStore
 
 __all__ = [
+    "STARTUP_SIGHUP_WARNING",
     "ResolverNotValidating",
     "ResolverWatch",
     "inbound_auth",
@@ -83,6 +84,8 @@ RESOLVER_FIX = (
 )
 
 
+#: Logged for a SIGHUP that arrives before the reload handler is installed.
+STARTUP_SIGHUP_WARNING = "SIGHUP during start-up ignored; send it again once started"
 #: Seconds before an inconclusive probe is repeated (capped at dns.validation_interval).
 PROBE_RETRY_INTERVAL = 30.0
 #: Probes made at start-up, dns.timeout apart, while the resolver does not answer and
@@ -285,8 +288,9 @@ async def serve(cfg: Config) -> None:
     """
     # SIGHUP's default action ends the process: until the reload handler is installed
     # (after the resolver check, which may take dns.timeout x STARTUP_PROBES), ignore it.
+    # (relay.cli installs the same before loading the configuration, for the time before.)
     asyncio.get_running_loop().add_signal_handler(
-        signal.SIGHUP, log.warning, "SIGHUP during start-up ignored; send it again once started"
+        signal.SIGHUP, log.warning, STARTUP_SIGHUP_WARNING
     )
     hostname = cfg.server.hostname or system_hostname()
     pkix = _pkix_context(cfg)  # before the spool: a bad CA file refuses to start
@@ -317,11 +321,15 @@ async def serve(cfg: Config) -> None:
             raise ResolverNotValidating(_refusal(resolvers, probe, cfg.dns.timeout))
         async with contextlib.AsyncExitStack() as stack:
             if cfg.metrics.listen is not None:
+                heartbeat = LoopHeartbeat()
+                beat = asyncio.create_task(heartbeat.run(), name="loop-heartbeat")
+                stack.callback(beat.cancel)
                 metrics_server = MetricsServer(
                     metrics,
                     cfg.metrics.listen.host,
                     cfg.metrics.listen.port,
                     lambda: (*spool_readiness(store.tmp), *watch.readiness()),
+                    heartbeat.problems,
                 )
                 metrics_server.start()
                 stack.callback(metrics_server.stop)
@@ -516,7 +524,7 @@ async def _run(
         runner,
         tls,
     )
-    loop.add_signal_handler(signal.SIGHUP, reloader.reload)
+    loop.add_signal_handler(signal.SIGHUP, reloader.request)
     runner_task = asyncio.create_task(runner.run(), name="queue-runner")
     watch_task = asyncio.create_task(watch.run(), name="resolver-watch")
     log.info(

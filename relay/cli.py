@@ -19,9 +19,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import logging
+import signal
 import ssl
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -103,8 +106,34 @@ def _load(path: Path) -> Config:
     return load_config(path)
 
 
+class _StartupHup:
+    """The SIGHUP handler from the start of `run` until relay.app.serve installs its own:
+    SIGHUP's default action ends the process, and a supervisor may send one as soon as it
+    has started the relay (config load, imports and the event loop take a moment). Each
+    one is ignored with relay.app's WARNING, held until logging is set up."""
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self._warn: Callable[[], None] | None = None
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self._warn is None:
+            self.pending += 1
+        else:
+            self._warn()
+
+    def logging_ready(self, warn: Callable[[], None]) -> None:
+        self._warn = warn
+        for _ in range(self.pending):
+            warn()
+        self.pending = 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    hup = _StartupHup()
+    if args.command == "run" and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGHUP, hup)  # first: before the config load and the imports
     if args.command == "tlsa":
         return tlsatool.run(args)
     if args.command == "passwd":
@@ -133,14 +162,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _lookup(cfg, args.domain, args.json)
     if args.command == "probe":
         return _probe(cfg, args)
-    return _run(cfg, args.log_format)
+    return _run(cfg, args.log_format, hup)
 
 
-def _run(cfg: Config, log_format: str | None = None) -> int:
-    from relay.app import ResolverNotValidating, serve
+def _run(cfg: Config, log_format: str | None = None, hup: _StartupHup | None = None) -> int:
+    from relay.app import STARTUP_SIGHUP_WARNING, ResolverNotValidating, serve
     from relay.logsetup import setup_logging
 
     setup_logging(cfg.log.level, log_format or cfg.log.format)
+    if hup is not None:
+        hup.logging_ready(partial(logging.getLogger("relay").warning, STARTUP_SIGHUP_WARNING))
     try:
         try:
             import uvloop

@@ -9,20 +9,50 @@ domains, to keep cardinality bounded. docs/metrics.md lists every metric, label 
 
 from __future__ import annotations
 
+import asyncio
+import io
+import logging
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from http.server import ThreadingHTTPServer
+from typing import Any
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import MetricsHandler
 
-__all__ = ["DANE_REASONS", "Metrics", "MetricsServer", "Readiness"]
+__all__ = [
+    "DANE_REASONS",
+    "HTTP_CONNECTIONS",
+    "HTTP_TIMEOUT",
+    "LOOP_STALL_LIMIT",
+    "LoopHeartbeat",
+    "Metrics",
+    "MetricsServer",
+    "Readiness",
+]
+
+log = logging.getLogger("relay.metrics")
 
 # What keeps the relay from being ready: one short phrase per problem, none when ready.
 Readiness = Callable[[], Sequence[str]]
+
+#: Seconds an HTTP connection has, from its accept, to send its request and take the
+#: answer; then it is closed (a client that sends nothing, or one byte at a time, holds a
+#: thread and a descriptor for no longer than this).
+HTTP_TIMEOUT = 10.0
+#: HTTP connections served at once, one thread each; a connection accepted beyond them is
+#: closed at once, without a thread.
+HTTP_CONNECTIONS = 32
+#: Pending connections the kernel keeps for the HTTP listener (socketserver's default is 5).
+HTTP_BACKLOG = 128
+#: The largest request head (request line and headers) read, in bytes.
+HTTP_HEAD_LIMIT = 16384
+#: Seconds without an event-loop heartbeat after which /healthz and /readyz answer 503.
+LOOP_STALL_LIMIT = 30.0
 
 #: The `reason` label of dane_relay_dane_verifications_total for the tokens the relay logs
 #: (relay.dane.match.DaneVerdict.reason, relay.delivery.secure, the policy's host skips);
@@ -214,24 +244,166 @@ class Metrics:
         return 0.0 if oldest is None else max(0.0, self._clock() - oldest)
 
 
+class LoopHeartbeat:
+    """Shows that the event loop serving SMTP still runs, for /healthz and /readyz.
+
+    `run()`, a task on that loop, stamps `clock()` every `interval` seconds; `problems()`,
+    called on the HTTP thread, reports a stall when the last stamp is older than `limit`
+    (a blocked loop answers no SMTP command and delivers nothing, while the HTTP thread
+    would go on answering 200).
+    """
+
+    def __init__(
+        self,
+        limit: float = LOOP_STALL_LIMIT,
+        interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limit = limit
+        self._interval = interval
+        self._clock = clock
+        self.last = clock()  # one float: written on the loop, read on the HTTP thread
+
+    async def run(self) -> None:
+        while True:
+            self.last = self._clock()
+            await asyncio.sleep(self._interval)
+
+    def problems(self) -> Sequence[str]:
+        stalled = self._clock() - self.last
+        if stalled > self.limit:
+            return (f"event loop stalled for {stalled:.0f}s",)
+        return ()
+
+
+class _Writer(io.RawIOBase):
+    """The response side of a connection: every write is one `sendall` (its socket
+    timeout bounds the whole write)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self._sock.sendall(data)
+        return len(data)
+
+
+class _RequestTooLarge(Exception):
+    pass
+
+
+def _read_head(sock: socket.socket, deadline: float) -> bytes:
+    """The request line and headers, read before `deadline` (time.monotonic).
+
+    Raises:
+        TimeoutError: the head did not arrive in time (idle or slow client).
+        _RequestTooLarge: more than HTTP_HEAD_LIMIT bytes without the blank line.
+    """
+    data = b""
+    while b"\r\n\r\n" not in data and b"\n\n" not in data:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no complete request within {HTTP_TIMEOUT:g}s")
+        sock.settimeout(left)
+        chunk = sock.recv(4096)
+        if not chunk:
+            break  # the client closed its side: the parser answers what came
+        data += chunk
+        if len(data) > HTTP_HEAD_LIMIT:
+            raise _RequestTooLarge(f"request head over {HTTP_HEAD_LIMIT} bytes")
+    return data
+
+
 class _Server(ThreadingHTTPServer):
+    """prometheus_client's threaded server, bounded: at most `max_connections` handler
+    threads (a connection beyond them is closed at once, without a thread), each
+    connection closed `timeout` seconds after its accept, and errors logged as one DEBUG
+    line instead of a traceback on stderr."""
+
     daemon_threads = True
+    block_on_close = False
+    request_queue_size = HTTP_BACKLOG
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[MetricsHandler],
+        *,
+        max_connections: int,
+        timeout: float,
+    ) -> None:
+        self.connection_timeout = timeout
+        self.max_connections = max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.debug(
+                "metrics: connection from %s closed: %s connections busy",
+                client_address[0],
+                self.max_connections,
+            )
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)  # starts the thread
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver prints a traceback to stderr here; a reset or timed-out client is
+        # routine, so one DEBUG line through logging (the JSON format stays JSON).
+        exc = sys.exc_info()[1]
+        log.debug(
+            "metrics: connection from %s ended: %s: %s",
+            client_address[0] if client_address else "-",
+            type(exc).__name__,
+            exc,
+        )
 
 
 def _always_ready() -> Sequence[str]:
     return ()
 
 
-def _handler_class(metrics: Metrics, readiness: Readiness) -> type[MetricsHandler]:
+def _handler_class(
+    metrics: Metrics, readiness: Readiness, liveness: Readiness
+) -> type[MetricsHandler]:
     base: type[MetricsHandler] = MetricsHandler.factory(metrics.registry)
 
     class Handler(base):  # type: ignore[valid-type,misc]
+        server: _Server
+
+        def setup(self) -> None:
+            # Instead of StreamRequestHandler's per-recv timeout, which a client sending
+            # a byte now and then never trips: one deadline for request and answer.
+            self.connection = self.request
+            deadline = time.monotonic() + self.server.connection_timeout
+            self.rfile = io.BytesIO(_read_head(self.connection, deadline))
+            self.connection.settimeout(max(0.001, deadline - time.monotonic()))
+            self.wfile = _Writer(self.connection)
+
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             path = urlsplit(self.path).path
             if path == "/healthz":
-                self._plain(200, "ok")
+                stalled = liveness()
+                if stalled:
+                    self._plain(503, "; ".join(stalled))
+                else:
+                    self._plain(200, "ok")
             elif path == "/readyz":
-                problems = readiness()
+                problems = (*liveness(), *readiness())
                 if problems:
                     self._plain(503, "degraded: " + "; ".join(problems))
                 else:
@@ -255,11 +427,16 @@ class MetricsServer:
     """Serves one registry and the health endpoints from a background thread.
 
     - `GET /metrics` (and any other path): the Prometheus text exposition.
-    - `GET /healthz`: liveness, always `200 ok` while the process serves HTTP.
-    - `GET /readyz`: `200 ok` when `readiness()` returns no problems, else
-      `503 degraded: <problem>; <problem>`. `readiness` is called on the HTTP thread, so it
-      must be quick: read state (`ResolverStatus.validating`) or touch one small file
-      (relay.app.spool_readiness), never wait on the network.
+    - `GET /healthz`: liveness: `200 ok`, or `503 <problem>` when `liveness()` reports one
+      (relay.app passes LoopHeartbeat.problems: the event loop stalled).
+    - `GET /readyz`: `200 ok` when neither `liveness()` nor `readiness()` reports a
+      problem, else `503 degraded: <problem>; <problem>`. Both are called on an HTTP
+      thread, so they must be quick: read state (`ResolverStatus.validating`) or touch one
+      small file (relay.app.spool_readiness), never wait on the network.
+
+    Bounded against idle, slow and numerous clients: `max_connections` handler threads at
+    most (more connections are closed at once), each connection closed `timeout` seconds
+    after its accept, a listen backlog of HTTP_BACKLOG.
     """
 
     def __init__(
@@ -268,14 +445,20 @@ class MetricsServer:
         host: str,
         port: int,
         readiness: Readiness = _always_ready,
+        liveness: Readiness = _always_ready,
+        *,
+        max_connections: int = HTTP_CONNECTIONS,
+        timeout: float = HTTP_TIMEOUT,
     ) -> None:
-        handler = _handler_class(metrics, readiness)
+        handler = _handler_class(metrics, readiness, liveness)
         server_class = (
             type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
             if ":" in host
             else _Server
         )
-        self._server = server_class((host, port), handler)
+        self._server = server_class(
+            (host, port), handler, max_connections=max_connections, timeout=timeout
+        )
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="metrics", daemon=True
         )

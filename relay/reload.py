@@ -1,9 +1,12 @@
 """SIGHUP: read the configuration file again and apply what can change while running.
 
-Contract (`Reloader.reload`, called on the event loop by the SIGHUP handler):
+Contract (`Reloader.request`, the SIGHUP handler, runs `Reloader.reload` as a task; a
+SIGHUP during a reload makes one more reload after it):
 
 - The file named at start-up is loaded and validated as at start-up (`load_config`), and
-  the [tls] trust store (`tls.ca_file`) is read. Any error refuses the whole new
+  the [tls] trust store (`tls.ca_file`) is read, all on a worker thread (asyncio.to_thread),
+  so no read ever stops the event loop; the file must be a regular file of at most
+  `CONFIG_SIZE_LIMIT` bytes (a FIFO would wait for a writer). Any error refuses the whole new
   configuration: one ERROR line names the file, the key, what was expected and what was
   found (`FILE: key: expected …, got …`), and everything keeps running as before.
 - Applied at once, to what starts after the reload (a session or delivery under way
@@ -30,10 +33,14 @@ Does not: rebind listeners, reopen the spool, or rebuild the resolver.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import ssl
+import stat
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields, is_dataclass, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from relay.config import Config, load_config
@@ -46,7 +53,7 @@ from relay.inbound.tls import TlsContextHolder
 from relay.logsetup import set_level
 from relay.spool.runner import QueueRunner
 
-__all__ = ["LIVE_SECTIONS", "RESTART_KEYS", "Reloader", "changed_keys"]
+__all__ = ["CONFIG_SIZE_LIMIT", "LIVE_SECTIONS", "RESTART_KEYS", "Reloader", "changed_keys"]
 
 log = logging.getLogger("relay")
 
@@ -63,6 +70,39 @@ RESTART_KEYS = frozenset(
         "log.format",  # the handler of every log line
     }
 )
+
+
+#: The largest configuration file a reload reads, in bytes.
+CONFIG_SIZE_LIMIT = 1 << 20
+
+
+def _check_file(path: Path) -> None:
+    """Refuse what would block or swamp the reading thread: anything but a regular file
+    (a FIFO waits for a writer, a device may never end) and a file over CONFIG_SIZE_LIMIT.
+
+    Raises:
+        ConfigError: naming the file, what was expected and what was found.
+    """
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{path}: expected a regular file, got {_file_type(info.st_mode)}")
+    if info.st_size > CONFIG_SIZE_LIMIT:
+        raise ConfigError(f"{path}: expected at most {CONFIG_SIZE_LIMIT} bytes, got {info.st_size}")
+
+
+def _file_type(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
 
 
 def changed_keys(old: Config, new: Config) -> Iterator[str]:
@@ -111,16 +151,39 @@ class Reloader:
     runner: QueueRunner
     tls: TlsContextHolder | None = None
 
-    def reload(self) -> bool:
-        """Reload; True when the new configuration was taken (even if only in part)."""
+    _task: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+    _again: bool = field(default=False, init=False, repr=False)
+
+    def request(self) -> None:
+        """The SIGHUP handler: start a reload, or, while one runs, one more after it (a
+        file edited again during a reload is read again; further signals meanwhile add
+        nothing)."""
+        if self._task is not None and not self._task.done():
+            self._again = True
+            return
+        self._task = asyncio.get_running_loop().create_task(self._reloads(), name="reload")
+
+    async def _reloads(self) -> None:
+        while True:
+            self._again = False
+            try:
+                await self.reload()
+            except Exception:
+                log.exception("SIGHUP: reload failed, the running configuration stays")
+            if not self._again:
+                return
+
+    async def reload(self) -> bool:
+        """Reload; True when the new configuration was taken (even if only in part).
+
+        The files (configuration, CA file, recipients file, STARTTLS pair) are read on a
+        worker thread, so a slow or stuck read never stops the event loop; the new
+        settings are then applied on the loop, with no await in between.
+        """
         path = self.cfg.path
         log.info("SIGHUP: reloading config=%s", path)
-        if self.tls is not None:
-            self.tls.reload()  # the certificate files, re-read whatever the config says
         try:
-            new = load_config(path)
-            pkix = self.pkix(new)
-            gateway = load_gateway(new)  # gateway.recipients_file, read now
+            new, pkix, gateway = await asyncio.to_thread(self._read, path)
         except ConfigError as exc:
             log.error("SIGHUP: new configuration refused, the running one stays: %s", exc)
             return False
@@ -145,6 +208,18 @@ class Reloader:
             merged.tls.level,
         )
         return True
+
+    def _read(self, path: Path) -> tuple[Config, ssl.SSLContext, Gateway | None]:
+        """On a worker thread: every file a reload reads.
+
+        Raises:
+            ConfigError: a file cannot be read or is refused (named).
+        """
+        if self.tls is not None:
+            self.tls.reload()  # the certificate files, re-read whatever the config says
+        _check_file(path)
+        new = load_config(path)
+        return new, self.pkix(new), load_gateway(new)  # gateway.recipients_file, read now
 
     def _apply(self, cfg: Config, pkix: ssl.SSLContext, gateway: Gateway | None) -> None:
         # No await in here: the event loop runs no RCPT and no delivery step until every

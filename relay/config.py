@@ -148,6 +148,10 @@ class ServerConfig:
     soft_error_limit: int = 10
     hard_error_limit: int = 20
     error_sleep_time: float = 1.0
+    # Free space the spool's file system must keep: MAIL gets 452 4.3.1 when less is free,
+    # or less than this plus the SIZE= the client declared (RFC 1870 §6.1; Postfix
+    # queue_minfree). 0: only the declared SIZE must fit.
+    queue_minfree: int = 100 * 1024 * 1024
     # SIGTERM: listeners close at once; open SMTP sessions and running deliveries get this
     # long to finish, then whatever is left stays queued.
     shutdown_grace: float = 20.0
@@ -740,6 +744,9 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
             d_server.error_sleep_time,
             _duration_at_most(300.0, "a duration from 0 to 300s"),
             "a duration",
+        ),
+        queue_minfree=s.get(
+            "queue_minfree", d_server.queue_minfree, _int_range(0, 2**60), "a number of bytes"
         ),
         shutdown_grace=s.get("shutdown_grace", d_server.shutdown_grace, _duration, "a duration"),
     )

@@ -12,7 +12,10 @@ Contract:
   `address_literal` / `bad_domain`. The address is queued as given (RFC 6531).
 - DATA is answered 250 only after `SpoolStore.commit` has fsync'ed the body and
   the envelope and their directories (the durability point). If that fails the
-  client gets 451 4.3.0 and nothing is queued.
+  client gets 451 4.3.0 and nothing is queued; 452 4.3.1 Insufficient system storage
+  when the file system is full or over quota (ENOSPC, EDQUOT). MAIL already gets that 452
+  when the spool's file system has less free than `server.queue_minfree` plus the SIZE=
+  the client declared (RFC 1870 §6.1). Logged and counted as `insufficient_storage`.
 - DATA containing a bare CR or LF (any CR not followed by LF, any LF not preceded by CR)
   is refused with 550 5.5.2 and nothing is queued, unless `server.bare_line_endings` is
   "accept" (then it is stored as received; delivery writes CRLF). aiosmtpd itself ends
@@ -43,8 +46,10 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import errno
 import ipaddress
 import logging
+import os
 import re
 import time
 from collections.abc import Callable
@@ -69,6 +74,8 @@ log = logging.getLogger("relay.smtpd")
 _HEADER_END = re.compile(rb"^\r?$", re.MULTILINE)
 # A Received: field (RFC 5322 §3.6.7; obsolete syntax allows white space before the colon).
 _RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
+# A full file system or quota: 452 4.3.1 instead of 451 4.3.0 (RFC 3463 X.3.1).
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 # What a recipient in the Received: FOR clause must not hold (see _received_header).
 _TRACE_UNSAFE = re.compile(r'[;()"\\\s]')
 # The envelope attribute holding the mailbox keys of the accepted recipients. aiosmtpd
@@ -129,6 +136,19 @@ class RelayHandler:
                 escaped(sender),
             )
             return "501 5.1.7 Bad sender address syntax"
+        short = self._storage_short(mail_options)
+        if short is not None:
+            # RFC 1870 §6.1 (and RFC 5321 §4.2.2, RFC 3463 X.3.1): not enough room now, try
+            # later; checked at MAIL so that the client does not send the DATA in vain.
+            self.metrics.inbound_rejections.labels("insufficient_storage").inc()
+            log.warning(
+                "reject=MAIL client=%s from=<%s> reply=452 4.3.1 reason=insufficient-storage "
+                "why=%s",
+                _peer_text(session.peer),
+                escaped(sender),
+                short,
+            )
+            return "452 4.3.1 Insufficient system storage"
         # Keep aiosmtpd's "<>" (its RCPT state check needs a true value); _sender() maps it.
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -256,6 +276,17 @@ class RelayHandler:
                 smtputf8=_needs_smtputf8(envelope),
             )
         except SpoolError as exc:
+            if exc.errno in _NO_SPACE:
+                # RFC 5321 §4.2.2 452, RFC 3463 X.3.1: the system is out of storage.
+                self.metrics.inbound_rejections.labels("insufficient_storage").inc()
+                log.error(
+                    "reject=DATA client=%s from=<%s> reply=452 4.3.1 "
+                    "reason=insufficient-storage why=%s",
+                    client,
+                    escaped(_sender(envelope)),
+                    exc,
+                )
+                return "452 4.3.1 Insufficient system storage"
             self.metrics.inbound_rejections.labels("spool_error").inc()
             log.error(
                 "client=%s from=<%s> spool failure, replied 451: %s",
@@ -276,6 +307,25 @@ class RelayHandler:
         )
         self.on_queued(msg)
         return f"250 2.0.0 Ok: queued as {qid}"
+
+    def _storage_short(self, mail_options: list[str]) -> str | None:
+        """Why the spool cannot take this message now (None: it can): its file system has
+        less free than server.queue_minfree plus the SIZE= the client declared."""
+        declared = _declared_size(mail_options)
+        need = self.server_cfg.queue_minfree + declared
+        if need <= 0:
+            return None
+        try:
+            st = os.statvfs(self.store.directory)
+        except OSError as exc:
+            return f"cannot check the free space: {exc.strerror or exc}"
+        free = st.f_bavail * st.f_frsize  # what an unprivileged writer may use
+        if free >= need:
+            return None
+        return (
+            f"{free} bytes free, need {need} "
+            f"(queue_minfree {self.server_cfg.queue_minfree} + SIZE {declared})"
+        )
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("smtpd internal error: %r", error, exc_info=error)
@@ -331,6 +381,15 @@ def received_headers(content: bytes) -> int:
     anything after the first empty line are not looked at)."""
     end = _HEADER_END.search(content)
     return len(_RECEIVED.findall(content, 0, end.start() if end else len(content)))
+
+
+def _declared_size(mail_options: list[str]) -> int:
+    """The SIZE= of MAIL FROM (RFC 1870 §6), 0 when absent or not a number."""
+    for option in mail_options:
+        key, _, value = str(option).partition("=")
+        if key.upper() == "SIZE":
+            return int(value) if value.isdigit() and len(value) <= 20 else 0
+    return 0
 
 
 def _sender(envelope: Any) -> str:

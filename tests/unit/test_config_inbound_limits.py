@@ -51,3 +51,17 @@ def test_bad_error_limits_name_file_and_key(
         _load(tmp_path, text)
     message = str(info.value)
     assert message.startswith(f"{tmp_path / 'relay.toml'}: {key}: expected {expected}, got ")
+
+
+def test_queue_minfree_default_and_value(tmp_path: Path) -> None:
+    assert _load(tmp_path, "").queue_minfree == 100 * 1024 * 1024
+    assert _load(tmp_path, "queue_minfree = 0").queue_minfree == 0
+
+
+@pytest.mark.parametrize("value", ["-1", '"100M"', "1.5"])
+def test_bad_queue_minfree_names_file_and_key(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, f"queue_minfree = {value}")
+    assert str(info.value).startswith(
+        f"{tmp_path / 'relay.toml'}: server.queue_minfree: expected an integer from 0 to "
+    )

@@ -185,7 +185,11 @@ class SpoolStore:
         )
         with _spool_errors(f"cannot store message {qid}"):
             body_tmp = self._write_tmp(f"{qid}.data", body)
-            env_tmp = self._write_tmp(f"{qid}.env", dump(msg))
+            try:
+                env_tmp = self._write_tmp(f"{qid}.env", dump(msg))
+            except OSError:
+                body_tmp.unlink(missing_ok=True)  # e.g. ENOSPC after the body fit
+                raise
             try:
                 os.replace(body_tmp, self.data / qid)
                 self._fsync_dir(self.data)

@@ -199,6 +199,25 @@ def test_failed_commit_leaves_nothing(
         assert files(spool_dir / name) == [], name
 
 
+def test_envelope_write_failing_after_the_body_leaves_nothing(
+    spool_dir: Path, store: SpoolStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC when the envelope is written (the body fit): the body's tmp file goes too."""
+    real_write = os.write
+
+    def failing_write(fd: int, data: Any) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[1].count(".env."):
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", failing_write)
+    with pytest.raises(SpoolError, match="No space left on device"):
+        store.commit(sender="a@b", recipients=["c@d"], body=BODY, now=NOW)
+    monkeypatch.undo()
+    for name in ("tmp", "data", "env"):
+        assert files(spool_dir / name) == [], name
+
+
 def test_failed_update_keeps_the_old_envelope(
     spool_dir: Path, store: SpoolStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -131,7 +131,7 @@ class RelayHandler:
         if not wire_safe(sender) or (sender and "@" not in sender):
             self.metrics.inbound_rejections.labels("bad_sender").inc()
             log.warning(
-                "reject=MAIL client=%s from=<%s> reply=501 5.1.7 reason=bad-sender-syntax",
+                'reject=MAIL client=%s from=<%s> reply="501 5.1.7" reason=bad-sender-syntax',
                 _peer_text(session.peer),
                 escaped(sender),
             )
@@ -142,7 +142,7 @@ class RelayHandler:
             # later; checked at MAIL so that the client does not send the DATA in vain.
             self.metrics.inbound_rejections.labels("insufficient_storage").inc()
             log.warning(
-                "reject=MAIL client=%s from=<%s> reply=452 4.3.1 reason=insufficient-storage "
+                'reject=MAIL client=%s from=<%s> reply="452 4.3.1" reason=insufficient-storage '
                 "why=%s",
                 _peer_text(session.peer),
                 escaped(sender),
@@ -165,7 +165,7 @@ class RelayHandler:
             )
             return f"{verdict.status} <{escaped(address)}>: {verdict.text}"
         if not wire_safe(address):
-            self.metrics.inbound_rejections.labels("bad_recipient").inc()
+            self._refused(session, envelope, address, "bad_recipient", "501 5.1.3", "syntax")
             return "501 5.1.3 Bad recipient address syntax"
         local, at, domain = address.rpartition("@")
         if at and local and is_address_literal(domain):
@@ -180,7 +180,9 @@ class RelayHandler:
                 "address literals are not accepted, mail is routed by MX only",
             )
         if not at or not local or not domain or "." not in domain.strip("[]"):
-            self.metrics.inbound_rejections.labels("bad_recipient").inc()
+            self._refused(
+                session, envelope, address, "bad_recipient", "504 5.5.2", "not-fully-qualified"
+            )
             return (
                 f"504 5.5.2 <{address}>: Recipient address rejected: need fully-qualified address"
             )
@@ -207,7 +209,14 @@ class RelayHandler:
             )
             return "250 2.1.5 Ok"
         if len(envelope.rcpt_tos) >= self.server_cfg.max_recipients:
-            self.metrics.inbound_rejections.labels("too_many_recipients").inc()
+            self._refused(
+                session,
+                envelope,
+                address,
+                "too_many_recipients",
+                "452 4.5.3",
+                f"limit-{self.server_cfg.max_recipients}",
+            )
             return "452 4.5.3 Error: too many recipients"
         if rcpt_options:
             return "555 5.5.4 RCPT TO parameters not recognized"
@@ -219,10 +228,17 @@ class RelayHandler:
         self, session: Any, envelope: Any, address: str, reason: str, status: str, why: str
     ) -> str:
         """Count, log and word one refused recipient; the address is shown escaped."""
+        self._refused(session, envelope, address, reason, status, why)
+        return f"{status} <{escaped(address)}>: Recipient address rejected: {why}"
+
+    def _refused(
+        self, session: Any, envelope: Any, address: str, reason: str, status: str, why: str
+    ) -> None:
+        """Count and log one refused recipient (`status`: code and enhanced code)."""
         self.metrics.inbound_rejections.labels(reason).inc()
         shown = escaped(address)
         log.warning(
-            "reject=RCPT client=%s from=<%s> to=<%s> reply=%s reason=%s why=%s",
+            'reject=RCPT client=%s from=<%s> to=<%s> reply="%s" reason=%s why=%s',
             _peer_text(session.peer),
             escaped(_sender(envelope)),
             shown,
@@ -230,7 +246,6 @@ class RelayHandler:
             reason.replace("_", "-"),
             why,
         )
-        return f"{status} <{shown}>: Recipient address rejected: {why}"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         client = _peer_text(session.peer)
@@ -242,7 +257,7 @@ class RelayHandler:
         if self.server_cfg.bare_line_endings == "reject" and has_bare_line_ending(content):
             self.metrics.inbound_rejections.labels("bare_line_ending").inc()
             log.warning(
-                "reject=DATA client=%s from=<%s> to=%s reply=550 5.5.2 reason=bare-line-ending",
+                'reject=DATA client=%s from=<%s> to=%s reply="550 5.5.2" reason=bare-line-ending',
                 client,
                 escaped(_sender(envelope)),
                 ",".join(f"<{escaped(r)}>" for r in envelope.rcpt_tos),
@@ -254,7 +269,7 @@ class RelayHandler:
             # X.4.6 routing loop detected. Permanent: the same message loops again.
             self.metrics.inbound_rejections.labels("too_many_hops").inc()
             log.warning(
-                "reject=DATA client=%s from=<%s> to=%s reply=554 5.4.6 reason=too-many-hops "
+                'reject=DATA client=%s from=<%s> to=%s reply="554 5.4.6" reason=too-many-hops '
                 "why=%d Received: headers, limit %d",
                 client,
                 escaped(_sender(envelope)),
@@ -280,7 +295,7 @@ class RelayHandler:
                 # RFC 5321 §4.2.2 452, RFC 3463 X.3.1: the system is out of storage.
                 self.metrics.inbound_rejections.labels("insufficient_storage").inc()
                 log.error(
-                    "reject=DATA client=%s from=<%s> reply=452 4.3.1 "
+                    'reject=DATA client=%s from=<%s> reply="452 4.3.1" '
                     "reason=insufficient-storage why=%s",
                     client,
                     escaped(_sender(envelope)),
@@ -289,7 +304,7 @@ class RelayHandler:
                 return "452 4.3.1 Insufficient system storage"
             self.metrics.inbound_rejections.labels("spool_error").inc()
             log.error(
-                "client=%s from=<%s> spool failure, replied 451: %s",
+                'reject=DATA client=%s from=<%s> reply="451 4.3.0" reason=spool-error why=%s',
                 client,
                 escaped(_sender(envelope)),
                 exc,

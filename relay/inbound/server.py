@@ -148,7 +148,8 @@ class Sessions:
 
 
 # aiosmtpd's fixed refusals, given the enhanced status codes (RFC 3463) and wording Postfix
-# uses, with the reason each is counted under.
+# uses, with the reason each is counted under. Logged `reject=VERB`: the command being run,
+# or COMMAND for a line aiosmtpd refuses before running any (too long, TLS required).
 _ENHANCED = {
     "552 Error: message size exceeds fixed maximum message size": (
         "552 5.3.4 Message size exceeds fixed limit",
@@ -168,7 +169,11 @@ _ENHANCED = {
         "530 5.7.0 Must issue a STARTTLS command first",
         "tls_required",
     ),
+    # aiosmtpd's MAIL FROM / RCPT TO path that does not parse (RFC 5321 §4.1.2).
+    "553 5.1.3 Error: malformed address": ("553 5.1.3 Error: malformed address", "malformed"),
 }
+#: The reason of a malformed path, by command.
+_MALFORMED = {"MAIL": "bad_sender", "RCPT": "bad_recipient"}
 
 
 #: The start of RelayHandler.handle_DATA's reply once a message is queued.
@@ -276,6 +281,7 @@ class LimitedSMTP(SMTP):
         self._authzid: bytes | None = None  # AUTH PLAIN's authorization identity
         self._sessions = sessions
         self._busy = False  # a command is being handled
+        self._verb: str | None = None  # the command being handled, for refusal lines
         self._opened = time.monotonic()
         self._ended = "disconnected"  # how the session ended, for its log line and metric
         self._tls = "none"  # "TLSv1.3/TLS_AES_256_GCM_SHA384" once STARTTLS is done
@@ -286,12 +292,12 @@ class LimitedSMTP(SMTP):
         self._errors = SessionErrors(limits.soft_error_limit, limits.hard_error_limit)
         self._error_sleep = limits.error_sleep_time
         self._smtp_methods = {
-            verb: method if verb == "QUIT" else self._guarded(method)
+            verb: method if verb == "QUIT" else self._guarded(verb, method)
             for verb, method in self._smtp_methods.items()
         }
 
     def _guarded(
-        self, method: Callable[[Any], Awaitable[None]]
+        self, verb: str, method: Callable[[Any], Awaitable[None]]
     ) -> Callable[[Any], Awaitable[None]]:
         """`method` (an smtp_* command), answered with 421 instead while shutting down
         outside a transaction, and followed by 421 when it ends a transaction then."""
@@ -304,11 +310,11 @@ class LimitedSMTP(SMTP):
                 self.shut_down("idle")
                 return
             in_transaction = self._in_transaction()
-            self._busy = True
+            self._busy, self._verb = True, verb
             try:
                 await method(arg)
             finally:
-                self._busy = False
+                self._busy, self._verb = False, None
             if self._shutting_down():
                 self.shut_down("after-transaction" if in_transaction else "after-command")
 
@@ -337,7 +343,7 @@ class LimitedSMTP(SMTP):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        log.info("shutdown client=%s reply=421 4.3.2 state=%s", self._client, state)
+        log.info('shutdown client=%s reply="421 4.3.2" state=%s', self._client, state)
         self._ended = "shutdown"
         # RFC 5321 §3.8 and §4.2.3: 421 may answer any command when the service must shut
         # down; the server then closes the channel.
@@ -442,7 +448,9 @@ class LimitedSMTP(SMTP):
 
     async def _refuse_rate_limited(self) -> None:
         self._metrics.inbound_rejections.labels("auth_rate_limited").inc()
-        log.warning("reject=AUTH client=%s reply=421 4.7.0 reason=auth-rate-limited", self._client)
+        log.warning(
+            'reject=AUTH client=%s reply="421 4.7.0" reason=auth-rate-limited', self._client
+        )
         # RFC 4954 §4 leaves throttling to the server; Postfix answers 421 and closes.
         await self.push(f"421 4.7.0 {self.hostname} Error: too many failed authentication attempts")
         if self.transport is not None:
@@ -645,7 +653,8 @@ class LimitedSMTP(SMTP):
             # Accepted just before the listener closed: RFC 5321 §3.8, 421 and close.
             self._refused = True
             self._metrics.inbound_sessions.labels("refused", "no").inc()
-            log.info("reject=CONNECT client=%s reply=421 4.3.2 reason=shutting-down", client)
+            self._metrics.inbound_rejections.labels("shutting_down").inc()
+            log.info('reject=CONNECT client=%s reply="421 4.3.2" reason=shutting-down', client)
             writable = cast(_Writable, transport)
             writable.write(f"421 4.3.2 {self.hostname} Service shutting down\r\n".encode())
             writable.close()
@@ -656,7 +665,7 @@ class LimitedSMTP(SMTP):
             self._metrics.inbound_rejections.labels(reason).inc()
             self._metrics.inbound_sessions.labels("refused", "no").inc()
             log.warning(
-                "reject=CONNECT client=%s reply=421 4.7.0 reason=%s open=%d from_client=%d",
+                'reject=CONNECT client=%s reply="421 4.7.0" reason=%s open=%d from_client=%d',
                 client,
                 reason.replace("_", "-"),
                 self._limiter.total,
@@ -686,9 +695,12 @@ class LimitedSMTP(SMTP):
             pass
         elif status in _ENHANCED:
             status, reason = _ENHANCED[status]
+            verb = self._verb or "COMMAND"
+            reason = _MALFORMED.get(verb, "bad_recipient") if reason == "malformed" else reason
             self._metrics.inbound_rejections.labels(reason).inc()
             log.warning(
-                "reject client=%s reply=%s reason=%s",
+                'reject=%s client=%s reply="%s" reason=%s',
+                verb,
                 self._client,
                 status[:9],
                 reason.replace("_", "-"),
@@ -715,7 +727,7 @@ class LimitedSMTP(SMTP):
         self._ended = "too_many_errors"
         self._metrics.inbound_rejections.labels("too_many_errors").inc()
         log.warning(
-            "reject client=%s reply=421 4.7.0 reason=too-many-errors errors=%d",
+            'reject=SESSION client=%s reply="421 4.7.0" reason=too-many-errors errors=%d',
             self._client,
             self._errors.count,
         )

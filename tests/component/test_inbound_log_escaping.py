@@ -48,7 +48,7 @@ async def test_refused_sender_with_a_control_character_is_logged_escaped(
         await c.close()
     (line,) = [m for m in _smtpd_lines(caplog) if m.startswith("reject=MAIL")]
     assert line == (
-        f"reject=MAIL client=127.0.0.1 from=<x{shown}y@sender.example> reply=501 5.1.7 "
+        f'reject=MAIL client=127.0.0.1 from=<x{shown}y@sender.example> reply="501 5.1.7" '
         "reason=bad-sender-syntax"
     )
 

@@ -73,8 +73,8 @@ def test_sigterm_lets_a_message_in_data_finish_and_closes_idle_sessions(
     assert busy.reply() == SHUTTING_DOWN
     assert _closed_by_server(busy)
     assert relay.wait(EXIT_WAIT) == 0
-    relay.wait_log(r"shutdown client=127\.\S+ reply=421 4\.3\.2 state=idle$")
-    relay.wait_log(r"shutdown client=127\.\S+ reply=421 4\.3\.2 state=after-transaction$")
+    relay.wait_log(r'shutdown client=127\.\S+ reply="421 4\.3\.2" state=idle$')
+    relay.wait_log(r'shutdown client=127\.\S+ reply="421 4\.3\.2" state=after-transaction$')
     # Committed while stopping: queued, not delivered by the stopping relay.
     relay.wait_log(r"stopped sessions_cut=0 deliveries_cut=0 left_queued=1$")
     assert spool_entries(relay, "env") == [qid]
@@ -138,7 +138,7 @@ def test_session_still_in_data_after_the_grace_gets_421_and_nothing_is_queued(
     assert slow.reply() == SHUTTING_DOWN
     assert _closed_by_server(slow)
     assert relay.wait(EXIT_WAIT) == 0
-    relay.wait_log(r"shutdown client=127\.\S+ reply=421 4\.3\.2 state=cut-off$")
+    relay.wait_log(r'shutdown client=127\.\S+ reply="421 4\.3\.2" state=cut-off$')
     relay.wait_log(r"stopped sessions_cut=1 deliveries_cut=0 left_queued=0$")
     # No 250 was given: the message is still the client's, nothing is in the spool.
     assert spool_entries(relay, "env") == []

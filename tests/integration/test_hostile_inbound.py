@@ -282,7 +282,7 @@ def test_recipient_domains_without_a_dns_name_are_refused_553_and_counted(
     count = len(BAD_DOMAINS)
     assert metric(relay, "dane_relay_inbound_rejections_total", reason="bad_domain") == count
     line = relay.wait_log(r"reject=RCPT .* to=<u@pay\\u200dpal\.de> .*reason=bad-domain ")
-    assert "reply=553 5.1.3" in line.group(0)
+    assert 'reply="553 5.1.3"' in line.group(0)
 
 
 def test_address_literal_recipient_is_refused_550_with_a_clear_reason(
@@ -302,7 +302,7 @@ def test_address_literal_recipient_is_refused_550_with_a_clear_reason(
         assert c.cmd("DATA").code == 503  # no recipient was accepted
     assert spool_entries(relay, "env") == []
     assert metric(relay, "dane_relay_inbound_rejections_total", reason="address_literal") == 2
-    relay.wait_log(r"reject=RCPT .* to=<u@\[192\.0\.2\.1\]> reply=550 5\.1\.2 reason=address-lit")
+    relay.wait_log(r'reject=RCPT .* to=<u@\[192\.0\.2\.1\]> reply="550 5\.1\.2" reason=address-lit')
 
 
 def test_sender_with_invalid_utf8_is_refused_at_mail(

@@ -149,7 +149,7 @@ def test_unauthenticated_client_outside_networks_gets_550_5_7_1(
         )
     relay.wait_log(
         r"reject=RCPT client=127\.0\.0\.1 from=<app@client\.example> to=<bob@dane-ok\.test> "
-        r"reply=550 5\.7\.1 reason=relay-denied"
+        r'reply="550 5\.7\.1" reason=relay-denied'
     )
     assert _metric(relay, "dane_relay_inbound_rejections_total", reason="relay_denied") == 1
     assert _metric(relay, "dane_relay_messages_received_total") == 0
@@ -172,7 +172,7 @@ def test_failure_limit_gives_421_to_that_address(
     with _client(relay) as client:
         _starttls(client)
         assert _auth_plain(client, "alice", "s3cret pass")[0] == 421
-    relay.wait_log(r"reject=AUTH client=127\.0\.0\.1 reply=421 4\.7\.0 reason=auth-rate-limited")
+    relay.wait_log(r'reject=AUTH client=127\.0\.0\.1 reply="421 4\.7\.0" reason=auth-rate-limited')
     assert _metric(relay, "dane_relay_auth_failures_total") == 3
     assert _metric(relay, "dane_relay_inbound_rejections_total", reason="auth_rate_limited") == 2
 

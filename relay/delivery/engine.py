@@ -97,6 +97,7 @@ from relay.errors import (
 from relay.lookup.results import DnsAnswer, MxRecord, Resolver, ResolverStatus, Security
 from relay.metrics import Metrics
 from relay.model import Outcome, RecipientResult, domain_of
+from relay.smtp.address import log_quoted
 from relay.smtp.domain import DomainSyntaxError, ascii_domain
 from relay.smtp.reply import SmtpReply
 
@@ -583,13 +584,13 @@ class DeliveryEngine:
         self._note_tlsa(attempt, route)
         decision = route.decision
         log.debug(
-            "queue_id=%s host=%s tlsa=%s level=%s decision=%s why=%r",
+            'queue_id=%s host=%s tlsa=%s level=%s decision=%s why="%s"',
             attempt.queue_id,
             host.name,
             route.tlsa_state.value,
             dest.level,
             decision.action.value,
-            route.reason,
+            log_quoted(route.reason),
         )
         if route.failure is not None:
             if decision.reason in _DANE_SKIPS:

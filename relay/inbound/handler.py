@@ -60,7 +60,7 @@ from relay.errors import SpoolError
 from relay.inbound.gateway import Gateway, rcpt_verdict
 from relay.inbound.helo import trace_name
 from relay.metrics import Metrics
-from relay.smtp.address import escaped, wire_safe
+from relay.smtp.address import escaped, log_quoted, wire_safe
 from relay.smtp.domain import DomainSyntaxError, ascii_domain, is_address_literal, mailbox_key
 from relay.spool.records import QueuedMessage
 from relay.spool.store import SpoolStore, new_queue_id
@@ -143,10 +143,10 @@ class RelayHandler:
             self.metrics.inbound_rejections.labels("insufficient_storage").inc()
             log.warning(
                 'reject=MAIL client=%s from=<%s> reply="452 4.3.1" reason=insufficient-storage '
-                "why=%s",
+                'why="%s"',
                 _peer_text(session.peer),
                 escaped(sender),
-                short,
+                log_quoted(short),
             )
             return "452 4.3.1 Insufficient system storage"
         # Keep aiosmtpd's "<>" (its RCPT state check needs a true value); _sender() maps it.
@@ -270,7 +270,7 @@ class RelayHandler:
             self.metrics.inbound_rejections.labels("too_many_hops").inc()
             log.warning(
                 'reject=DATA client=%s from=<%s> to=%s reply="554 5.4.6" reason=too-many-hops '
-                "why=%d Received: headers, limit %d",
+                "hops=%d limit=%d",
                 client,
                 escaped(_sender(envelope)),
                 ",".join(f"<{escaped(r)}>" for r in envelope.rcpt_tos),
@@ -296,18 +296,18 @@ class RelayHandler:
                 self.metrics.inbound_rejections.labels("insufficient_storage").inc()
                 log.error(
                     'reject=DATA client=%s from=<%s> reply="452 4.3.1" '
-                    "reason=insufficient-storage why=%s",
+                    'reason=insufficient-storage why="%s"',
                     client,
                     escaped(_sender(envelope)),
-                    exc,
+                    log_quoted(exc),
                 )
                 return "452 4.3.1 Insufficient system storage"
             self.metrics.inbound_rejections.labels("spool_error").inc()
             log.error(
-                'reject=DATA client=%s from=<%s> reply="451 4.3.0" reason=spool-error why=%s',
+                'reject=DATA client=%s from=<%s> reply="451 4.3.0" reason=spool-error why="%s"',
                 client,
                 escaped(_sender(envelope)),
-                exc,
+                log_quoted(exc),
             )
             return "451 4.3.0 Error: queue file write error"
         self.metrics.messages_received.inc()

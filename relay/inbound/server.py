@@ -70,7 +70,7 @@ from relay.inbound.helo import helo_problem
 from relay.inbound.pathparse import simple_path
 from relay.inbound.tls import TlsContextHolder
 from relay.metrics import Metrics
-from relay.smtp.address import escaped
+from relay.smtp.address import escaped, log_quoted
 
 __all__ = ["AuthGate", "ConnectionLimiter", "Sessions", "start_listeners"]
 
@@ -551,11 +551,11 @@ class LimitedSMTP(SMTP):
         assert hostname is not None
         self._metrics.inbound_rejections.labels("invalid_helo").inc()
         log.warning(
-            "reject=%s client=%s helo=%s reply=501 reason=invalid-helo why=%s",
+            'reject=%s client=%s helo=%s reply=501 reason=invalid-helo why="%s"',
             verb,
             self._client,
             escaped(hostname)[:255].replace(" ", "_"),
-            why,
+            log_quoted(why),
         )
         await self.push(f"501 Invalid {verb} name: a domain name or an address literal is expected")
         return True

@@ -178,7 +178,7 @@ def log_short_tlsa(owner: dns.name.Name, rdatas: list[bytes]) -> None:
     more = f",+{len(rdatas) - SHOWN_MAX} more" if len(rdatas) > SHOWN_MAX else ""
     log.warning(
         "tlsa=%s dane=malformed-tlsa count=%d rdata=%s%s "
-        "why=RDATA shorter than the 3-octet TLSA header",
+        'why="RDATA shorter than the 3-octet TLSA header"',
         name_text(owner),
         len(rdatas),
         shown,

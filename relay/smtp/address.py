@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["escaped", "wire_safe"]
+__all__ = ["escaped", "log_quoted", "wire_safe"]
 
 
 def wire_safe(text: str) -> bool:
@@ -17,3 +17,9 @@ def escaped(text: str) -> str:
     (``\\xad``, ``\\u200d``, ``\\udcff``): safe for log lines, replies and terminals, and
     shows the invisible characters (soft hyphen, joiners, bidi controls) an attacker hides."""
     return "".join(c if " " <= c <= "~" else ascii(c)[1:-1] for c in text)
+
+
+def log_quoted(value: object) -> str:
+    """`value` as the inside of a double-quoted log field (`why="…"`): escaped, with `"`
+    written as `'` (as delivery lines write reply="…"), so the JSON formatter keeps it whole."""
+    return escaped(str(value)).replace('"', "'")

@@ -61,7 +61,7 @@ async def test_invalid_names_get_501_and_the_client_is_not_greeted(
         assert fe.rejections("invalid_helo") == 1
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("reject=")]
     assert line.startswith(f"reject={verb} client=127.0.0.1 helo=")
-    assert " reply=501 reason=invalid-helo why=" in line
+    assert ' reply=501 reason=invalid-helo why="' in line
     assert all(" " <= ch <= "~" for ch in line)
 
 

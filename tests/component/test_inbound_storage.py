@@ -40,9 +40,9 @@ async def test_mail_is_refused_when_less_than_queue_minfree_is_free(
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("reject=")]
     assert line.startswith(
         'reject=MAIL client=127.0.0.1 from=<a@client.test> reply="452 4.3.1" '
-        "reason=insufficient-storage why="
+        'reason=insufficient-storage why="'
     )
-    assert line.endswith(f", need {HUGE} (queue_minfree {HUGE} + SIZE 0)")
+    assert line.endswith(f', need {HUGE} (queue_minfree {HUGE} + SIZE 0)"')
 
 
 @pytest.mark.asyncio

@@ -73,8 +73,6 @@ DNSKEY = (
 )
 
 
-
-
 def make_resolver(
     *servers: ScriptedDns, observer: Observer | None = None, timeout: float = 0.5, **cfg: Any
 ) -> DnsResolver:
@@ -750,7 +748,7 @@ async def test_thousands_of_short_tlsa_records_are_logged_in_one_line(
     assert len(warnings) == 1
     assert warnings[0].startswith(f"tlsa={TLSA_NAME} dane=malformed-tlsa count=4000 rdata=")
     assert warnings[0].count(",") == 3  # three RDATA shown, then "+3997 more"
-    assert ",+3997 more why=RDATA shorter than the 3-octet TLSA header" in warnings[0]
+    assert ',+3997 more why="RDATA shorter than the 3-octet TLSA header"' in warnings[0]
 
 
 async def test_tlsa_uses_the_logical_port_in_the_name(server: ScriptedDns) -> None:

@@ -12,6 +12,7 @@ import pytest
 from relay.config import load_config
 from relay.errors import ConfigError
 from relay.logsetup import JsonFormatter, message_fields, set_level, setup_logging
+from relay.smtp.address import log_quoted
 
 DELIVERY = (
     "queue_id=661BD6F37E76BB1E3238D to=<bob@example.org>,<c@example.org> "
@@ -67,6 +68,20 @@ def test_a_quoted_local_part_cannot_forge_a_field() -> None:
         "from": '<"x to=<evil@x> a"@d.example>',
         "to": "<real@x>,<b@y>",
         "status": "queued",
+    }
+
+
+def test_a_free_text_why_is_kept_whole() -> None:
+    """Free-text `why` values are written quoted (log_quoted), so the JSON member is the
+    whole text, not its first word; a `"` or a control character in it cannot end it."""
+    why = 'spool: [Errno 28] No space left on device: "/x"\x1b'
+    line = f'reject=DATA client=127.0.0.1 reply="452 4.3.1" why="{log_quoted(why)}" size=3'
+    assert message_fields(line) == {
+        "reject": "DATA",
+        "client": "127.0.0.1",
+        "reply": "452 4.3.1",
+        "why": "spool: [Errno 28] No space left on device: '/x'\\x1b",
+        "size": "3",
     }
 
 

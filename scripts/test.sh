@@ -66,7 +66,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet -e '.[test]'
 
-.venv/bin/ruff check relay tests
+.venv/bin/ruff check relay tests bench
+.venv/bin/ruff format --check relay tests bench
 .venv/bin/mypy
 .venv/bin/lint-imports
 .venv/bin/pytest "$@"

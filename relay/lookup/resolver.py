@@ -124,7 +124,6 @@ class _Resolved:
     ttl: float
 
 
-
 class DnsResolver:
     """Implements relay.lookup.results.Resolver against the configured resolvers.
 

@@ -30,8 +30,6 @@ class Clock:
         return self.now
 
 
-
-
 class Upstream:
     """Counts fetches per name; answers what `answers` says, or raises DnsTempFail."""
 

@@ -34,8 +34,6 @@ class Clock:
         return self.now
 
 
-
-
 def make(
     server: ScriptedDns, clock: Clock, observer: Observer | None = None, **cfg: Any
 ) -> DnsResolver:

@@ -359,9 +359,7 @@ def test_verify_dane_ee_needs_no_name(tool: Tool, pki: Pki, chain: Path) -> None
     assert (result.status, result.json()["status"], result.err) == (0, "verified", "")
 
 
-def test_verify_dane_ta_without_a_name_is_a_usage_error(
-    tool: Tool, pki: Pki, chain: Path
-) -> None:
+def test_verify_dane_ta_without_a_name_is_a_usage_error(tool: Tool, pki: Pki, chain: Path) -> None:
     result = tool("verify", "--chain", chain, "--tlsa", f"2 1 1 {spki_digest(pki.intermediate)}")
     assert result.status == 64
     assert result.out == ""

@@ -73,6 +73,7 @@ __all__ = [
     "inbound_tls",
     "serve",
     "spool_readiness",
+    "plausible_public_name",
     "system_hostname",
 ]
 
@@ -100,6 +101,13 @@ class ResolverNotValidating(Exception):
 
 def system_hostname() -> str:
     return socket.getfqdn() or socket.gethostname() or "localhost"
+
+
+def plausible_public_name(name: str) -> bool:
+    """False for a name no other mail server can know this relay by: one label, or
+    localhost / localhost.localdomain (what getfqdn gives when /etc/hosts maps it so)."""
+    lowered = name.lower().rstrip(".")
+    return "." in lowered and lowered.split(".")[0] != "localhost"
 
 
 def describe_resolvers(cfg: DnsConfig) -> str:
@@ -293,6 +301,12 @@ async def serve(cfg: Config) -> None:
         signal.SIGHUP, log.warning, STARTUP_SIGHUP_WARNING
     )
     hostname = cfg.server.hostname or system_hostname()
+    if not cfg.server.hostname and not plausible_public_name(hostname):
+        log.warning(
+            "hostname=%s comes from the machine and is not a public name: set server.hostname "
+            "to the name this relay is known by (greeting, EHLO, Received:, mail-loop check)",
+            hostname,
+        )
     pkix = _pkix_context(cfg)  # before the spool: a bad CA file refuses to start
     tls = inbound_tls(cfg)  # likewise a bad STARTTLS certificate or key
     auth = inbound_auth(cfg)  # and an unreadable or malformed credentials file
@@ -528,8 +542,9 @@ async def _run(
     runner_task = asyncio.create_task(runner.run(), name="queue-runner")
     watch_task = asyncio.create_task(watch.run(), name="resolver-watch")
     log.info(
-        "started listen=%s spool=%s queued=%d tls_level=%s resolvers=%s "
+        "started hostname=%s listen=%s spool=%s queued=%d tls_level=%s resolvers=%s "
         "resolver_validating=%s metrics=%s starttls=%s",
+        hostname,
         ",".join(str(ep) for ep in cfg.server.listen),
         cfg.spool.directory,
         len(messages),

@@ -46,7 +46,8 @@ EX_OSERR = 71
 EX_CANTCREAT = 73
 EX_TEMPFAIL = 75  # lookup/probe: mail would be deferred
 EX_CONFIG = 78
-DEFAULT_CONFIG = Path("config/relay.toml")
+DEFAULT_CONFIG = queuetool.DEFAULT_CONFIG
+CONFIG_HELP = queuetool.CONFIG_HELP
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     tlsatool.add_parser(sub)
     run = sub.add_parser("run", help="run the relay in the foreground")
-    run.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG)
+    run.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG, help=CONFIG_HELP)
     run.add_argument(
         "--log-format",
         choices=("text", "json"),
@@ -66,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
         help="show how mail to DOMAIN would be routed: MX, addresses, TLSA, TLS level",
     )
     look.add_argument("domain", help="the next-hop domain (or an address: its domain)")
-    look.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG)
+    look.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG, help=CONFIG_HELP)
     look.add_argument("--json", action="store_true", help="print the report as JSON")
     probe = sub.add_parser(
         "probe",
@@ -74,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
         "DANE verdict (never sends mail)",
     )
     probe.add_argument("domain", help="the next-hop domain (or an address: its domain)")
-    probe.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG)
+    probe.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG, help=CONFIG_HELP)
     probe.add_argument(
         "--resolver",
         metavar="ADDR[:PORT]",

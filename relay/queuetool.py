@@ -46,6 +46,7 @@ EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
 EX_NOPERM = 77
 DEFAULT_CONFIG = Path("config/relay.toml")
+CONFIG_HELP = "the configuration file (default: config/relay.toml in the current directory)"
 
 #: Exit code for each error kind of the control protocol (relay.control).
 _EXIT = {
@@ -68,7 +69,7 @@ def add_queue_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
-        p.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG)
+        p.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG, help=CONFIG_HELP)
         return p
 
     command("list", "list queued messages and their state")

@@ -64,7 +64,7 @@ def test_sighup_while_the_config_is_read_at_start_up_is_ignored(
         finally:
             os.close(fd)
         relay.wait_log(r"WARNING relay: SIGHUP during start-up ignored; send it again")
-        relay.wait_log(r"started listen=", timeout=20)
+        relay.wait_log(r"started hostname=\S+ listen=", timeout=20)
         assert relay.alive(), relay.log_tail()
         assert _ehlo(relay) == 250
     finally:

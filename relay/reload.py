@@ -201,11 +201,15 @@ class Reloader:
         self._apply(merged, pkix, gateway)
         self.cfg = merged
         applied = [k for k in changed if k not in restart]
+        # RFC 7672 §2.2: a cached session's DANE/PKIX verdict was reached under the old
+        # settings and files (insecure_mx_policy, ca_file, levels): none is reused.
+        dropped = self.engine.cache.drop()
         log.info(
-            "reloaded config=%s applied=%s tls_level=%s",
+            "reloaded config=%s applied=%s tls_level=%s cached_connections_closed=%d",
             path,
             ",".join(applied) or "-",
             merged.tls.level,
+            dropped,
         )
         return True
 

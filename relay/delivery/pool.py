@@ -29,6 +29,7 @@ Does not: open connections, send RSET (the engine checks a taken session), or lo
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import asynccontextmanager
@@ -73,6 +74,8 @@ class ConnectionCache(Generic[S, V]):
         self.clock = clock
         self._idle: dict[Hashable, list[Channel[S, V]]] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        # Sessions set up at or before this time are not reused (see `drop`).
+        self._not_after = -math.inf
 
     @property
     def enabled(self) -> bool:
@@ -107,6 +110,22 @@ class ConnectionCache(Generic[S, V]):
         self._idle.setdefault(key, []).append(channel)
         return True
 
+    def drop(self) -> int:
+        """Reuse no session set up so far: QUIT the idle ones now; one in use is ended
+        when it is put back. For a reload, since a session's verdict was reached under the
+        settings it was set up with (TLS levels, insecure_mx_policy, CA file, resolvers).
+        Returns how many idle sessions were ended."""
+        self._not_after = self.clock()
+        ended = 0
+        for key in list(self._idle):
+            for channel in self._idle.pop(key):
+                if channel._timer is not None:
+                    channel._timer.cancel()
+                    channel._timer = None
+                self._quit(channel.session)
+                ended += 1
+        return ended
+
     async def close(self) -> None:
         """QUIT every cached session and wait (briefly) for the QUITs to finish."""
         for key in list(self._idle):
@@ -120,7 +139,11 @@ class ConnectionCache(Generic[S, V]):
             task.cancel()
 
     def _usable(self, channel: Channel[S, V]) -> bool:
-        return channel.uses < self.max_uses and self.clock() - channel.opened < self.max_age
+        return (
+            channel.uses < self.max_uses
+            and self.clock() - channel.opened < self.max_age
+            and channel.opened > self._not_after
+        )
 
     def _expire(self, key: Hashable, channel: Channel[S, V]) -> None:
         channels = self._idle.get(key)

@@ -27,11 +27,13 @@ Theory of operation for one host (RFC 7672 §2.2.2, §2.2.3):
 Mail loops (issue 5; Postfix smtp_addr.c "mail for D loops back to myself"): given
 `myself` (the relay's own names and addresses, `Myself.of(server.hostname, server.listen,
 port)`), `resolve_host` refuses a host whose name (or CNAME target) is one of the names, or
-one of whose addresses is one of the addresses. An IPv4-mapped IPv6 address
-(`::ffff:a.b.c.d`) is the IPv4 address it maps. A wildcard listener (0.0.0.0 or ::) at
-the delivery port makes every local address of its family the relay's: loopback ones
-always, others when the kernel lets a socket bind them (`is_local_address`, the one piece
-of I/O here, asked at check time so that addresses added later count). Postfix
+one of whose addresses is one of the addresses. Both count only at a port the relay
+listens on (its name at another port is another server on the same machine). An
+IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) is the IPv4 address it maps. A wildcard
+listener (0.0.0.0 or ::) at the delivery port makes every local address of its family
+the relay's: loopback ones always, others when the kernel lets a socket bind them
+(`is_local_address`, the one piece of I/O here, asked at check time so that addresses
+added later count). Postfix
 semantics: the relay is then an MX of the domain at that preference, and hosts of that
 preference or worse would hand the mail back (or to another backup): they are not tried.
 Hosts come in preference order, so the failure is scoped to the DOMAIN and stops the
@@ -178,8 +180,15 @@ class Myself:
         relay listens on at that port count (the port delivery connects to: a relay on
         127.0.0.1:2525 that delivers to 127.0.0.1:25 talks to another server). A wildcard
         listen address (0.0.0.0, ::) at that port stands for every local address of its
-        family (Postfix inet_interfaces = all: every interface address is myself)."""
-        names = frozenset({_ascii_or_same(hostname).lower().rstrip(".")} if hostname else ())
+        family (Postfix inet_interfaces = all: every interface address is myself). The
+        name counts only when the relay listens at `port` as well: `[server.hostname]:10025`
+        is another server on the same machine (a content filter), not the relay."""
+        # RFC 5321 §5.1: the loop is mail handed back to this relay, which only answers on
+        # its listen ports; the name says which machine, the port which server on it.
+        listening = port is None or any(ep.port == port for ep in listen)
+        names = frozenset(
+            {_ascii_or_same(hostname).lower().rstrip(".")} if hostname and listening else ()
+        )
         keys = {_address_key(ep.host) for ep in listen if port is None or ep.port == port}
         wildcards = frozenset(k for k in keys if k in _WILDCARDS)
         return cls(names, frozenset(keys - wildcards), wildcards, is_local)

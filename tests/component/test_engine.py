@@ -583,7 +583,8 @@ async def test_best_mx_that_is_the_relay_itself_bounces_5_4_6_without_connecting
     # Postfix: the most preferred MX is this relay (by name or by a listen address at the
     # delivery port): a mail loop, bounced at once, nothing connected.
     for myself in (
-        partial(Myself.of, "MX1.secure.example.", ()),
+        # By name: the relay listens at the delivery port (on another address).
+        partial(Myself.of, "MX1.secure.example.", (Endpoint("198.51.100.7", 25),)),
         partial(Myself.of, "relay.example.net", (Endpoint("192.0.2.1", 25),)),
     ):
         w = world(secure_domain(), {}, myself=myself)
@@ -602,6 +603,22 @@ async def test_a_listen_address_on_another_port_is_not_a_loop() -> None:
     w = world(secure_domain(), {"192.0.2.1": peer}, myself=myself)
     (r,) = await w.deliver("rcpt@secure.example")
     assert r.outcome is Outcome.DELIVERED
+
+
+async def test_the_relays_host_name_at_a_port_it_does_not_listen_on_is_not_a_loop() -> None:
+    # server.hostname is mx1.secure.example, listening at :25 only; delivery to port 10025
+    # reaches another server on the same machine (a content filter), not the relay
+    # (RFC 5321 §5.1). At port 25 the same name is the relay: bounced 5.4.6.
+    myself = partial(Myself.of, "mx1.secure.example", (Endpoint("198.51.100.7", 25),))
+    peer = Peer(starttls=[cert_der("mx1.secure.example")])
+    w = world(secure_domain(), {"192.0.2.1": peer}, myself=myself, port=10025)
+    (r,) = await w.deliver("rcpt@secure.example")
+    assert r.outcome is Outcome.DELIVERED
+    assert w.transport.connections() == ["192.0.2.1"]
+    w = world(secure_domain(), {"192.0.2.1": peer}, myself=myself, port=25)
+    (r,) = await w.deliver("rcpt@secure.example")
+    assert (r.outcome, r.reply.code, r.reply.enhanced) == (Outcome.BOUNCED, 554, "5.4.6")
+    assert w.transport.log == []
 
 
 async def test_insecure_addresses_skip_tlsa_and_use_opportunistic_tls() -> None:

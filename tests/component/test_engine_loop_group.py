@@ -109,7 +109,7 @@ async def test_relay_as_backup_defers_without_trying_its_equal_or_worse_hosts() 
 
 async def test_relay_by_name_in_a_group_is_found_whatever_its_position() -> None:
     # By server.hostname; the relay listed first, and last, at the best preference.
-    me = partial(Myself.of, "me.loops.example", ())
+    me = partial(Myself.of, "me.loops.example", (Endpoint("198.51.100.7", 25),))
     for hosts in (
         ((10, "me.loops.example", "192.0.2.9"), (10, "peer.loops.example", "192.0.2.1")),
         ((10, "peer.loops.example", "192.0.2.1"), (10, "me.loops.example", "192.0.2.9")),

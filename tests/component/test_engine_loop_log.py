@@ -29,7 +29,7 @@ def _attempt_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 async def test_a_best_mx_loop_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="relay.delivery")
-    myself = partial(Myself.of, "mx1.secure.example", ())
+    myself = partial(Myself.of, "mx1.secure.example", (Endpoint("198.51.100.7", 25),))
     w = world(secure_domain(), {}, myself=myself)
     (r,) = await w.deliver("rcpt@secure.example")
     assert (r.outcome, r.reason) == (Outcome.BOUNCED, "mail_loop")

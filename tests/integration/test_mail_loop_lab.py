@@ -189,3 +189,26 @@ def test_a_repeated_rcpt_is_queued_and_delivered_once(
     assert (
         metric(relay, "dane_relay_delivery_attempts_total", result="delivered", reason="sent") == 1
     )
+
+
+def test_a_next_hop_named_after_the_relay_at_a_port_it_does_not_listen_on_is_no_loop(
+    dns_lab: DnsLab, receivers: ReceiverPool, relay_factory: RelayFactory
+) -> None:
+    # Review 5b f2: server.hostname is mx.dane-ok.test, the relay listens at :2525 only, and
+    # both a transport and the gateway send to [mx.dane-ok.test]:25, another server (RFC
+    # 5321 §5.1). Before the fix both were bounced 554 5.4.6 "loops back to myself".
+    (receiver,) = receivers.start("dane-ok.test")
+    relay = relay_factory(
+        hostname="mx.dane-ok.test",
+        extra='[delivery.transport]\n"dane-ok.test" = "[mx.dane-ok.test]:25"\n\n'
+        '[gateway]\ndomains = ["gw.test"]\nnext_hop = "[mx.dane-ok.test]:25"\n'
+        'tls_level = "may"\n',
+    )
+    first = submit(relay, "bob@dane-ok.test", BODY)
+    second = submit(relay, "carol@gw.test", BODY)
+    messages = receiver.wait_for(2, timeout=20)
+    assert sorted(m.rcpt_tos for m in messages) == [("bob@dane-ok.test",), ("carol@gw.test",)]
+    for qid in (first, second):
+        assert " relay=mx.dane-ok.test[" in relay.attempt_line(qid, "sent")
+        relay.wait_log(rf"queue_id={qid} removed")
+    assert "5.4.6" not in relay.log_path.read_text(errors="replace")

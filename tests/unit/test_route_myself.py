@@ -126,3 +126,22 @@ async def test_resolve_host_refuses_a_mapped_aaaa_of_the_listen_address() -> Non
     )
     assert isinstance(route.failure, MailLoop)
     assert "address ::ffff:192.0.2.25 is this relay's" in route.failure.reply.text
+
+
+def test_the_host_name_is_the_relay_only_at_a_port_it_listens_on() -> None:
+    # f2 (review 5b): server.hostname = mx.example.net, listening at :2534 only; a next hop
+    # [mx.example.net]:25 or :10025 (a content filter on the same machine) is another server.
+    listen = (Endpoint("127.0.0.1", 2534),)
+    for port in (25, 10025):
+        me = Myself.of("mx.example.net", listen, port)
+        assert me.names == frozenset()
+        assert me.loops("mx.example.net", "", ("192.0.2.9",)) == ""
+    me = Myself.of("mx.example.net", listen, 2534)
+    assert me.loops("MX.example.net.", "", ("192.0.2.9",)) == (
+        "host name MX.example.net. is this relay (server.hostname)"
+    )
+    # A wildcard listener at the port counts as listening there too.
+    me = Myself.of("mx.example.net", (Endpoint("::", 10025),), 10025, only())  # type: ignore[arg-type]
+    assert me.loops("mx.example.net", "", ()) != ""
+    # Without a port (no delivery port to compare): every name counts.
+    assert Myself.of("mx.example.net", listen).names == frozenset({"mx.example.net"})

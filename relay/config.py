@@ -49,6 +49,7 @@ __all__ = [
     "parse_endpoint",
     "parse_next_hop",
     "recipient_key",
+    "NAME_LEVELS",
 ]
 
 # Postfix-compatible security level names (DESIGN.md "TLS security levels").
@@ -101,14 +102,24 @@ class NextHop:
 
     `[host]` or `[host]:port`: connect to that host, no MX lookup (`mx` False). `host` or
     `host:port`: look up the MX records of `host`. `port` None: `delivery.port`.
+    `[192.0.2.1]`, `[IPv6:2001:db8::1]` (or `[2001:db8::1]`): an address literal; `host`
+    holds the address in its compressed form and nothing is looked up (`literal`).
     """
 
     host: str
     port: int | None = None
     mx: bool = True
 
+    @property
+    def literal(self) -> bool:
+        """Whether `host` is an IP address (an address literal next hop, never `mx`)."""
+        return _is_ip(self.host)
+
     def __str__(self) -> str:
-        text = self.host if self.mx else f"[{self.host}]"
+        if not self.mx and ":" in self.host:
+            text = f"[IPv6:{self.host}]"  # RFC 5321 §4.1.3 IPv6-address-literal
+        else:
+            text = self.host if self.mx else f"[{self.host}]"
         return text if self.port is None else f"{text}:{self.port}"
 
 
@@ -358,27 +369,79 @@ def _port(text: str) -> int:
 T = TypeVar("T")
 
 
+_NEXT_HOP_WHAT = 'a next hop such as "[mx.example.net]:25" (no MX lookup) or "example.net"'
+# The levels that need a host name: TLSA records (RFC 7672 §2.2.2) or a name to verify.
+NAME_LEVELS = ("dane-only", "verify", "secure")
+
+
 def parse_next_hop(value: str) -> NextHop:
-    """Parse "[host]", "[host]:port", "host" or "host:port" (host names only).
+    """Parse "[host]", "[host]:port", "host" or "host:port", where a bracketed host may
+    also be an address literal: "[192.0.2.1]", "[IPv6:2001:db8::1]" or "[2001:db8::1]".
 
     Raises:
-        ValueError: not one of these forms.
+        ValueError: not one of these forms; for a bad port or address the message says
+            what is wrong ("port 99999 is not 1..65535", "'300.1.1.1' is not an IP address").
     """
-    what = 'a next hop such as "[mx.example.net]:25" (no MX lookup) or "example.net"'
-    text, mx, port = value, True, None
-    if text.count(":") > 1:
-        raise ValueError(what)
-    if ":" in text:
-        text, port_text = text.rsplit(":", 1)
-        try:
-            port = _port(port_text)
-        except ValueError:
-            raise ValueError(what) from None
-    if text.startswith("[") and text.endswith("]"):
-        text, mx = text[1:-1], False
-    if not _HOSTNAME.fullmatch(text) or "[" in text or _is_ip(text):
-        raise ValueError(what)
-    return NextHop(text.rstrip(".").lower(), port, mx)
+    text, port_text = value, None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(_NEXT_HOP_WHAT)
+        host, rest = text[1:end], text[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(_NEXT_HOP_WHAT)
+            port_text = rest[1:]
+        bracketed = True
+    else:
+        host = text
+        if text.count(":") == 1:
+            host, port_text = text.split(":")
+        if _is_ip(text) or (_is_ip(host) and port_text is not None):
+            # An IP address is not a name to look up MX records of (RFC 5321 §2.3.5).
+            hint = f"[{text}]" if _is_ip(text) else f"[{host}]:{port_text}"
+            raise ValueError(f"{_NEXT_HOP_WHAT} (an IP address goes in brackets: {hint})")
+        if text.count(":") > 1 or host.rstrip(".").rsplit(".", 1)[-1].isdigit():
+            raise ValueError(_NEXT_HOP_WHAT)  # not a host name (RFC 3696 §2: no numeric TLD)
+        bracketed = False
+    port = _next_hop_port(port_text)
+    address = _literal(host) if bracketed else None
+    if address is not None:
+        # RFC 5321 §4.1.3 address literal: connect to this address, no lookup at all.
+        return NextHop(address, port, mx=False)
+    if not _HOSTNAME.fullmatch(host) or "[" in host or "]" in host:
+        raise ValueError(_NEXT_HOP_WHAT)
+    return NextHop(host.rstrip(".").lower(), port, not bracketed)
+
+
+def _next_hop_port(text: str | None) -> int | None:
+    if text is None:
+        return None
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"{_NEXT_HOP_WHAT} (port {text!r} is not a number)")
+    if not 0 < int(text) < 65536:
+        raise ValueError(f"{_NEXT_HOP_WHAT} (port {int(text)} is not 1..65535)")
+    return int(text)
+
+
+def _literal(text: str) -> str | None:
+    """The address in a bracketed next hop, or None when it holds a host name.
+
+    Raises:
+        ValueError: it is meant as an address (an "IPv6:" tag, a ":", or a last label of
+            digits, which no top-level domain has, RFC 3696 §2) but is not a valid one.
+    """
+    tagged = text[:5].lower() == "ipv6:"
+    body = text[5:] if tagged else text
+    if not (tagged or ":" in body or body.rstrip(".").rsplit(".", 1)[-1].isdigit()):
+        return None
+    six = tagged or ":" in body
+    try:
+        ip = ipaddress.IPv6Address(body) if six else ipaddress.IPv4Address(body)
+    except ValueError:
+        kind = "an IPv6 address" if tagged else "an IP address"
+        raise ValueError(f"{_NEXT_HOP_WHAT} ({body!r} is not {kind})") from None
+    return ip.compressed
 
 
 def _is_ip(text: str) -> bool:
@@ -563,7 +626,7 @@ def _network(raw: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 def _next_hop(raw: Any) -> NextHop:
     if not isinstance(raw, str):
-        raise ValueError('a next hop such as "[mx.example.net]:25" or "example.net"')
+        raise ValueError(_NEXT_HOP_WHAT)
     return parse_next_hop(raw)
 
 
@@ -997,6 +1060,7 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
     gateway = _gateway(section("gateway"), file)
     if gateway.enabled:
         tls, delivery = _route_gateway(gateway, tls, delivery, file)
+    _check_literal_levels(file, tls, delivery, gateway)
 
     s = section("metrics")
     metrics = MetricsConfig(
@@ -1106,6 +1170,93 @@ def _route_gateway(
         replace(tls, policy=tls.policy + tuple((d, gateway.tls_level) for d in gateway.domains)),
         replace(delivery, transport=delivery.transport + tuple((d, hop) for d in gateway.domains)),
     )
+
+
+def _entry(table: Mapping[str, T], domain: str) -> tuple[str, T] | None:
+    """As relay.delivery.policymap.lookup_entry: exact beats ".parent", closest first."""
+    labels = domain.split(".")
+    for key in [domain] + ["." + ".".join(labels[i:]) for i in range(1, len(labels))]:
+        if key in table:
+            return key, table[key]
+    return None
+
+
+def _check_literal_levels(
+    file: Path, tls: TlsConfig, delivery: DeliveryConfig, gateway: GatewayConfig
+) -> None:
+    """Refuse an address-literal next hop at a level that needs a host name.
+
+    The level of a connection to a next hop is its own [tls.policy] entry (for an address,
+    an exact entry only), else the recipient domain's entry, else tls.level (as
+    relay.delivery.policymap). Every level that can apply to mail routed to the literal is
+    checked: dane-only needs TLSA records, which live at _port._tcp.<host name> (RFC 7672
+    §2.2.2), and verify/secure need a name to match the certificate against.
+
+    Raises:
+        ConfigError: naming the next-hop key, the literal, the level and where it is set.
+    """
+    policy, transport = dict(tls.policy), dict(delivery.transport)
+    gateway_domains = set(gateway.domains)
+
+    def where(domain_key: str | None) -> str:
+        if domain_key is None:
+            return "tls.level"
+        if domain_key in gateway_domains:
+            return "gateway.tls_level"
+        return f"tls.policy.{domain_key}"
+
+    def refuse(key: str, hop: NextHop, level: str, source: str) -> None:
+        why = (
+            "TLSA records are found only at _port._tcp.<host name> (RFC 7672 §2.2.2)"
+            if level == "dane-only"
+            else "a certificate is verified against a host name"
+        )
+        raise ConfigError(
+            f"{file}: {key}: expected a next hop with a host name for TLS level "
+            f"{level!r} (set by {source}), got {str(hop)!r}: an IP address has no name, and "
+            f"{why}; use a host name, or level none, may, encrypt or dane"
+        )
+
+    def routed_to(domain: str, hop_key: str | None) -> bool:
+        # Whether mail for `domain` goes to the next hop of `hop_key` (None: relayhost).
+        entry = _entry(transport, domain)
+        return (entry[0] if entry else None) == hop_key
+
+    hops: list[tuple[str, str | None, NextHop]] = []
+    if delivery.relayhost is not None:
+        hops.append(("delivery.relayhost", None, delivery.relayhost))
+    for name, hop in delivery.transport:
+        key = "gateway.next_hop" if name in gateway_domains else f"delivery.transport.{name}"
+        hops.append((key, name, hop))
+    for key, hop_key, hop in hops:
+        if not hop.literal:
+            continue
+        own = policy.get(hop.host)
+        if own is not None:
+            # The next hop's own entry decides the level of every connection to it.
+            if own in NAME_LEVELS:
+                refuse(key, hop, own, f"tls.policy.{hop.host}")
+            continue
+        # Which recipient-domain entries (or the default) can apply: "*." stands for a
+        # name below a ".parent" key, which no exact key can be.
+        samples: list[str] = []
+        if hop_key is None:
+            samples.append("*")
+        else:
+            samples.append("*" + hop_key if hop_key.startswith(".") else hop_key)
+        for name in policy:
+            samples.append("*" + name if name.startswith(".") else name)
+        for sample in samples:
+            if hop_key is not None and sample != samples[0]:
+                base = hop_key.lstrip(".")
+                if not (sample == base or sample.endswith("." + base)):
+                    continue
+            if not routed_to(sample, hop_key):
+                continue
+            found = _entry(policy, sample)
+            level = found[1] if found else tls.level
+            if level in NAME_LEVELS:
+                refuse(key, hop, level, where(found[0] if found else None))
 
 
 def _raise(what: str) -> Path:

@@ -114,7 +114,8 @@ class Connection:
     port: int
     greeting: SmtpReply | None = None  # None: no greeting was received
     starttls_offered: bool | None = None  # None: EHLO was not answered
-    sni: str | None = None  # the SNI sent with STARTTLS; None: STARTTLS not attempted
+    # The SNI sent with STARTTLS; "": none (an address literal); None: STARTTLS not attempted.
+    sni: str | None = None
     handshake_error: str = ""  # why the handshake failed (level may falls back)
     tls_version: str = ""
     cipher: str = ""
@@ -397,7 +398,9 @@ def _connection_text(conn: Connection, route: HostRoute) -> list[str]:
         lines.append(f"    EHLO: STARTTLS {'offered' if conn.starttls_offered else 'not offered'}")
     if conn.sni is not None:
         session = conn.handshake_error or f"{conn.tls_version} {conn.cipher}".strip()
-        lines.append(f"    STARTTLS: SNI {conn.sni}: {session}")
+        # RFC 6066 §3: no SNI for an address literal.
+        sent = f"SNI {conn.sni}" if conn.sni else "no SNI (IP address)"
+        lines.append(f"    STARTTLS: {sent}: {session}")
     if conn.chain:
         lines.append(f"    chain: {len(conn.chain)} certificate(s), leaf first")
         lines += [f"      {_certificate_text(c)}" for c in conn.chain]

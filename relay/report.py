@@ -167,7 +167,7 @@ async def lookup(
             host_limit=host_limit,
         )
         if dest.mx
-        else explicit_route(dest.next_hop)
+        else explicit_route(dest.next_hop, literal=dest.literal)
     )
     if not routes.configured:
         domain = mx.domain  # the name looked up: the A-label form, or `domain` when it has none
@@ -194,6 +194,7 @@ async def lookup(
                 tlsa_port=dest.tlsa_port,
                 myself=identity,
                 best_preference=best,
+                literal=dest.literal,
             )
             if route.decision.reason == "mail_loop":
                 loop = route
@@ -321,6 +322,9 @@ def _tlsa_skipped(report: LookupReport, route: HostRoute) -> str:
         return "the MX target is not a host name"
     if route.decision.reason == "mail_loop":
         return "the host is this relay"
+    if route.literal:
+        # RFC 7672 §2.2.2: TLSA records are found by host name only.
+        return "the next hop is an IP address: no TLSA records, RFC 7672 §2.2.2"
     if report.level not in DANE_LEVELS:
         return f"level {report.level} does not use DANE"
     if route.address_status in (AddressStatus.NONE, AddressStatus.FAILED):
@@ -393,6 +397,8 @@ def mx_lines(report: LookupReport) -> list[str]:
     """The MX answer: status, null or implicit MX, the records."""
     mx, domain = report.mx, report.mx.domain
     dest = report.destination
+    if dest is not None and dest.literal:
+        return [f"next hop {dest.via}: an IP address: no MX or address lookup (RFC 5321 §4.1.3)"]
     if dest is not None and not dest.mx:
         return [f"next hop {dest.via}: no MX lookup (explicit next hop, RFC 7672 §2.2.2)"]
     if mx.answer is None:
@@ -419,7 +425,9 @@ def host_lines(report: LookupReport, route: HostRoute) -> list[str]:
     host = route.host
     explicit = report.destination is not None and not report.destination.mx
     lines = [
-        f"host {host.name} (explicit next hop)"
+        f"host {host.name} (address literal next hop)"
+        if route.literal
+        else f"host {host.name} (explicit next hop)"
         if explicit
         else f"host {host.name} (implicit MX)"
         if host.implicit
@@ -433,6 +441,8 @@ def host_lines(report: LookupReport, route: HostRoute) -> list[str]:
     status = _address_status(route, report.validating)
     if route.decision.reason == "malformed_mx":
         lines.append("  addresses: not looked up (the MX target is not a host name)")
+    elif route.literal:
+        lines.append(f"  addresses: {host.name} (as configured, not looked up)")
     elif route.address_status is AddressStatus.FAILED:
         text = route.failure.reply.text if route.failure is not None else ""
         lines.append(f"  addresses: lookup failed: {text}")
@@ -553,9 +563,10 @@ def host_dict(report: LookupReport, route: HostRoute) -> dict[str, Any]:
         "preference": route.host.preference,
         "implicit": route.host.implicit,
         "canonical": route.canonical or None,
+        "literal": route.literal,
         "addresses": {
             "status": "not_looked_up"
-            if decision.reason == "below_myself"
+            if decision.reason == "below_myself" or route.literal
             else _address_status(route, report.validating),
             "records": list(route.addresses),
             "failed_families": list(route.failed_families),

@@ -449,7 +449,7 @@ class DeliveryEngine:
                 rng=self.rng,
             )
             if dest.mx
-            else explicit_route(dest.next_hop)
+            else explicit_route(dest.next_hop, literal=dest.literal)
         )
         attempt.dnssec = mx.dnssec
         if mx.failure is not None:
@@ -573,6 +573,7 @@ class DeliveryEngine:
             tlsa_port=dest.tlsa_port,
             myself=settings.myself(dest.port) if settings.myself else None,
             best_preference=connections.best_preference,
+            literal=dest.literal,
         )
         attempt.relay = f"{host.name}[-]"
         attempt.tls, attempt.tls_detail, attempt.dane, attempt.dane_detail = "none", "", "none", ""

@@ -30,6 +30,10 @@ or "default". `dane-relay lookup` and `probe` show them.
 `PolicyMap.from_config(tls, delivery)` builds the map from the configuration, the one
 place delivery and the diagnostic commands take it from.
 
+Address literals (`[192.0.2.1]:25`, `[IPv6:2001:db8::1]`): `Destination.literal`; the next
+hop's own entry is an exact `[tls.policy]` key holding the address ("192.0.2.1"), never a
+".parent" one. relay.config refuses such a next hop at a level that needs a host name.
+
 Guarantees: never raises for a domain; names are compared in lower case and A-label form
 (RFC 5891 A-labels). Does no I/O.
 """
@@ -66,6 +70,9 @@ class Destination:
     hop_key: str = field(default="", compare=False)  # the [delivery.transport] key
     # The recipient domain's [tls.policy] key that the next hop's entry overrode, or "".
     overridden_key: str = field(default="", compare=False)
+    # `next_hop` is an IP address (an address literal such as "[192.0.2.1]:25"): nothing is
+    # looked up, no DANE (RFC 7672 §2.2.2: TLSA records are found only by host name).
+    literal: bool = False
 
     @property
     def why(self) -> str:
@@ -182,7 +189,12 @@ class PolicyMap:
             tlsa_port = hop.port if hop.port is not None and not hop.mx else self.tlsa_port
         level_match, level_key, level = "default", "", self.level
         rule, prefix = None, ""
-        if hop is not None and next_hop.lower() != domain:
+        literal = hop is not None and hop.literal
+        if literal:
+            # An address has no parent domains: only an exact entry ("192.0.2.1") is its own.
+            exact = self.policy.get(next_hop)
+            rule, prefix = (None if exact is None else (next_hop, exact)), "next-hop "
+        elif hop is not None and next_hop.lower() != domain:
             # Postfix smtp_tls_policy_maps: the next hop's own entry decides the level of
             # the connection to it; a recipient-domain entry must not lower it.
             rule, prefix = lookup_entry(self.policy, _hop_name(next_hop)), "next-hop "
@@ -204,4 +216,5 @@ class PolicyMap:
             hop_match,
             hop_key,
             overridden,
+            literal,
         )

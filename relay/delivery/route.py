@@ -44,6 +44,13 @@ engine's host loop:
       451 4.4.6, the domain is deferred.
 `myself=None` (the default) checks nothing.
 
+Address literals (`[192.0.2.1]:25` configured as a next hop; `resolve_host(...,
+literal=True)`): the address is used as configured and nothing is looked up. Levels none,
+may and encrypt apply as for a name; at dane, DANE cannot apply (RFC 7672 §2.2.2: TLSA
+records are found by host name), so TLS is opportunistic with reason `ip_literal`;
+dane-only, verify and secure fail the host (relay.config refuses them at load). The mail
+loop check applies to the address; no SNI is sent (`HostRoute.literal`, RFC 6066 §3).
+
 Guarantees: both functions return values and never raise `DnsTempFail`: a failed lookup
 becomes a status, a `failure` (a `relay.errors.DeliveryError` scoped to the host or the
 domain, ready to raise) and a reason. They never log; malformed TLSA records are returned
@@ -57,7 +64,7 @@ import ipaddress
 import random
 import socket
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from relay.config import Endpoint
 from relay.dane.policy import (
@@ -66,6 +73,7 @@ from relay.dane.policy import (
     Decision,
     MxStatus,
     TlsaState,
+    TlsRequirement,
     decide,
     wants_tlsa,
 )
@@ -82,11 +90,13 @@ from relay.errors import (
     NoSuchDomain,
     NullMx,
     Scope,
+    TemporaryFailure,
     TlsaLookupFailed,
     TlsaMalformed,
 )
 from relay.lookup.results import AnswerKind, DnsAnswer, MxRecord, Resolver, Security
 from relay.smtp.domain import DomainSyntaxError, ascii_domain
+from relay.smtp.reply import SmtpReply
 
 __all__ = [
     "HostRoute",
@@ -226,11 +236,13 @@ class MxRoute:
     plan: Plan
     failure: DeliveryError | None  # set when no host is to be tried: defer or bounce
     validating: bool = True
+    literal: bool = False  # an address-literal next hop: nothing was looked up
 
     @property
     def dnssec(self) -> str:
-        """Log label: secure / insecure / unvalidated, or "-" when the lookup failed."""
-        if self.answer is None:
+        """Log label: secure / insecure / unvalidated, or "-" when the lookup failed or
+        none was made (an address literal)."""
+        if self.answer is None or self.literal:
             return "-"
         return self.status.value if self.validating else "unvalidated"
 
@@ -273,7 +285,9 @@ class HostRoute:
     decision: Decision
     reason: str  # one line: what was found and what the policy made of it
     failure: DeliveryError | None  # set unless the decision uses the host
-    dnssec: str  # log label: secure / insecure / mx-insecure / unvalidated
+    dnssec: str  # log label: secure / insecure / mx-insecure / unvalidated / "-"
+    # The host is a configured address literal ("[192.0.2.1]"): no lookup, no SNI.
+    literal: bool = False
 
     @property
     def reference_names(self) -> tuple[str, ...]:
@@ -329,16 +343,86 @@ async def resolve_mx(
     return MxRoute(qname, answer, status, plan, failure, validating)
 
 
-def explicit_route(host: str) -> MxRoute:
+def explicit_route(host: str, *, literal: bool = False) -> MxRoute:
     """The route to a configured `[host]` next hop: no MX lookup (RFC 7672 §2.2.2).
 
     The host stands as its own implicit MX: the name comes from the configuration, not from
     DNS, so it is the TLSA base domain and the reference identifier for DANE-TA, and a DANE
-    match is "verified" when its addresses and TLSA records are secure.
+    match is "verified" when its addresses and TLSA records are secure. `literal`: `host`
+    is an IP address (`[192.0.2.1]`), to be passed on to `resolve_host`.
     """
     answer: DnsAnswer[MxRecord] = DnsAnswer(host, AnswerKind.NODATA, Security.SECURE)
     plan = Plan((MxHost(host, 0, implicit=True),))
-    return MxRoute(host, answer, MxStatus.SECURE, plan, None)
+    return MxRoute(host, answer, MxStatus.SECURE, plan, None, literal=literal)
+
+
+def _literal_route(
+    host: MxHost,
+    level: str,
+    myself: Myself | None,
+    best_preference: int | None,
+) -> HostRoute:
+    """The route of an address-literal next hop (`[192.0.2.1]:25`): its one address is
+    used as configured, nothing is looked up, and DANE cannot apply."""
+    address = host.name
+    mx_status = MxStatus.SECURE  # configured, not taken from DNS
+    loop = myself.loops("", "", (address,)) if myself is not None else ""
+    if loop:
+        # Postfix smtp_addr.c: a literal that is one of the relay's own addresses loops too.
+        return replace(
+            _mail_loop(
+                host, address, mx_status, (address,), AddressStatus.INSECURE, (), "", loop,
+                best_preference, dnssec="-",
+            ),
+            literal=True,
+        )  # fmt: skip
+    failure: DeliveryError | None = None
+    if level in ("none", "may", "encrypt"):
+        # RFC 3207 §4.1 / RFC 7435 §3: these levels need no name; as for any host.
+        decision = decide(level, mx_status, AddressStatus.INSECURE, TlsaState.NOT_LOOKED_UP, "dane")
+    elif level == "dane":
+        # RFC 7672 §2.2.2: TLSA records are at _port._tcp.<host name>; an address has none,
+        # so DANE cannot apply: opportunistic TLS, as for an insecure destination.
+        decision = Decision(
+            Action.NO_DANE, TlsRequirement.MAY, "ip_literal", "RFC 7672 §2.2.2",
+            "next hop is an IP address: no TLSA records, DANE cannot apply: opportunistic TLS",
+        )  # fmt: skip
+    else:
+        # relay.config refuses this; should it get here, never send without the required
+        # authentication: RFC 7672 §2.2.2 (no TLSA for an address), and verify/secure have
+        # no name to match the certificate against.
+        why = f"next hop is an IP address: level {level} needs a host name"
+        decision = Decision(Action.SKIP_HOST, None, "ip_literal", "RFC 7672 §2.2.2", why)
+        if level == "dane-only":
+            failure = DaneNotAvailable(
+                f"{DaneNotAvailable.default_reply.text} for [{address}]: an IP address",
+                scope=Scope.HOST,
+            )
+        else:
+            failure = TemporaryFailure(
+                reply=SmtpReply(451, "4.7.5", f"TLS level {level} needs a host name"),
+                scope=Scope.HOST,
+            )
+    return HostRoute(
+        host=host,
+        next_hop=address,
+        mx_status=mx_status,
+        addresses=(address,),
+        address_status=AddressStatus.INSECURE,
+        failed_families=(),
+        canonical="",
+        tlsa_lookups=(),
+        tlsa_base="",
+        tlsa_state=TlsaState.NOT_LOOKED_UP,
+        tlsa_records=(),
+        usable=(),
+        malformed=(),
+        decision=decision,
+        reason=f"address literal, nothing looked up; {decision.why} ({decision.rfc})",
+        failure=failure,
+        dnssec="-",
+        literal=True,
+    )
 
 
 def _bad_domain(exc: DomainSyntaxError) -> BadDestinationDomain:
@@ -547,8 +631,14 @@ async def resolve_host(
     tlsa_port: int = 25,
     myself: Myself | None = None,
     best_preference: int | None = None,
+    literal: bool = False,
 ) -> HostRoute:
     """Resolve one MX host and decide how to use it. Never raises DnsTempFail.
+
+    `literal`: `host` is a configured address-literal next hop (`explicit_route(...,
+    literal=True)`): its name is the address to connect to; nothing is looked up, DANE
+    cannot apply (level dane: opportunistic TLS, reason ip_literal), and dane-only,
+    verify and secure fail the host (the configuration refuses them before).
 
     `myself`: the relay's identity for mail-loop detection (module docstring); None: no
     check. `best_preference`: the lowest MX preference of the domain (the plan's first
@@ -563,6 +653,8 @@ async def resolve_host(
     """
     # The implicit MX (RFC 5321 §5.1) is the next-hop domain itself, not a name taken from
     # an MX RRset, so there is no MX host name to authenticate (RFC 7672 §2.2.1).
+    if literal:
+        return _literal_route(host, level, myself, best_preference)
     mx_secure = host.implicit or (mx_security is Security.SECURE and validating)
     mx_status = MxStatus.SECURE if mx_secure else MxStatus.INSECURE
     # RFC 7672 §3.2.2: reference identifiers are DNS names in their A-label form.

@@ -9,13 +9,13 @@ delivery engine (which goes on to MAIL) and `dane-relay probe` (which QUITs):
     STARTTLS not offered, DANE applies                 QUIT; DaneRequiredNoTls 4.7.4 (§2.2)
     STARTTLS not offered, encrypt/verify/secure        QUIT; TlsRequiredNotOffered 4.7.4
     STARTTLS not offered, may                          plaintext: "none"
-    STARTTLS: SNI = TLSA base domain (RFC 7672 §8.1)
+    STARTTLS: SNI = TLSA base domain (RFC 7672 §8.1); none for an address literal
     handshake fails, may                               reconnect, EHLO, plaintext: "none"
     handshake fails, DANE or encrypt                   TlsHandshakeFailed 4.7.5
     DANE applies, verdict not verified                 QUIT; DaneVerificationFailed 4.7.5
     DANE applies, verified                             "verified" / "trusted"
     verify/secure: no path to a trusted CA             PkixUntrusted 4.7.5 (pkix_untrusted)
-    verify/secure: chain refused otherwise (expired)   TlsHandshakeFailed 4.7.5
+    verify/secure: chain refused otherwise (expired)   PkixInvalid 4.7.5 (pkix_invalid)
     verify/secure: leaf does not name the destination  QUIT; PkixNameMismatch 4.7.5
     verify/secure: chain trusted, name matches         "verified"
     no DANE (may, encrypt, only unusable TLSA)         "encrypted"
@@ -64,7 +64,9 @@ class TlsSession(Protocol):
 
     def supports(self, extension: str) -> bool: ...
     async def ehlo(self, name: str) -> SmtpReply: ...
-    async def starttls(self, server_hostname: str, context: ssl.SSLContext) -> list[bytes]: ...
+    async def starttls(
+        self, server_hostname: str | None, context: ssl.SSLContext
+    ) -> list[bytes]: ...
     def tls_info(self) -> tuple[str, str]: ...
     async def quit(self) -> None: ...
     def abort(self) -> None: ...
@@ -86,7 +88,8 @@ class Negotiation(Generic[S]):
 
     session: S | None = None  # ready for MAIL; None when `failure` is set
     starttls_offered: bool | None = None  # None: EHLO was not answered
-    sni: str | None = None  # the SNI sent with STARTTLS; None: STARTTLS not attempted
+    # The SNI sent with STARTTLS; "": none (an address literal); None: STARTTLS not attempted.
+    sni: str | None = None
     handshake_error: str = ""  # why the handshake failed
     fallback: bool = False  # level may: reconnected in plaintext after the failed handshake
     tls_version: str = ""
@@ -146,11 +149,15 @@ async def negotiate(
         # RFC 7672 §8.1: SNI carries the TLSA base domain; for verify/secure (no TLSA) the
         # name to check: MX host (Postfix verify) or next-hop domain (Postfix secure).
         sni = _pkix_sni(route, requirement) if pkix else route.tlsa_base
+        if route.literal:
+            sni = ""  # RFC 6066 §3: literal IPv4 and IPv6 addresses are not sent as SNI
         out = replace(out, sni=sni)
         try:
             if pkix and pkix_context is None:
                 raise TlsHandshakeFailed("Cannot start TLS: no PKIX trust store", scope=Scope.HOST)
-            chain = await current.starttls(sni, pkix_context if pkix_context and pkix else context)
+            chain = await current.starttls(
+                sni or None, pkix_context if pkix_context and pkix else context
+            )
         except TlsHandshakeFailed as exc:
             out = replace(out, handshake_error=exc.reply.text)
             if requirement is not TlsRequirement.MAY:

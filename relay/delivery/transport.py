@@ -245,7 +245,7 @@ class OutboundSession:
         """What the last EHLO announced; all False after HELO (relay.delivery.client)."""
         return self._capabilities
 
-    async def starttls(self, server_hostname: str, context: ssl.SSLContext) -> list[bytes]:
+    async def starttls(self, server_hostname: str | None, context: ssl.SSLContext) -> list[bytes]:
         """Upgrade to TLS; returns the peer chain (DER, leaf first).
 
         Raises:
@@ -258,7 +258,10 @@ class OutboundSession:
             # RFC 7672 §8.1, RFC 6066 §3: SNI is the TLSA base domain, an ASCII host name
             # (A-labels: ssl would encode a U-label with IDNA 2003). "_" is let through: a
             # CNAME target can be the base domain (RFC 7672 §2.2.3) and harms nothing here.
-            sni = ascii_domain(server_hostname, underscore=True)
+            # None: no SNI (an address-literal next hop, RFC 6066 §3).
+            sni = (
+                None if server_hostname is None else ascii_domain(server_hostname, underscore=True)
+            )
         except DomainSyntaxError as exc:
             raise TlsHandshakeFailed(
                 f"Cannot start TLS: SNI {exc}: not a host name", scope=Scope.HOST

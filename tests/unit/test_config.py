@@ -564,7 +564,7 @@ def test_policy_transport_and_relayhost_are_read(tmp_path: Path) -> None:
         ('[tls.policy]\n"bad name" = "may"\n', "tls.policy.bad name", "a domain such as"),
         ('[tls.policy]\n"..example.com" = "may"\n', "tls.policy...example.com", "a domain"),
         ('[tls]\npolicy = "may"\n', "tls.policy", "a table such as"),
-        ('[delivery]\nrelayhost = "[1.2.3.4]"\n', "delivery.relayhost", "a next hop such as"),
+        ('[delivery]\nrelayhost = "1.2.3.4"\n', "delivery.relayhost", "a next hop such as"),
         ('[delivery]\nrelayhost = 25\n', "delivery.relayhost", "a next hop such as"),
         ('[delivery.transport]\n"example.org" = "[mx:99999"\n', "delivery.transport.example.org",
          "a next hop such as"),

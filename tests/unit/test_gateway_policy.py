@@ -295,9 +295,10 @@ def test_default_has_no_gateway(tmp_path: Path) -> None:
             '"[mail.internal.example]:25", got nothing',
         ),
         (
-            'domains = ["local.example"]\nnext_hop = "[10.0.0.5]:25"',
+            'domains = ["local.example"]\nnext_hop = "[10.0.0.500]:25"',
             'gateway.next_hop: expected a next hop such as "[mx.example.net]:25" (no MX '
-            "lookup) or \"example.net\", got '[10.0.0.5]:25'",
+            "lookup) or \"example.net\" ('10.0.0.500' is not an IP address), got "
+            "'[10.0.0.500]:25'",
         ),
         (
             'next_hop = "[h.example]"',

@@ -28,6 +28,7 @@ __all__ = [
     "MalformedMx",
     "NoSuchDomain",
     "NullMx",
+    "PkixInvalid",
     "PkixNameMismatch",
     "PkixUntrusted",
     "PeerTimeout",
@@ -37,6 +38,7 @@ __all__ = [
     "RemoteTempReject",
     "Scope",
     "SpoolError",
+    "StartTlsRefused",
     "TemporaryFailure",
     "TlsHandshakeFailed",
     "TlsRequiredNotOffered",
@@ -188,6 +190,24 @@ class PkixUntrusted(TlsHandshakeFailed):
 
     default_reply = SmtpReply(451, "4.7.5", "Server certificate not trusted")
     reason = "pkix_untrusted"
+
+
+class PkixInvalid(TlsHandshakeFailed):
+    """Levels verify/secure: the handshake failed because OpenSSL refused the peer's chain
+    for any other reason (expired or not yet valid, bad signature, wrong purpose). A
+    verdict on the certificate, like `PkixUntrusted`, not a connection failure. Postfix
+    says "Server certificate not verified" (smtp_proto.c)."""
+
+    default_reply = SmtpReply(451, "4.7.5", "Server certificate not verified")
+    reason = "pkix_invalid"
+
+
+class StartTlsRefused(TlsHandshakeFailed):
+    """The peer answered STARTTLS with neither 220 nor 421 (RFC 3207 §4: "454 TLS not
+    available due to temporary reason"): it is up and talking SMTP, but has no TLS for us
+    now, which is what not offering STARTTLS says (`TlsRequiredNotOffered`)."""
+
+    reason = "starttls_refused"
 
 
 class ConnectFailed(TemporaryFailure, ConnectionError):

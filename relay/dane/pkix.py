@@ -12,7 +12,9 @@ only decides whether the validated leaf names the destination:
 When OpenSSL refuses the chain, `chain_untrusted(verify_code)` says whether the reason is
 that it does not lead to a trusted CA (unknown issuer, self-signed, a root not in the
 trust store: reason `pkix_untrusted`, "Server certificate not trusted"), as opposed to a
-chain that does lead there but is broken (expired, bad signature, wrong purpose).
+chain that does lead there but is broken (expired, bad signature, wrong purpose: reason
+`pkix_invalid`, "Server certificate not verified"). Both are verdicts on the certificate,
+never connection failures: neither suspends the destination (relay.delivery.engine).
 
 Guarantees: `leaf_names` and `pkix_names_match` never raise for peer bytes (undecodable
 leaf: no names, no match). Does not: validate the chain, dates or usages (OpenSSL did).

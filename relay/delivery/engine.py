@@ -161,7 +161,9 @@ _UNREACHABLE = (ConnectFailed, PeerTimeout, RemoteTempReject, RemotePermReject)
 
 
 def _unreachable(exc: DeliveryError) -> bool:
-    # PkixUntrusted subclasses TlsHandshakeFailed but is a verdict: exact type only.
+    # PkixUntrusted, PkixInvalid (certificate verdicts) and StartTlsRefused (no TLS now, as
+    # if STARTTLS were not offered) subclass TlsHandshakeFailed but say nothing of the
+    # connection: exact type only.
     return isinstance(exc, _UNREACHABLE) or type(exc) is TlsHandshakeFailed
 
 

@@ -47,10 +47,12 @@ from relay.delivery.client import (
 from relay.errors import (
     ConnectFailed,
     PeerTimeout,
+    PkixInvalid,
     PkixUntrusted,
     RemotePermReject,
     RemoteTempReject,
     Scope,
+    StartTlsRefused,
     TlsHandshakeFailed,
 )
 from relay.smtp.address import wire_safe
@@ -250,8 +252,11 @@ class OutboundSession:
 
         Raises:
             TlsHandshakeFailed: `server_hostname` is not a host name (checked before
-                STARTTLS is sent), the peer refused STARTTLS, the connection failed or
-                the handshake failed.
+                STARTTLS is sent), the peer answered 421, the connection failed or the
+                handshake failed. Its subclasses say more: `StartTlsRefused`, any other
+                reply but 220 (454 "TLS not available"); with a CERT_REQUIRED context,
+                `PkixUntrusted` (no path to a trusted CA) and `PkixInvalid` (any other
+                certificate verification failure: expired, bad signature, ...).
             PeerTimeout: no reply to STARTTLS, or no handshake, within the command timeout.
         """
         try:
@@ -274,9 +279,11 @@ class OutboundSession:
             ) from exc
         if reply.code != 220:
             said = _clip(" ".join(f"{reply.code} {reply.message}".split()))
-            raise TlsHandshakeFailed(
-                f"Cannot start TLS: STARTTLS refused ({said})", scope=Scope.HOST
-            )
+            # RFC 3207 §4: 454 "TLS not available": the server is up but has no TLS for us,
+            # as if it had not offered STARTTLS. A 421 closes the session: the server is
+            # not available, as after a 421 greeting (RFC 5321 §3.8).
+            refused = TlsHandshakeFailed if reply.code == 421 else StartTlsRefused
+            raise refused(f"Cannot start TLS: STARTTLS refused ({said})", scope=Scope.HOST)
         self._capabilities = Capabilities()  # RFC 3207 §4.2: forget the pre-TLS EHLO
         self._extensions = frozenset()
         try:
@@ -300,9 +307,9 @@ class OutboundSession:
                 raise PkixUntrusted(
                     f"Server certificate not trusted ({why})", scope=Scope.HOST
                 ) from exc
-            raise TlsHandshakeFailed(
-                f"Cannot start TLS: handshake failure ({_short(exc)})", scope=Scope.HOST
-            ) from exc
+            # RFC 5280 §6.1: a path that reaches a trust anchor but fails validation
+            # (expired, bad signature, wrong purpose) is a verdict on the certificate too.
+            raise PkixInvalid(f"Server certificate not verified ({why})", scope=Scope.HOST) from exc
         except ValueError as exc:
             # UnicodeError included: preparing the handshake (ssl's encoding of the name)
             # failed. A host-scoped TLS failure, never an internal error (defence in depth).

@@ -29,7 +29,16 @@ from test_engine import (
 
 from relay.config import DeliveryConfig
 from relay.delivery.engine import EngineSettings
-from relay.errors import ConnectFailed, DnsTempFail, PeerTimeout, Scope, TlsHandshakeFailed
+from relay.errors import (
+    ConnectFailed,
+    DnsTempFail,
+    PeerTimeout,
+    PkixInvalid,
+    PkixUntrusted,
+    Scope,
+    StartTlsRefused,
+    TlsHandshakeFailed,
+)
 from relay.model import Outcome
 from relay.smtp.reply import SmtpReply
 
@@ -121,8 +130,15 @@ async def test_greeting_timeout_and_handshake_failures_also_suspend(
             starttls=[cert_der("mx1.secure.example")],
             rcpt={"a@secure.example": SmtpReply(450, "4.2.0", "Mailbox busy")},
         ),
+        # Review 5b: certificate verdicts the handshake gives at levels verify/secure, and
+        # a STARTTLS refused with 454 (as if not offered), are no connection failures.
+        Peer(starttls=PkixInvalid("Server certificate not verified (expired)", scope=Scope.HOST)),
+        Peer(starttls=PkixUntrusted(scope=Scope.HOST)),
+        Peer(
+            starttls=StartTlsRefused("Cannot start TLS: STARTTLS refused (454)", scope=Scope.HOST)
+        ),
     ],
-    ids=["dane-verification", "recipient-4xx"],
+    ids=["dane-verification", "recipient-4xx", "pkix-invalid", "pkix-untrusted", "454"],
 )
 async def test_a_dane_verdict_or_a_recipient_reply_does_not_suspend(peer: Peer) -> None:
     w = world(secure_domain(), {"192.0.2.1": peer})

@@ -11,6 +11,8 @@ the 220 to STARTTLS). Each test runs on a fresh stdlib loop and on a fresh uvloo
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime as dt
 import socket
 import ssl
 import threading
@@ -20,7 +22,7 @@ from typing import Any, TypeVar
 
 import pytest
 import uvloop
-from lab.certs import Leaf, make_self_signed
+from lab.certs import Leaf, make_ca, make_self_signed
 
 from relay.delivery.client import (
     Capabilities,
@@ -33,7 +35,7 @@ from relay.delivery.client import (
     Transaction,
 )
 from relay.delivery.engine import _drive
-from relay.delivery.tls import client_context
+from relay.delivery.tls import client_context, pkix_context
 from relay.delivery.transport import (
     MAX_REPLY_LINES,
     SmtpTransport,
@@ -42,9 +44,12 @@ from relay.delivery.transport import (
 from relay.errors import (
     ConnectFailed,
     PeerTimeout,
+    PkixInvalid,
+    PkixUntrusted,
     RemotePermReject,
     RemoteTempReject,
     Scope,
+    StartTlsRefused,
     TlsHandshakeFailed,
 )
 from relay.model import Outcome
@@ -530,6 +535,95 @@ def test_starttls_refused_is_a_host_scoped_tls_failure(run: Run[Any]) -> None:
     assert exc.reply == SmtpReply(
         451, "4.7.5", "Cannot start TLS: STARTTLS refused (454 4.7.0 TLS not available)"
     )
+    # RFC 3207 §4: "TLS not available", as if STARTTLS were not offered: its own class and
+    # reason, which the engine does not count as a dead destination (review 5b).
+    assert type(exc) is StartTlsRefused and exc.reason == "starttls_refused"
+
+
+def test_a_421_to_starttls_is_a_plain_tls_failure(run: Run[Any]) -> None:
+    # The server closes the session (RFC 5321 §3.8), as a 421 greeting does: not available.
+    replies = {
+        "EHLO": b"250-mx\r\n250 STARTTLS\r\n",
+        "STARTTLS": b"421 4.3.2 shutting down\r\n",
+    }
+
+    async def scenario() -> BaseException:
+        async with Peer(responder(replies)) as peer:
+            session = await transport().open("127.0.0.1", peer.port)
+            await session.ehlo("client.test")
+            with pytest.raises(TlsHandshakeFailed) as caught:
+                await session.starttls("mx.peer.test", client_context())
+            session.abort()
+            return caught.value
+
+    exc = run(scenario())
+    assert type(exc) is TlsHandshakeFailed and exc.reason == "tls_handshake"
+    assert exc.reply.text == "Cannot start TLS: STARTTLS refused (421 4.3.2 shutting down)"
+
+
+def _refused_chain_peer(ctx: ssl.SSLContext) -> Script:
+    """Offers STARTTLS and presents `ctx`'s chain; the client refuses it in the handshake."""
+
+    async def script(conn: Conn) -> None:
+        await conn.send(GREETING)
+        await conn.line()
+        await conn.send(b"250-mx.peer.test\r\n250 STARTTLS\r\n")
+        await conn.line()
+        conn.writer.write(b"220 2.0.0 go ahead\r\n")
+        with contextlib.suppress(ssl.SSLError, OSError):
+            await conn.writer.start_tls(ctx)  # the client's alert ends it
+
+    return script
+
+
+@pytest.mark.parametrize(
+    ("expired", "trusted", "error", "text"),
+    [
+        # Anchored at the configured CA but expired (OpenSSL X509_V_ERR_CERT_HAS_EXPIRED):
+        # before review 5b a plain TlsHandshakeFailed, which suspended the destination.
+        (True, True, PkixInvalid, "Server certificate not verified (certificate has expired)"),
+        (
+            False,
+            False,
+            PkixUntrusted,
+            # The peer sends its root too, which is not the configured CA.
+            "Server certificate not trusted (self-signed certificate in certificate chain)",
+        ),
+    ],
+    ids=["expired", "untrusted"],
+)
+def test_a_chain_the_pkix_context_refuses_is_a_certificate_verdict(
+    run: Run[Any],
+    tmp_path: Path,
+    expired: bool,
+    trusted: bool,
+    error: type[TlsHandshakeFailed],
+    text: str,
+) -> None:
+    ca, other = make_ca("Transport Test CA"), make_ca("Other CA")
+    now = dt.datetime.now(dt.UTC)
+    ended = {"not_after": now - dt.timedelta(days=1)} if expired else {}
+    leaf = ca.issue(["mx.peer.test"], not_before=now - dt.timedelta(days=20), **ended)
+    chain, key = leaf.write(tmp_path, "peer")
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(chain, key)
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes((ca if trusted else other).cert_pem)
+
+    async def scenario() -> BaseException:
+        async with Peer(_refused_chain_peer(server)) as peer:
+            session = await transport().open("127.0.0.1", peer.port)
+            await session.ehlo("client.test")
+            with pytest.raises(TlsHandshakeFailed) as caught:
+                await session.starttls("mx.peer.test", pkix_context(ca_file))
+            session.abort()
+            return caught.value
+
+    exc = run(scenario())
+    assert type(exc) is error
+    assert exc.reason == error.reason != "tls_handshake"
+    assert exc.scope is Scope.HOST
+    assert exc.reply == SmtpReply(451, "4.7.5", text)
 
 
 def test_handshake_with_a_peer_that_does_not_speak_tls_fails(run: Run[Any]) -> None:

@@ -73,9 +73,13 @@ def test_starttls_refused_with_454_on_dane_host_defers_without_plaintext(
         )
         == 1
     )
+    # Its own reason since review 5b: a 454 is "no TLS now", not a failed handshake.
     assert (
         metric(
-            relay, "dane_relay_delivery_attempts_total", result="deferred", reason="tls_handshake"
+            relay,
+            "dane_relay_delivery_attempts_total",
+            result="deferred",
+            reason="starttls_refused",
         )
         == 1
     )

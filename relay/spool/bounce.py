@@ -7,6 +7,11 @@ Pure: builds the bytes of a multipart/report message from values; the runner
 queues it with the null reverse-path so that it can never cause another bounce
 (RFC 5321 §4.5.5).
 
+Remote-MTA (RFC 3464 §2.3.5) is written only when the relay reached a server, and the
+Diagnostic-Code (§2.3.6) is of type "smtp" only for a reply that server sent; a reply the
+relay wrote itself (a mail loop, a DNS, DANE or TLS failure, queue lifetime expiry) is of
+type "X-Dane-Relay" (relay.spool.runner decides both).
+
 Each failed recipient gets a Last-Attempt-Date (RFC 3464 §2.3.7) and, in the
 human-readable part, the last `DSN_STEPS` steps of its attempt history (time,
 host[address]:port, TLS, DANE, reply), so the sender can see e.g. that the first MX
@@ -44,8 +49,10 @@ class FailedRecipient:
     address: str
     status: str  # enhanced status code, e.g. "5.1.1"
     diagnostic: str  # the reply, e.g. "550 5.1.1 user unknown"
-    remote_mta: str = ""  # host name of the MX that said so, or ""
+    remote_mta: str = ""  # host name of the server the relay talked to, or "" (none)
     last_attempt: float | None = None  # epoch seconds of the last attempt (Last-Attempt-Date)
+    # RFC 3464 §2.3.6: "smtp" for a reply the remote MTA sent; an X- type for the relay's own
+    diagnostic_type: str = "smtp"
     history: tuple[Step, ...] = ()  # the recipient's attempt history, oldest first
     history_dropped: int = 0  # steps the queue record no longer holds
 
@@ -55,8 +62,9 @@ class DelayedRecipient:
     address: str
     status: str  # enhanced status code of the last attempt, 4.x.x (RFC 3464 §2.3.4)
     diagnostic: str  # the last reply, e.g. "451 4.7.5 Server certificate not verified"
-    remote_mta: str = ""  # host name of the MX that said so, or ""
+    remote_mta: str = ""  # host name of the server the relay talked to, or "" (none)
     last_attempt: float | None = None  # epoch seconds of the last attempt
+    diagnostic_type: str = "smtp"  # as FailedRecipient.diagnostic_type
 
 
 def original_headers(body: bytes) -> bytes:
@@ -123,7 +131,7 @@ def build_dsn(
         ]
         if f.remote_mta:
             lines.append(f"Remote-MTA: dns; {f.remote_mta}")
-        lines.append(f"Diagnostic-Code: smtp; {f.diagnostic}")
+        lines.append(f"Diagnostic-Code: {f.diagnostic_type}; {f.diagnostic}")
         if f.last_attempt is not None:
             lines.append(
                 f"Last-Attempt-Date: {email.utils.formatdate(f.last_attempt, localtime=False)}"
@@ -201,7 +209,7 @@ def build_delay_dsn(
         ]
         if d.remote_mta:
             lines.append(f"Remote-MTA: dns; {d.remote_mta}")
-        lines.append(f"Diagnostic-Code: smtp; {d.diagnostic}")
+        lines.append(f"Diagnostic-Code: {d.diagnostic_type}; {d.diagnostic}")
         if d.last_attempt is not None:
             lines.append(
                 f"Last-Attempt-Date: {email.utils.formatdate(d.last_attempt, localtime=False)}"

@@ -69,6 +69,28 @@ __all__ = ["Deliverer", "QueueRunner", "Store"]
 
 log = logging.getLogger("relay.queue")
 
+#: Reasons whose reply the receiving server sent (its greeting, EHLO, MAIL, RCPT or DATA
+#: reply; relay.delivery.client, relay.errors.RemoteTempReject/RemotePermReject). Every
+#: other reply was written by this relay.
+_PEER_REPLY = frozenset({"remote_4xx", "remote_5xx", "mail_from"})
+#: RFC 3464 §2.3.6 diagnostic-type of a reply this relay wrote (as Postfix's "X-Postfix").
+LOCAL_DIAGNOSTIC = "X-Dane-Relay"
+
+
+def _dsn_source(result: RecipientResult, own_reply: bool) -> tuple[str, str]:
+    """(Remote-MTA host, diagnostic-type) for a DSN about `result`.
+
+    RFC 3464 §2.3.5: Remote-MTA is the server the relay talked to: "" when none was
+    reached (relay "none", "host[-]": a loop, a lookup or policy failure; a refused
+    connect). §2.3.6: "smtp" only for a reply received from that server; the relay's own
+    text (`own_reply`: a reply the runner wrote, such as 5.4.7) is LOCAL_DIAGNOSTIC.
+    """
+    host, bracket, rest = result.relay.partition("[")
+    reached = bool(bracket) and not rest.startswith("-]") and result.reason != "connect"
+    remote_mta = host if reached else ""
+    from_peer = reached and not own_reply and result.reason in _PEER_REPLY
+    return remote_mta, "smtp" if from_peer else LOCAL_DIAGNOSTIC
+
 
 class Store(Protocol):
     def commit(
@@ -349,6 +371,7 @@ class QueueRunner:
                 states.append(state)
                 continue
             reply, status = result.reply, RecipientStatus.PENDING
+            rewritten = False  # the reply is the runner's own (5.4.7), not the attempt's
             if result.outcome is Outcome.DELIVERED:
                 status = RecipientStatus.DELIVERED
             elif result.outcome is Outcome.BOUNCED:
@@ -357,6 +380,7 @@ class QueueRunner:
                 # Queue lifetime exceeded: bounce with 5.4.7, keeping the last reason.
                 status = RecipientStatus.BOUNCED
                 reply = SmtpReply(550, "5.4.7", f"delivery time expired, last error: {reply}")
+                rewritten = True
                 log.info(
                     'queue_id=%s to=<%s> status=expired reply="%s"',
                     msg.queue_id,
@@ -372,13 +396,15 @@ class QueueRunner:
             ).with_steps(result.history)
             first = key not in reported
             reported.add(key)
+            remote_mta, diagnostic_type = _dsn_source(result, rewritten)
             if status is RecipientStatus.BOUNCED and first:
                 failed.append(
                     FailedRecipient(
                         state.address,
                         reply.enhanced or "5.0.0",
                         str(reply),
-                        result.relay.partition("[")[0] if result.relay != "none" else "",
+                        remote_mta,
+                        diagnostic_type=diagnostic_type,
                         # RFC 3464 §2.3.7: this attempt's last step (it just happened).
                         last_attempt=result.history[-1].time if result.history else now,
                         history=updated_state.history,
@@ -391,7 +417,8 @@ class QueueRunner:
                         state.address,
                         delay_status(reply.enhanced),
                         str(reply),
-                        result.relay.partition("[")[0] if result.relay != "none" else "",
+                        remote_mta,
+                        diagnostic_type=diagnostic_type,
                         last_attempt=result.history[-1].time if result.history else now,
                     )
                 )

@@ -139,13 +139,24 @@ def every(outcome: Outcome, reply: SmtpReply, reason: str = "") -> Script:
     return script
 
 
+def reason_of(outcome: Outcome, reply: SmtpReply) -> str:
+    """The reason the engine gives with `reply`: DANE_FAIL and a 4.4.1 are the relay's own
+    text (no peer said them; the DSN writes them X-Dane-Relay), any other the peer's."""
+    if reply == DANE_FAIL:
+        return "dane_verification"
+    if reply.enhanced == "4.4.1":
+        return "connect"
+    peer = {Outcome.DELIVERED: "sent", Outcome.DEFERRED: "remote_4xx"}
+    return peer.get(outcome, "remote_5xx")
+
+
 def per_recipient(replies: dict[str, tuple[Outcome, SmtpReply]], bounce_reply: Script) -> Script:
     """Scripted replies for the original message; `bounce_reply` for DSNs (sender "")."""
 
     def script(qid: str, sender: str, rcpts: Sequence[str]) -> list[RecipientResult]:
         if sender == "":
             return bounce_reply(qid, sender, rcpts)
-        return [RecipientResult(r, *replies[r], RELAY, "x") for r in rcpts]
+        return [RecipientResult(r, *replies[r], RELAY, reason_of(*replies[r])) for r in rcpts]
 
     return script
 
@@ -427,9 +438,13 @@ async def test_queue_lifetime_expiry_bounces_with_5_4_7(tmp_path: Path) -> None:
         *_, per_rcpt = dsn_parts(store.read_body(dsn_id))
         assert per_rcpt["Final-Recipient"] == "rfc822; bob@example.net"
         assert per_rcpt["Status"] == "5.4.7"
+        # The relay's own text about a connection that was never made (review 5b f3): no
+        # Remote-MTA, and not "smtp" (RFC 3464 §2.3.5, §2.3.6).
         assert per_rcpt["Diagnostic-Code"] == (
-            "smtp; 550 5.4.7 delivery time expired, last error: 451 4.4.1 Connection refused"
+            "X-Dane-Relay; 550 5.4.7 delivery time expired, last error: "
+            "451 4.4.1 Connection refused"
         )
+        assert per_rcpt["Remote-MTA"] is None
 
 
 async def test_deferral_just_before_the_lifetime_stays_queued(tmp_path: Path) -> None:
@@ -580,7 +595,8 @@ def with_history(outcome: Outcome, reply: SmtpReply, clock: Clock) -> Script:
             return DSN_DEFERRED(qid, sender, rcpts)
         steps = (replace(MX1_DANE, time=clock.now), mx2_step(clock.now + 1, reply, outcome))
         relay = "mx2.example.net[192.0.2.2]:25"
-        return [RecipientResult(r, outcome, reply, relay, "x", steps) for r in rcpts]
+        reason = reason_of(outcome, reply)
+        return [RecipientResult(r, outcome, reply, relay, reason, steps) for r in rcpts]
 
     return script
 
@@ -862,7 +878,8 @@ async def test_one_delay_warning_once_the_message_is_deferred_long_enough(
         assert per_rcpt["Final-Recipient"] == "rfc822; bob@example.net"
         assert per_rcpt["Action"] == "delayed"
         assert per_rcpt["Status"] == "4.7.5"
-        assert per_rcpt["Diagnostic-Code"] == f"smtp; {DANE_FAIL}"
+        # The DANE verdict is the relay's text about the server it talked to (review 5b f3).
+        assert per_rcpt["Diagnostic-Code"] == f"X-Dane-Relay; {DANE_FAIL}"
         assert per_rcpt["Remote-MTA"] == "dns; mx.example.net"
         assert per_rcpt["Will-Retry-Until"] == "Sun, 19 Nov 2023 22:13:20 -0000"  # NOW + 5 days
 
@@ -923,3 +940,50 @@ async def test_expiry_bounces_without_a_delay_warning(tmp_path: Path) -> None:
         (notice,) = delay_notices(store)
         _top, _text, status, *_rest = dsn_parts(store.read_body(notice.queue_id))
         assert status.get_payload()[1]["Action"] == "failed"
+
+
+LOOP = SmtpReply(554, "5.4.6", "mail for example.net loops back to myself (host name mx)")
+NO_ROUTE = SmtpReply(550, "5.4.4", "no route")
+NO_UTF8 = SmtpReply(550, "5.6.7", "no SMTPUTF8")
+MX = "dns; mx.example.net"
+
+
+@pytest.mark.parametrize(
+    ("relay", "reason", "reply", "remote_mta", "diagnostic"),
+    [
+        # Review 5b f3: a loop bounce made no connection (relay "host[-]").
+        ("mx.example.net[-]", "mail_loop", LOOP, None, f"X-Dane-Relay; {LOOP}"),
+        # A refused connect reached no MTA either (RFC 3464 §2.3.5).
+        (RELAY, "connect", NO_ROUTE, None, f"X-Dane-Relay; {NO_ROUTE}"),
+        # A reply the server sent: the one case of "smtp;" (RFC 3464 §2.3.6).
+        (RELAY, "remote_5xx", UNKNOWN, MX, f"smtp; {UNKNOWN}"),
+        # The relay's own verdict about the server it talked to.
+        (RELAY, "smtputf8_not_offered", NO_UTF8, MX, f"X-Dane-Relay; {NO_UTF8}"),
+        ("none", "dest_suspended", LOOP, None, f"X-Dane-Relay; {LOOP}"),
+    ],
+    ids=["loop", "connect", "peer-reply", "own-verdict", "no-relay"],
+)
+async def test_dsn_remote_mta_and_diagnostic_type_follow_who_said_it(
+    tmp_path: Path,
+    relay: str,
+    reason: str,
+    reply: SmtpReply,
+    remote_mta: str | None,
+    diagnostic: str,
+) -> None:
+    def script(qid: str, sender: str, rcpts: Sequence[str]) -> list[RecipientResult]:
+        if sender == "":
+            return DSN_DEFERRED(qid, sender, rcpts)
+        return [RecipientResult(r, Outcome.BOUNCED, reply, relay, reason) for r in rcpts]
+
+    async with running(tmp_path, script) as (runner, store, _, _metrics, _clock):
+        msg = commit(store, "bob@example.net")
+        runner.submit(msg)
+        await store.until(lambda: ("remove", msg.queue_id) in store.ops)
+        (dsn_id,) = [qid for op, qid in store.ops if op == "commit" and qid != msg.queue_id]
+        _top, text, *_rest, per_rcpt = dsn_parts(store.read_body(dsn_id))
+        assert per_rcpt["Remote-MTA"] == remote_mta
+        assert per_rcpt["Diagnostic-Code"] == diagnostic
+        told = text.get_payload(decode=True)
+        assert isinstance(told, bytes)
+        assert (b"(from mx.example.net)" in told) is (remote_mta is not None)

@@ -187,3 +187,34 @@ def test_deferred_message_gets_one_delay_warning(
 
 def spool_dir(relay: RelayProcess) -> Path:
     return Path(tomllib.loads(relay.config_path.read_text())["spool"]["directory"])
+
+
+def test_a_mail_loop_bounce_names_no_remote_mta_and_types_its_text_as_the_relays(
+    receivers: ReceiverPool, relay_factory: RelayFactory
+) -> None:
+    # Review 5b f3: the next hop of hostile2.test is the relay itself (its server.hostname,
+    # at the port it listens on): bounced 554 5.4.6 without any connection. RFC 3464
+    # §2.3.5: no server was contacted, so no Remote-MTA; §2.3.6: the text is the relay's,
+    # not an SMTP reply. Before the fix: "Remote-MTA: dns; mx1.hostile2.test" and
+    # "Diagnostic-Code: smtp; 554 5.4.6 ...".
+    (sender_mx,) = receivers.start("dane-ok.test")
+    relay = relay_factory(
+        hostname="mx1.hostile2.test",
+        extra='[delivery.transport]\n"hostile2.test" = "[mx1.hostile2.test]:2525"\n',
+    )
+    qid = submit(relay, "bob@hostile2.test", BODY, sender=SENDER)
+    assert "554 5.4.6" in relay.attempt_line(qid, "bounced")
+    (received,) = sender_mx.wait_for(1, timeout=20)
+    report = email.message_from_bytes(received.content)
+    text, status, _headers = parts(report.get_payload())
+    _per_message, per_rcpt = parts(status.get_payload())
+    assert per_rcpt["Final-Recipient"] == "rfc822; bob@hostile2.test"
+    assert per_rcpt["Status"] == "5.4.6"
+    assert per_rcpt["Remote-MTA"] is None
+    assert per_rcpt["Diagnostic-Code"] == (
+        "X-Dane-Relay; 554 5.4.6 mail for mx1.hostile2.test loops back to myself "
+        "(host name mx1.hostile2.test is this relay (server.hostname))"
+    )
+    told = text.get_payload(decode=True)
+    assert isinstance(told, bytes)
+    assert "(from " not in told.decode("ascii")

@@ -6,6 +6,7 @@ import email
 import email.message
 import email.utils
 import re
+from dataclasses import replace
 
 import pytest
 
@@ -365,3 +366,24 @@ def test_delay_dsn_returns_headers_only_and_uses_crlf() -> None:
 )
 def test_delay_status_is_always_transient(enhanced: str, status: str) -> None:
     assert delay_status(enhanced) == status
+
+
+def test_a_reply_the_relay_wrote_is_typed_as_its_own_and_names_no_remote_mta() -> None:
+    # RFC 3464 §2.3.5/§2.3.6 (review 5b f3): no server contacted, the relay's own text.
+    loop = "554 5.4.6 mail for y loops back to myself (host name mx.y is this relay)"
+    raw = dsn([FailedRecipient("x@y", "5.4.6", loop, diagnostic_type="X-Dane-Relay")])
+    _, payload = parts(raw)
+    _per_message, per_rcpt = messages(payload[1].get_payload())
+    assert dict(per_rcpt.items()) == {
+        "Final-Recipient": "rfc822; x@y",
+        "Action": "failed",
+        "Status": "5.4.6",
+        "Diagnostic-Code": f"X-Dane-Relay; {loop}",
+    }
+    delayed = replace(DELAYED, diagnostic_type="X-Dane-Relay")
+    _msg, payload = parts(delay_dsn([delayed]))
+    _per_message, per_rcpt = messages(payload[1].get_payload())
+    assert per_rcpt["Diagnostic-Code"] == (
+        "X-Dane-Relay; 451 4.7.5 Server certificate not verified (no-match)"
+    )
+    assert per_rcpt["Remote-MTA"] == "dns; mx1.example.net"  # the server it talked to

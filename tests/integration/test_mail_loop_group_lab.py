@@ -44,8 +44,12 @@ def test_a_backup_relay_never_tries_a_host_of_its_own_preference(
 ) -> None:
     # dead_destination_time 0: every message makes its own attempt (mx1 refused, then the
     # preference 20 group with the relay in it).
+    # The relay's name is itself only at a port it listens on: it listens at 25 as well.
     relay = start_relay(
-        relay_factory, {"delivery": {"dead_destination_time": '"0s"'}}, hostname="mx2.loops.test"
+        relay_factory,
+        {"delivery": {"dead_destination_time": '"0s"'}},
+        hostname="mx2.loops.test",
+        listen=[f"{dns_lab.relay_addr}:2525", f"{dns_lab.relay_addr}:25"],
     )
     mx1 = dns_lab.hosts["mx1.loops.test"].address
     for n in range(MESSAGES):

@@ -307,6 +307,14 @@ async def serve(cfg: Config) -> None:
             "to the name this relay is known by (greeting, EHLO, Received:, mail-loop check)",
             hostname,
         )
+    if not cfg.server.postmaster and not cfg.gateway.enabled:
+        # RFC 5321 §4.5.1: a server MUST accept mail for postmaster; nobody is named.
+        log.warning(
+            "server.postmaster is not set and there is no [gateway]: the relay cannot accept "
+            "postmaster mail (RFC 5321 section 4.5.1); RCPT TO:<postmaster> and "
+            "postmaster@%s get 550 5.1.1 until server.postmaster is set",
+            hostname,
+        )
     pkix = _pkix_context(cfg)  # before the spool: a bad CA file refuses to start
     tls = inbound_tls(cfg)  # likewise a bad STARTTLS certificate or key
     auth = inbound_auth(cfg)  # and an unreadable or malformed credentials file

@@ -166,6 +166,10 @@ class ServerConfig:
     # SIGTERM: listeners close at once; open SMTP sessions and running deliveries get this
     # long to finish, then whatever is left stays queued.
     shutdown_grace: float = 20.0
+    # RFC 5321 §4.5.1: where RCPT TO:<postmaster> (no domain) and postmaster@hostname go,
+    # from any client (Postfix: postmaster@$myorigin). "": unset (then the first gateway
+    # domain's postmaster, or refused with a reply that says why).
+    postmaster: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -694,6 +698,36 @@ def _mail_domain(raw: str) -> str:
         raise ValueError(f"{_GATEWAY_DOMAINS_WHAT} ({exc})") from None
 
 
+_POSTMASTER_WHAT = 'a mail address with a domain such as "hostmaster@example.org", or ""'
+
+
+def _postmaster(raw: Any) -> str:
+    """server.postmaster: "" (unset) or local@domain, the domain in A-label form."""
+    if not isinstance(raw, str):
+        raise ValueError(_POSTMASTER_WHAT)
+    if raw == "":
+        return ""
+    local, at, domain = raw.rpartition("@")
+    if (
+        not at
+        or not local
+        or "@" in local
+        or local.startswith("<")
+        or not local.isprintable()
+        or any(c.isspace() for c in local)
+        or domain.startswith("[")
+    ):
+        raise ValueError(_POSTMASTER_WHAT)
+    try:
+        name = ascii_domain(domain)
+    except DomainSyntaxError as exc:
+        raise ValueError(f"{_POSTMASTER_WHAT} ({exc})") from None
+    if "." not in name:
+        # The relay refuses such a recipient at RCPT (504 5.5.2): it must be routable.
+        raise ValueError(f"{_POSTMASTER_WHAT} (the domain must be fully qualified)")
+    return f"{local}@{name}"
+
+
 def recipient_key(address: str) -> str:
     """A gateway recipient entry as it is compared: "user@domain" with the local part in
     lower case and the domain in A-label form, or "@domain" (every user of the domain).
@@ -812,8 +846,19 @@ def parse_config(data: Mapping[str, Any], file: Path) -> Config:
             "queue_minfree", d_server.queue_minfree, _int_range(0, 2**60), "a number of bytes"
         ),
         shutdown_grace=s.get("shutdown_grace", d_server.shutdown_grace, _duration, "a duration"),
+        postmaster=s.get("postmaster", d_server.postmaster, _postmaster, _POSTMASTER_WHAT),
     )
     s.finish()
+    if (
+        server.postmaster
+        and server.hostname
+        and server.postmaster.lower() == f"postmaster@{ascii_domain(server.hostname)}"
+    ):
+        raise ConfigError(
+            f"{file}: server.postmaster: expected a mailbox other than postmaster@"
+            f"server.hostname (which is rewritten to server.postmaster), got "
+            f"{_show(server.postmaster)}"
+        )
     if server.soft_error_limit > server.hard_error_limit:
         raise ConfigError(
             f"{file}: server.soft_error_limit: expected an integer <= "

@@ -21,7 +21,13 @@ Contract:
 - With a recipient list (`[gateway] recipients` and/or `recipients_file`) a gateway-domain
   recipient not on it gets `550 5.1.1` (RFC 3463 "bad destination mailbox address"), from
   any client. Entries "user@domain" match the local part case-insensitively; "@domain"
-  accepts every user of the domain.
+  accepts every user of the domain. `postmaster@<gateway domain>` (any case) is accepted
+  even when the list does not name it (RFC 5321 §4.5.1 MUST).
+- `postmaster_route(address, hostname, configured, gateway)` (pure) says whether a
+  recipient is the server's own postmaster, `<postmaster>` without a domain or
+  `postmaster@<server.hostname>` (any case; RFC 5321 §4.5.1), and where it goes:
+  `server.postmaster` when set, else `postmaster@<the first gateway domain>`, else ""
+  (no address configured: the caller refuses it and says why).
 - `RecipientTable` reads `recipients_file` (one entry a line, `#` comments) and reads it
   again when it changes; a file that became unreadable or malformed keeps the last good
   entries and logs an ERROR once per change. `load_gateway(cfg)` builds the `Gateway` at
@@ -39,7 +45,14 @@ from relay.config import Config, GatewayConfig, recipient_key
 from relay.errors import ConfigError
 from relay.smtp.domain import DomainSyntaxError, ascii_domain
 
-__all__ = ["Gateway", "RcptVerdict", "RecipientTable", "load_gateway", "rcpt_verdict"]
+__all__ = [
+    "Gateway",
+    "RcptVerdict",
+    "RecipientTable",
+    "load_gateway",
+    "postmaster_route",
+    "rcpt_verdict",
+]
 
 log = logging.getLogger("relay.smtpd")
 
@@ -129,6 +142,13 @@ class Gateway:
     domains: frozenset[str]
     recipients: frozenset[str] = frozenset()
     table: RecipientTable | None = None
+    # The first of gateway.domains as configured (`domains` is a set): where the bare
+    # <postmaster> goes when server.postmaster is unset. "": the alphabetically first.
+    first_domain: str = ""
+
+    @property
+    def postmaster(self) -> str:
+        return f"postmaster@{self.first_domain or min(self.domains)}"
 
     @property
     def checks_recipients(self) -> bool:
@@ -167,7 +187,13 @@ def rcpt_verdict(address: str, privileged: bool, gateway: Gateway | None) -> Rcp
             # Sender-specified routing to a gateway domain (RFC 5321 §3.6.1, Postfix
             # reject_unauth_destination): the next server might relay it onwards.
             return _denied("sender-specified-routing")
-    if local_domain and gateway is not None and gateway.checks_recipients:
+    if (
+        local_domain
+        and gateway is not None
+        and gateway.checks_recipients
+        # RFC 5321 §4.5.1: postmaster at every domain the server accepts mail for, MUST.
+        and local.lower() != "postmaster"
+    ):
         assert domain is not None
         key = f"{local.lower()}@{domain}"
         if not gateway.knows(key, domain):
@@ -178,6 +204,31 @@ def rcpt_verdict(address: str, privileged: bool, gateway: Gateway | None) -> Rcp
                 "Recipient address rejected: User unknown in local recipient table",
             )
     return _ACCEPT
+
+
+def postmaster_route(
+    address: str, hostname: str, configured: str, gateway: Gateway | None
+) -> str | None:
+    """None: `address` is not this server's postmaster. Otherwise the address it is
+    rewritten to ("" when none is configured; see the module docstring)."""
+    local, at, domain_text = address.rpartition("@")
+    if not at:
+        # RFC 5321 §4.5.1: "Postmaster" with no domain, the local part case-insensitive.
+        if address.lower() != "postmaster":
+            return None
+    else:
+        if local.lower() != "postmaster":
+            return None
+        try:
+            if ascii_domain(domain_text) != ascii_domain(hostname):
+                return None
+        except DomainSyntaxError:
+            return None
+    if configured:
+        return configured
+    if gateway is not None and gateway.domains:
+        return gateway.postmaster
+    return ""
 
 
 def _denied(why: str) -> RcptVerdict:
@@ -210,4 +261,4 @@ def load_gateway(cfg: Config) -> Gateway | None:
                 f"{cfg.path}: gateway.recipients_file: expected addresses in gateway.domains, "
                 f"got {strays[0]!r} ({gw.recipients_file})"
             )
-    return Gateway(frozenset(gw.domains), frozenset(gw.recipients), table)
+    return Gateway(frozenset(gw.domains), frozenset(gw.recipients), table, gw.domains[0])

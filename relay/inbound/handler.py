@@ -6,6 +6,12 @@ Contract:
   access denied"; RFC 5321 §3.6.2) unless the recipient is in a [gateway] domain; with a
   gateway recipient list an unknown local recipient gets 550 5.1.1. Logged with the
   client address and counted (`relay_denied`, `unknown_recipient`).
+- RFC 5321 §4.5.1: `<postmaster>` (no domain) and `postmaster@<hostname>`, any case, are
+  accepted from any client (no relay check; still under max_recipients and the session's
+  error limits) and queued for `server.postmaster`, or `postmaster@<first gateway
+  domain>` when that is unset (`relay.inbound.gateway.postmaster_route`). With neither,
+  550 5.1.1 "no postmaster address configured (server.postmaster)", counted as
+  `no_postmaster`. The `status=queued` line names the original as `orig_to=`.
 - RCPT is refused with 550 5.1.2 for an address literal (delivery is by MX only) and
   with 553 5.1.3 for a domain that has no DNS name (`relay.smtp.domain.ascii_domain`:
   bad syntax, invalid IDNA 2008, escapes, over-long labels); logged and counted as
@@ -57,7 +63,7 @@ from typing import Any
 
 from relay.config import RelayConfig, ServerConfig
 from relay.errors import SpoolError
-from relay.inbound.gateway import Gateway, rcpt_verdict
+from relay.inbound.gateway import Gateway, postmaster_route, rcpt_verdict
 from relay.inbound.helo import trace_name
 from relay.metrics import Metrics
 from relay.smtp.address import escaped, log_quoted, wire_safe
@@ -81,6 +87,8 @@ _TRACE_UNSAFE = re.compile(r'[;()"\\\s]')
 # The envelope attribute holding the mailbox keys of the accepted recipients. aiosmtpd
 # makes a new Envelope for each transaction (after DATA, RSET, a new MAIL), so it resets.
 _RCPT_KEYS = "dane_relay_rcpt_keys"
+# The envelope attribute mapping a rewritten recipient to the address the client gave.
+_RCPT_ORIGINAL = "dane_relay_rcpt_original"
 
 
 class RelayHandler:
@@ -157,13 +165,30 @@ class RelayHandler:
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
     ) -> str:
-        privileged = bool(session.authenticated) or self._may_relay(session.peer)
-        verdict = rcpt_verdict(address, privileged, self.gateway)
-        if verdict.status is not None:
-            self._refuse_rcpt(
-                session, envelope, address, verdict.reason, verdict.status, verdict.why
+        original = address
+        route = postmaster_route(address, self.hostname, self.server_cfg.postmaster, self.gateway)
+        if route == "":
+            # RFC 5321 §4.5.1 makes postmaster a MUST; refused only because nobody is
+            # named to receive it, and the reply says so.
+            self._refused(
+                session, envelope, address, "no_postmaster", "550 5.1.1", "no-postmaster-address"
             )
-            return f"{verdict.status} <{escaped(address)}>: {verdict.text}"
+            return (
+                f"550 5.1.1 <{escaped(address)}>: no postmaster address configured "
+                "(server.postmaster)"
+            )
+        if route is not None:
+            # RFC 5321 §4.5.1: accepted from any client, no relay check (Postfix rewrites
+            # the bare postmaster to postmaster@$myorigin); the checks below still apply.
+            address = route
+        else:
+            privileged = bool(session.authenticated) or self._may_relay(session.peer)
+            verdict = rcpt_verdict(address, privileged, self.gateway)
+            if verdict.status is not None:
+                self._refuse_rcpt(
+                    session, envelope, address, verdict.reason, verdict.status, verdict.why
+                )
+                return f"{verdict.status} <{escaped(address)}>: {verdict.text}"
         if not wire_safe(address):
             self._refused(session, envelope, address, "bad_recipient", "501 5.1.3", "syntax")
             return "501 5.1.3 Bad recipient address syntax"
@@ -222,6 +247,16 @@ class RelayHandler:
             return "555 5.5.4 RCPT TO parameters not recognized"
         envelope.rcpt_tos.append(address)
         seen.add(key)
+        if original != address:
+            log.debug(
+                "client=%s to=<%s> orig_to=<%s> postmaster rewritten (RFC 5321 section 4.5.1)",
+                _peer_text(session.peer),
+                escaped(address),
+                escaped(original),
+            )
+            originals: dict[str, str] = getattr(envelope, _RCPT_ORIGINAL, None) or {}
+            originals[address] = original
+            setattr(envelope, _RCPT_ORIGINAL, originals)
         return "250 2.1.5 Ok"
 
     def _refuse_rcpt(
@@ -312,12 +347,15 @@ class RelayHandler:
             return "451 4.3.0 Error: queue file write error"
         self.metrics.messages_received.inc()
         self.metrics.bytes_received.inc(len(body))
+        originals: dict[str, str] = getattr(envelope, _RCPT_ORIGINAL, None) or {}
+        orig = ",".join(f"<{escaped(originals[r])}>" for r in envelope.rcpt_tos if r in originals)
         log.info(
-            "queue_id=%s client=%s from=<%s> to=%s size=%d status=queued",
+            "queue_id=%s client=%s from=<%s> to=%s%s size=%d status=queued",
             qid,
             client,
             escaped(msg.sender),
             ",".join(f"<{escaped(r)}>" for r in envelope.rcpt_tos),
+            f" orig_to={orig}" if orig else "",
             len(body),
         )
         self.on_queued(msg)

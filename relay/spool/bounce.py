@@ -16,11 +16,20 @@ Each failed recipient gets a Last-Attempt-Date (RFC 3464 §2.3.7) and, in the
 human-readable part, the last `DSN_STEPS` steps of its attempt history (time,
 host[address]:port, TLS, DANE, reply), so the sender can see e.g. that the first MX
 failed DANE and the second refused the recipient.
+
+A report that names a non-ASCII address (a UTF-8 local part, a U-label domain) or holds
+other non-ASCII text in its machine-readable part is internationalised (RFC 6533): the
+status part is message/global-delivery-status (§6.1), a non-ASCII recipient is written
+with the "utf-8" address type (§3), a returned header section that is not ASCII is
+message/global-headers (§6.3), and the human-readable part says charset=utf-8 when it
+is not ASCII. Such a report needs SMTPUTF8 to travel (`needs_smtputf8`). An ASCII-only
+report is a plain RFC 3464 one, unchanged.
 """
 
 from __future__ import annotations
 
 import email.utils
+import re
 import secrets
 import time
 from collections.abc import Sequence
@@ -35,11 +44,13 @@ __all__ = [
     "build_delay_dsn",
     "build_dsn",
     "delay_status",
+    "needs_smtputf8",
     "original_headers",
 ]
 
 _MAX_HEADERS = 64 * 1024
 _MAX_BOUNDARY = 70
+_BOUNDARY = re.compile(rb'^Content-Type: multipart/report;.* boundary="([^"]+)"', re.MULTILINE)
 #: Steps of a recipient's attempt history told in a DSN (the most recent ones).
 DSN_STEPS = 6
 
@@ -100,9 +111,8 @@ def build_dsn(
         "",
         "This is a MIME-encapsulated delivery status notification.",
         "",
-        f"--{boundary}",
-        "Content-Type: text/plain; charset=us-ascii",
-        "",
+    ]
+    text = [
         f"This is the mail system at host {reporting_mta}.",
         "",
         "Your message could not be delivered to one or more recipients.",
@@ -111,41 +121,28 @@ def build_dsn(
     ]
     for f in failed:
         where = f" (from {f.remote_mta})" if f.remote_mta else ""
-        lines.append(f"<{f.address}>: {f.diagnostic}{where}")
-        lines += _history_lines(f)
-    lines += [
-        "",
-        f"--{boundary}",
-        "Content-Type: message/delivery-status",
-        "",
+        text.append(f"<{f.address}>: {f.diagnostic}{where}")
+        text += _history_lines(f)
+    status = [
         f"Reporting-MTA: dns; {reporting_mta}",
         f"X-Queue-ID: {queue_id}",
         f"Arrival-Date: {email.utils.formatdate(arrival, localtime=False)}",
     ]
     for f in failed:
-        lines += [
+        status += [
             "",
-            f"Final-Recipient: rfc822; {f.address}",
+            f"Final-Recipient: {_recipient(f.address)}",
             "Action: failed",
             f"Status: {f.status}",
         ]
         if f.remote_mta:
-            lines.append(f"Remote-MTA: dns; {f.remote_mta}")
-        lines.append(f"Diagnostic-Code: {f.diagnostic_type}; {f.diagnostic}")
+            status.append(f"Remote-MTA: dns; {f.remote_mta}")
+        status.append(f"Diagnostic-Code: {f.diagnostic_type}; {f.diagnostic}")
         if f.last_attempt is not None:
-            lines.append(
+            status.append(
                 f"Last-Attempt-Date: {email.utils.formatdate(f.last_attempt, localtime=False)}"
             )
-    lines += [
-        "",
-        f"--{boundary}",
-        "Content-Type: text/rfc822-headers",
-        "",
-    ]
-    out = "\r\n".join(lines).encode("utf-8", "replace") + b"\r\n" + headers
-    if not out.endswith(b"\r\n"):
-        out += b"\r\n"
-    return out + f"\r\n--{boundary}--\r\n".encode()
+    return _assemble(lines, boundary, text, status, headers)
 
 
 def build_delay_dsn(
@@ -175,9 +172,8 @@ def build_delay_dsn(
         "",
         "This is a MIME-encapsulated delivery status notification.",
         "",
-        f"--{boundary}",
-        "Content-Type: text/plain; charset=us-ascii",
-        "",
+    ]
+    text = [
         f"This is the mail system at host {reporting_mta}.",
         "",
         "####################################################################",
@@ -190,41 +186,45 @@ def build_delay_dsn(
     ]
     for d in delayed:
         where = f" (from {d.remote_mta})" if d.remote_mta else ""
-        lines.append(f"<{d.address}>: {d.diagnostic}{where}")
-    lines += [
-        "",
-        f"--{boundary}",
-        "Content-Type: message/delivery-status",
-        "",
+        text.append(f"<{d.address}>: {d.diagnostic}{where}")
+    status = [
         f"Reporting-MTA: dns; {reporting_mta}",
         f"X-Queue-ID: {queue_id}",
         f"Arrival-Date: {email.utils.formatdate(arrival, localtime=False)}",
     ]
     for d in delayed:
-        lines += [
+        status += [
             "",
-            f"Final-Recipient: rfc822; {d.address}",
+            f"Final-Recipient: {_recipient(d.address)}",
             "Action: delayed",  # RFC 3464 §2.3.3
             f"Status: {d.status}",
         ]
         if d.remote_mta:
-            lines.append(f"Remote-MTA: dns; {d.remote_mta}")
-        lines.append(f"Diagnostic-Code: {d.diagnostic_type}; {d.diagnostic}")
+            status.append(f"Remote-MTA: dns; {d.remote_mta}")
+        status.append(f"Diagnostic-Code: {d.diagnostic_type}; {d.diagnostic}")
         if d.last_attempt is not None:
-            lines.append(
+            status.append(
                 f"Last-Attempt-Date: {email.utils.formatdate(d.last_attempt, localtime=False)}"
             )
-        lines.append(f"Will-Retry-Until: {until}")  # RFC 3464 §2.3.9: for "delayed" DSNs only
-    lines += [
-        "",
-        f"--{boundary}",
-        "Content-Type: text/rfc822-headers",
-        "",
-    ]
-    out = "\r\n".join(lines).encode("utf-8", "replace") + b"\r\n" + headers
-    if not out.endswith(b"\r\n"):
-        out += b"\r\n"
-    return out + f"\r\n--{boundary}--\r\n".encode()
+        status.append(f"Will-Retry-Until: {until}")  # RFC 3464 §2.3.9: for "delayed" DSNs only
+    return _assemble(lines, boundary, text, status, headers)
+
+
+def needs_smtputf8(report: bytes) -> bool:
+    """Whether a report built here must travel with SMTPUTF8 (RFC 6531 §3.4): its own
+    header section is not ASCII (a UTF-8 sender address in To:), or it carries a
+    message/global-* part (RFC 6533 §6: UTF-8 header fields, RFC 6532 §3.7). A report
+    whose only non-ASCII text is its charset=utf-8 text part needs 8BITMIME, not this."""
+    head, _, _ = report.partition(b"\r\n\r\n")
+    if not head.isascii():
+        return True
+    boundary = _BOUNDARY.search(head)
+    if boundary is None:
+        return False
+    delimiter = b"\r\n--" + boundary.group(1) + b"\r\n"
+    # Each part's own header section: up to its first empty line.
+    part_heads = [part.partition(b"\r\n\r\n")[0] for part in report.split(delimiter)[1:]]
+    return any(b"Content-Type: message/global" in h for h in part_heads)
 
 
 def delay_status(enhanced: str) -> str:
@@ -247,3 +247,49 @@ def _history_lines(f: FailedRecipient) -> list[str]:
         reply = " ".join(step.reply.split())  # one line, whatever the reply held
         lines.append(f"    {when} {step.where} tls={step.tls} dane={step.dane}: {reply}")
     return lines
+
+
+def _recipient(address: str) -> str:
+    """An original-/final-recipient field value: "rfc822" for an ASCII address (RFC 3464
+    §2.3.2), else the "utf-8" type of RFC 6533 §3 in its utf-8-addr-unitext form."""
+    if address.isascii():
+        return f"rfc822; {address}"
+    # RFC 6533 §3: QUCHAR is UTF-8 or printable ASCII but '\\', '+' and '='; those, space
+    # and controls are written as EmbeddedUnicodeChar "\\x{HEXPOINT}" (2 hex digits).
+    quoted = "".join(
+        f"\\x{{{ord(c):02X}}}" if c.isascii() and (not c.isprintable() or c in " \\+=") else c
+        for c in address
+    )
+    return f"utf-8; {quoted}"
+
+
+def _assemble(
+    head: list[str], boundary: str, text: list[str], status: list[str], headers: bytes
+) -> bytes:
+    """The report from its header lines, human-readable part, status fields and the
+    returned header section; each part's type is chosen by what it holds (RFC 6533)."""
+    text_ascii = all(line.isascii() for line in text)
+    status_ascii = all(line.isascii() for line in status)
+    lines = [*head, f"--{boundary}"]
+    if text_ascii:
+        lines.append("Content-Type: text/plain; charset=us-ascii")
+    else:
+        # RFC 2046 §4.1.2 / RFC 6152: UTF-8 text, sent as 8-bit.
+        lines += ["Content-Type: text/plain; charset=utf-8", "Content-Transfer-Encoding: 8bit"]
+    lines += ["", *text, "", f"--{boundary}"]
+    if status_ascii:
+        lines.append("Content-Type: message/delivery-status")  # RFC 3464 §2.1: US-ASCII only
+    else:
+        # RFC 6533 §6.1: the status fields hold UTF-8 (an address, a host name, a reply).
+        lines += ["Content-Type: message/global-delivery-status", "Content-Transfer-Encoding: 8bit"]
+    lines += ["", *status, "", f"--{boundary}"]
+    if headers.isascii():
+        lines.append("Content-Type: text/rfc822-headers")  # RFC 6522 §4 (RFC 3462)
+    else:
+        # RFC 6533 §6.3: the returned header section holds UTF-8 header fields (RFC 6532).
+        lines += ["Content-Type: message/global-headers", "Content-Transfer-Encoding: 8bit"]
+    lines.append("")
+    out = "\r\n".join(lines).encode("utf-8", "replace") + b"\r\n" + headers
+    if not out.endswith(b"\r\n"):
+        out += b"\r\n"
+    return out + f"\r\n--{boundary}--\r\n".encode()

@@ -60,6 +60,7 @@ from relay.spool.bounce import (
     build_delay_dsn,
     build_dsn,
     delay_status,
+    needs_smtputf8,
     original_headers,
 )
 from relay.spool.records import QueuedMessage, RecipientState, RecipientStatus
@@ -103,6 +104,7 @@ class Store(Protocol):
         helo: str = "",
         is_bounce: bool = False,
         now: float | None = None,
+        smtputf8: bool = False,
     ) -> QueuedMessage: ...
     def update(self, msg: QueuedMessage) -> None: ...
     def remove(self, qid: str) -> None: ...
@@ -484,6 +486,8 @@ class QueueRunner:
             body=dsn,
             is_bounce=True,
             now=now,
+            # RFC 6533 §6 / RFC 6531 §3.4: an internationalised report needs SMTPUTF8.
+            smtputf8=needs_smtputf8(dsn),
         )
         self.metrics.bounces.inc()
         log.info("queue_id=%s sender non-delivery notification: %s", msg.queue_id, notice.queue_id)
@@ -520,6 +524,7 @@ class QueueRunner:
             body=dsn,
             is_bounce=True,
             now=now,
+            smtputf8=needs_smtputf8(dsn),  # as in _bounce
         )
         log.info(
             "queue_id=%s sender delay notification: %s delayed=%s queued_for=%.0fs",

@@ -987,3 +987,63 @@ async def test_dsn_remote_mta_and_diagnostic_type_follow_who_said_it(
         told = text.get_payload(decode=True)
         assert isinstance(told, bytes)
         assert (b"(from mx.example.net)" in told) is (remote_mta is not None)
+
+
+# -- internationalised reports (RFC 6533) ------------------------------------------------------
+
+NO_UTF8_RCPT = SmtpReply(550, "5.6.7", "SMTPUTF8 is required for this recipient address")
+
+
+async def test_a_global_dsn_is_queued_and_delivered_with_smtputf8(tmp_path: Path) -> None:
+    """A report naming jörg@bücher.test needs SMTPUTF8 (RFC 6533 §6); an ASCII one does not."""
+    script = per_recipient(
+        {
+            "jörg@bücher.test": (Outcome.BOUNCED, NO_UTF8_RCPT),
+            "bob@example.net": (Outcome.BOUNCED, UNKNOWN),
+        },
+        DSN_DEFERRED,
+    )
+    async with running(tmp_path, script) as (runner, store, deliverer, _metrics, _clock):
+        utf8 = commit(store, "jörg@bücher.test")
+        plain = commit(store, "bob@example.net")
+        runner.submit(utf8)
+        runner.submit(plain)
+        await store.until(
+            lambda: {("remove", utf8.queue_id), ("remove", plain.queue_id)} <= set(store.ops)
+        )
+        by_body = {
+            qid: store.read_body(qid)
+            for op, qid in store.ops
+            if op == "commit" and store.committed[qid].is_bounce
+        }
+        assert len(by_body) == 2
+        (utf8_dsn,) = [q for q, b in by_body.items() if "jörg@bücher.test".encode() in b]
+        (plain_dsn,) = [q for q in by_body if q != utf8_dsn]
+        assert store.envelope(utf8_dsn).extra == {"smtputf8": True}
+        assert store.envelope(plain_dsn).extra == {}
+        assert b"Content-Type: message/global-delivery-status\r\n" in by_body[utf8_dsn]
+        assert "Final-Recipient: utf-8; jörg@bücher.test\r\n".encode() in by_body[utf8_dsn]
+        assert b"Content-Type: message/delivery-status\r\n" in by_body[plain_dsn]
+        # Each report's delivery attempt asks the engine for SMTPUTF8 only when it needs it.
+        await store.until(lambda: {("update", utf8_dsn), ("update", plain_dsn)} <= set(store.ops))
+        asked = {
+            call[0]: flag for call, flag in zip(deliverer.calls, deliverer.smtputf8, strict=True)
+        }
+        assert (asked[utf8_dsn], asked[plain_dsn]) == (True, False)
+
+
+async def test_a_delay_warning_naming_a_utf8_recipient_is_queued_with_smtputf8(
+    tmp_path: Path,
+) -> None:
+    async with running(
+        tmp_path, every(Outcome.DEFERRED, DANE_FAIL), cfg=WARN_CFG, clock=Clock(NOW + 7200.0)
+    ) as (runner, store, _d, _m, _c):
+        msg = commit(store, "jörg@bücher.test")
+        runner.submit(msg)
+        await store.until(lambda: ("update", msg.queue_id) in store.ops)
+        (notice,) = delay_notices(store)
+        assert notice.extra == {"smtputf8": True}
+        body = store.read_body(notice.queue_id)
+        assert b"Content-Type: message/global-delivery-status\r\n" in body
+        assert "Final-Recipient: utf-8; jörg@bücher.test\r\n".encode() in body
+        assert b"Action: delayed\r\n" in body

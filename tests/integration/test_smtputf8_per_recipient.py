@@ -4,13 +4,15 @@ A scripted peer on mx.hostile.test's lab address (its certificate matches the pu
 3 1 1 TLSA, so DANE passes) offers no SMTPUTF8. `[delivery.transport]` sends the IDN
 domain bücher.test to it. Of one message to user@bücher.test and jörg@bücher.test, the
 first must reach the peer with the domain as its A-label, the second must bounce alone,
-and the sender (at dane-ok.test, whose lab receiver runs) gets a report for it only.
+and the sender (at dane-ok.test, whose lab receiver runs) gets a report for it only: an
+internationalised one (RFC 6533), delivered with SMTPUTF8.
 """
 
 from __future__ import annotations
 
 import email
 import email.message
+import email.policy
 from collections.abc import Callable
 from pathlib import Path
 
@@ -97,5 +99,25 @@ def test_ascii_local_part_is_sent_as_a_label_and_only_utf8_local_part_bounces(
         "(its local part is not ASCII), but was not offered by host" in told
     )
     assert "user@" not in told
-    (_, per_rcpt) = _parts(status.get_payload())
+    # The email package reads a message/global-* part as one embedded message: the
+    # per-message fields are its header, the per-recipient block its body.
+    (per_message,) = _parts(status.get_payload())
+    assert per_message["Reporting-MTA"].startswith("dns; ")
+    block = per_message.get_payload(decode=True)
+    assert isinstance(block, bytes)
+    per_rcpt = email.message_from_bytes(block, policy=email.policy.default)
     assert per_rcpt["Status"] == "5.6.7"
+
+    # RFC 6533: the report names a UTF-8 address, so it is internationalised and travels
+    # with SMTPUTF8 (the lab receiver offers it, as Postfix does by default).
+    assert dsn.smtputf8 is True
+    assert [p.get_content_type() for p in _parts(report.get_payload())] == [
+        "text/plain",
+        "message/global-delivery-status",  # §6.1
+        "message/global-headers",  # §6.3: the returned Subject is UTF-8
+    ]
+    assert text.get_content_charset() == "utf-8"
+    assert per_rcpt["Final-Recipient"] == "utf-8; jörg@bücher.test"  # §3
+    assert "Final-Recipient: utf-8; jörg@bücher.test\r\n".encode() in dsn.content
+    assert "\r\nSubject: Grüße\r\n".encode() in dsn.content
+    assert b"message/delivery-status" not in dsn.content

@@ -3,8 +3,8 @@
 Owns:
 - `Receiver`: an aiosmtpd `Controller` (own thread and event loop) on a host's address,
   port 25, presenting that host's certificate chain on STARTTLS (or not offering STARTTLS
-  at all), recording every MAIL command, the SNI name of every TLS handshake and every
-  message it accepts.
+  at all) and offering SMTPUTF8, recording every MAIL command, the SNI name of every TLS
+  handshake and every message it accepts.
 - `StallReceiver`: a bare TCP listener that accepts connections and never sends a
   greeting, to hold the relay mid-delivery (e.g. while it is SIGKILLed).
 - `ReceiverPool`: starts receivers by domain or host name and stops them all at once.
@@ -43,6 +43,7 @@ class ReceivedMessage:
     tls: bool  # STARTTLS had completed when DATA arrived
     helo: str | None
     peer: tuple[str, int] | None
+    smtputf8: bool = False  # MAIL FROM carried SMTPUTF8 (RFC 6531 §3.4)
 
 
 class _Recorder:
@@ -85,6 +86,7 @@ class _Recorder:
             tls=session.ssl is not None,
             helo=session.host_name,
             peer=peer,
+            smtputf8=bool(envelope.smtp_utf8),
         )
         with self.cond:
             self.messages.append(msg)
@@ -111,6 +113,7 @@ class Receiver:
             hostname=host.address,
             port=host.port,
             server_hostname=host.name,
+            enable_SMTPUTF8=True,  # offered, as by Postfix's default (smtputf8_enable)
             **kwargs,
         )
         self._running = False

@@ -301,6 +301,11 @@ async def serve(cfg: Config) -> None:
         signal.SIGHUP, log.warning, STARTUP_SIGHUP_WARNING
     )
     hostname = cfg.server.hostname or system_hostname()
+    pkix = _pkix_context(cfg)  # before the spool: a bad CA file refuses to start
+    tls = inbound_tls(cfg)  # likewise a bad STARTTLS certificate or key
+    auth = inbound_auth(cfg)  # and an unreadable or malformed credentials file
+    gateway = load_gateway(cfg)  # and gateway.recipients_file
+    # Warnings only once the files are known good (a refused start shows just its error).
     if not cfg.server.hostname and not plausible_public_name(hostname):
         log.warning(
             "hostname=%s comes from the machine and is not a public name: set server.hostname "
@@ -315,10 +320,6 @@ async def serve(cfg: Config) -> None:
             "postmaster@%s get 550 5.1.1 until server.postmaster is set",
             hostname,
         )
-    pkix = _pkix_context(cfg)  # before the spool: a bad CA file refuses to start
-    tls = inbound_tls(cfg)  # likewise a bad STARTTLS certificate or key
-    auth = inbound_auth(cfg)  # and an unreadable or malformed credentials file
-    gateway = load_gateway(cfg)  # and gateway.recipients_file
     store = SpoolStore(cfg.spool.directory)
     store.open()
     try:

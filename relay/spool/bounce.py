@@ -29,7 +29,6 @@ report is a plain RFC 3464 one, unchanged.
 from __future__ import annotations
 
 import email.utils
-import re
 import secrets
 import time
 from collections.abc import Sequence
@@ -50,7 +49,6 @@ __all__ = [
 
 _MAX_HEADERS = 64 * 1024
 _MAX_BOUNDARY = 70
-_BOUNDARY = re.compile(rb'^Content-Type: multipart/report;.* boundary="([^"]+)"', re.MULTILINE)
 #: Steps of a recipient's attempt history told in a DSN (the most recent ones).
 DSN_STEPS = 6
 
@@ -211,20 +209,13 @@ def build_delay_dsn(
 
 
 def needs_smtputf8(report: bytes) -> bool:
-    """Whether a report built here must travel with SMTPUTF8 (RFC 6531 §3.4): its own
-    header section is not ASCII (a UTF-8 sender address in To:), or it carries a
-    message/global-* part (RFC 6533 §6: UTF-8 header fields, RFC 6532 §3.7). A report
-    whose only non-ASCII text is its charset=utf-8 text part needs 8BITMIME, not this."""
+    """Whether a report built here must travel with SMTPUTF8 (RFC 6531 §3.4): only when
+    its own header section is not ASCII (a UTF-8 sender address in To:). Its
+    message/global-* parts do not need it: RFC 6533 §6 lets them pass through non-SMTPUTF8
+    (even 7-bit) infrastructure as 8bit or base64 body parts, so a report about
+    jörg@bücher.test still reaches an ASCII sender whose server lacks SMTPUTF8."""
     head, _, _ = report.partition(b"\r\n\r\n")
-    if not head.isascii():
-        return True
-    boundary = _BOUNDARY.search(head)
-    if boundary is None:
-        return False
-    delimiter = b"\r\n--" + boundary.group(1) + b"\r\n"
-    # Each part's own header section: up to its first empty line.
-    part_heads = [part.partition(b"\r\n\r\n")[0] for part in report.split(delimiter)[1:]]
-    return any(b"Content-Type: message/global" in h for h in part_heads)
+    return not head.isascii()
 
 
 def delay_status(enhanced: str) -> str:

@@ -994,8 +994,10 @@ async def test_dsn_remote_mta_and_diagnostic_type_follow_who_said_it(
 NO_UTF8_RCPT = SmtpReply(550, "5.6.7", "SMTPUTF8 is required for this recipient address")
 
 
-async def test_a_global_dsn_is_queued_and_delivered_with_smtputf8(tmp_path: Path) -> None:
-    """A report naming jörg@bücher.test needs SMTPUTF8 (RFC 6533 §6); an ASCII one does not."""
+async def test_a_global_dsn_to_an_ascii_sender_is_queued_without_smtputf8(tmp_path: Path) -> None:
+    """A report naming jörg@bücher.test is a global one (RFC 6533 §6), but its
+    message/global-* parts travel without SMTPUTF8: to an ASCII sender it is queued and
+    delivered without it, so a sender's server without SMTPUTF8 still gets it."""
     script = per_recipient(
         {
             "jörg@bücher.test": (Outcome.BOUNCED, NO_UTF8_RCPT),
@@ -1019,20 +1021,20 @@ async def test_a_global_dsn_is_queued_and_delivered_with_smtputf8(tmp_path: Path
         assert len(by_body) == 2
         (utf8_dsn,) = [q for q, b in by_body.items() if "jörg@bücher.test".encode() in b]
         (plain_dsn,) = [q for q in by_body if q != utf8_dsn]
-        assert store.envelope(utf8_dsn).extra == {"smtputf8": True}
+        assert store.envelope(utf8_dsn).extra == {}
         assert store.envelope(plain_dsn).extra == {}
         assert b"Content-Type: message/global-delivery-status\r\n" in by_body[utf8_dsn]
         assert "Final-Recipient: utf-8; jörg@bücher.test\r\n".encode() in by_body[utf8_dsn]
         assert b"Content-Type: message/delivery-status\r\n" in by_body[plain_dsn]
-        # Each report's delivery attempt asks the engine for SMTPUTF8 only when it needs it.
+        # Neither report's delivery attempt asks the engine for SMTPUTF8.
         await store.until(lambda: {("update", utf8_dsn), ("update", plain_dsn)} <= set(store.ops))
         asked = {
             call[0]: flag for call, flag in zip(deliverer.calls, deliverer.smtputf8, strict=True)
         }
-        assert (asked[utf8_dsn], asked[plain_dsn]) == (True, False)
+        assert (asked[utf8_dsn], asked[plain_dsn]) == (False, False)
 
 
-async def test_a_delay_warning_naming_a_utf8_recipient_is_queued_with_smtputf8(
+async def test_a_delay_warning_naming_a_utf8_recipient_is_global_without_smtputf8(
     tmp_path: Path,
 ) -> None:
     async with running(
@@ -1042,7 +1044,7 @@ async def test_a_delay_warning_naming_a_utf8_recipient_is_queued_with_smtputf8(
         runner.submit(msg)
         await store.until(lambda: ("update", msg.queue_id) in store.ops)
         (notice,) = delay_notices(store)
-        assert notice.extra == {"smtputf8": True}
+        assert notice.extra == {}  # the sender's address is ASCII
         body = store.read_body(notice.queue_id)
         assert b"Content-Type: message/global-delivery-status\r\n" in body
         assert "Final-Recipient: utf-8; jörg@bücher.test\r\n".encode() in body

@@ -98,7 +98,7 @@ def test_a_non_ascii_recipient_makes_a_global_report() -> None:
     # The address is written in UTF-8 on the wire, not escaped (utf-8-addr-unitext).
     assert "Final-Recipient: utf-8; jörg@bücher.test\r\n".encode() in raw
     assert b"message/delivery-status" not in raw
-    assert needs_smtputf8(raw) is True
+    assert needs_smtputf8(raw) is False  # global parts travel without SMTPUTF8 (RFC 6533 §6)
 
 
 def test_utf8_address_escapes_the_characters_rfc_6533_excludes() -> None:
@@ -122,7 +122,7 @@ def test_a_non_ascii_returned_header_section_is_global_headers() -> None:
     assert parts[0].get_content_charset() == "us-ascii"
     assert "Subject: Grüße\r\n".encode() in raw
     assert b"Secret" not in raw and b"Hallo." not in raw  # headers only, as before
-    assert needs_smtputf8(raw) is True
+    assert needs_smtputf8(raw) is False  # global parts travel without SMTPUTF8 (RFC 6533 §6)
 
 
 def test_a_u_label_remote_mta_makes_the_status_part_global() -> None:
@@ -132,7 +132,7 @@ def test_a_u_label_remote_mta_makes_the_status_part_global() -> None:
     _, rcpt = status_blocks(raw)
     assert rcpt["Final-Recipient"] == "rfc822; x@example.net"
     assert rcpt["Remote-MTA"] == "dns; mx.bücher.test"
-    assert needs_smtputf8(raw) is True
+    assert needs_smtputf8(raw) is False  # global parts travel without SMTPUTF8 (RFC 6533 §6)
 
 
 def test_non_ascii_only_in_the_text_part_needs_8bit_not_smtputf8() -> None:
@@ -181,7 +181,7 @@ def test_delay_report_for_a_non_ascii_recipient_is_global() -> None:
     assert rcpt["Final-Recipient"] == f"utf-8; {JOERG}"
     assert rcpt["Action"] == "delayed"
     assert rcpt["Will-Retry-Until"] == email.utils.formatdate(1700432000.0)
-    assert needs_smtputf8(raw) is True
+    assert needs_smtputf8(raw) is False  # global parts travel without SMTPUTF8 (RFC 6533 §6)
 
 
 def test_an_ascii_report_is_byte_for_byte_the_plain_rfc_3464_one(

@@ -390,7 +390,7 @@ def run_one(
     print(
         f"round {round_no} {system.name:10s} {result.throughput:8.1f} msg/s  "
         f"cpu {result.cpu_ms_per_msg:.2f} ms/msg  "
-        f"arrived {arrived}/{args.messages}  verified TLS {verified}  "
+        f"arrived {arrived}/{args.messages}  over TLS {result.over_tls}  verified TLS {verified}  "
         f"peak RSS {result.peak_rss_mib:.1f} MiB",
         flush=True,
     )
@@ -505,19 +505,57 @@ def print_table(med: dict[str, dict[str, Any]], args: argparse.Namespace) -> dic
     return ratios
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def proof_failures(results: list[RunResult]) -> list[str]:
+    """The proof of DANE (docs/performance.md "Proof of DANE") that a run broke: relay-dane
+    and Postfix verified at least one TLS session, relay-may none, and every message that
+    arrived came over TLS."""
+    problems = []
+    for r in results:
+        where = f"round {r.round} {r.system}"
+        if r.system in ("relay-dane", "postfix") and r.dane_verified < 1:
+            problems.append(f"{where}: no verified TLS session")
+        if r.system == "relay-may" and r.dane_verified != 0:
+            problems.append(f"{where}: {r.dane_verified} verified TLS session(s) at level may")
+        if r.over_tls != r.arrived:
+            problems.append(f"{where}: {r.arrived - r.over_tls} message(s) arrived without TLS")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="bench/run", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--messages", "-n", type=int, default=5000, help="messages per run (5000)")
-    ap.add_argument("--size", type=int, default=10240, help="message size in bytes (10240)")
-    ap.add_argument("--clients", "-c", type=int, default=8, help="client connections (8)")
-    ap.add_argument("--rounds", "-r", type=int, default=1, help="rounds of every system (1)")
+    ap = argparse.ArgumentParser(
+        prog="bench/run",
+        description=__doc__.split("\n\n")[0] + " Runs as root.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ap.add_argument("--messages", "-n", type=_at_least(1), default=5000, help="messages per run")
+    ap.add_argument("--size", type=_at_least(64), default=10240, help="message size in bytes")
+    ap.add_argument("--clients", "-c", type=_at_least(1), default=8, help="client connections")
+    ap.add_argument("--rounds", "-r", type=_at_least(1), default=1, help="rounds of every system")
     ap.add_argument(
         "--systems", default=",".join(SYSTEMS), help=f"comma list of {', '.join(SYSTEMS)}"
     )
     ap.add_argument(
-        "--queue-depth", type=int, default=20000, help="queue-depth run size, 0: none (20000)"
+        "--queue-depth",
+        type=_at_least(0),
+        default=20000,
+        help="queue-depth run size (relay-dane), 0: none",
     )
-    ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for arrivals")
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=600,
+        help="seconds to wait for arrivals (the queue-depth run: this x size/5000)",
+    )
     ap.add_argument("--profile", type=Path, help="record the relay with py-spy into this dir")
     ap.add_argument(
         "--profile-gil", action="store_true", help="profile only the GIL holder (CPU view)"
@@ -528,6 +566,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
         ap.error(f"unknown systems: {', '.join(sorted(unknown))}")
+    if len(set(systems)) != len(systems):
+        ap.error(f"a system is named twice: {args.systems} (use --rounds to repeat)")
+    if not systems and args.queue_depth == 0:
+        ap.error("nothing to run: no --systems and --queue-depth 0")
     if "postfix" in systems and not postfix_available():
         ap.error("postfix is not installed (apt-get install postfix; see README Benchmarks)")
     if os.geteuid() != 0:
@@ -591,10 +633,11 @@ def main(argv: list[str] | None = None) -> int:
     lost = sum(r.messages - r.arrived for r in results)
     if queue is not None:
         lost += queue["messages"] - queue["arrived"]
-    if lost:
-        print(f"FAILED: {lost} message(s) did not arrive", file=sys.stderr)
-        return 1
-    return 0
+    failed = [f"{lost} message(s) did not arrive"] if lost else []
+    failed += proof_failures(results)
+    for problem in failed:
+        print(f"FAILED: {problem}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

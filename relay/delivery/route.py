@@ -505,6 +505,41 @@ def _ascii_or_same(name: str) -> str:
         return name
 
 
+def _skipped(
+    host: MxHost,
+    next_hop: str,
+    mx_status: MxStatus,
+    decision: Decision,
+    failure: DeliveryError,
+    dnssec: str,
+    addresses: tuple[str, ...] = (),
+    address_status: AddressStatus = AddressStatus.NONE,
+    failed: tuple[str, ...] = (),
+    canonical: str = "",
+) -> HostRoute:
+    """The route of a host that is not used and has no TLSA looked up: `decision` (a
+    SKIP_HOST) says why, `failure` is what the engine records for it."""
+    return HostRoute(
+        host=host,
+        next_hop=next_hop,
+        mx_status=mx_status,
+        addresses=addresses,
+        address_status=address_status,
+        failed_families=failed,
+        canonical=canonical,
+        tlsa_lookups=(),
+        tlsa_base=host.name,
+        tlsa_state=TlsaState.NOT_LOOKED_UP,
+        tlsa_records=(),
+        usable=(),
+        malformed=(),
+        decision=decision,
+        reason=f"{decision.why} ({decision.rfc})",
+        failure=failure,
+        dnssec=dnssec,
+    )
+
+
 def _malformed_mx(
     host: MxHost,
     next_hop: str,
@@ -518,25 +553,9 @@ def _malformed_mx(
     # Postfix treats a malformed MX target as a DNS configuration error: skip the host; the
     # engine defers the domain when no other MX is left (RFC 5321 §5.1).
     decision = Decision(Action.SKIP_HOST, None, "malformed_mx", "RFC 5321 §5.1", text)
-    return HostRoute(
-        host=host,
-        next_hop=next_hop,
-        mx_status=mx_status,
-        addresses=(),
-        address_status=AddressStatus.NONE,
-        failed_families=(),
-        canonical="",
-        tlsa_lookups=(),
-        tlsa_base=host.name,
-        tlsa_state=TlsaState.NOT_LOOKED_UP,
-        tlsa_records=(),
-        usable=(),
-        malformed=(),
-        decision=decision,
-        reason=f"{text} ({decision.rfc})",
-        failure=MalformedMx(text, scope=Scope.HOST),
-        dnssec=mx_security.value if validating else "unvalidated",
-    )
+    dnssec = mx_security.value if validating else "unvalidated"
+    failure = MalformedMx(text, scope=Scope.HOST)
+    return _skipped(host, next_hop, mx_status, decision, failure, dnssec)
 
 
 def _mail_loop(
@@ -565,24 +584,17 @@ def _mail_loop(
         )
         failure = MailLoopDeferred(text, scope=Scope.DOMAIN)
     decision = Decision(Action.SKIP_HOST, None, "mail_loop", "RFC 5321 §5.1, Postfix", text)
-    return HostRoute(
-        host=host,
-        next_hop=next_hop,
-        mx_status=mx_status,
-        addresses=addresses,
-        address_status=address_status,
-        failed_families=failed,
-        canonical=canonical,
-        tlsa_lookups=(),
-        tlsa_base=host.name,
-        tlsa_state=TlsaState.NOT_LOOKED_UP,
-        tlsa_records=(),
-        usable=(),
-        malformed=(),
-        decision=decision,
-        reason=f"{text} ({decision.rfc})",
-        failure=failure,
-        dnssec=dnssec,
+    return _skipped(
+        host,
+        next_hop,
+        mx_status,
+        decision,
+        failure,
+        dnssec,
+        addresses,
+        address_status,
+        failed,
+        canonical,
     )
 
 
@@ -598,25 +610,7 @@ def below_myself(host: MxHost, loop: HostRoute) -> HostRoute:
         f"({loop.host.preference}, {loop.host.name}): not tried"
     )
     decision = Decision(Action.SKIP_HOST, None, "below_myself", "RFC 5321 §5.1", text)
-    return HostRoute(
-        host=host,
-        next_hop=loop.next_hop,
-        mx_status=loop.mx_status,
-        addresses=(),
-        address_status=AddressStatus.NONE,
-        failed_families=(),
-        canonical="",
-        tlsa_lookups=(),
-        tlsa_base=host.name,
-        tlsa_state=TlsaState.NOT_LOOKED_UP,
-        tlsa_records=(),
-        usable=(),
-        malformed=(),
-        decision=decision,
-        reason=f"{text} ({decision.rfc})",
-        failure=loop.failure,
-        dnssec=loop.dnssec,
-    )
+    return _skipped(host, loop.next_hop, loop.mx_status, decision, loop.failure, loop.dnssec)
 
 
 async def resolve_host(

@@ -33,6 +33,8 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import random
 import time
@@ -145,6 +147,14 @@ class QueueRunner:
         self.clock = clock
         self.rand = rand
         self._queue: dict[str, QueuedMessage] = {}
+        # The schedule: (next_attempt, seq, queue id), one entry pushed by every _put; an
+        # entry whose message is gone, held, running or has another next_attempt is stale
+        # and dropped when it comes up (so the loop never sorts the whole queue).
+        self._schedule: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
+        # The queue gauges, kept as messages come, change and go (no scan per message).
+        self._counts = {"active": 0, "deferred": 0, "held": 0}
+        self._arrivals: list[tuple[float, str]] = []  # (received, queue id), a heap
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._stopping = False
@@ -155,15 +165,32 @@ class QueueRunner:
 
     def load(self, messages: Sequence[QueuedMessage]) -> None:
         for msg in messages:
-            self._queue[msg.queue_id] = msg
+            self._put(msg)
         self._update_gauges()
         self._wake.set()
 
     def submit(self, msg: QueuedMessage) -> None:
         """A newly committed message: deliver it as soon as a slot is free."""
-        self._queue[msg.queue_id] = msg
+        self._put(msg)
         self._update_gauges()
         self._wake.set()
+
+    def _put(self, msg: QueuedMessage) -> None:
+        """Add or replace `msg` in the in-memory queue and schedule it at next_attempt."""
+        old = self._queue.get(msg.queue_id)
+        if old is None:
+            heapq.heappush(self._arrivals, (msg.received, msg.queue_id))
+        else:
+            self._counts[_gauge_state(old)] -= 1
+        self._counts[_gauge_state(msg)] += 1
+        self._queue[msg.queue_id] = msg
+        heapq.heappush(self._schedule, (msg.next_attempt, next(self._seq), msg.queue_id))
+
+    def _drop(self, qid: str) -> None:
+        """Take `qid` out of the in-memory queue (its schedule entries go stale)."""
+        old = self._queue.pop(qid, None)
+        if old is not None:
+            self._counts[_gauge_state(old)] -= 1
 
     def snapshot(self) -> list[QueuedMessage]:
         return list(self._queue.values())
@@ -194,11 +221,11 @@ class QueueRunner:
         async with self._admin:
             msg = self._idle(qid)
             held = on_hold(msg)
-            self._queue[qid] = held  # before the await: the loop must not pick it meanwhile
+            self._put(held)  # before the await: the loop must not pick it meanwhile
             try:
                 await asyncio.to_thread(self.store.update, held)
             except SpoolError:
-                self._queue[qid] = msg
+                self._put(msg)
                 raise
             log.info("queue_id=%s held by operator", qid)
             self._update_gauges()
@@ -214,7 +241,7 @@ class QueueRunner:
             msg = self._idle(qid)
             free = released(msg, self.clock())
             await asyncio.to_thread(self.store.update, free)
-            self._queue[qid] = free
+            self._put(free)
             log.info("queue_id=%s released by operator", qid)
             self._update_gauges()
             self._wake.set()
@@ -228,11 +255,11 @@ class QueueRunner:
         """
         async with self._admin:
             msg = self._idle(qid)
-            del self._queue[qid]  # before the await: the loop must not pick it meanwhile
+            self._drop(qid)  # before the await: the loop must not pick it meanwhile
             try:
                 await asyncio.to_thread(self.store.remove, qid)
             except SpoolError:
-                self._queue[qid] = msg
+                self._put(msg)
                 raise
             log.info(
                 "queue_id=%s deleted by operator from=<%s> pending=%s (no bounce)",
@@ -267,7 +294,7 @@ class QueueRunner:
             if m.queue_id not in self._in_flight and flushable(m, now)
         ]
         for each in due:
-            self._queue[each] = replace(self._queue[each], next_attempt=now)
+            self._put(replace(self._queue[each], next_attempt=now))
         if self.on_flush is not None:
             self.on_flush()  # Postfix flushes "dead" destinations too: they are tried now
         log.info("queue flushed by operator messages=%d", len(due))
@@ -280,15 +307,28 @@ class QueueRunner:
         while not self._stopping:
             now = self.clock()
             next_due = now + self.cfg.scan_interval
-            for msg in sorted(self._queue.values(), key=lambda m: m.next_attempt):
-                if msg.queue_id in self._in_flight or msg.held:
+            if len(self._schedule) > 2 * len(self._queue) + 1024:
+                # Stale entries piled up behind later ones (e.g. repeated flushes): rebuild.
+                self._schedule = [
+                    (m.next_attempt, next(self._seq), q) for q, m in self._queue.items()
+                ]
+                heapq.heapify(self._schedule)
+            schedule = self._schedule
+            while schedule:
+                due, _, qid = schedule[0]
+                msg = self._queue.get(qid)
+                if msg is None or msg.next_attempt != due or msg.held or qid in self._in_flight:
+                    # Stale: gone, rescheduled (a newer entry), held (release puts it
+                    # back) or running (its end puts it back or removes it).
+                    heapq.heappop(schedule)
                     continue
-                if msg.next_attempt <= now:
-                    task = asyncio.create_task(self._process(msg.queue_id), name=msg.queue_id)
-                    self._in_flight[msg.queue_id] = task
-                    task.add_done_callback(self._done)
-                else:
-                    next_due = min(next_due, msg.next_attempt)
+                if due > now:
+                    next_due = min(next_due, due)
+                    break
+                heapq.heappop(schedule)
+                task = asyncio.create_task(self._process(qid), name=qid)
+                self._in_flight[qid] = task
+                task.add_done_callback(self._done)
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, next_due - now))
@@ -296,9 +336,14 @@ class QueueRunner:
                 pass
 
     def _done(self, task: asyncio.Task[None]) -> None:
-        self._in_flight.pop(task.get_name(), None)
+        qid = task.get_name()
+        self._in_flight.pop(qid, None)
         if not task.cancelled() and task.exception() is not None:
-            log.error("queue_id=%s runner error: %r", task.get_name(), task.exception())
+            log.error("queue_id=%s runner error: %r", qid, task.exception())
+            msg = self._queue.get(qid)
+            if msg is not None:
+                # Its schedule entry was used up: keep it queued, try after the backoff.
+                self._retry_later(msg, self.clock())
         self._wake.set()
 
     async def stop(self, grace: float = 10.0) -> int:
@@ -442,11 +487,11 @@ class QueueRunner:
                 updated = replace(updated, delay_warned=True)
             if updated.done:
                 await asyncio.to_thread(self.store.remove, msg.queue_id)
-                self._queue.pop(msg.queue_id, None)
+                self._drop(msg.queue_id)
                 log.info("queue_id=%s removed", msg.queue_id)
             else:
                 await asyncio.to_thread(self.store.update, updated)
-                self._queue[msg.queue_id] = updated
+                self._put(updated)
                 log.info(
                     "queue_id=%s deferred pending=%d next_attempt_in=%.0fs",
                     msg.queue_id,
@@ -537,15 +582,26 @@ class QueueRunner:
 
     def _retry_later(self, msg: QueuedMessage, now: float) -> None:
         """Keep the in-memory record (the disk still holds it) and retry after min_backoff."""
-        self._queue[msg.queue_id] = replace(msg, next_attempt=now + self.cfg.min_backoff)
+        self._put(replace(msg, next_attempt=now + self.cfg.min_backoff))
 
     def _update_gauges(self) -> None:
-        queued = list(self._queue.values())
-        held = sum(1 for m in queued if m.held)
-        deferred = sum(1 for m in queued if m.attempts > 0 and not m.held)
+        if len(self._arrivals) > 2 * len(self._queue) + 1024:
+            # Entries of messages gone behind an old one that stays: rebuild, O(n) rarely.
+            self._arrivals = [(m.received, q) for q, m in self._queue.items()]
+            heapq.heapify(self._arrivals)
+        arrivals = self._arrivals
+        while arrivals and arrivals[0][1] not in self._queue:
+            heapq.heappop(arrivals)  # a message that has left the queue
         self.metrics.set_queue(
-            active=len(queued) - held - deferred,
-            deferred=deferred,
-            held=held,
-            oldest_received=min((m.received for m in queued), default=None),
+            active=self._counts["active"],
+            deferred=self._counts["deferred"],
+            held=self._counts["held"],
+            oldest_received=arrivals[0][0] if arrivals else None,
         )
+
+
+def _gauge_state(msg: QueuedMessage) -> str:
+    """The dane_relay_queue_messages state of a queued message."""
+    if msg.held:
+        return "held"
+    return "deferred" if msg.attempts > 0 else "active"

@@ -116,11 +116,14 @@ def lookup_domain(table: Mapping[str, T], domain: str) -> T | None:
     return None if entry is None else entry[1]
 
 
-def _hop_name(host: str) -> str:
+def _lookup_key(name: str) -> str:
+    """`name` as the tables are keyed: its A-label form; a name that is not a domain (an
+    address literal, a malformed recipient domain that resolve_mx bounces) lower-cased,
+    so that only an exact entry can match it and the lookup never fails."""
     try:
-        return ascii_domain(host)
+        return ascii_domain(name)
     except DomainSyntaxError:
-        return host.lower()  # an address literal: only an exact entry can match it
+        return name.lower()
 
 
 def _match(key: str) -> str:
@@ -163,10 +166,7 @@ class PolicyMap:
 
     def destination(self, domain: str) -> Destination:
         """The level and next hop for mail to `domain` (U-labels are looked up as A-labels)."""
-        try:
-            domain = ascii_domain(domain)
-        except DomainSyntaxError:
-            domain = domain.lower()  # resolve_mx bounces it; the lookup just must not fail
+        domain = _lookup_key(domain)
         entry = lookup_entry(self.transport, domain)
         hop_match, hop_key = "default", ""
         hop = self.relayhost
@@ -197,7 +197,7 @@ class PolicyMap:
         elif hop is not None and next_hop.lower() != domain:
             # Postfix smtp_tls_policy_maps: the next hop's own entry decides the level of
             # the connection to it; a recipient-domain entry must not lower it.
-            rule, prefix = lookup_entry(self.policy, _hop_name(next_hop)), "next-hop "
+            rule, prefix = lookup_entry(self.policy, _lookup_key(next_hop)), "next-hop "
         own = lookup_entry(self.policy, domain)
         overridden = own[0] if rule is not None and own is not None else ""
         if rule is None:

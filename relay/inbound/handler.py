@@ -295,7 +295,7 @@ class RelayHandler:
                 'reject=DATA client=%s from=<%s> to=%s reply="550 5.5.2" reason=bare-line-ending',
                 client,
                 escaped(_sender(envelope)),
-                ",".join(f"<{escaped(r)}>" for r in envelope.rcpt_tos),
+                _recipients_text(envelope),
             )
             return "550 5.5.2 Message contains bare CR or LF characters (RFC 5321 section 2.3.8)"
         hops = received_headers(content)
@@ -308,7 +308,7 @@ class RelayHandler:
                 "hops=%d limit=%d",
                 client,
                 escaped(_sender(envelope)),
-                ",".join(f"<{escaped(r)}>" for r in envelope.rcpt_tos),
+                _recipients_text(envelope),
                 hops,
                 self.server_cfg.max_received_headers,
             )
@@ -354,7 +354,7 @@ class RelayHandler:
             qid,
             client,
             escaped(msg.sender),
-            ",".join(f"<{escaped(r)}>" for r in envelope.rcpt_tos),
+            _recipients_text(envelope),
             f" orig_to={orig}" if orig else "",
             len(body),
         )
@@ -462,3 +462,8 @@ def _peer_text(peer: Any) -> str:
     if isinstance(peer, tuple) and peer:
         return str(peer[0])
     return str(peer)
+
+
+def _recipients_text(envelope: Any) -> str:
+    """The transaction's recipients for a log line: `<a>,<b>`, each escaped."""
+    return ",".join(f"<{escaped(r)}>" for r in envelope.rcpt_tos)

@@ -412,7 +412,7 @@ class DeliveryEngine:
             attempt.queue_id,
             attempt.domain,
             period,
-            connections.down_reason.replace('"', "'"),
+            log_quoted(connections.down_reason),
             attempt.route_detail,
         )
 

@@ -338,12 +338,17 @@ class QueueRunner:
     def _done(self, task: asyncio.Task[None]) -> None:
         qid = task.get_name()
         self._in_flight.pop(qid, None)
+        msg = self._queue.get(qid)
         if not task.cancelled() and task.exception() is not None:
             log.error("queue_id=%s runner error: %r", qid, task.exception())
-            msg = self._queue.get(qid)
             if msg is not None:
                 # Its schedule entry was used up: keep it queued, try after the backoff.
                 self._retry_later(msg, self.clock())
+        elif msg is not None and not msg.held:
+            # The entry its attempt pushed (deferred: next_attempt) may have come up while
+            # it was still running and been dropped as running: schedule it again now it
+            # is not (a second entry for the same time is dropped when the first starts).
+            heapq.heappush(self._schedule, (msg.next_attempt, next(self._seq), qid))
         self._wake.set()
 
     async def stop(self, grace: float = 10.0) -> int:

@@ -115,3 +115,80 @@ async def test_due_messages_start_in_next_attempt_order_and_stale_entries_are_sk
         await runner.stop(grace=5.0)
         await asyncio.wait_for(task, 5.0)
         store.close()
+
+
+class DeferFirst:
+    """An engine that defers every attempt and signals each one by queue id."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.called = asyncio.Event()
+
+    async def deliver(
+        self,
+        queue_id: str,
+        sender: str,
+        recipients: list[str],
+        body: bytes,
+        received: float,
+        smtputf8: bool = False,
+    ) -> list[RecipientResult]:
+        self.calls.append(queue_id)
+        self.called.set()
+        later = SmtpReply(451, "4.3.0", "try later")
+        return [RecipientResult(r, Outcome.DEFERRED, later, "mx[192.0.2.1]:25") for r in recipients]
+
+
+async def test_a_deferred_message_is_retried_when_a_new_one_arrives_as_its_attempt_ends(
+    tmp_path: Path,
+) -> None:
+    """A message arriving between a deferral being recorded and its attempt's task ending
+    wakes the loop while the deferred message still counts as running: its new schedule
+    entry was dropped as running, and it was never tried again (until a restart)."""
+    now = [NOW]
+    store = SpoolStore(tmp_path / "spool")
+    store.open()
+    engine = DeferFirst()
+    first = store.commit(sender="a@example.org", recipients=["b@example.net"], body=b"x", now=NOW)
+    second = store.commit(sender="a@example.org", recipients=["c@example.net"], body=b"y", now=NOW)
+
+    class ArrivalAtRecord(Metrics):
+        """Gauges are set right after the deferral is put back in the queue, in the same
+        step of the attempt's task: a submit there is the arrival at the worst moment."""
+
+        sent = False
+
+        def set_queue(self, **kw: int | float | None) -> None:  # type: ignore[override]
+            super().set_queue(**kw)  # type: ignore[arg-type]
+            recorded = runner.message(first.queue_id)
+            if not self.sent and recorded is not None and recorded.attempts == 1:
+                self.sent = True
+                runner.submit(second)
+
+    metrics = ArrivalAtRecord()
+    runner = QueueRunner(
+        store, engine, CFG, metrics, "relay.test", clock=lambda: now[0], rand=lambda: 0.0
+    )
+    runner.submit(first)
+    task = asyncio.create_task(runner.run())
+    try:
+        async with asyncio.timeout(10):
+            while second.queue_id not in engine.calls or any(
+                runner.in_delivery(m.queue_id) for m in (first, second)
+            ):
+                await asyncio.sleep(0.01)
+        assert metrics.sent
+        assert engine.calls == [first.queue_id, second.queue_id]
+        retry_at = runner.message(first.queue_id).next_attempt  # type: ignore[union-attr]
+        assert retry_at == NOW + 300.0  # min_backoff, the first retry's window (rand 0)
+        now[0] = retry_at
+        runner.load([])  # wakes the loop at the new time
+        async with asyncio.timeout(10):
+            while engine.calls.count(first.queue_id) < 2:
+                engine.called.clear()
+                await engine.called.wait()
+        assert engine.calls[:3] == [first.queue_id, second.queue_id, first.queue_id]
+    finally:
+        await runner.stop(grace=5.0)
+        await asyncio.wait_for(task, 5.0)
+        store.close()

@@ -156,6 +156,9 @@ class QueueRunner:
         self._counts = {"active": 0, "deferred": 0, "held": 0}
         self._arrivals: list[tuple[float, str]] = []  # (received, queue id), a heap
         self._in_flight: dict[str, asyncio.Task[None]] = {}
+        # Messages an operator action is writing while they stay pickable in memory
+        # (release): the loop does not start them; the action schedules them again.
+        self._storing: set[str] = set()
         self._wake = asyncio.Event()
         self._stopping = False
         self._slots = asyncio.Semaphore(cfg.concurrency)
@@ -240,7 +243,14 @@ class QueueRunner:
         async with self._admin:
             msg = self._idle(qid)
             free = released(msg, self.clock())
-            await asyncio.to_thread(self.store.update, free)
+            # Not held, it could fall due (or be flushed) during the write: an attempt
+            # ending before the write would be undone by it, on disk and here.
+            self._storing.add(qid)
+            try:
+                await asyncio.to_thread(self.store.update, free)
+            finally:
+                self._storing.discard(qid)
+                self._reschedule(qid)  # an entry that came up meanwhile was dropped
             self._put(free)
             log.info("queue_id=%s released by operator", qid)
             self._update_gauges()
@@ -317,9 +327,16 @@ class QueueRunner:
             while schedule:
                 due, _, qid = schedule[0]
                 msg = self._queue.get(qid)
-                if msg is None or msg.next_attempt != due or msg.held or qid in self._in_flight:
+                if (
+                    msg is None
+                    or msg.next_attempt != due
+                    or msg.held
+                    or qid in self._in_flight
+                    or qid in self._storing
+                ):
                     # Stale: gone, rescheduled (a newer entry), held (release puts it
-                    # back) or running (its end puts it back or removes it).
+                    # back), running (its end puts it back or removes it) or being
+                    # released (release puts it back).
                     heapq.heappop(schedule)
                     continue
                 if due > now:
@@ -348,8 +365,14 @@ class QueueRunner:
             # The entry its attempt pushed (deferred: next_attempt) may have come up while
             # it was still running and been dropped as running: schedule it again now it
             # is not (a second entry for the same time is dropped when the first starts).
-            heapq.heappush(self._schedule, (msg.next_attempt, next(self._seq), qid))
+            self._reschedule(qid)
         self._wake.set()
+
+    def _reschedule(self, qid: str) -> None:
+        """Push an entry for `qid`'s current next_attempt (its last may have been dropped)."""
+        msg = self._queue.get(qid)
+        if msg is not None:
+            heapq.heappush(self._schedule, (msg.next_attempt, next(self._seq), qid))
 
     async def stop(self, grace: float = 10.0) -> int:
         """Stop picking messages; let running deliveries finish for `grace` seconds.

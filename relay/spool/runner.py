@@ -229,6 +229,7 @@ class QueueRunner:
                 await asyncio.to_thread(self.store.update, held)
             except SpoolError:
                 self._put(msg)
+                self._update_gauges()  # one published meanwhile counted it held
                 raise
             log.info("queue_id=%s held by operator", qid)
             self._update_gauges()
@@ -270,6 +271,7 @@ class QueueRunner:
                 await asyncio.to_thread(self.store.remove, qid)
             except SpoolError:
                 self._put(msg)
+                self._update_gauges()  # one published meanwhile left it out
                 raise
             log.info(
                 "queue_id=%s deleted by operator from=<%s> pending=%s (no bounce)",

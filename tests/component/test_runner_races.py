@@ -183,3 +183,70 @@ async def test_a_release_that_cannot_be_stored_leaves_the_message_scheduled(
         await runner.stop(grace=5.0)
         await asyncio.wait_for(loop, 5.0)
         store.close()
+
+
+class FailingWriteStore(SpoolStore):
+    """update and remove of `qid` wait for `go`, then fail."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.qid = ""
+        self.go = threading.Event()
+        self.waiting = threading.Event()
+
+    def _fail(self, qid: str) -> None:
+        if qid == self.qid:
+            self.waiting.set()
+            assert self.go.wait(10.0)
+            raise SpoolError(f"cannot write message {qid}")
+
+    def update(self, msg: QueuedMessage) -> None:
+        self._fail(msg.queue_id)
+        super().update(msg)
+
+    def remove(self, qid: str) -> None:
+        self._fail(qid)
+        super().remove(qid)
+
+
+def published(metrics: Metrics) -> tuple[float | None, ...]:
+    def value(state: str) -> float | None:
+        return metrics.registry.get_sample_value("dane_relay_queue_messages", {"state": state})
+
+    return (value("active"), value("deferred"), value("held"), metrics._oldest_received)
+
+
+@pytest.mark.parametrize("action", ["hold", "delete"])
+async def test_gauges_are_right_after_a_hold_or_delete_that_cannot_be_stored(
+    tmp_path: Path, action: str
+) -> None:
+    """hold and delete change the queue before their write and put it back when the write
+    fails, but did not publish the gauges again: a message arriving during the write
+    published the changed queue (held 1, or the deferred message gone), and that stayed
+    until some other message changed."""
+    store = FailingWriteStore(tmp_path / "spool")
+    store.open()
+    metrics = Metrics()
+    runner = QueueRunner(store, DeliverBDeferC(), CFG, metrics, "relay.test", clock=lambda: NOW)
+    old = store.commit(sender="a@example.org", recipients=["b@example.net"], body=b"x", now=NOW)
+    old = replace(old, attempts=1, next_attempt=NOW + 1000)  # deferred
+    store.update(old)
+    runner.load([old])
+    assert published(metrics) == (0.0, 1.0, 0.0, NOW)
+    store.qid = old.queue_id
+    try:
+        task = asyncio.create_task(getattr(runner, action)(old.queue_id))
+        await until(store.waiting.is_set)
+        new = store.commit(
+            sender="a@example.org", recipients=["c@example.net"], body=b"y", now=NOW + 5
+        )
+        runner.submit(new)  # publishes the gauges while the write goes on
+        store.go.set()
+        with pytest.raises(SpoolError):
+            await asyncio.wait_for(task, 10.0)
+        assert runner.message(old.queue_id) == old
+        # The queue: `old` deferred, not held; `new` active. The oldest arrived at NOW.
+        assert published(metrics) == (1.0, 1.0, 0.0, NOW)
+    finally:
+        store.go.set()
+        store.close()

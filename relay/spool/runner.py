@@ -36,6 +36,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -180,6 +181,9 @@ class QueueRunner:
 
     def _put(self, msg: QueuedMessage) -> None:
         """Add or replace `msg` in the in-memory queue and schedule it at next_attempt."""
+        if math.isnan(msg.next_attempt):
+            # A damaged record: NaN orders with nothing and would hide entries in the heap.
+            msg = replace(msg, next_attempt=0.0)  # due now
         old = self._queue.get(msg.queue_id)
         if old is None:
             heapq.heappush(self._arrivals, (msg.received, msg.queue_id))

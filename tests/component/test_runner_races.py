@@ -250,3 +250,40 @@ async def test_gauges_are_right_after_a_hold_or_delete_that_cannot_be_stored(
     finally:
         store.go.set()
         store.close()
+
+
+async def test_a_record_without_a_valid_next_attempt_hides_no_other_message(
+    tmp_path: Path,
+) -> None:
+    """A record whose next_attempt is NaN (the spool's JSON accepts it: a hand-edited or
+    damaged file) compares neither below nor above anything: pushed into the schedule
+    heap, it kept a due message pushed after it below it, out of the loop's sight until
+    a later one came up. It is tried at once instead, like a message just arrived."""
+    store = SpoolStore(tmp_path / "spool")
+    store.open()
+    engine = DeliverBDeferC()
+    runner = QueueRunner(
+        store, engine, CFG, Metrics(), "relay.test", clock=lambda: NOW, rand=lambda: 0.0
+    )
+    due_at = {"later": NOW + 50, "broken": float("nan"), "later2": NOW + 60, "due": NOW - 1}
+    names: dict[str, str] = {}
+    loaded = []
+    for name, at in due_at.items():
+        committed = store.commit(
+            sender="a@example.org", recipients=[f"c@{name}.example"], body=b"x", now=NOW - 10
+        )
+        msg = replace(committed, next_attempt=at)
+        store.update(msg)
+        names[committed.queue_id] = name
+        loaded.append(msg)
+    runner.load(loaded)
+    loop = asyncio.create_task(runner.run())
+    try:
+        await until(lambda: len(engine.calls) == 2 and not runner._in_flight)
+        assert sorted(c[0] for c in engine.calls) == ["c@broken.example", "c@due.example"]
+        broken = runner.message(loaded[1].queue_id)
+        assert broken is not None and broken.next_attempt == NOW + 300  # finite again
+    finally:
+        await runner.stop(grace=5.0)
+        await asyncio.wait_for(loop, 5.0)
+        store.close()

@@ -4,6 +4,10 @@ bookkeeping that replaced sorting and scanning the whole queue for every message
 from __future__ import annotations
 
 import asyncio
+import random
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +19,7 @@ from relay.model import Outcome, RecipientResult
 from relay.smtp.reply import SmtpReply
 from relay.spool.records import QueuedMessage, RecipientState
 from relay.spool.runner import QueueRunner
+from relay.spool.schedule import retry_delay
 from relay.spool.store import SpoolStore
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]
@@ -139,55 +144,169 @@ class DeferFirst:
         return [RecipientResult(r, Outcome.DEFERRED, later, "mx[192.0.2.1]:25") for r in recipients]
 
 
-async def test_a_deferred_message_is_retried_when_a_new_one_arrives_as_its_attempt_ends(
+async def test_every_deferred_message_is_retried_while_others_keep_arriving(
     tmp_path: Path,
 ) -> None:
-    """A message arriving between a deferral being recorded and its attempt's task ending
-    wakes the loop while the deferred message still counts as running: its new schedule
-    entry was dropped as running, and it was never tried again (until a restart)."""
+    """Messages arriving while others' deferrals are recorded wake the loop at moments
+    when a deferred message's attempt has put its next entry but its task has not ended:
+    that entry was dropped as running, and the message was never tried again until a
+    restart (found as a full-suite flake of the delay-warning test). Here 120 arrivals
+    interleave with 120 deferrals; after the backoff every message must be tried again."""
     now = [NOW]
     store = SpoolStore(tmp_path / "spool")
     store.open()
     engine = DeferFirst()
-    first = store.commit(sender="a@example.org", recipients=["b@example.net"], body=b"x", now=NOW)
-    second = store.commit(sender="a@example.org", recipients=["c@example.net"], body=b"y", now=NOW)
-
-    class ArrivalAtRecord(Metrics):
-        """Gauges are set right after the deferral is put back in the queue, in the same
-        step of the attempt's task: a submit there is the arrival at the worst moment."""
-
-        sent = False
-
-        def set_queue(self, **kw: int | float | None) -> None:  # type: ignore[override]
-            super().set_queue(**kw)  # type: ignore[arg-type]
-            recorded = runner.message(first.queue_id)
-            if not self.sent and recorded is not None and recorded.attempts == 1:
-                self.sent = True
-                runner.submit(second)
-
-    metrics = ArrivalAtRecord()
+    rng = random.Random(7)
     runner = QueueRunner(
-        store, engine, CFG, metrics, "relay.test", clock=lambda: now[0], rand=lambda: 0.0
+        store, engine, CFG, Metrics(), "relay.test", clock=lambda: now[0], rand=lambda: 0.0
     )
-    runner.submit(first)
+    msgs = [
+        store.commit(sender="a@example.org", recipients=[f"r{i}@example.net"], body=b"x", now=NOW)
+        for i in range(120)
+    ]
     task = asyncio.create_task(runner.run())
     try:
-        async with asyncio.timeout(10):
-            while second.queue_id not in engine.calls or any(
-                runner.in_delivery(m.queue_id) for m in (first, second)
+        for msg in msgs:
+            runner.submit(msg)
+            for _ in range(rng.randrange(4)):
+                await asyncio.sleep(0)
+        async with asyncio.timeout(20):
+            while len(engine.calls) < len(msgs) or any(
+                runner.in_delivery(m.queue_id) for m in msgs
             ):
                 await asyncio.sleep(0.01)
-        assert metrics.sent
-        assert engine.calls == [first.queue_id, second.queue_id]
-        retry_at = runner.message(first.queue_id).next_attempt  # type: ignore[union-attr]
-        assert retry_at == NOW + 300.0  # min_backoff, the first retry's window (rand 0)
+        assert sorted(engine.calls) == sorted(m.queue_id for m in msgs)
+        for attempt in range(2, 7):
+            # Every message was deferred at the same clock time with the same jitter (0).
+            due = {runner.message(m.queue_id).next_attempt for m in msgs}  # type: ignore[union-attr]
+            assert due == {now[0] + retry_delay(attempt - 1, 300.0, 4000.0, lambda: 0.0)}
+            now[0] = due.pop()
+            runner.load([])  # wakes the loop at the new time
+            async with asyncio.timeout(20):
+                while len(engine.calls) < attempt * len(msgs) or any(
+                    runner.in_delivery(m.queue_id) for m in msgs
+                ):
+                    await asyncio.sleep(0.01)
+            assert sorted(engine.calls) == sorted(attempt * [m.queue_id for m in msgs])
+    finally:
+        await runner.stop(grace=5.0)
+        await asyncio.wait_for(task, 5.0)
+        store.close()
+
+
+class ArrivalAsWriteEnds(SpoolStore):
+    """A spool where a new message arrives just as the record of a chosen message's
+    deferral is written: from the write's worker thread, the arrival is submitted on the
+    loop, then `hops` loop iterations pass, then the loop is held long enough for the
+    write's completion to be queued behind the wake-up the arrival caused. Which `hops`
+    puts the loop's step between the attempt's last step and its done callback depends on
+    how many steps asyncio.wait_for takes (3.11: 0), so each message gets another."""
+
+    def __init__(self, directory: Path, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(directory)
+        self.loop = loop
+        self.hops: dict[str, int] = {}  # queue id -> hops before its write may end
+        self.arrive: Callable[[], None] = lambda: None
+
+    def update(self, msg: QueuedMessage) -> None:
+        super().update(msg)
+        hops = self.hops.pop(msg.queue_id, None)
+        if hops is None:
+            return
+        released = threading.Event()
+
+        def step(n: int) -> None:
+            if n == 0:
+                self.arrive()
+            if n < hops:
+                self.loop.call_soon(step, n + 1)
+                return
+            released.set()
+            time.sleep(0.05)  # on the loop: this thread's completion is queued meanwhile
+
+        self.loop.call_soon_threadsafe(step, 0)
+        assert released.wait(5.0)
+
+
+class DeferM:
+    """Defers recipients m*@, delivers the others; notes every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def deliver(
+        self,
+        queue_id: str,
+        sender: str,
+        recipients: list[str],
+        body: bytes,
+        received: float,
+        smtputf8: bool = False,
+    ) -> list[RecipientResult]:
+        self.calls.append(queue_id)
+        ok, later = SmtpReply(250, "2.0.0", "Ok"), SmtpReply(451, "4.3.0", "try later")
+        return [
+            RecipientResult(
+                r,
+                Outcome.DEFERRED if r.startswith("m") else Outcome.DELIVERED,
+                later if r.startswith("m") else ok,
+                "mx[192.0.2.1]:25",
+            )
+            for r in recipients
+        ]
+
+
+async def test_a_message_arriving_as_a_deferral_is_recorded_leaves_it_scheduled(
+    tmp_path: Path,
+) -> None:
+    """The loop woken by an arrival between a deferred attempt's last step (its next
+    entry pushed) and its done callback dropped that entry as running: the message stayed
+    on disk and was never retried until a restart. Deterministic form of the race the
+    test above provokes by numbers."""
+    now = [NOW]
+    store = ArrivalAsWriteEnds(tmp_path / "spool", asyncio.get_running_loop())
+    store.open()
+    engine = DeferM()
+    runner = QueueRunner(
+        store, engine, CFG, Metrics(), "relay.test", clock=lambda: now[0], rand=lambda: 0.0
+    )
+    task = asyncio.create_task(runner.run())
+    deferred: list[QueuedMessage] = []
+    try:
+        for hops in range(4):
+            # Each one's retry is due before the earlier ones', so its new entry is the
+            # first the loop looks at (where the running check dropped it).
+            now[0] = NOW - 10.0 * hops
+            msg = store.commit(
+                sender="a@example.org", recipients=[f"m{hops}@example.net"], body=b"x", now=now[0]
+            )
+            arrival = store.commit(
+                sender="a@example.org", recipients=[f"n{hops}@example.net"], body=b"y", now=now[0]
+            )
+            store.hops[msg.queue_id] = hops
+            store.arrive = lambda arrival=arrival: runner.submit(arrival)  # type: ignore[misc]
+            runner.submit(msg)
+            async with asyncio.timeout(10):
+                while (
+                    arrival.queue_id not in engine.calls
+                    or any(runner.in_delivery(q) for q in (msg.queue_id, arrival.queue_id))
+                    or runner.message(arrival.queue_id) is not None
+                ):
+                    await asyncio.sleep(0.005)
+            assert store.hops == {}  # the arrival came during this message's write
+            deferred.append(msg)
+        assert len(engine.calls) == 8  # four deferred, four arrivals delivered
+        assert [engine.calls.count(m.queue_id) for m in deferred] == [1, 1, 1, 1]
+        retry_at = NOW + retry_delay(1, 300.0, 4000.0, lambda: 0.0)
+        assert [runner.message(m.queue_id).next_attempt for m in deferred] == [  # type: ignore[union-attr]
+            retry_at - 10.0 * hops for hops in range(4)
+        ]
         now[0] = retry_at
-        runner.load([])  # wakes the loop at the new time
+        runner.load([])  # wakes the loop at the new time: all four are due
         async with asyncio.timeout(10):
-            while engine.calls.count(first.queue_id) < 2:
-                engine.called.clear()
-                await engine.called.wait()
-        assert engine.calls[:3] == [first.queue_id, second.queue_id, first.queue_id]
+            while any(engine.calls.count(m.queue_id) < 2 for m in deferred):
+                await asyncio.sleep(0.005)
+        assert [engine.calls.count(m.queue_id) for m in deferred] == [2, 2, 2, 2]
     finally:
         await runner.stop(grace=5.0)
         await asyncio.wait_for(task, 5.0)

@@ -16,10 +16,11 @@ so a recipient-domain entry ("dane-bad.test" = "none", ".com" = "may") can never
 level to a smarthost configured "dane-only". Otherwise the recipient domain's entry
 decides, then `tls.level`.
 
-Ports (RFC 7672 §2.2.2 non-MX destinations; Postfix looks TLSA up at `_port._tcp.host` of
-the next hop): an explicit `[host]:port` has its TLSA records at `_port._tcp.host`; every
-other destination at `_<tlsa_port>._tcp` (25: the logical SMTP port, whatever port the
-connection uses, so that the lab can run on other ports).
+Ports (RFC 7672 §2.2.2; Postfix looks TLSA up at the port it connects to): a next hop
+that names a port has its TLSA records at that port: `[host]:port` at `_port._tcp.host`,
+`host:port` at `_port._tcp.<each MX host>`; every other destination at
+`_<tlsa_port>._tcp` (25: the logical SMTP port, whatever `delivery.port` the connection
+uses, so that the lab can run on other ports).
 
 Why (`Destination.level_match`/`level_key`, `hop_match`/`hop_key`, and the one-line
 `Destination.why`): "exact" or "parent" with the `[tls.policy]` / `[delivery.transport]`
@@ -185,8 +186,10 @@ class PolicyMap:
         else:
             next_hop, mx, via = hop.host, hop.mx, str(hop)
             port = self.port if hop.port is None else hop.port
-            # Postfix: TLSA for an explicit [host]:port at _port._tcp.host (RFC 7672 §2.2.2).
-            tlsa_port = hop.port if hop.port is not None and not hop.mx else self.tlsa_port
+            # RFC 7672 §2.2.2 / RFC 6698 §3: TLSA at _port._tcp of the port connected to
+            # when the next hop names one ([host]:port, or host:port whose MX hosts are
+            # all reached at that port), as Postfix looks up its iterator's port.
+            tlsa_port = self.tlsa_port if hop.port is None else hop.port
         level_match, level_key, level = "default", "", self.level
         rule, prefix = None, ""
         literal = hop is not None and hop.literal

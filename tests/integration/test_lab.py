@@ -230,7 +230,7 @@ def test_all_receivers_start_on_their_own_addresses(
     started = receivers.start()
     assert {r.host.name for r in started} == set(dns_lab.hosts)
     for rx in started:
-        with smtplib.SMTP(rx.address, 25, timeout=10) as c:
+        with smtplib.SMTP(rx.address, rx.port, timeout=10) as c:
             c.ehlo()
             assert c.has_extn("starttls") == rx.host.starttls
 

@@ -210,3 +210,37 @@ def test_an_unreadable_ca_file_refuses_to_start(dns_lab: DnsLab, tmp_path: Path)
         f"got '{missing}'"
     ), out.stderr
     assert not (tmp_path / "spool").exists()
+
+
+def test_a_next_hop_with_a_port_has_its_tlsa_records_at_that_port(
+    dns_lab: DnsLab, receivers: ReceiverPool, relay_factory: RelayFactory
+) -> None:
+    """RFC 7672 §2.2.2 and RFC 6698 §3: the TLSA records of the port connected to. The
+    MX host of port-tlsa.test listens on 2525 only, with its correct TLSA record at
+    _2525._tcp and a wrong one at _25._tcp. A transport "port-tlsa.test:2525" (MX lookup,
+    then port 2525, as Postfix's host:port) verifies with the _2525 one; looking at _25
+    (as before) failed the match and deferred. A "[host]:2525" next hop does the same."""
+    (receiver,) = receivers.start("port-tlsa.test")
+    assert receiver.port == 2525
+    relay = relay_factory(
+        extra="[delivery.transport]\n"
+        '"port-tlsa.test" = "port-tlsa.test:2525"\n'
+        '"literal.test" = "[mx.port-tlsa.test]:2525"\n'
+    )
+    qid = submit(relay, ["bob@port-tlsa.test"], BODY)
+    (msg,) = receiver.wait_for(1, timeout=20)
+    assert (msg.rcpt_tos, msg.tls) == (("bob@port-tlsa.test",), True)
+    sent = relay.attempt_line(qid, "sent")
+    assert "relay=mx.port-tlsa.test[" in sent and ":2525" in sent
+    assert " tls=verified(" in sent and "dane=pass reason=match" in sent
+    assert sent.endswith("level=dane nexthop=port-tlsa.test:2525")
+    qid = submit(relay, ["ann@literal.test"], BODY)
+    msgs = receiver.wait_for(2, timeout=20)
+    assert [(m.rcpt_tos, m.tls) for m in msgs] == [
+        (("bob@port-tlsa.test",), True),
+        (("ann@literal.test",), True),
+    ]
+    sent = relay.attempt_line(qid, "sent")
+    assert " tls=verified(" in sent and "dane=pass reason=match" in sent
+    assert sent.endswith("level=dane nexthop=[mx.port-tlsa.test]:2525")
+    assert metric(relay, "dane_relay_outbound_tls_total", level="verified") == 2

@@ -43,7 +43,8 @@ __all__ = [
 ]
 
 CertKind = Literal["ca", "self-signed"]
-SMTP_PORT = 25  # receivers listen here, and TLSA names always use it (RFC 7672 3.1)
+SMTP_PORT = 25  # receivers listen here, and TLSA names use it (RFC 7672 3.1), unless a
+# HostSpec names another port
 NULL_MX: tuple[tuple[int, str], ...] = ((0, "."),)
 
 
@@ -71,6 +72,7 @@ class HostSpec:
     starttls: bool = True
     cert: CertKind = "ca"
     tlsa: tuple[TlsaSpec, ...] = ()
+    port: int = SMTP_PORT  # its receiver's port, and the port of its `tlsa` records' owner name
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,10 +281,10 @@ def build_scenarios(specs: list[ScenarioSpec], *, octet: int, ca: CA) -> dict[st
                 MxHost(
                     name=host.name,
                     address=receiver_address(octet, index),
-                    port=SMTP_PORT,
+                    port=host.port,
                     leaf=leaf,
                     starttls=host.starttls,
-                    tlsa_name=f"_{SMTP_PORT}._tcp.{host.name}",
+                    tlsa_name=f"_{host.port}._tcp.{host.name}",
                     tlsa=tuple(_tlsa_record(t, leaf) for t in host.tlsa),
                 )
             )
@@ -505,5 +507,18 @@ SCENARIOS += [
         "delivery port is that host",
         mx=((10, "mx.mapped-loop.test"),),
         extra_records=(("mx.mapped-loop.test", "AAAA", f"::ffff:{MAPPED_LOOP_ADDRESS}"),),
+    ),
+]
+
+# A next hop with a port (issue 5 follow-up): TLSA at the port connected to. Appended, so
+# the receiver addresses above do not move.
+SCENARIOS += [
+    ScenarioSpec(
+        domain="port-tlsa.test",
+        description="signed, DS, MX mx.port-tlsa.test whose receiver listens on port 2525 "
+        "only, with a correct 3 1 1 at _2525._tcp and a wrong one at _25._tcp",
+        mx=((10, "mx.port-tlsa.test"),),
+        hosts=(HostSpec("mx.port-tlsa.test", tlsa=(DANE_EE_SPKI_SHA256,), port=2525),),
+        extra_records=(("_25._tcp.mx.port-tlsa.test", "TLSA", "3 1 1 " + "00" * 32),),
     ),
 ]

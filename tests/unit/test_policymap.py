@@ -50,15 +50,29 @@ def test_explicit_next_hop_has_no_mx_lookup_and_tlsa_at_its_port() -> None:
     assert routes.destination("sub.example.org").next_hop == "sub.example.org"
 
 
-def test_mx_next_hop_keeps_tlsa_at_the_smtp_port() -> None:
+def test_mx_next_hop_with_a_port_has_tlsa_at_that_port() -> None:
+    """Postfix looks TLSA up at the port it connects to, for MX hosts too (RFC 7672
+    §2.2.2, RFC 6698 §3); without a port, at 25 whatever delivery.port is."""
     routes = PolicyMap(
-        "dane", port=25, transport=(("example.org", parse_next_hop("relay.example.net:2525")),)
+        "dane",
+        port=26,
+        transport=(
+            ("example.org", parse_next_hop("relay.example.net:2525")),
+            ("example.com", parse_next_hop("relay.example.net")),
+        ),
     )
     dest = routes.destination("example.org")
     assert (dest.next_hop, dest.mx, dest.port, dest.tlsa_port) == (
         "relay.example.net",
         True,
         2525,
+        2525,
+    )
+    dest = routes.destination("example.com")
+    assert (dest.next_hop, dest.mx, dest.port, dest.tlsa_port) == (
+        "relay.example.net",
+        True,
+        26,
         25,
     )
 

@@ -355,6 +355,9 @@ class DeliveryEngine:
     async def _deliver_domain(
         self, attempt: Attempt, sender: str, body: bytes, received: float
     ) -> list[RecipientResult]:
+        # Before anything is read from the settings: a session set up by this delivery is
+        # not cached when a reload drops the cache meanwhile (`ConnectionCache.drop`).
+        begun = time.monotonic()
         dest = self.routes.destination(attempt.domain)
         if self.routes.configured:
             attempt.route_detail = f" level={dest.level} nexthop={dest.via}"
@@ -379,7 +382,9 @@ class DeliveryEngine:
                 except BaseException:
                     channel.session.abort()
                     raise
-            return await self._route_domain(attempt, dest, key, validating, sender, body, received)
+            return await self._route_domain(
+                attempt, dest, key, validating, sender, body, received, begun
+            )
 
     def _suspended(
         self, attempt: Attempt, key: _Key, received: float
@@ -420,9 +425,13 @@ class DeliveryEngine:
         """A cached session for `key` that answered RSET with 250, or None."""
         while (channel := self.cache.take(key)) is not None:
             session = channel.session
-            # RFC 5321 §4.1.1.5: RSET clears any state and proves the peer still listens.
-            await session.write(Command(Phase.RSET, "RSET"), b"")
-            reply = await session.read_reply(self.settings.timeouts[Phase.RSET])
+            try:
+                # RFC 5321 §4.1.1.5: RSET clears any state and proves the peer still listens.
+                await session.write(Command(Phase.RSET, "RSET"), b"")
+                reply = await session.read_reply(self.settings.timeouts[Phase.RSET])
+            except BaseException:
+                session.abort()  # cut off (the relay stopping): out of the cache, unused
+                raise
             if isinstance(reply, PeerReply) and reply.code == 250:
                 self.metrics.connection_reuse.labels("hit").inc()
                 return channel
@@ -439,6 +448,7 @@ class DeliveryEngine:
         sender: str,
         body: bytes,
         received: float,
+        begun: float,
     ) -> list[RecipientResult]:
         queue_id, domain = attempt.queue_id, attempt.domain
         # RFC 7672 §2.2.2: an explicit [host] next hop is used without MX lookup.
@@ -516,6 +526,7 @@ class DeliveryEngine:
                     connections,
                     key,
                     lookups,
+                    begun,
                 )
             except (TemporaryFailure, PermanentFailure) as exc:
                 if exc.scope is not Scope.HOST:
@@ -562,6 +573,7 @@ class DeliveryEngine:
         connections: _Connections,
         key: _Key,
         resolver: Resolver,
+        begun: float,
     ) -> list[RecipientResult]:
         settings = self.settings
         route = await resolve_host(
@@ -633,6 +645,7 @@ class DeliveryEngine:
                     body,
                     received,
                     key,
+                    begun,
                 )
             except (TemporaryFailure, PermanentFailure) as exc:
                 self.record.log_failure(attempt, exc, received)
@@ -677,6 +690,7 @@ class DeliveryEngine:
         body: bytes,
         received: float,
         key: _Key,
+        begun: float,
     ) -> list[RecipientResult]:
         opened = time.monotonic()
         session = await self.transport.open(address, port)
@@ -700,7 +714,7 @@ class DeliveryEngine:
         assert setup.session is not None
         session = setup.session
         self.metrics.tls_sessions.labels(attempt.tls).inc()
-        channel = Channel(session, _Verdict.of(attempt), opened)
+        channel = Channel(session, _Verdict.of(attempt), opened, decided=begun)
         try:
             return await self._mail_transaction(
                 session, attempt, sender, body, received, key, channel

@@ -56,6 +56,9 @@ class Channel(Generic[S, V]):
     verdict: V
     opened: float  # monotonic time the connection was set up
     uses: int = 1  # mail transactions completed on it
+    # Monotonic time the settings its setup followed were read (None: `opened`); `drop`
+    # refuses it when that was before the drop, even if it connected after.
+    decided: float | None = None
     _timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
 
@@ -111,8 +114,9 @@ class ConnectionCache(Generic[S, V]):
         return True
 
     def drop(self) -> int:
-        """Reuse no session set up so far: QUIT the idle ones now; one in use is ended
-        when it is put back. For a reload, since a session's verdict was reached under the
+        """Reuse no session set up so far, nor one whose setup follows settings read
+        before now (`Channel.decided`): QUIT the idle ones now; one in use is ended when
+        it is put back. For a reload, since a session's verdict was reached under the
         settings it was set up with (TLS levels, insecure_mx_policy, CA file, resolvers).
         Returns how many idle sessions were ended."""
         self._not_after = self.clock()
@@ -139,10 +143,11 @@ class ConnectionCache(Generic[S, V]):
             task.cancel()
 
     def _usable(self, channel: Channel[S, V]) -> bool:
+        decided = channel.opened if channel.decided is None else channel.decided
         return (
             channel.uses < self.max_uses
             and self.clock() - channel.opened < self.max_age
-            and channel.opened > self._not_after
+            and min(channel.opened, decided) > self._not_after
         )
 
     def _expire(self, key: Hashable, channel: Channel[S, V]) -> None:

@@ -28,11 +28,13 @@ CFG = DeliveryConfig(concurrency=4, min_backoff=300.0, max_backoff=4000.0, scan_
 NOW = 1_700_000_000.0
 
 
-class Recorder:
-    """An engine that delivers everything and notes the order of the attempts."""
+class Engine:
+    """An engine that notes the order of its attempts (queue ids in `calls`) and answers
+    each recipient 250, or 451 where `defer(recipient)` says so (default: none)."""
 
-    def __init__(self) -> None:
-        self.order: list[str] = []
+    def __init__(self, defer: Callable[[str], bool] = lambda rcpt: False) -> None:
+        self.defer = defer
+        self.calls: list[str] = []
 
     async def deliver(
         self,
@@ -43,9 +45,14 @@ class Recorder:
         received: float,
         smtputf8: bool = False,
     ) -> list[RecipientResult]:
-        self.order.append(queue_id)
-        ok = SmtpReply(250, "2.0.0", "Ok")
-        return [RecipientResult(r, Outcome.DELIVERED, ok, "mx[192.0.2.1]:25") for r in recipients]
+        self.calls.append(queue_id)
+        ok, later = SmtpReply(250, "2.0.0", "Ok"), SmtpReply(451, "4.3.0", "try later")
+        return [
+            RecipientResult(r, Outcome.DEFERRED, later, "mx[192.0.2.1]:25")
+            if self.defer(r)
+            else RecipientResult(r, Outcome.DELIVERED, ok, "mx[192.0.2.1]:25")
+            for r in recipients
+        ]
 
 
 def message(qid: str, *, received: float, next_attempt: float, **kw: object) -> QueuedMessage:
@@ -70,7 +77,7 @@ async def test_gauges_follow_put_hold_and_drop_and_the_arrival_heap_stays_bounde
     tmp_path: Path,
 ) -> None:
     metrics = Metrics()
-    runner = QueueRunner(SpoolStore(tmp_path / "spool"), Recorder(), CFG, metrics, "relay.test")
+    runner = QueueRunner(SpoolStore(tmp_path / "spool"), Engine(), CFG, metrics, "relay.test")
     oldest = message("OLD", received=NOW - 9000, next_attempt=NOW + 5000, attempts=3)
     runner.submit(oldest)
     for i in range(3000):
@@ -93,7 +100,7 @@ async def test_due_messages_start_in_next_attempt_order_and_stale_entries_are_sk
 ) -> None:
     store = SpoolStore(tmp_path / "spool")
     store.open()
-    recorder = Recorder()
+    recorder = Engine()
     # One delivery at a time, so the order the engine sees is the order they started in.
     cfg = replace(CFG, concurrency=1)
     runner = QueueRunner(store, recorder, cfg, Metrics(), "relay.test", clock=lambda: NOW)
@@ -110,38 +117,16 @@ async def test_due_messages_start_in_next_attempt_order_and_stale_entries_are_sk
     task = asyncio.create_task(runner.run())
     try:
         for _ in range(300):
-            if len(recorder.order) >= 3:
+            if len(recorder.calls) >= 3:
                 break
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)
-        assert [names[q] for q in recorder.order] == ["A", "B", "C"]
+        assert [names[q] for q in recorder.calls] == ["A", "B", "C"]
         assert runner.message(msgs["LATER"].queue_id) is not None  # not due: not started
     finally:
         await runner.stop(grace=5.0)
         await asyncio.wait_for(task, 5.0)
         store.close()
-
-
-class DeferFirst:
-    """An engine that defers every attempt and signals each one by queue id."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-        self.called = asyncio.Event()
-
-    async def deliver(
-        self,
-        queue_id: str,
-        sender: str,
-        recipients: list[str],
-        body: bytes,
-        received: float,
-        smtputf8: bool = False,
-    ) -> list[RecipientResult]:
-        self.calls.append(queue_id)
-        self.called.set()
-        later = SmtpReply(451, "4.3.0", "try later")
-        return [RecipientResult(r, Outcome.DEFERRED, later, "mx[192.0.2.1]:25") for r in recipients]
 
 
 async def test_every_deferred_message_is_retried_while_others_keep_arriving(
@@ -155,7 +140,7 @@ async def test_every_deferred_message_is_retried_while_others_keep_arriving(
     now = [NOW]
     store = SpoolStore(tmp_path / "spool")
     store.open()
-    engine = DeferFirst()
+    engine = Engine(defer=lambda rcpt: True)
     rng = random.Random(7)
     runner = QueueRunner(
         store, engine, CFG, Metrics(), "relay.test", clock=lambda: now[0], rand=lambda: 0.0
@@ -228,34 +213,6 @@ class ArrivalAsWriteEnds(SpoolStore):
         assert released.wait(5.0)
 
 
-class DeferM:
-    """Defers recipients m*@, delivers the others; notes every call."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    async def deliver(
-        self,
-        queue_id: str,
-        sender: str,
-        recipients: list[str],
-        body: bytes,
-        received: float,
-        smtputf8: bool = False,
-    ) -> list[RecipientResult]:
-        self.calls.append(queue_id)
-        ok, later = SmtpReply(250, "2.0.0", "Ok"), SmtpReply(451, "4.3.0", "try later")
-        return [
-            RecipientResult(
-                r,
-                Outcome.DEFERRED if r.startswith("m") else Outcome.DELIVERED,
-                later if r.startswith("m") else ok,
-                "mx[192.0.2.1]:25",
-            )
-            for r in recipients
-        ]
-
-
 async def test_a_message_arriving_as_a_deferral_is_recorded_leaves_it_scheduled(
     tmp_path: Path,
 ) -> None:
@@ -266,7 +223,7 @@ async def test_a_message_arriving_as_a_deferral_is_recorded_leaves_it_scheduled(
     now = [NOW]
     store = ArrivalAsWriteEnds(tmp_path / "spool", asyncio.get_running_loop())
     store.open()
-    engine = DeferM()
+    engine = Engine(defer=lambda rcpt: rcpt.startswith("m"))  # m*@ deferred, n*@ delivered
     runner = QueueRunner(
         store, engine, CFG, Metrics(), "relay.test", clock=lambda: now[0], rand=lambda: 0.0
     )

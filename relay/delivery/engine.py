@@ -248,6 +248,18 @@ class _Verdict:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """What one domain's delivery reads from the engine when it begins, with its route, and
+    keeps to the end: a reload (relay.reload) meanwhile swaps the engine's objects for the
+    next delivery, and this one must not judge its old route by the new settings (an old
+    level dane with a new insecure_mx_policy "may" is plaintext that neither allows)."""
+
+    settings: EngineSettings
+    transport: Transport
+    pkix_context: ssl.SSLContext | None
+
+
 #: A cached connection serves only the destination its setup was checked for, under the
 #: resolver trust it was checked with: a session set up without DANE while the resolver did
 #: not validate is never reused once it does (RFC 7672 §2.2: DANE needs validated TLSA).
@@ -358,40 +370,41 @@ class DeliveryEngine:
         # Before anything is read from the settings: a session set up by this delivery is
         # not cached when a reload drops the cache meanwhile (`ConnectionCache.drop`).
         begun = time.monotonic()
+        held = _Held(self.settings, self.transport, self.pkix_context)
         dest = self.routes.destination(attempt.domain)
         if self.routes.configured:
             attempt.route_detail = f" level={dest.level} nexthop={dest.via}"
         # One reading per domain, so that every host of the domain is judged alike.
         validating = self.resolver_status is None or self.resolver_status.validating
         key = _key(dest, validating)
-        if (suspended := self._suspended(attempt, key, received)) is not None:
+        if (suspended := self._suspended(attempt, key, received, held)) is not None:
             return suspended
         async with self.slots.hold(key[1:]):
             # Again: the destination may have been suspended while this one waited.
-            if (suspended := self._suspended(attempt, key, received)) is not None:
+            if (suspended := self._suspended(attempt, key, received, held)) is not None:
                 return suspended
-            channel = await self._cached(key)
+            channel = await self._cached(key, held)
             if channel is not None:
                 channel.verdict.apply(attempt)
                 attempt.route_detail += f" conn=reused:{channel.uses}"
                 channel.uses += 1
                 try:
                     return await self._mail_transaction(
-                        channel.session, attempt, sender, body, received, key, channel
+                        channel.session, attempt, sender, body, received, key, channel, held
                     )
                 except BaseException:
                     channel.session.abort()
                     raise
             return await self._route_domain(
-                attempt, dest, key, validating, sender, body, received, begun
+                attempt, dest, key, validating, sender, body, received, begun, held
             )
 
     def _suspended(
-        self, attempt: Attempt, key: _Key, received: float
+        self, attempt: Attempt, key: _Key, received: float, held: _Held
     ) -> list[RecipientResult] | None:
         """Deferred results, without a lookup or a connection, while the destination is
         suspended (Postfix qmgr: "delivery temporarily suspended"); None otherwise."""
-        if self.settings.dead_destination_time <= 0:
+        if held.settings.dead_destination_time <= 0:
             return None
         why = self.dead.suspended(key[1:])
         if why is None:
@@ -403,10 +416,10 @@ class DeliveryEngine:
             attempt, Outcome.DEFERRED, reply, received, reason="dest_suspended"
         )
 
-    def _suspend(self, attempt: Attempt, key: _Key, connections: _Connections) -> None:
+    def _suspend(self, attempt: Attempt, key: _Key, connections: _Connections, held: _Held) -> None:
         """Suspend the destination when every connection this attempt made failed before a
         session was set up (`_UNREACHABLE`) and no host failed in any other way."""
-        period = self.settings.dead_destination_time
+        period = held.settings.dead_destination_time
         if period <= 0 or not connections.down or connections.other:
             return
         self.dead.mark(key[1:], connections.down_reason, period)
@@ -421,14 +434,14 @@ class DeliveryEngine:
             attempt.route_detail,
         )
 
-    async def _cached(self, key: _Key) -> Channel[Session, _Verdict] | None:
+    async def _cached(self, key: _Key, held: _Held) -> Channel[Session, _Verdict] | None:
         """A cached session for `key` that answered RSET with 250, or None."""
         while (channel := self.cache.take(key)) is not None:
             session = channel.session
             try:
                 # RFC 5321 §4.1.1.5: RSET clears any state and proves the peer still listens.
                 await session.write(Command(Phase.RSET, "RSET"), b"")
-                reply = await session.read_reply(self.settings.timeouts[Phase.RSET])
+                reply = await session.read_reply(held.settings.timeouts[Phase.RSET])
             except BaseException:
                 session.abort()  # cut off (the relay stopping): out of the cache, unused
                 raise
@@ -449,15 +462,17 @@ class DeliveryEngine:
         body: bytes,
         received: float,
         begun: float,
+        held: _Held,
     ) -> list[RecipientResult]:
         queue_id, domain = attempt.queue_id, attempt.domain
+        settings = held.settings
         # RFC 7672 §2.2.2: an explicit [host] next hop is used without MX lookup.
         mx = (
             await resolve_mx(
                 self.resolver,
                 dest.next_hop,
                 validating=validating,
-                host_limit=self.settings.mx_host_limit,
+                host_limit=settings.mx_host_limit,
                 rng=self.rng,
             )
             if dest.mx
@@ -477,15 +492,15 @@ class DeliveryEngine:
                 domain,
                 len(mx.plan.hosts) + mx.plan.dropped,
                 len(mx.plan.hosts),
-                self.settings.mx_host_limit,
+                settings.mx_host_limit,
             )
         last: DeliveryError | None = None
-        limit = self.settings.mx_address_limit
+        limit = settings.mx_address_limit
         hosts = mx.plan.hosts
         connections = _Connections(
             left=limit, best_preference=hosts[0].preference if hosts else None
         )
-        identity = self.settings.myself(dest.port) if self.settings.myself else None
+        identity = settings.myself(dest.port) if settings.myself else None
         lookups = _Remembered(self.resolver)
         hosts_left = 0
         for index, host in enumerate(hosts):
@@ -527,13 +542,14 @@ class DeliveryEngine:
                     key,
                     lookups,
                     begun,
+                    held,
                 )
             except (TemporaryFailure, PermanentFailure) as exc:
                 if exc.scope is not Scope.HOST:
                     if isinstance(exc, MailLoopDeferred):
                         # A backup MX: the more preferred hosts tried before the loop
                         # decide whether their destination is down.
-                        self._suspend(attempt, key, connections)
+                        self._suspend(attempt, key, connections, held)
                     return self.record.fail_all(attempt, exc, received)
                 last = exc
         if hosts_left or connections.untried:
@@ -549,7 +565,7 @@ class DeliveryEngine:
             )
         if last is None:
             last = TemporaryFailure("No MX host could be tried", scope=Scope.DOMAIN)
-        self._suspend(attempt, key, connections)
+        self._suspend(attempt, key, connections, held)
         # Every host failed: defer (a host-scoped failure is never a reason to bounce).
         return self.record.results(
             attempt,
@@ -574,8 +590,9 @@ class DeliveryEngine:
         key: _Key,
         resolver: Resolver,
         begun: float,
+        held: _Held,
     ) -> list[RecipientResult]:
-        settings = self.settings
+        settings = held.settings
         route = await resolve_host(
             resolver,
             host,
@@ -646,6 +663,7 @@ class DeliveryEngine:
                     received,
                     key,
                     begun,
+                    held,
                 )
             except (TemporaryFailure, PermanentFailure) as exc:
                 self.record.log_failure(attempt, exc, received)
@@ -691,22 +709,23 @@ class DeliveryEngine:
         received: float,
         key: _Key,
         begun: float,
+        held: _Held,
     ) -> list[RecipientResult]:
         opened = time.monotonic()
-        session = await self.transport.open(address, port)
+        session = await held.transport.open(address, port)
         # EHLO, STARTTLS and DANE as relay.delivery.secure decides for delivery and probe
         # alike; on a DANE failure QUIT is sent before MAIL FROM (RFC 7672 §3).
         setup = await negotiate(
-            self.transport,
+            held.transport,
             session,
             route,
             address,
             port,
             requirement,
-            self.settings.helo_name,
+            held.settings.helo_name,
             self.tls_context,
             lambda: datetime.fromtimestamp(self.clock(), UTC),
-            self.pkix_context,
+            held.pkix_context,
         )
         self._note_setup(attempt, setup)
         if setup.failure is not None:
@@ -717,7 +736,7 @@ class DeliveryEngine:
         channel = Channel(session, _Verdict.of(attempt), opened, decided=begun)
         try:
             return await self._mail_transaction(
-                session, attempt, sender, body, received, key, channel
+                session, attempt, sender, body, received, key, channel, held
             )
         except BaseException:
             session.abort()
@@ -757,6 +776,7 @@ class DeliveryEngine:
         received: float,
         key: _Key,
         channel: Channel[Session, _Verdict],
+        held: _Held,
     ) -> list[RecipientResult]:
         # RFC 2920 §3.1: with PIPELINING, MAIL, every RCPT and DATA go in one batch.
         caps = session.capabilities()
@@ -772,7 +792,7 @@ class DeliveryEngine:
         )
         # A session answered: the destination is reachable (Postfix qmgr lifts "dead").
         self.dead.lift(key[1:])
-        outcome = await _drive(session, Transaction(envelope, caps), body, self.settings.timeouts)
+        outcome = await _drive(session, Transaction(envelope, caps), body, held.settings.timeouts)
         if outcome.ending is Ending.CLOSE:
             session.abort()  # RFC 5321 §3.8: 421 or connection lost: no further command
         elif outcome.ending is not Ending.REUSABLE or not self.cache.put(key, channel):

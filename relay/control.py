@@ -299,7 +299,7 @@ class ControlServer:
                     return
                 try:
                     request = json.loads(line)
-                except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
                     response = _error("bad_request", f"not a JSON request: {exc}")
                 else:
                     response = await handle(self.admin, request)

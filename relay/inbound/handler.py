@@ -22,6 +22,8 @@ Contract:
   when the file system is full or over quota (ENOSPC, EDQUOT). MAIL already gets that 452
   when the spool's file system has less free than `server.queue_minfree` plus the SIZE=
   the client declared (RFC 1870 §6.1). Logged and counted as `insufficient_storage`.
+  A commit still running when the session is cancelled (the client went away) goes on
+  in its thread; a message it stores is handed to the runner all the same.
 - DATA containing a bare CR or LF (any CR not followed by LF, any LF not preceded by CR)
   is refused with 550 5.5.2 and nothing is queued, unless `server.bare_line_endings` is
   "accept" (then it is stored as received; delivery writes CRLF). aiosmtpd itself ends
@@ -111,6 +113,7 @@ class RelayHandler:
         self.hostname = hostname
         self.metrics = metrics
         self.on_queued = on_queued
+        self._late: set[asyncio.Future[QueuedMessage]] = set()  # commits whose session ended
 
     async def handle_EHLO(
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
@@ -314,8 +317,8 @@ class RelayHandler:
             )
             return "554 5.4.6 Too many hops"
         body = self._received_header(session, envelope, qid) + content
-        try:
-            msg = await asyncio.to_thread(
+        commit = asyncio.ensure_future(
+            asyncio.to_thread(
                 self.store.commit,
                 sender=_sender(envelope),
                 recipients=list(envelope.rcpt_tos),
@@ -325,6 +328,16 @@ class RelayHandler:
                 queue_id=qid,
                 smtputf8=_needs_smtputf8(envelope),
             )
+        )
+        try:
+            msg = await asyncio.shield(commit)
+        except asyncio.CancelledError:
+            # The session was cancelled (its client went away) while the commit runs on in
+            # its thread: a message it stores is queued like any other, so the runner gets
+            # it too (no 250 was sent: the client may send it again).
+            self._late.add(commit)
+            commit.add_done_callback(self._committed_late)
+            raise
         except SpoolError as exc:
             if exc.errno in _NO_SPACE:
                 # RFC 5321 §4.2.2 452, RFC 3463 X.3.1: the system is out of storage.
@@ -360,6 +373,20 @@ class RelayHandler:
         )
         self.on_queued(msg)
         return f"250 2.0.0 Ok: queued as {qid}"
+
+    def _committed_late(self, commit: asyncio.Future[QueuedMessage]) -> None:
+        self._late.discard(commit)
+        if commit.cancelled() or commit.exception() is not None:
+            return  # nothing was committed
+        msg = commit.result()
+        log.info(
+            "queue_id=%s client=%s from=<%s> size=%d status=queued reason=client-gone-before-reply",
+            msg.queue_id,
+            msg.client,
+            escaped(msg.sender),
+            msg.size,
+        )
+        self.on_queued(msg)
 
     def _storage_short(self, mail_options: list[str]) -> str | None:
         """Why the spool cannot take this message now (None: it can): its file system has

@@ -97,6 +97,7 @@ def build_dsn(
     # RFC 2046 §5.1.1: at most 70 characters; the host name is only a readable suffix.
     boundary = f"{queue_id}.{secrets.token_hex(8)}/{reporting_mta}"[:_MAX_BOUNDARY]
     date = email.utils.formatdate(now, localtime=False)
+    arrived = _date(arrival)
     lines = [
         f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
         f"To: <{sender}>",
@@ -121,11 +122,9 @@ def build_dsn(
         where = f" (from {f.remote_mta})" if f.remote_mta else ""
         text.append(f"<{f.address}>: {f.diagnostic}{where}")
         text += _history_lines(f)
-    status = [
-        f"Reporting-MTA: dns; {reporting_mta}",
-        f"X-Queue-ID: {queue_id}",
-        f"Arrival-Date: {email.utils.formatdate(arrival, localtime=False)}",
-    ]
+    status = [f"Reporting-MTA: dns; {reporting_mta}", f"X-Queue-ID: {queue_id}"]
+    if arrived:
+        status.append(f"Arrival-Date: {arrived}")
     for f in failed:
         status += [
             "",
@@ -136,10 +135,8 @@ def build_dsn(
         if f.remote_mta:
             status.append(f"Remote-MTA: dns; {f.remote_mta}")
         status.append(f"Diagnostic-Code: {f.diagnostic_type}; {f.diagnostic}")
-        if f.last_attempt is not None:
-            status.append(
-                f"Last-Attempt-Date: {email.utils.formatdate(f.last_attempt, localtime=False)}"
-            )
+        if _date(f.last_attempt):
+            status.append(f"Last-Attempt-Date: {_date(f.last_attempt)}")
     return _assemble(lines, boundary, text, status, headers)
 
 
@@ -157,7 +154,9 @@ def build_delay_dsn(
     """A delay warning: the message is still queued and will be retried until
     `will_retry_until` (epoch seconds; the end of the queue lifetime)."""
     boundary = f"{queue_id}.{secrets.token_hex(8)}/{reporting_mta}"[:_MAX_BOUNDARY]
-    until = email.utils.formatdate(will_retry_until, localtime=False)
+    retry_until = _date(will_retry_until)
+    until = retry_until or "the end of its queue lifetime"
+    arrived = _date(arrival)
     lines = [
         f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
         f"To: <{sender}>",
@@ -185,11 +184,9 @@ def build_delay_dsn(
     for d in delayed:
         where = f" (from {d.remote_mta})" if d.remote_mta else ""
         text.append(f"<{d.address}>: {d.diagnostic}{where}")
-    status = [
-        f"Reporting-MTA: dns; {reporting_mta}",
-        f"X-Queue-ID: {queue_id}",
-        f"Arrival-Date: {email.utils.formatdate(arrival, localtime=False)}",
-    ]
+    status = [f"Reporting-MTA: dns; {reporting_mta}", f"X-Queue-ID: {queue_id}"]
+    if arrived:
+        status.append(f"Arrival-Date: {arrived}")
     for d in delayed:
         status += [
             "",
@@ -200,11 +197,10 @@ def build_delay_dsn(
         if d.remote_mta:
             status.append(f"Remote-MTA: dns; {d.remote_mta}")
         status.append(f"Diagnostic-Code: {d.diagnostic_type}; {d.diagnostic}")
-        if d.last_attempt is not None:
-            status.append(
-                f"Last-Attempt-Date: {email.utils.formatdate(d.last_attempt, localtime=False)}"
-            )
-        status.append(f"Will-Retry-Until: {until}")  # RFC 3464 §2.3.9: for "delayed" DSNs only
+        if _date(d.last_attempt):
+            status.append(f"Last-Attempt-Date: {_date(d.last_attempt)}")
+        if retry_until:  # RFC 3464 §2.3.9: for "delayed" DSNs only
+            status.append(f"Will-Retry-Until: {retry_until}")
     return _assemble(lines, boundary, text, status, headers)
 
 
@@ -234,10 +230,25 @@ def _history_lines(f: FailedRecipient) -> list[str]:
     if earlier:
         lines.append(f"    ({earlier} earlier not shown)")
     for step in shown:
-        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(step.time))
+        try:
+            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(step.time))
+        except (ValueError, OverflowError, OSError):
+            when = "(no valid time)"  # a damaged record
         reply = " ".join(step.reply.split())  # one line, whatever the reply held
         lines.append(f"    {when} {step.where} tls={step.tls} dane={step.dane}: {reply}")
     return lines
+
+
+def _date(epoch: float | None) -> str:
+    """An RFC 5322 date, or "" for none or a time no date can show (a damaged queue
+    record's NaN, infinity or far-off value): the DSN then omits that optional field
+    rather than fail to be built, which would leave the bounce unsent."""
+    if epoch is None:
+        return ""
+    try:
+        return email.utils.formatdate(epoch, localtime=False)
+    except (ValueError, OverflowError, OSError):
+        return ""
 
 
 def _recipient(address: str) -> str:

@@ -159,7 +159,8 @@ def load(raw: bytes) -> QueuedMessage:
     """
     try:
         doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        # RecursionError: nested too deeply for the parser (a damaged file).
         raise ValueError(f"not a JSON envelope record: {exc}") from exc
     return from_doc(doc)
 

@@ -118,7 +118,7 @@ class SpoolStore:
                     if not _regular_file(path):
                         raise ValueError("not a regular file")
                     msg = load(path.read_bytes())
-                    if msg.queue_id != qid or not (self.data / qid).is_file():
+                    if msg.queue_id != qid or not _regular_file(self.data / qid):
                         raise ValueError("envelope without its data file or with a wrong id")
                 except ValueError as exc:
                     log.error(
@@ -263,9 +263,11 @@ class SpoolStore:
                 if not valid_queue_id(path.name):
                     continue
                 try:
-                    out.append(load(path.read_bytes()))
+                    msg = load(path.read_bytes())
                 except (ValueError, FileNotFoundError):
                     continue
+                if msg.queue_id == path.name:  # else filed under another id: recovery's
+                    out.append(msg)
         return out
 
     # -- helpers ------------------------------------------------------------------

@@ -374,15 +374,20 @@ class DeliveryEngine:
         dest = self.routes.destination(attempt.domain)
         if self.routes.configured:
             attempt.route_detail = f" level={dest.level} nexthop={dest.via}"
-        # One reading per domain, so that every host of the domain is judged alike.
         validating = self.resolver_status is None or self.resolver_status.validating
-        key = _key(dest, validating)
+        key = _key(dest, validating)  # key[1:], the destination, does not depend on it
         if (suspended := self._suspended(attempt, key, received, held)) is not None:
             return suspended
         async with self.slots.hold(key[1:]):
             # Again: the destination may have been suspended while this one waited.
             if (suspended := self._suspended(attempt, key, received, held)) is not None:
                 return suspended
+            # One reading per domain, so that every host of the domain is judged alike, and
+            # after the wait for a slot: the probe may have found the resolver validating
+            # again meanwhile, and nothing has been looked up for this delivery yet (RFC
+            # 7672 §2.1; nor may a session cached without DANE be reused once it validates).
+            validating = self.resolver_status is None or self.resolver_status.validating
+            key = _key(dest, validating)
             channel = await self._cached(key, held)
             if channel is not None:
                 channel.verdict.apply(attempt)

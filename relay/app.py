@@ -573,7 +573,7 @@ async def _run(
         signalled[0].name,
         grace,
         finishing,
-        sum(runner.in_delivery(m.queue_id) for m in runner.snapshot()),
+        runner.deliveries_running(),  # not those waiting for a slot
     )
     watch_task.cancel()
     await control.close()  # from here the queue tools find no relay and wait for the lock

@@ -74,6 +74,8 @@ SOCKET_NAME = "control.sock"
 MAX_LINE = 4 * 1024 * 1024
 #: An idle client connection is closed after this many seconds.
 IDLE_TIMEOUT = 60.0
+#: close() waits this long for requests being carried out to finish and be answered.
+CLOSE_TIMEOUT = 2.0
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 _MAX_SOCKET_PATH = 107
 _OPS_WITH_ID = {"show", "hold", "release", "delete"}
@@ -235,6 +237,8 @@ class ControlServer:
         self.path = path if path is not None else socket_path(store.directory)
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[asyncio.Task[None]] = set()
+        self._busy: set[asyncio.Task[None]] = set()  # carrying out a request
+        self._closing = False
 
     async def start(self) -> None:
         """Listen on the socket, replacing a stale one left by a crash (the caller holds
@@ -269,9 +273,17 @@ class ControlServer:
         log.info("control socket listening path=%s", self.path)
 
     async def close(self) -> None:
+        """Stop listening and end every connection: a request being carried out is first
+        finished and answered (an action cancelled half-way would take effect unanswered
+        and unlogged), for up to CLOSE_TIMEOUT seconds; idle connections end at once."""
         if self._server is None:
             return
+        self._closing = True
         self._server.close()
+        for task in list(self._clients - self._busy):
+            task.cancel()
+        if self._busy:
+            await asyncio.wait(list(self._busy), timeout=CLOSE_TIMEOUT)
         for task in list(self._clients):
             task.cancel()
         if self._clients:
@@ -288,15 +300,17 @@ class ControlServer:
         if task is not None:
             self._clients.add(task)
         try:
-            if not _peer_allowed(writer):
-                return
-            while True:
+            if self._closing or not _peer_allowed(writer):
+                return  # closing: accepted just before close(), this task began after it
+            while not self._closing:
                 try:
                     line = await asyncio.wait_for(reader.readline(), IDLE_TIMEOUT)
                 except (TimeoutError, ValueError, asyncio.LimitOverrunError, OSError):
                     return
                 if not line:
                     return
+                if task is not None:
+                    self._busy.add(task)
                 try:
                     request = json.loads(line)
                 except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
@@ -306,11 +320,14 @@ class ControlServer:
                     _log_request(request, response)
                 writer.write(json.dumps(response, separators=(",", ":")).encode() + b"\n")
                 await writer.drain()
+                if task is not None:
+                    self._busy.discard(task)
         except (ConnectionError, asyncio.CancelledError):
             return
         finally:
             if task is not None:
                 self._clients.discard(task)
+                self._busy.discard(task)
             writer.close()
 
 

@@ -157,6 +157,8 @@ class QueueRunner:
         self._counts = {"active": 0, "deferred": 0, "held": 0}
         self._arrivals: list[tuple[float, str]] = []  # (received, queue id), a heap
         self._in_flight: dict[str, asyncio.Task[None]] = {}
+        # The messages of _in_flight whose attempt began (the others wait for a slot).
+        self._delivering: set[str] = set()
         # Messages an operator action is writing while they stay pickable in memory
         # (release): the loop does not start them; the action schedules them again.
         self._storing: set[str] = set()
@@ -209,6 +211,11 @@ class QueueRunner:
 
     def in_delivery(self, qid: str) -> bool:
         return qid in self._in_flight
+
+    def deliveries_running(self) -> int:
+        """Attempts under way (a message waiting for one of the `concurrency` slots is not
+        one yet)."""
+        return len(self._delivering)
 
     def _idle(self, qid: str) -> QueuedMessage:
         msg = self._queue.get(qid)
@@ -361,6 +368,7 @@ class QueueRunner:
     def _done(self, task: asyncio.Task[None]) -> None:
         qid = task.get_name()
         self._in_flight.pop(qid, None)
+        self._delivering.discard(qid)
         msg = self._queue.get(qid)
         if not task.cancelled() and task.exception() is not None:
             log.error("queue_id=%s runner error: %r", qid, task.exception())
@@ -385,7 +393,8 @@ class QueueRunner:
 
         Deliveries still running then are cancelled: their messages stay queued as the
         spool has them (at-least-once: one the peer already took may be sent again after
-        the restart). Returns how many were cancelled.
+        the restart). Returns how many were cancelled; a message still waiting for a
+        delivery slot had not begun: it is not counted or logged (it stays queued too).
         """
         self._stopping = True
         self._wake.set()
@@ -393,12 +402,15 @@ class QueueRunner:
         if not tasks:
             return 0
         _done, pending = await asyncio.wait(tasks, timeout=grace)
-        for task in pending:
+        # Read before the cancels: a waiting task may take the slot a cancelled one frees.
+        cut = [task for task in pending if task.get_name() in self._delivering]
+        for task in cut:
             log.info("queue_id=%s delivery cut off by the stop, stays queued", task.get_name())
+        for task in pending:
             task.cancel()
         if pending:
             await asyncio.wait(pending, timeout=2.0)
-        return len(pending)
+        return len(cut)
 
     # -- one message ---------------------------------------------------------------------
 
@@ -407,6 +419,7 @@ class QueueRunner:
             msg = self._queue.get(qid)
             if msg is None or self._stopping:
                 return
+            self._delivering.add(qid)  # until _done
             try:
                 body = await asyncio.to_thread(self.store.read_body, qid)
             except SpoolError as exc:

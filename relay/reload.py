@@ -47,6 +47,7 @@ from relay.config import Config, load_config
 from relay.delivery.engine import DeliveryEngine, EngineSettings
 from relay.delivery.transport import SmtpTransport
 from relay.errors import ConfigError
+from relay.files import file_kind
 from relay.inbound.gateway import Gateway, load_gateway
 from relay.inbound.handler import RelayHandler
 from relay.inbound.tls import TlsContextHolder
@@ -88,21 +89,9 @@ def _check_file(path: Path) -> None:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     if not stat.S_ISREG(info.st_mode):
-        raise ConfigError(f"{path}: expected a regular file, got {_file_type(info.st_mode)}")
+        raise ConfigError(f"{path}: expected a regular file, got {file_kind(info.st_mode)}")
     if info.st_size > CONFIG_SIZE_LIMIT:
         raise ConfigError(f"{path}: expected at most {CONFIG_SIZE_LIMIT} bytes, got {info.st_size}")
-
-
-def _file_type(mode: int) -> str:
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a regular file"
 
 
 def changed_keys(old: Config, new: Config) -> Iterator[str]:

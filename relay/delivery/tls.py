@@ -20,6 +20,8 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
+from relay.files import check_regular
+
 __all__ = ["client_context", "pkix_context"]
 
 
@@ -42,6 +44,7 @@ def pkix_context(ca_file: Path | None = None) -> ssl.SSLContext:
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if ca_file is not None:
+        check_regular(ca_file)  # OpenSSL opens it by name: a FIFO would block the reader
         ctx.load_verify_locations(cafile=str(ca_file))
     else:
         ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)

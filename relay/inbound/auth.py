@@ -39,6 +39,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from relay.files import open_regular
+
 __all__ = [
     "Credentials",
     "CredentialsError",
@@ -176,7 +178,7 @@ class Credentials:
         Raises:
             OSError: unreadable. CredentialsError: malformed (names the line).
         """
-        with self.path.open(encoding="utf-8") as fh:
+        with open_regular(self.path, encoding="utf-8") as fh:  # a FIFO would block
             stamp = _stamp(os.fstat(fh.fileno()))
             text = fh.read()
         self._users = parse_credentials(text, str(self.path))

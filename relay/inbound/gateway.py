@@ -43,6 +43,7 @@ from pathlib import Path
 
 from relay.config import Config, GatewayConfig, recipient_key
 from relay.errors import ConfigError
+from relay.files import open_regular
 from relay.smtp.domain import DomainSyntaxError, ascii_domain
 
 __all__ = [
@@ -104,7 +105,7 @@ class RecipientTable:
         Raises:
             OSError: unreadable. RecipientFileError: malformed (names the line).
         """
-        with self.path.open(encoding="utf-8") as fh:
+        with open_regular(self.path, encoding="utf-8") as fh:  # a FIFO would block
             st = os.fstat(fh.fileno())
             text = fh.read()
         self.keys = parse_recipients(text, str(self.path))

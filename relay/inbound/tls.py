@@ -17,6 +17,8 @@ import logging
 import ssl
 from pathlib import Path
 
+from relay.files import check_regular
+
 __all__ = ["TlsContextHolder", "TlsFileError", "server_context"]
 
 log = logging.getLogger("relay.smtpd")
@@ -40,7 +42,7 @@ def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
     """
     for key, path in (("tls_cert_file", cert_file), ("tls_key_file", key_file)):
         try:
-            path.read_bytes()
+            check_regular(path)  # OpenSSL opens it by name: a FIFO would block the reader
         except OSError as exc:
             raise TlsFileError(key, path, f"cannot read: {exc.strerror or exc}") from exc
     probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)

@@ -421,13 +421,24 @@ class DeliveryEngine:
             attempt, Outcome.DEFERRED, reply, received, reason="dest_suspended"
         )
 
-    def _suspend(self, attempt: Attempt, key: _Key, connections: _Connections, held: _Held) -> None:
+    def _suspend(
+        self, attempt: Attempt, key: _Key, connections: _Connections, held: _Held, begun: float
+    ) -> None:
         """Suspend the destination when every connection this attempt made failed before a
-        session was set up (`_UNREACHABLE`) and no host failed in any other way."""
+        session was set up (`_UNREACHABLE`), no host failed in any other way and no other
+        delivery reached the destination since this one began."""
         period = held.settings.dead_destination_time
         if period <= 0 or not connections.down or connections.other:
             return
-        self.dead.mark(key[1:], connections.down_reason, period)
+        if not self.dead.mark(key[1:], connections.down_reason, period, begun):
+            log.info(
+                "queue_id=%s domain=%s destination not suspended: reached by another "
+                "delivery since this attempt began%s",
+                attempt.queue_id,
+                attempt.domain,
+                attempt.route_detail,
+            )
+            return
         self.metrics.destination_suspensions.inc()
         log.info(
             "queue_id=%s domain=%s destination suspended for %gs: every connection failed "
@@ -554,7 +565,7 @@ class DeliveryEngine:
                     if isinstance(exc, MailLoopDeferred):
                         # A backup MX: the more preferred hosts tried before the loop
                         # decide whether their destination is down.
-                        self._suspend(attempt, key, connections, held)
+                        self._suspend(attempt, key, connections, held, begun)
                     return self.record.fail_all(attempt, exc, received)
                 last = exc
         if hosts_left or connections.untried:
@@ -570,7 +581,7 @@ class DeliveryEngine:
             )
         if last is None:
             last = TemporaryFailure("No MX host could be tried", scope=Scope.DOMAIN)
-        self._suspend(attempt, key, connections, held)
+        self._suspend(attempt, key, connections, held, begun)
         # Every host failed: defer (a host-scoped failure is never a reason to bounce).
         return self.record.results(
             attempt,
@@ -796,7 +807,7 @@ class DeliveryEngine:
             smtputf8=attempt.smtputf8 and caps.smtputf8,
         )
         # A session answered: the destination is reachable (Postfix qmgr lifts "dead").
-        self.dead.lift(key[1:])
+        self.dead.reached(key[1:])
         outcome = await _drive(session, Transaction(envelope, caps), body, held.settings.timeouts)
         if outcome.ending is Ending.CLOSE:
             session.abort()  # RFC 5321 §3.8: 421 or connection lost: no further command

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -206,6 +207,12 @@ class DestinationSlots:
                 del self._slots[key]
 
 
+#: How many destinations DeadDestinations remembers the last answered session of (about
+#: 100 bytes each); past that the oldest is forgotten, and an attempt of that destination
+#: still failing may suspend it as before.
+UP_KEPT = 10_000
+
+
 @dataclass(frozen=True, slots=True)
 class _Dead:
     since: float
@@ -219,17 +226,35 @@ class DeadDestinations:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self._dead: dict[Hashable, _Dead] = {}
+        # When a session to each destination last answered (the latest UP_KEPT), so that
+        # an attempt whose failures began before that cannot suspend it afterwards.
+        self._up: OrderedDict[Hashable, float] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._dead)
 
-    def mark(self, key: Hashable, reason: str, period: float) -> None:
-        """Suspend `key` for `period` seconds (nothing when `period` <= 0)."""
+    def mark(self, key: Hashable, reason: str, period: float, begun: float | None = None) -> bool:
+        """Suspend `key` for `period` seconds; True when it was. Nothing when `period` <= 0,
+        or when a session to `key` answered at or after `begun` (the failing attempt's
+        start): another delivery reached the destination meanwhile, so its failures are
+        old news (Postfix qmgr: a success clears the dead state)."""
         now = self.clock()
         for other in [k for k, d in self._dead.items() if not d.since <= now < d.until]:
             del self._dead[other]
-        if period > 0:
-            self._dead[key] = _Dead(now, now + period, reason)
+        if period <= 0:
+            return False
+        if begun is not None and self._up.get(key, float("-inf")) >= begun:
+            return False
+        self._dead[key] = _Dead(now, now + period, reason)
+        return True
+
+    def reached(self, key: Hashable) -> None:
+        """A session to `key` answered: it is not dead (any suspension ends)."""
+        self._dead.pop(key, None)
+        self._up[key] = self.clock()
+        self._up.move_to_end(key)
+        if len(self._up) > UP_KEPT:
+            self._up.popitem(last=False)
 
     def suspended(self, key: Hashable) -> str | None:
         """Why `key` is suspended, or None when it is not (any more)."""
@@ -240,10 +265,6 @@ class DeadDestinations:
             return dead.reason
         del self._dead[key]
         return None
-
-    def lift(self, key: Hashable) -> bool:
-        """End the suspension of `key`; True when it was suspended."""
-        return self._dead.pop(key, None) is not None
 
     def clear(self) -> int:
         """End every suspension; returns how many there were."""

@@ -382,6 +382,11 @@ class DeliveryEngine:
             # Again: the destination may have been suspended while this one waited.
             if (suspended := self._suspended(attempt, key, received, held)) is not None:
                 return suspended
+            # This attempt's own lookups and connections start now: only a session that
+            # answered after this makes their failures old news (`_suspend`). Not `begun`,
+            # from before the wait for the slot: a delivery queued behind a successful one
+            # could then never suspend the destination, however its connections failed.
+            tried = self.dead.clock()
             # One reading per domain, so that every host of the domain is judged alike, and
             # after the wait for a slot: the probe may have found the resolver validating
             # again meanwhile, and nothing has been looked up for this delivery yet (RFC
@@ -401,7 +406,7 @@ class DeliveryEngine:
                     channel.session.abort()
                     raise
             return await self._route_domain(
-                attempt, dest, key, validating, sender, body, received, begun, held
+                attempt, dest, key, validating, sender, body, received, begun, tried, held
             )
 
     def _suspended(
@@ -422,15 +427,16 @@ class DeliveryEngine:
         )
 
     def _suspend(
-        self, attempt: Attempt, key: _Key, connections: _Connections, held: _Held, begun: float
+        self, attempt: Attempt, key: _Key, connections: _Connections, held: _Held, tried: float
     ) -> None:
         """Suspend the destination when every connection this attempt made failed before a
         session was set up (`_UNREACHABLE`), no host failed in any other way and no other
-        delivery reached the destination since this one began."""
+        delivery reached the destination since this one got its slot (`tried`, on the
+        clock of `self.dead`)."""
         period = held.settings.dead_destination_time
         if period <= 0 or not connections.down or connections.other:
             return
-        if not self.dead.mark(key[1:], connections.down_reason, period, begun):
+        if not self.dead.mark(key[1:], connections.down_reason, period, tried):
             log.info(
                 "queue_id=%s domain=%s destination not suspended: reached by another "
                 "delivery since this attempt began%s",
@@ -478,6 +484,7 @@ class DeliveryEngine:
         body: bytes,
         received: float,
         begun: float,
+        tried: float,
         held: _Held,
     ) -> list[RecipientResult]:
         queue_id, domain = attempt.queue_id, attempt.domain
@@ -565,7 +572,7 @@ class DeliveryEngine:
                     if isinstance(exc, MailLoopDeferred):
                         # A backup MX: the more preferred hosts tried before the loop
                         # decide whether their destination is down.
-                        self._suspend(attempt, key, connections, held, begun)
+                        self._suspend(attempt, key, connections, held, tried)
                     return self.record.fail_all(attempt, exc, received)
                 last = exc
         if hosts_left or connections.untried:
@@ -581,7 +588,7 @@ class DeliveryEngine:
             )
         if last is None:
             last = TemporaryFailure("No MX host could be tried", scope=Scope.DOMAIN)
-        self._suspend(attempt, key, connections, held, begun)
+        self._suspend(attempt, key, connections, held, tried)
         # Every host failed: defer (a host-scoped failure is never a reason to bounce).
         return self.record.results(
             attempt,

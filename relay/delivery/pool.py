@@ -19,7 +19,9 @@ Contract:
 - `DeadDestinations` remembers destinations whose every connection attempt failed
   (Postfix qmgr "dead" queues): `mark(key, reason, period)` suspends `key` for `period`
   seconds of its clock, `suspended(key)` gives the reason while that lasts (None after,
-  or when the clock went backwards), `lift(key)` and `clear()` end it early. Expired
+  or when the clock went backwards), `reached(key)` (a session answered) and `clear()`
+  end it early; `mark(..., begun)` does not suspend a destination reached since `begun`
+  (the failing attempt's start, on the same clock). Expired
   entries are dropped whenever one is marked, so the map holds at most the destinations
   that failed within the last period.
 

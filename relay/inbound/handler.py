@@ -376,14 +376,28 @@ class RelayHandler:
 
     def _committed_late(self, commit: asyncio.Future[QueuedMessage]) -> None:
         self._late.discard(commit)
-        if commit.cancelled() or commit.exception() is not None:
-            return  # nothing was committed
+        if commit.cancelled():
+            return  # the loop is closing: whatever the thread stored is recovered at start
+        exc = commit.exception()
+        if exc is not None:
+            # Nothing is queued, and the client, gone, was told nothing.
+            log.error(
+                'reject=DATA reason=spool-error why="%s" (client gone before the reply)',
+                log_quoted(exc),
+            )
+            return
         msg = commit.result()
+        # Queued like any other (counted and logged with its recipients), but no 250 was
+        # sent: the client may send it again.
+        self.metrics.messages_received.inc()
+        self.metrics.bytes_received.inc(msg.size)
         log.info(
-            "queue_id=%s client=%s from=<%s> size=%d status=queued reason=client-gone-before-reply",
+            "queue_id=%s client=%s from=<%s> to=%s size=%d status=queued "
+            "reason=client-gone-before-reply",
             msg.queue_id,
             msg.client,
             escaped(msg.sender),
+            ",".join(f"<{escaped(r.address)}>" for r in msg.recipients),
             msg.size,
         )
         self.on_queued(msg)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -41,12 +42,13 @@ async def _until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
 
 @pytest.mark.asyncio
 async def test_a_message_committed_after_its_client_left_is_handed_to_the_runner(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The client sends the final dot and goes away while the commit is being fsync'ed
     (aiosmtpd cancels the session's task on connection loss). The commit finishes in its
     thread: the message is on disk, so the runner must get it too, or it sits in env/
     unseen by the live queue (and `queue list`) until a restart delivers it."""
+    caplog.set_level(logging.INFO)
     async with frontend(tmp_path) as fe:
         release = threading.Event()
         entered = threading.Event()
@@ -80,6 +82,14 @@ async def test_a_message_committed_after_its_client_left_is_handed_to_the_runner
         (qid,) = fe.files("env")
         await _until(lambda: len(fe.queued) == 1, timeout=5.0)
         assert [m.queue_id for m in fe.queued] == [qid]
+        # Logged and counted like any queued message, with why no 250 was sent.
+        assert fe.metrics.registry.get_sample_value("dane_relay_messages_received_total") == 1
+        (line,) = [r.getMessage() for r in caplog.records if "status=queued" in r.getMessage()]
+        assert line.startswith(f"queue_id={qid} client=127.0.0.1 from=<a@client.test> ")
+        size = fe.store.get(qid).size  # type: ignore[union-attr]
+        assert line.endswith(
+            f" to=<bob@example.org> size={size} status=queued reason=client-gone-before-reply"
+        )
 
 
 # -- recovery ------------------------------------------------------------------------------

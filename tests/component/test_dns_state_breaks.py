@@ -19,8 +19,7 @@ from test_engine import (
     BODY,
     RECEIVED,
     SENDER,
-    FakeSession,
-    FakeTransport,
+    FirstConnectHeld,
     Peer,
     cert_der,
     secure_domain,
@@ -34,23 +33,6 @@ from relay.model import Outcome
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]
 
 
-class _GatedTransport(FakeTransport):
-    """Holds the first connection until `gate` is set (`opened` says it is held)."""
-
-    def __init__(self, peers: dict[str, Peer | list[Peer]]) -> None:
-        super().__init__(peers)
-        self.gate = asyncio.Event()
-        self.opened = asyncio.Event()
-        self.first = True
-
-    async def open(self, address: str, port: int) -> FakeSession:
-        if self.first:
-            self.first = False
-            self.opened.set()
-            await self.gate.wait()
-        return await super().open(address, port)
-
-
 async def test_a_delivery_waiting_for_a_slot_judges_its_hosts_by_the_trust_after_the_wait() -> None:
     status = ResolverStatus(validating=False, detail="probe answered without AD")
     settings = EngineSettings(
@@ -61,7 +43,7 @@ async def test_a_delivery_waiting_for_a_slot_judges_its_hosts_by_the_trust_after
     )
     attacker = Peer(starttls=[cert_der("attacker.example")])
     w = world(secure_domain(), {}, resolver_status=status, settings=settings)
-    transport = _GatedTransport({"192.0.2.1": attacker})
+    transport = FirstConnectHeld({"192.0.2.1": attacker})
     transport.expected_context = w.transport.expected_context
     w.engine.transport = transport
 

@@ -9,6 +9,7 @@ and on the metrics.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import logging
@@ -296,11 +297,17 @@ class FakeTransport:
         self.expected_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 
     async def open(self, address: str, port: int) -> FakeSession:
+        return self._connect(address, self._take(address, port))
+
+    def _take(self, address: str, port: int) -> Peer:
+        """Log the connection and take its Peer (the last one stays for the rest)."""
         self.log.append((address, "CONNECT", port))
         scripts = self.peers.get(address)
         if not scripts:
             raise AssertionError(f"unexpected connection to {address}")
-        peer = scripts.pop(0) if len(scripts) > 1 else scripts[0]
+        return scripts.pop(0) if len(scripts) > 1 else scripts[0]
+
+    def _connect(self, address: str, peer: Peer) -> FakeSession:
         if peer.connect_error is not None:
             raise peer.connect_error
         if not peer.greeting.is_positive:
@@ -314,6 +321,53 @@ class FakeTransport:
 
     def connections(self) -> list[object]:
         return [e[0] for e in self.log if e[1] == "CONNECT"]
+
+
+class FirstConnectHeld(FakeTransport):
+    """The first connection takes its Peer at once, then waits for `gate` (`opened` says
+    it is waiting) before it is set up or refused as that Peer says: a slow connect that
+    ends as scripted while other deliveries go on."""
+
+    def __init__(self, peers: dict[str, Peer | list[Peer]]) -> None:
+        super().__init__(peers)
+        self.gate = asyncio.Event()
+        self.opened = asyncio.Event()
+        self.first = True
+
+    async def open(self, address: str, port: int) -> FakeSession:
+        peer = self._take(address, port)
+        if self.first:
+            self.first = False
+            self.opened.set()
+            await self.gate.wait()
+        return self._connect(address, peer)
+
+
+class FirstLookupHeld(FakeResolver):
+    """`scripted`'s answers; its first lookup of `kind` ("mx" or "addresses") waits for
+    `gate` (`entered` says it is waiting)."""
+
+    def __init__(self, scripted: FakeResolver, kind: str) -> None:
+        super().__init__()
+        self.mx_answers = scripted.mx_answers
+        self.address_answers = scripted.address_answers
+        self.tlsa_answers = scripted.tlsa_answers
+        self.kind = kind
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def _hold(self, kind: str) -> None:
+        if kind == self.kind and not self.entered.is_set():
+            self.entered.set()
+            await self.gate.wait()
+
+    async def mx(self, domain: str) -> DnsAnswer[MxRecord]:
+        await self._hold("mx")
+        return await super().mx(domain)
+
+    async def addresses(self, host: str) -> DnsAnswer[str]:
+        await self._hold("addresses")
+        return await super().addresses(host)
 
 
 # -- running the engine ------------------------------------------------------------------------

@@ -18,8 +18,7 @@ from test_engine import (
     RECEIVED,
     SENDER,
     FakeResolver,
-    FakeSession,
-    FakeTransport,
+    FirstConnectHeld,
     Peer,
     cert_der,
     secure_domain,
@@ -222,28 +221,10 @@ async def test_zero_dead_destination_time_never_suspends() -> None:
     assert w.sample("dane_relay_destination_suspensions_total") == 0
 
 
-class _GatedTransport(FakeTransport):
-    """Opens to 192.0.2.1 wait for `gate` on the first connection only."""
-
-    def __init__(self, peers: dict[str, Peer | list[Peer]]) -> None:
-        super().__init__(peers)
-        self.gate = asyncio.Event()
-        self.opened = asyncio.Event()
-        self.first = True
-
-    async def open(self, address: str, port: int) -> FakeSession:
-        session = await super().open(address, port)  # takes this connection's Peer now
-        if self.first:
-            self.first = False
-            self.opened.set()
-            await self.gate.wait()
-        return session
-
-
 async def test_a_session_set_up_meanwhile_lifts_the_suspension() -> None:
     # Message 1 is connecting (slowly, and will succeed) when message 2's connection is
     # refused and suspends the destination; message 1's session then proves it is up.
-    transport = _GatedTransport({"192.0.2.1": [GOOD, Peer(connect_error=REFUSED), GOOD]})
+    transport = FirstConnectHeld({"192.0.2.1": [GOOD, Peer(connect_error=REFUSED), GOOD]})
     w = world(secure_domain(), {})
     w.engine.transport = transport
     transport.expected_context = w.transport.expected_context

@@ -11,9 +11,9 @@ from dataclasses import replace
 
 import pytest
 from test_engine import (
-    FakeResolver,
     FakeSession,
     FakeTransport,
+    FirstLookupHeld,
     Peer,
     cert_der,
     insecure_mx_domain,
@@ -23,30 +23,11 @@ from test_engine import (
 
 from relay.delivery.client import ConnectionLost, PeerReply, Phase
 from relay.delivery.engine import EngineSettings
-from relay.lookup.results import DnsAnswer
 from relay.model import Outcome
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]
 
 ADDRESS = "192.0.2.1"
-
-
-class GatedResolver(FakeResolver):
-    """Holds the first address lookup until `gate` is set."""
-
-    def __init__(self, scripted: FakeResolver) -> None:
-        super().__init__()
-        self.mx_answers = scripted.mx_answers
-        self.address_answers = scripted.address_answers
-        self.tlsa_answers = scripted.tlsa_answers
-        self.entered = asyncio.Event()
-        self.gate = asyncio.Event()
-
-    async def addresses(self, host: str) -> DnsAnswer[str]:
-        if not self.entered.is_set():
-            self.entered.set()
-            await self.gate.wait()
-        return await super().addresses(host)
 
 
 async def test_a_session_routed_under_the_settings_a_reload_replaced_is_not_reused() -> None:
@@ -55,7 +36,7 @@ async def test_a_session_routed_under_the_settings_a_reload_replaced_is_not_reus
     Here the old insecure_mx_policy "may" sent the first message in plaintext to a host
     with secure TLSA records (MX RRset insecure); under the new "dane" the next message
     must be deferred (no STARTTLS), not go on that plaintext session."""
-    resolver = GatedResolver(insecure_mx_domain())
+    resolver = FirstLookupHeld(insecure_mx_domain(), "addresses")
     no_starttls = Peer(extensions=frozenset({"size", "pipelining"}))
     w = world(
         resolver,

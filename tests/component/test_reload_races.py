@@ -11,11 +11,10 @@ import asyncio
 from dataclasses import replace
 
 import pytest
-from test_engine import FakeResolver, Peer, World, insecure_mx_domain, world
+from test_engine import FirstLookupHeld, Peer, World, insecure_mx_domain, world
 
 from relay.delivery.engine import EngineSettings
 from relay.delivery.policymap import PolicyMap
-from relay.lookup.results import DnsAnswer, MxRecord
 from relay.model import Outcome
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]
@@ -33,24 +32,6 @@ NEW = replace(
     insecure_mx_policy="may",
     policy=PolicyMap("dane", policy=(("hosted.example", "encrypt"),)),
 )
-
-
-class GatedMx(FakeResolver):
-    """Holds the first MX lookup until `gate` is set."""
-
-    def __init__(self, scripted: FakeResolver) -> None:
-        super().__init__()
-        self.mx_answers = scripted.mx_answers
-        self.address_answers = scripted.address_answers
-        self.tlsa_answers = scripted.tlsa_answers
-        self.entered = asyncio.Event()
-        self.gate = asyncio.Event()
-
-    async def mx(self, domain: str) -> DnsAnswer[MxRecord]:
-        if not self.entered.is_set():
-            self.entered.set()
-            await self.gate.wait()
-        return await super().mx(domain)
 
 
 def reload(w: World, settings: EngineSettings) -> None:
@@ -86,7 +67,7 @@ async def test_a_reload_during_the_mx_lookup_does_not_mix_the_old_route_with_new
     insecure_mx_policy dane) or by the new one (hosted.example at encrypt) the peer,
     which offers no STARTTLS, gets nothing; the old level with the new insecure_mx_policy
     "may" is opportunistic TLS, and the message went out in plaintext."""
-    resolver = GatedMx(insecure_mx_domain())
+    resolver = FirstLookupHeld(insecure_mx_domain(), "mx")
     w = world(resolver, {ADDRESS: NO_STARTTLS}, settings=OLD)
     first = asyncio.create_task(w.deliver("a@hosted.example"))
     await resolver.entered.wait()

@@ -56,7 +56,7 @@ import random
 import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -258,6 +258,14 @@ class _Held:
     settings: EngineSettings
     transport: Transport
     pkix_context: ssl.SSLContext | None
+    # Monotonic time before the settings were read: a session this delivery sets up is
+    # not cached when a reload dropped the cache since (`Channel.decided`).
+    begun: float
+    # On the clock of `DeliveryEngine.dead`, once the destination slot is held: only a
+    # session that answered after this makes this attempt's failures old news (`_suspend`).
+    # Not `begun`, from before the wait for the slot: a delivery queued behind a successful
+    # one could then never suspend the destination, however its connections failed.
+    tried: float = float("inf")  # until the slot is held: no success counts against it
 
 
 #: A cached connection serves only the destination its setup was checked for, under the
@@ -367,10 +375,8 @@ class DeliveryEngine:
     async def _deliver_domain(
         self, attempt: Attempt, sender: str, body: bytes, received: float
     ) -> list[RecipientResult]:
-        # Before anything is read from the settings: a session set up by this delivery is
-        # not cached when a reload drops the cache meanwhile (`ConnectionCache.drop`).
-        begun = time.monotonic()
-        held = _Held(self.settings, self.transport, self.pkix_context)
+        # `begun` before anything is read from the settings (`ConnectionCache.drop`).
+        held = _Held(self.settings, self.transport, self.pkix_context, time.monotonic())
         dest = self.routes.destination(attempt.domain)
         if self.routes.configured:
             attempt.route_detail = f" level={dest.level} nexthop={dest.via}"
@@ -382,11 +388,7 @@ class DeliveryEngine:
             # Again: the destination may have been suspended while this one waited.
             if (suspended := self._suspended(attempt, key, received, held)) is not None:
                 return suspended
-            # This attempt's own lookups and connections start now: only a session that
-            # answered after this makes their failures old news (`_suspend`). Not `begun`,
-            # from before the wait for the slot: a delivery queued behind a successful one
-            # could then never suspend the destination, however its connections failed.
-            tried = self.dead.clock()
+            held = replace(held, tried=self.dead.clock())  # its own attempt starts now
             # One reading per domain, so that every host of the domain is judged alike, and
             # after the wait for a slot: the probe may have found the resolver validating
             # again meanwhile, and nothing has been looked up for this delivery yet (RFC
@@ -406,7 +408,7 @@ class DeliveryEngine:
                     channel.session.abort()
                     raise
             return await self._route_domain(
-                attempt, dest, key, validating, sender, body, received, begun, tried, held
+                attempt, dest, key, validating, sender, body, received, held
             )
 
     def _suspended(
@@ -426,17 +428,14 @@ class DeliveryEngine:
             attempt, Outcome.DEFERRED, reply, received, reason="dest_suspended"
         )
 
-    def _suspend(
-        self, attempt: Attempt, key: _Key, connections: _Connections, held: _Held, tried: float
-    ) -> None:
+    def _suspend(self, attempt: Attempt, key: _Key, connections: _Connections, held: _Held) -> None:
         """Suspend the destination when every connection this attempt made failed before a
         session was set up (`_UNREACHABLE`), no host failed in any other way and no other
-        delivery reached the destination since this one got its slot (`tried`, on the
-        clock of `self.dead`)."""
+        delivery reached the destination since this one got its slot (`held.tried`)."""
         period = held.settings.dead_destination_time
         if period <= 0 or not connections.down or connections.other:
             return
-        if not self.dead.mark(key[1:], connections.down_reason, period, tried):
+        if not self.dead.mark(key[1:], connections.down_reason, period, held.tried):
             log.info(
                 "queue_id=%s domain=%s destination not suspended: reached by another "
                 "delivery since this attempt began%s",
@@ -483,8 +482,6 @@ class DeliveryEngine:
         sender: str,
         body: bytes,
         received: float,
-        begun: float,
-        tried: float,
         held: _Held,
     ) -> list[RecipientResult]:
         queue_id, domain = attempt.queue_id, attempt.domain
@@ -564,7 +561,6 @@ class DeliveryEngine:
                     connections,
                     key,
                     lookups,
-                    begun,
                     held,
                 )
             except (TemporaryFailure, PermanentFailure) as exc:
@@ -572,7 +568,7 @@ class DeliveryEngine:
                     if isinstance(exc, MailLoopDeferred):
                         # A backup MX: the more preferred hosts tried before the loop
                         # decide whether their destination is down.
-                        self._suspend(attempt, key, connections, held, tried)
+                        self._suspend(attempt, key, connections, held)
                     return self.record.fail_all(attempt, exc, received)
                 last = exc
         if hosts_left or connections.untried:
@@ -588,7 +584,7 @@ class DeliveryEngine:
             )
         if last is None:
             last = TemporaryFailure("No MX host could be tried", scope=Scope.DOMAIN)
-        self._suspend(attempt, key, connections, held, tried)
+        self._suspend(attempt, key, connections, held)
         # Every host failed: defer (a host-scoped failure is never a reason to bounce).
         return self.record.results(
             attempt,
@@ -612,7 +608,6 @@ class DeliveryEngine:
         connections: _Connections,
         key: _Key,
         resolver: Resolver,
-        begun: float,
         held: _Held,
     ) -> list[RecipientResult]:
         settings = held.settings
@@ -685,7 +680,6 @@ class DeliveryEngine:
                     body,
                     received,
                     key,
-                    begun,
                     held,
                 )
             except (TemporaryFailure, PermanentFailure) as exc:
@@ -731,7 +725,6 @@ class DeliveryEngine:
         body: bytes,
         received: float,
         key: _Key,
-        begun: float,
         held: _Held,
     ) -> list[RecipientResult]:
         opened = time.monotonic()
@@ -756,7 +749,7 @@ class DeliveryEngine:
         assert setup.session is not None
         session = setup.session
         self.metrics.tls_sessions.labels(attempt.tls).inc()
-        channel = Channel(session, _Verdict.of(attempt), opened, decided=begun)
+        channel = Channel(session, _Verdict.of(attempt), opened, decided=held.begun)
         try:
             return await self._mail_transaction(
                 session, attempt, sender, body, received, key, channel, held

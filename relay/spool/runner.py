@@ -260,10 +260,12 @@ class QueueRunner:
             self._storing.add(qid)
             try:
                 await asyncio.to_thread(self.store.update, free)
+            except BaseException:
+                self._reschedule(qid)  # an entry that came up meanwhile was dropped
+                raise
             finally:
                 self._storing.discard(qid)
-                self._reschedule(qid)  # an entry that came up meanwhile was dropped
-            self._put(free)
+            self._put(free)  # schedules it (due now)
             log.info("queue_id=%s released by operator", qid)
             self._update_gauges()
             self._wake.set()
